@@ -1,0 +1,11 @@
+"""Pruning methods, registered by name (the recipe's prune.method)."""
+from __future__ import annotations
+
+from ..errors import RecipeError
+from ..registry import Registry
+from .base import PruningMethod
+
+METHODS: Registry = Registry("pruning method", RecipeError)
+METHODS.register("none")(PruningMethod)
+
+__all__ = ["METHODS", "PruningMethod"]

@@ -1,0 +1,44 @@
+"""The contract between the training loop and a pruning method: hooks at fixed points, never the loop itself."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..train import TrainContext
+
+
+class PruningMethod:
+    """No-op base: plain fine-tuning. Subclasses override the hooks they need.
+
+    Hook order per run: on_train_start; per batch: (forward, backward) after_backward, (optimizer.step)
+    after_step; per epoch: on_epoch_end; at the end: finalize. A method that changes the model's structure
+    calls ctx.rebuild() so the optimizer (and the DDP wrapper) follow the new parameters.
+    """
+
+    name = "none"
+
+    def on_train_start(self, ctx: "TrainContext") -> None:
+        """Called once before the first batch (also after a resume)."""
+
+    def after_backward(self, ctx: "TrainContext") -> None:
+        """Gradients of the current batch are in .grad; nothing has been applied yet."""
+
+    def after_step(self, ctx: "TrainContext") -> None:
+        """The optimizer has stepped; ctx.step counts completed optimizer steps."""
+
+    def on_epoch_end(self, ctx: "TrainContext") -> None:
+        """The epoch's training batches are done (validation metrics of the epoch are in ctx.metrics)."""
+
+    def finalize(self, ctx: "TrainContext") -> None:
+        """Training is over: make the final structural decisions (e.g. remove what is left to remove)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (tensors, numbers, strings, lists, dicts) needed to resume this method exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict() returned."""
+
+    def summary(self) -> dict[str, Any]:
+        """What the report shows about this method's run (events, traces)."""
+        return {"method": self.name}

@@ -1,0 +1,28 @@
+"""Distributed training under torchrun with the gloo backend (CPU): identical ranks, only rank 0 writes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(sys.executable), reason="no torchrun")
+def test_two_rank_gloo_run_gives_identical_weights_and_rank0_writes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert ranks[0]["val_top1"] == ranks[1]["val_top1"]  # evaluation is sharded and all-reduced
+    assert ranks[0]["writes"] == [str(tmp_path / "ckpt.pt")] * 2  # one checkpoint per epoch, rank 0 only
+    assert ranks[1]["writes"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ranks.json"]

@@ -1,0 +1,176 @@
+"""Training loop: schedules, learning, NaN stop, exact resume, hooks, distillation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from compressor.data import build_datasets
+from compressor.errors import TrainingError
+from compressor.methods.base import PruningMethod
+from compressor.models import build_arch
+from compressor.recipe import SchedulerConfig, recipe_from_dict
+from compressor.train import evaluate, fit, lr_factor
+
+from .conftest import tiny_recipe
+
+
+def setup(**sections):
+    recipe = recipe_from_dict(tiny_recipe(**sections))
+    torch.manual_seed(0)
+    model = build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels)
+    train, val = build_datasets(recipe.data, recipe.model)
+    return recipe, model, train, val
+
+
+def test_cosine_schedule_matches_formula_and_decreases():
+    cfg = SchedulerConfig(kind="cosine")
+    values = [lr_factor(cfg, s, 100, 10) for s in range(101)]
+    assert values[0] == pytest.approx(1.0)
+    assert values[50] == pytest.approx(0.5)
+    assert values[100] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_warmup_and_multistep():
+    cfg = SchedulerConfig(kind="multistep", warmup_epochs=1, milestones=[0.5, 0.75], gamma=0.1)
+    assert lr_factor(cfg, 0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(cfg, 9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 49, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 50, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(cfg, 80, 100, 10) == pytest.approx(0.01)
+
+
+def test_onecycle_rises_then_falls():
+    cfg = SchedulerConfig(kind="onecycle")
+    values = [lr_factor(cfg, s, 100, 10) for s in range(100)]
+    peak = max(range(100), key=values.__getitem__)
+    assert 25 <= peak <= 35 and values[0] < 0.1 and values[-1] < 0.01
+
+
+def test_fit_learns_synthetic_task():
+    recipe, model, train, val = setup(finetune={"epochs": 4, "optimizer": {"lr": 0.05}})
+    before = evaluate(model, val)["top1"]
+    result = fit(model, train, val, recipe.finetune, recipe.data)
+    assert len(result.history) == 4
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.final["val_top1"] > max(before, 100 / 4 + 10)
+
+
+class Interrupt(PruningMethod):
+    """Stops the run at the first step of the given epoch (as a crash or Ctrl-C would)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def after_step(self, ctx) -> None:
+        if ctx.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    recipe, model_a, train, val = setup(finetune={"epochs": 3}, data={"augment": True})
+    fit(model_a, train, val, recipe.finetune, recipe.data, checkpoint=tmp_path / "a.pt")
+
+    _, model_b, _, _ = setup()
+    with pytest.raises(KeyboardInterrupt):
+        fit(model_b, train, val, recipe.finetune, recipe.data, checkpoint=tmp_path / "b.pt", method=Interrupt(1))
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["epoch"] == 0
+
+    _, model_c, _, _ = setup()  # a fresh process would start from freshly built weights
+    result = fit(model_c, train, val, recipe.finetune, recipe.data, checkpoint=tmp_path / "b.pt", resume=True)
+    assert result.resumed_from == 1
+    for (name, a), c in zip(model_a.state_dict().items(), model_c.state_dict().values()):
+        assert torch.equal(a, c), name
+
+
+def test_nan_loss_stops_with_clear_error():
+    recipe, model, train, val = setup()
+
+    class Poison(PruningMethod):
+        def after_step(self, ctx):
+            with torch.no_grad():
+                ctx.model.fc.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 1, step 2") as info:
+        fit(model, train, val, recipe.finetune, recipe.data, method=Poison())
+    assert "finetune.grad_clip" in str(info.value) and info.value.exit_code == 1
+
+
+def test_hooks_are_called_in_order_and_counted():
+    recipe, model, train, val = setup(finetune={"epochs": 2})
+    calls = []
+
+    class Recorder(PruningMethod):
+        def on_train_start(self, ctx): calls.append("start")
+        def after_backward(self, ctx):
+            assert ctx.model.fc.weight.grad is not None
+            calls.append("backward")
+        def after_step(self, ctx): calls.append(f"step{ctx.step}")
+        def on_epoch_end(self, ctx): calls.append(f"epoch{ctx.epoch}:{'val_top1' in ctx.metrics}")
+        def finalize(self, ctx): calls.append("final")
+
+    fit(model, train, val, recipe.finetune, recipe.data, method=Recorder())
+    steps = math.ceil(128 / 32)
+    assert calls[0] == "start" and calls[-1] == "final"
+    assert calls.count("backward") == 2 * steps
+    assert calls[1:3] == ["backward", "step1"]
+    assert "epoch0:True" in calls and "epoch1:True" in calls
+
+
+def test_rebuild_keeps_schedule_and_follows_new_parameters():
+    recipe, model, train, val = setup(finetune={"epochs": 2})
+    seen = {}
+
+    class Shrink(PruningMethod):
+        def after_step(self, ctx):
+            if ctx.step == 3:
+                lr_before = ctx.optimizer.param_groups[0]["lr"]
+                ctx.model.fc = torch.nn.Linear(64, 4)
+                ctx.rebuild()
+                params = {id(p) for g in ctx.optimizer.param_groups for p in g["params"]}
+                seen["follows"] = id(ctx.model.fc.weight) in params
+                seen["lr"] = (lr_before, ctx.optimizer.param_groups[0]["lr"])
+
+    fit(model, train, val, recipe.finetune, recipe.data, method=Shrink())
+    assert seen["follows"]
+    before, after = seen["lr"]
+    assert after < before  # the cosine schedule continued from step 3, it did not restart
+
+
+def test_distillation_changes_the_loss_and_trains():
+    recipe, model, train, val = setup(finetune={"epochs": 1, "distill": {"enabled": True, "alpha": 0.7}})
+    from compressor.train import dense_teacher, make_loss
+
+    teacher = dense_teacher(model)
+    x, y = next(iter(torch.utils.data.DataLoader(train, batch_size=16)))
+    plain = make_loss(recipe.finetune.model_copy(update={"distill": recipe.finetune.distill.model_copy(update={"enabled": False})}), None)
+    kd = make_loss(recipe.finetune, teacher)
+    model.eval()
+    # with the student equal to the teacher the KL term is zero: loss = (1 - alpha) * CE
+    assert kd(model, x, y).item() == pytest.approx(0.3 * plain(model, x, y).item(), rel=1e-4)
+    model.train()
+    result = fit(model, train, val, recipe.finetune, recipe.data, teacher=teacher)
+    assert math.isfinite(result.final["train_loss"])
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_gradient_clipping_bounds_the_update():
+    recipe, model, train, val = setup(finetune={"epochs": 1, "grad_clip": 1e-3, "optimizer": {"lr": 1.0, "momentum": 0.0,
+                                                                                          "weight_decay": 0.0}})
+    norms = []
+
+    class Probe(PruningMethod):
+        def after_step(self, ctx):
+            pass
+
+        def after_backward(self, ctx):
+            norms.append(None)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    from compressor.train import fit as fit_
+    fit_(model, train, val, recipe.finetune, recipe.data.model_copy(update={"batch_size": 128}), method=Probe())
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    # one step of SGD (lr 1, no momentum) with the gradient clipped to norm 1e-3 moves the weights by <= 1e-3
+    assert len(norms) == 1 and moved.item() <= 1e-3 + 1e-6
