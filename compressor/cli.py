@@ -13,6 +13,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import CompressorError, UsageError
@@ -42,7 +43,7 @@ def handles_errors(fn: Callable) -> Callable:
         except CompressorError as exc:
             if STATE["debug"]:
                 raise
-            err.print(f"[bold red]{exc.title}:[/] {exc.render()}", markup=True)
+            err.print(f"[bold red]{exc.title}:[/] {escape(exc.render())}", markup=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -147,6 +148,83 @@ def inspect_cmd(checkpoint: Annotated[str, typer.Argument(help="Checkpoint file 
         from .rundir import write_json
 
         write_json(json_out, report.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------- compress
+@app.command("compress")
+@handles_errors
+def compress_cmd(checkpoint: Annotated[str, typer.Argument(help="Checkpoint file or model reference (zoo:resnet20).")],
+                 recipe: RecipeOpt = None, overrides: SetOpt = None,
+                 out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<recipe name>).")] = None,
+                 device: DeviceOpt = "cpu",
+                 resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last complete epoch.")] = False,
+                 overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in --out.")] = False,
+                 trust_checkpoint: TrustOpt = False) -> None:
+    """Prune, fine-tune, slim, export, verify and benchmark a model as the recipe says."""
+    from .pipeline import compress
+    from .progress import is_main_process
+
+    r = _load_recipe(recipe, overrides)
+    report = compress(checkpoint, r, out_dir, device=device, resume=resume, overwrite=overwrite,
+                      trust_checkpoint=trust_checkpoint)
+    if not is_main_process():
+        return
+    d, c = report["dense"], report["compressed"]
+    speed = ""
+    if report.get("latency"):
+        first = report["latency"][0]
+        speed = f", {first['backend']} batch {first['batch_size']} x{first['speedup']:.2f} faster"
+    out.print(f"{r.name}: top-1 {d['top1']:.2f}% -> {c['top1']:.2f}%, MACs x{c['macs'] / d['macs']:.3f}, "
+              f"params x{c['params'] / d['params']:.3f}{speed}; report: {report['run_dir']}/report.md")
+
+
+# ---------------------------------------------------------------------------------------------- export
+@app.command("export")
+@handles_errors
+def export_cmd(model: Annotated[str, typer.Argument(help="Checkpoint, slim model folder or slim.json.")],
+               recipe: RecipeOpt = None, overrides: SetOpt = None,
+               fmt: Annotated[str, typer.Option("--format", help="onnx or tensorrt.")] = "onnx",
+               out_file: Annotated[Optional[Path], typer.Option("--out", help="Output file (default next to MODEL).")] = None,
+               opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default from the recipe).")] = None,
+               trust_checkpoint: TrustOpt = False) -> None:
+    """Export a model to ONNX (verified against PyTorch on the recipe's validation samples)."""
+    from .export import export_model
+
+    r = _load_recipe(recipe, overrides, required=False)
+    result = export_model(model, r, fmt=fmt, out=out_file, opset=opset, trust_checkpoint=trust_checkpoint)
+    parity = result.get("parity", {})
+    out.print(f"wrote {result['path']} ({result['bytes'] / 1024:.1f} KiB, opset {result['opset']}); parity max abs diff "
+              f"{parity.get('max_abs_diff', float('nan')):.2e} on {parity.get('samples', 0)} samples "
+              f"({parity.get('source', '')})")
+
+
+# ---------------------------------------------------------------------------------------------- bench
+@app.command("bench")
+@handles_errors
+def bench_cmd(model: Annotated[str, typer.Argument(help="model.onnx (ort-*), .engine/.plan (tensorrt), .pt/.safetensors/slim folder (torch).")],
+              baseline: Annotated[Optional[str], typer.Option("--baseline", help="Dense model timed interleaved with MODEL, for the speedup.")] = None,
+              backend: Annotated[Optional[list[str]], typer.Option("--backend", help="ort-cpu|ort-cuda|ort-trt|tensorrt|torch; repeatable or a,b (default: from MODEL's suffix).")] = None,
+              batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma separated.")] = "1,8",
+              warmup_ms: Annotated[float, typer.Option("--warmup-ms", min=0, help="Warm-up time per model and batch size.")] = 500.0,
+              min_runs: Annotated[int, typer.Option("--min-runs", min=1, help="Timed runs at least.")] = 50,
+              min_seconds: Annotated[float, typer.Option("--min-seconds", min=0, help="Timed seconds at least (per model).")] = 2.0,
+              threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Intra-op CPU threads (default: the runtime's).")] = None,
+              input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="One sample's shape, e.g. 3,224,224 (torch; ONNX with dynamic sizes).")] = None,
+              trust_checkpoint: TrustOpt = False,
+              json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report (raw timings, environment) as JSON.")] = None) -> None:
+    """Latency percentiles and throughput per backend and batch size; with --baseline, an interleaved A/B speedup."""
+    from .bench import default_backend, parse_ints, render_report, run_benchmark
+
+    backends = [name.strip() for item in backend or [default_backend(model)] for name in item.split(",") if name.strip()]
+    report = run_benchmark(model, baseline=baseline, backends=backends, batch_sizes=parse_ints(batch, "--batch"),
+                           warmup_ms=warmup_ms, min_runs=min_runs, min_seconds=min_seconds, threads=threads,
+                           input_shape=parse_ints(input_shape, "--input-shape") if input_shape else None,
+                           trust_checkpoint=trust_checkpoint)
+    render_report(report, out)
+    if json_out is not None:
+        from .rundir import write_json
+
+        write_json(json_out, report)
 
 
 def main() -> None:

@@ -42,9 +42,8 @@ def provider_chain(backend: str, *, fp16: bool = False, cache_dir: Optional[Path
     raise UsageError(f"{backend!r} is not an ONNX Runtime backend; use one of {', '.join(PRIMARY_PROVIDER)}.")
 
 
-def create_session(path: str | Path, backend: str = "ort-cpu", *, threads: Optional[int] = None,
-                   fp16: bool = False, cache_dir: Optional[Path] = None):
-    """An InferenceSession on exactly the backend asked for, or BackendUnavailable (exit 3)."""
+def require_provider(backend: str):
+    """The onnxruntime module when its build offers `backend`'s provider; BackendUnavailable (exit 3) otherwise."""
     ort = _import_ort()
     wanted = PRIMARY_PROVIDER.get(backend)
     if wanted is None:
@@ -56,6 +55,14 @@ def create_session(path: str | Path, backend: str = "ort-cpu", *, threads: Optio
             f"({ort.__version__}) offers only {', '.join(available)}.",
             hint="Install the [gpu] extra (onnxruntime-gpu, tensorrt) on a machine with an NVIDIA GPU and driver.",
         )
+    return ort
+
+
+def create_session(path: str | Path, backend: str = "ort-cpu", *, threads: Optional[int] = None,
+                   fp16: bool = False, cache_dir: Optional[Path] = None):
+    """An InferenceSession on exactly the backend asked for, or BackendUnavailable (exit 3)."""
+    ort = require_provider(backend)
+    wanted = PRIMARY_PROVIDER[backend]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3

@@ -142,8 +142,7 @@ class DPMConfig(Strict):
 
 class SparseLearningConfig(Strict):
     reg: float = Field(5e-4, gt=0.0)
-    alpha: float = Field(4.0, ge=0.0)
-    epochs: int = Field(1, ge=0, description="epochs of sparse-learning regularisation before each selection")
+    alpha: float = Field(4.0, ge=0.0, description="regularisation spread: weakest groups get 2**alpha times reg")
 
 
 class FGGPConfig(Strict):

@@ -59,3 +59,94 @@ def conform_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -
             _fix_attributes(module)
             changed.append(name)
     return changed
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+SLIM_FORMAT = "compressor-slim/1"
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every conv / linear / norm layer, by module name."""
+    widths = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            widths[name] = module.out_channels
+        elif isinstance(module, nn.Linear):
+            widths[name] = module.out_features
+        elif isinstance(module, nn.modules.batchnorm._NormBase):
+            widths[name] = module.num_features
+    return widths
+
+
+def save_slim(model: nn.Module, out_dir, model_cfg) -> dict[str, str]:
+    """Write model.pt (whole module, for torch users), slim.json + weights.safetensors (reload without pickle).
+
+    Every file is written atomically; returns their paths.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .rundir import atomic_path, save_torch, write_text
+
+    out_dir = Path(out_dir)
+    model = model.cpu().eval()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out_dir / "weights.safetensors") as tmp:
+        save_file(state, str(tmp))
+    meta = {"format": SLIM_FORMAT, "arch": model_cfg.arch, "num_classes": model_cfg.num_classes,
+            "in_channels": model_cfg.in_channels, "input_shape": list(model_cfg.input_shape),
+            "widths": layer_widths(model), "shapes": {k: list(v.shape) for k, v in state.items()}}
+    write_text(out_dir / "slim.json", json.dumps(meta, indent=1) + "\n")
+    save_torch(model, out_dir / "model.pt")
+    return {"model_pt": str(out_dir / "model.pt"), "slim_json": str(out_dir / "slim.json"),
+            "weights": str(out_dir / "weights.safetensors")}
+
+
+def load_slim(path) -> nn.Module:
+    """Rebuild a slim model from slim.json (arch + shapes) and weights.safetensors, without unpickling."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .errors import ModelLoadError
+    from .models import build_arch, load_state_dict_strict
+
+    path = Path(path)
+    meta_path = path / "slim.json" if path.is_dir() else path
+    weights = meta_path.parent / "weights.safetensors"
+    if not meta_path.is_file():
+        raise ModelLoadError(f"{path} is not a slim model: {meta_path} is missing.")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{meta_path} is not valid JSON ({exc}).") from None
+    if meta.get("format") != SLIM_FORMAT:
+        raise ModelLoadError(f"{meta_path} has format {meta.get('format')!r}; expected {SLIM_FORMAT}.")
+    if not meta.get("arch"):
+        raise ModelLoadError(f"{meta_path} records no architecture reference (the model came from a pickled module).",
+                             hint=f"Load {meta_path.parent / 'model.pt'} with --trust-checkpoint instead.")
+    if not weights.is_file():
+        raise ModelLoadError(f"{weights} is missing next to {meta_path}.")
+    model = build_arch(meta["arch"], meta["num_classes"], meta["in_channels"])
+    conform_to_state_dict(model, {k: torch.empty(shape, device="meta") for k, shape in meta["shapes"].items()})
+    load_state_dict_strict(model, load_file(str(weights)), meta["arch"])
+    return model.eval()
+
+
+def read_model_config(path):
+    """The ModelConfig recorded in a slim model's slim.json, or None when `path` is not a slim model."""
+    import json
+    from pathlib import Path
+
+    from .recipe import ModelConfig
+
+    path = Path(path)
+    meta_path = path / "slim.json" if path.is_dir() else path
+    if meta_path.name != "slim.json" or not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    return ModelConfig(arch=meta.get("arch"), num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+                       input_shape=meta["input_shape"])

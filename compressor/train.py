@@ -6,6 +6,7 @@ an uninterrupted run: every epoch re-seeds the data order and augmentation from 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import time
@@ -123,6 +124,7 @@ class TrainContext:
     history: list[dict[str, Any]] = field(default_factory=list)
     loss_fn: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = None
     channels_last: bool = False
+    calibration: Optional[Callable[[int], Any]] = None  # n -> the first n training batches, unshuffled
 
     def rebuild(self) -> None:
         """Call after a structural change: new optimizer over the current parameters, DDP re-wrapped.
@@ -248,6 +250,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
     ctx = TrainContext(model=model, cfg=cfg, device=dev, steps_per_epoch=steps_per_epoch,
                        total_steps=steps_per_epoch * cfg.epochs, rank=rank, world=world,
                        loss_fn=make_loss(cfg, teacher), channels_last=prefers_channels_last(model, dev))
+    ctx.calibration = lambda n: itertools.islice(
+        make_loader(train_set, data_cfg.batch_size, shuffle=False, workers=0), n)
     ctx.rebuild()
     resumed_from = None
     if resume and checkpoint is not None and checkpoint.is_file():

@@ -1,0 +1,27 @@
+"""compressor: structured pruning (DPM, FGGP, OCSP), physical slimming, export, parity and latency reports.
+
+The public API is small and imported lazily, so `compressor bench` of an ONNX file needs no torch:
+
+    from compressor import compress, load_recipe, load_model
+    report = compress("samples/resnet20-fmnist.safetensors", "recipes/resnet20-fmnist-dpm.yaml", "runs/demo")
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["compress", "load_model", "load_recipe", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "compress":
+        from .pipeline import compress
+
+        return compress
+    if name == "load_model":
+        from .models import load_model
+
+        return load_model
+    if name == "load_recipe":
+        from .recipe import load_recipe
+
+        return load_recipe
+    raise AttributeError(f"module 'compressor' has no attribute {name!r}")

@@ -1,0 +1,255 @@
+"""Hosts (which structures to remove, and their importance) and the baseline executions that remove them at once:
+`oneshot` (one selection to the target, then fine-tuning) and `iterative` (several selections on a schedule).
+
+Host variants: depgraph (group magnitude), depgraph-sl (group sparse learning through torch-pruning's
+GroupNormPruner regularisation before each selection), gate-decorator (Taylor score of the batch-norm gates,
+accumulated between events), taylor (group Taylor, accumulated between events).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .. import graph as dg
+from .. import selection as sel
+from ..errors import RecipeError
+from ..importance import build_scorer
+from ..models import example_inputs
+from ..progress import info
+from ..recipe import ImportanceConfig, Recipe
+from . import METHODS
+from .base import PruningMethod
+
+HOST_IMPORTANCE = {"depgraph": None, "depgraph-sl": None, "gate-decorator": "gate", "taylor": "taylor"}
+CALIBRATION_BATCHES = 8
+
+
+def host_importance(recipe: Recipe) -> ImportanceConfig:
+    """The importance a host ranks with: the recipe's for depgraph(-sl), fixed for gate-decorator and taylor."""
+    fixed = HOST_IMPORTANCE[recipe.prune.host]
+    if fixed is None:
+        return recipe.prune.importance
+    if "importance" in recipe.prune.model_fields_set and recipe.prune.importance.kind != fixed:
+        raise RecipeError(f"prune.importance.kind: host {recipe.prune.host} ranks by {fixed!r}, not "
+                          f"{recipe.prune.importance.kind!r}; remove prune.importance or use host: depgraph.")
+    return ImportanceConfig(kind=fixed)
+
+
+class Host:
+    """Scores groups and plans removals on the current model; owns gradient accumulation and sparse learning."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.cfg = recipe.prune
+        self.scorer = build_scorer(host_importance(recipe))
+        self.sparse: Optional[tp.pruner.GroupNormPruner] = None
+        self.regularised_steps = 0
+
+    # -- hooks the executing method forwards
+    def after_backward(self, ctx) -> None:
+        if self.scorer.needs_gradients:
+            self.scorer.observe(ctx.model)
+        if self.cfg.host == "depgraph-sl":
+            if self.sparse is None:
+                self.sparse = self._sparse_pruner(ctx)
+            self.sparse.regularize(ctx.model, alpha=2 ** self.cfg.sparse_learning.alpha)
+            self.regularised_steps += 1
+
+    def structure_changed(self) -> None:
+        """Parameters were replaced: accumulated scores and the regulariser's groups are stale."""
+        self.scorer.reset()
+        self.sparse = None
+
+    def _sparse_pruner(self, ctx) -> tp.pruner.GroupNormPruner:
+        example = self.example(ctx)
+        ignored = dg.resolve_ignored(ctx.model, self.recipe.model.ignore, self.recipe.model.num_classes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tp.pruner.GroupNormPruner(
+                ctx.model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), reg=self.cfg.sparse_learning.reg,
+                alpha=2 ** self.cfg.sparse_learning.alpha, ignored_layers=ignored, in_channel_groups={},
+                out_channel_groups={}, num_heads={}, channel_groups={}, pruning_ratio=0.5)
+
+    # -- planning
+    def example(self, ctx) -> torch.Tensor:
+        return example_inputs(self.recipe.model).to(ctx.device)
+
+    def ensure_scores(self, ctx) -> None:
+        """Gradient scorers need batches: if none were observed since the last event, run a few now."""
+        if not self.scorer.needs_gradients or self.scorer.observed_batches > 0:
+            return
+        if ctx.calibration is None:
+            raise RecipeError(f"host {self.cfg.host} needs training data to score channels (data section).")
+        was_training = ctx.model.training
+        ctx.model.train()
+        for inputs, targets in ctx.calibration(CALIBRATION_BATCHES):
+            ctx.model.zero_grad(set_to_none=True)
+            ctx.loss_fn(ctx.model, inputs.to(ctx.device), targets.to(ctx.device)).backward()
+            self.scorer.observe(ctx.model)
+        ctx.model.zero_grad(set_to_none=True)
+        ctx.model.train(was_training)
+
+    def snapshot(self, ctx) -> sel.Snapshot:
+        self.ensure_scores(ctx)
+        return sel.snapshot(ctx.model, self.example(ctx), self.recipe.model.ignore, self.recipe.model.num_classes,
+                            self.scorer)
+
+    def constraints(self, **extra) -> sel.Constraints:
+        return sel.Constraints(round_to=self.cfg.round_to, max_layer_ratio=self.cfg.max_layer_ratio,
+                               global_ranking=self.cfg.global_ranking, **extra)
+
+
+def fraction_at(progress: float, shape: str) -> float:
+    """Share of the final pruning amount reached at `progress` in (0, 1] of the schedule."""
+    progress = min(max(progress, 0.0), 1.0)
+    return progress if shape == "linear" else 1 - (1 - progress) ** 3
+
+
+def event_epochs(recipe: Recipe, events: int) -> list[float]:
+    """When each selection event happens, in (fractional) epochs of training, spread over [start_epoch, end_epoch)."""
+    start, end = recipe.prune.schedule.start_epoch, recipe.schedule_end_epoch()
+    end = max(end, start)
+    return [start + e * (end - start) / events for e in range(events)]
+
+
+class EventMethod(PruningMethod):
+    """Selections at scheduled epochs; subclasses decide what an event does with the planned channels."""
+
+    def __init__(self, recipe: Recipe, events: int) -> None:
+        self.recipe = recipe
+        self.host = Host(recipe)
+        self.events = events
+        self.epochs = event_epochs(recipe, events)
+        self.steps: list[int] = []
+        self.done = 0
+        self.dense_macs: Optional[float] = None
+        self.dense_channels: Optional[int] = None
+        self.records: list[dict[str, Any]] = []
+
+    def after_backward(self, ctx) -> None:
+        self.host.after_backward(ctx)
+
+    def on_train_start(self, ctx) -> None:
+        self.steps = [round(e * ctx.steps_per_epoch) for e in self.epochs]
+        self._run_due(ctx)
+
+    def after_step(self, ctx) -> None:
+        self._run_due(ctx)
+
+    def finalize(self, ctx) -> None:
+        self._run_due(ctx, final=True)
+
+    def _run_due(self, ctx, final: bool = False) -> None:
+        """Run the events whose optimizer step has come (all remaining ones at the end of training)."""
+        while self.done < self.events and (final or self.steps[self.done] <= ctx.step):
+            self.event(ctx, self.done, ctx.step / ctx.steps_per_epoch)
+            self.done += 1
+
+    def target_plan(self, ctx, index: int, **constraints) -> tuple[sel.Plan, sel.Snapshot, float]:
+        """Plan for event `index`: the interim target on the schedule; returns (plan, snapshot, asked fraction)."""
+        snap = self.host.snapshot(ctx)
+        if self.dense_macs is None:
+            self.dense_macs = snap.total_macs
+            self.dense_channels = sum(c.width for c in snap.candidates)
+        share = fraction_at((index + 1) / self.events, self.recipe.prune.schedule.shape)
+        target = self.recipe.prune.target
+        cons = self.host.constraints(**constraints)
+        remaining = target.remaining_macs()
+        if remaining is not None:
+            asked = 1 - (1 - remaining) * share
+            plan = sel.plan_for_macs(snap, asked * self.dense_macs, cons)
+        else:
+            asked = target.channels * share
+            current = sum(c.width for c in snap.candidates)
+            already = self.dense_channels - current
+            ratio = max(0.0, asked * self.dense_channels - already) / max(current, 1)
+            plan = sel.plan_for_channels(snap, ratio, cons)
+        return broadcast_plan(plan), snap, asked
+
+    def event(self, ctx, index: int, epoch: float) -> None:
+        """Event `index`, taking place after `epoch` (fractional) epochs of training."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "dense_macs": self.dense_macs, "dense_channels": self.dense_channels,
+                "records": self.records}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.done, self.records = state["done"], state["records"]
+        self.dense_macs, self.dense_channels = state["dense_macs"], state["dense_channels"]
+
+    def summary(self) -> dict[str, Any]:
+        return {"method": self.name, "host": self.recipe.prune.host, "events": self.records,
+                "event_epochs": self.epochs}
+
+
+class RemovingMethod(EventMethod):
+    """Remove the selected channels immediately at each event (the host's own single-step execution)."""
+
+    def event(self, ctx, index: int, epoch: float) -> None:
+        plan, snap, asked = self.target_plan(ctx, index)
+        removed = sel.remove(ctx.model, self.host.example(ctx), plan)
+        ctx.rebuild()
+        self.host.structure_changed()
+        after = sel.snapshot_macs(ctx.model, self.host.example(ctx))
+        record = {"event": index + 1, "epoch": epoch, "step": ctx.step, "selected": removed, "removed": removed,
+                  "asked_macs": asked if self.recipe.prune.target.channels is None else None,
+                  "achieved_macs": after[0] / self.dense_macs, "params": after[1],
+                  "regularised_steps": self.host.regularised_steps}
+        self.records.append(record)
+        info(f"pruning event {index + 1}/{self.events}: removed {removed} channels, MACs "
+             f"{record['achieved_macs']:.3f} of dense")
+
+
+@METHODS.register("oneshot")
+class OneShot(RemovingMethod):
+    name = "oneshot"
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__(recipe, events=1)
+
+
+@METHODS.register("iterative")
+class Iterative(RemovingMethod):
+    name = "iterative"
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__(recipe, events=recipe.prune.schedule.events)
+
+
+def broadcast_plan(plan: sel.Plan) -> sel.Plan:
+    """Under DDP every rank adopts rank 0's plan, so all ranks take the same decision."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return plan
+    box = [plan]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def predict_pruning(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
+    """What the recipe's final target gives on this model (computed on a copy, magnitude scores)."""
+    work = copy.deepcopy(model).cpu().eval()
+    example = example_inputs(recipe.model)
+    scorer = build_scorer(ImportanceConfig(kind="magnitude"))
+    snap = sel.snapshot(work, example, recipe.model.ignore, recipe.model.num_classes, scorer)
+    cons = sel.Constraints(round_to=recipe.prune.round_to, max_layer_ratio=recipe.prune.max_layer_ratio,
+                           global_ranking=recipe.prune.global_ranking)
+    target = recipe.prune.target
+    remaining = target.remaining_macs()
+    if remaining is not None:
+        plan = sel.plan_for_macs(snap, remaining * snap.total_macs, cons)
+        asked = f"macs {remaining:.3f}"
+    else:
+        plan = sel.plan_for_channels(snap, target.channels, cons)
+        asked = f"channels {target.channels:.3f} removed"
+    sel.remove(work, example, plan)
+    macs, params = sel.snapshot_macs(work, example)
+    return {"asked": asked, "macs_ratio": macs / snap.total_macs, "params_ratio": params / snap.params,
+            "channels_removed": sel.plan_size(plan)}

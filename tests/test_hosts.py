@@ -1,0 +1,93 @@
+"""Host executions (oneshot, iterative) for every host, inside the real training loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.data import build_datasets
+from compressor.errors import RecipeError
+from compressor.methods import METHODS
+from compressor.methods.hosts import event_epochs, fraction_at, host_importance
+from compressor.models import build_arch, example_inputs
+from compressor.recipe import recipe_from_dict
+from compressor.selection import snapshot_macs
+from compressor.train import fit
+
+from .conftest import tiny_recipe
+
+HOSTS = ["depgraph", "depgraph-sl", "gate-decorator", "taylor"]
+
+
+def run(method, host, **prune):
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": method, "host": host, "target": {"macs": 0.5}, **prune},
+                                          finetune={"epochs": 2}))
+    torch.manual_seed(0)
+    model = build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels)
+    dense_macs, dense_params = snapshot_macs(model, example_inputs(recipe.model))
+    train, val = build_datasets(recipe.data, recipe.model)
+    pruner = METHODS.get(method)(recipe)
+    result = fit(model, train, val, recipe.finetune, recipe.data, method=pruner)
+    macs, params = snapshot_macs(model, example_inputs(recipe.model))
+    return recipe, pruner, result, macs / dense_macs, params / dense_params
+
+
+@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("method", ["oneshot", "iterative"])
+def test_host_reaches_target_and_training_continues(method, host):
+    schedule = {"events": 2, "start_epoch": 0, "end_epoch": 1} if method == "iterative" else {"start_epoch": 0}
+    recipe, pruner, result, macs_ratio, params_ratio = run(method, host, schedule=schedule)
+    assert 0.4 <= macs_ratio <= 0.5
+    assert params_ratio < 0.8
+    events = pruner.summary()["events"]
+    assert len(events) == (2 if method == "iterative" else 1)
+    assert events[-1]["achieved_macs"] == pytest.approx(macs_ratio, rel=1e-6)
+    if method == "iterative":  # linear schedule: half the reduction at the first event
+        assert events[0]["asked_macs"] == pytest.approx(0.75)
+        assert events[0]["achieved_macs"] > events[1]["achieved_macs"]
+    # the optimizer was rebuilt over the slimmer parameters: training went on with finite, falling loss
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)
+    assert result.history[-1]["params"] == result.history[0]["params"] or method == "iterative"
+
+
+def test_sparse_learning_regularises_before_selection():
+    recipe, pruner, *_ = run("oneshot", "depgraph-sl", schedule={"start_epoch": 1})
+    event = pruner.summary()["events"][0]
+    assert event["epoch"] == 1 and event["step"] == 4 and event["regularised_steps"] == 4  # one epoch of 128 samples in batches of 32
+
+
+def test_event_schedule_and_shapes():
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "iterative", "schedule": {"events": 4, "start_epoch": 1,
+                                                                                    "end_epoch": 5}},
+                                          finetune={"epochs": 8}))
+    assert event_epochs(recipe, 4) == [1, 2, 3, 4]
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "iterative", "schedule": {"events": 2, "end_epoch": 1}}))
+    assert event_epochs(recipe, 2) == [0, 0.5]
+    assert fraction_at(0.5, "linear") == 0.5
+    assert fraction_at(0.5, "cubic") == pytest.approx(0.875)
+    assert [fraction_at(p / 4, "cubic") for p in range(5)] == sorted(fraction_at(p / 4, "cubic") for p in range(5))
+
+
+def test_zero_epoch_recipe_still_prunes():
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "iterative", "schedule": {"events": 3}}, finetune={"epochs": 0}))
+    torch.manual_seed(0)
+    model = build_arch(recipe.model.arch, 4, 1)
+    dense = snapshot_macs(model, example_inputs(recipe.model))[0]
+    train, val = build_datasets(recipe.data, recipe.model)
+    pruner = METHODS.get("iterative")(recipe)
+    fit(model, train, val, recipe.finetune, recipe.data, method=pruner)
+    assert len(pruner.records) == 3
+    assert snapshot_macs(model, example_inputs(recipe.model))[0] <= 0.5 * dense
+
+
+def test_host_importance_conflict_is_a_recipe_error():
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "host": "gate-decorator",
+                                                 "importance": {"kind": "magnitude"}}))
+    with pytest.raises(RecipeError, match="host gate-decorator ranks by 'gate'"):
+        host_importance(recipe)
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "host": "taylor"}))
+    assert host_importance(recipe).kind == "taylor"
+
+
+def test_unknown_method_suggests():
+    with pytest.raises(RecipeError, match="did you mean oneshot"):
+        METHODS.get("oneshoot")
