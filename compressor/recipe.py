@@ -138,6 +138,7 @@ class DPMConfig(Strict):
     backfill: bool = True
     cooldown: int = Field(1, ge=0, description="events a released structure is not selected again")
     norm_scope: Literal["out", "group"] = "out"
+    momentum: Literal["keep", "reset"] = Field("keep", description="optimizer momentum of decaying slices")
 
 
 class SparseLearningConfig(Strict):

@@ -101,8 +101,8 @@ def _events_section(r: dict[str, Any]) -> list[str]:
     events = (r.get("method") or {}).get("events") or []
     if not events:
         return []
-    keys = [k for k in ("event", "epoch", "step", "selected", "released", "backfilled", "removed", "asked_macs",
-                        "achieved_macs", "params") if any(k in e for e in events)]
+    keys = [k for k in ("event", "epoch", "step", "selected", "released", "backfilled", "removed", "forced",
+                        "asked_macs", "planned_macs", "achieved_macs", "params") if any(k in e for e in events)]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
     return ["## Pruning events", ""] + _table(keys, [[fmt(e.get(k)) for k in keys] for e in events])
 

@@ -23,3 +23,22 @@ def no_kwargs() -> nn.Module:
 def not_a_module() -> int:
     """A factory that returns something other than an nn.Module."""
     return 42
+
+
+class ScaledNet(nn.Module):
+    """A CNN with a bare nn.Parameter (a per-channel scale) that torch-pruning cannot attribute to a layer."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        import torch
+
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+    def forward(self, x):
+        return self.head(self.conv(x) * self.scale)
+
+
+def with_custom_scale(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return ScaledNet(num_classes, in_channels)

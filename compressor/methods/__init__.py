@@ -8,6 +8,6 @@ from .base import PruningMethod
 METHODS: Registry = Registry("pruning method", RecipeError)
 METHODS.register("none")(PruningMethod)
 
-from . import hosts  # noqa: E402,F401  (registers oneshot, iterative)
+from . import dpm, hosts  # noqa: E402,F401  (registers oneshot, iterative, dpm)
 
 __all__ = ["METHODS", "PruningMethod"]

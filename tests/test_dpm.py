@@ -1,0 +1,168 @@
+"""DPM: smooth pruning and self-rectifying, wrapped around every host (DESIGN.md 6.2)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.data import build_datasets
+from compressor.methods import METHODS
+from compressor.methods.base import PruningMethod
+from compressor.methods.dpm import DPM
+from compressor.models import build_arch, example_inputs
+from compressor.recipe import recipe_from_dict
+from compressor.selection import snapshot_macs
+from compressor.train import fit
+
+from .conftest import tiny_recipe
+
+FROZEN_OPT = {"lr": 1e-9, "momentum": 0.0, "weight_decay": 0.0}  # training that does not move the weights
+
+
+def make(method="dpm", host="depgraph", dpm=None, finetune=None, **prune):
+    recipe = recipe_from_dict(tiny_recipe(
+        prune={"method": method, "host": host, "target": {"macs": 0.5}, "schedule": {"events": 1},
+               "dpm": {"steps": 4, "interval": 2, **(dpm or {})}, **prune},
+        finetune={"epochs": 2, **(finetune or {})}))
+    torch.manual_seed(0)
+    model = build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels)
+    train, val = build_datasets(recipe.data, recipe.model)
+    return recipe, model, train, val
+
+
+class Chain(PruningMethod):
+    """Runs a probe after the wrapped method's hooks."""
+
+    def __init__(self, inner, probe):
+        self.inner, self.probe = inner, probe
+
+    def __getattribute__(self, name):
+        if name in ("on_train_start", "after_backward", "on_epoch_end", "state_dict", "load_state_dict", "summary"):
+            return getattr(object.__getattribute__(self, "inner"), name)
+        return object.__getattribute__(self, name)
+
+    def after_step(self, ctx):
+        self.inner.after_step(ctx)
+        self.probe(ctx)
+
+    def finalize(self, ctx):
+        self.inner.finalize(ctx)
+
+
+@pytest.mark.parametrize("host", ["depgraph", "gate-decorator"])
+def test_single_step_without_rectify_equals_host_oneshot(host):
+    recipe, model_a, train, val = make("oneshot", host)
+    fit(model_a, train, val, recipe.finetune, recipe.data, method=METHODS.get("oneshot")(recipe))
+    recipe_d, model_b, _, _ = make("dpm", host, dpm={"steps": 1, "rectify": False})
+    dpm = DPM(recipe_d)
+    fit(model_b, train, val, recipe_d.finetune, recipe_d.data, method=dpm)
+    a, b = model_a.state_dict(), model_b.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        assert torch.equal(a[key], b[key]), key
+    assert dpm.summary()["totals"]["removed"] == dpm.summary()["totals"]["selected"] > 0
+
+
+def test_norm_follows_linear_decay():
+    recipe, model, train, val = make(dpm={"steps": 4, "interval": 1, "rectify": False}, finetune={"optimizer": FROZEN_OPT})
+    dpm = DPM(recipe)
+    seen = []
+
+    def probe(ctx):
+        seen.extend((s.n, s.l0, float(dpm.group_norms(s.root)[s.idx])) for s in dpm.decaying)
+
+    fit(model, train, val, recipe.finetune, recipe.data, method=Chain(dpm, probe))
+    # entry decays once (n=1) at the event; one more step after each optimizer step; n=4 means removed
+    assert sorted({n for n, _, _ in seen}) == [2, 3]
+    for n, l0, norm in seen:
+        assert norm == pytest.approx(l0 * (1 - n / 4), abs=1e-5)
+
+
+def test_bn_gamma_and_beta_scale_with_the_conv_rows():
+    recipe, model, train, val = make(dpm={"steps": 4, "interval": 1000, "rectify": False}, finetune={"epochs": 1, "optimizer": FROZEN_OPT})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dpm = DPM(recipe)
+    captured = {}
+
+    def probe(ctx):
+        if not captured:
+            captured.update({k: v.clone() for k, v in ctx.model.state_dict().items()})
+            captured["_decaying"] = [(s.root, s.idx) for s in dpm.decaying]
+
+    fit(model, train, val, recipe.finetune, recipe.data, method=Chain(dpm, probe))
+    root, idx = next((r, i) for r, i in captured["_decaying"] if r.endswith("conv1") and r.startswith("layer"))
+    block = root.rsplit(".", 1)[0]
+    factor = 1 - 1 / 4
+    conv_w = f"{root}.weight"
+    for key in (conv_w, f"{block}.bn1.weight", f"{block}.bn1.bias"):
+        assert torch.allclose(captured[key][idx], before[key][idx] * factor, atol=1e-6), key
+    other = next(i for i in range(before[conv_w].shape[0]) if (root, i) not in captured["_decaying"])
+    assert torch.equal(captured[conv_w][other], before[conv_w][other])
+
+
+def test_structures_are_removed_after_n_steps_and_training_continues():
+    recipe, model, train, val = make(dpm={"steps": 3, "interval": 1})
+    dpm = DPM(recipe)
+    dense_macs = snapshot_macs(model, example_inputs(recipe.model))[0]
+    opt_sizes = []
+
+    def probe(ctx):
+        opt_sizes.append((sum(p.numel() for g in ctx.optimizer.param_groups for p in g["params"]),
+                          sum(p.numel() for p in ctx.model.parameters())))
+
+    result = fit(model, train, val, recipe.finetune, recipe.data, method=Chain(dpm, probe))
+    macs = snapshot_macs(model, example_inputs(recipe.model))[0]
+    assert macs <= 0.5 * dense_macs
+    assert all(a == b for a, b in opt_sizes)  # the optimizer always holds exactly the model's parameters
+    assert opt_sizes[0][1] > opt_sizes[-1][1]  # and the model did shrink during training
+    assert not dpm.decaying and dpm.summary()["totals"]["removed"] > 0
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)
+
+
+def test_escaping_structure_is_released_and_backfill_keeps_the_target():
+    recipe, model, train, val = make(dpm={"steps": 4, "interval": 2, "t_rate": 0.1, "t_len": 1.0, "cooldown": 1},
+                                     finetune={"optimizer": FROZEN_OPT})
+    dpm = DPM(recipe)
+    pushed = {}
+
+    def push(ctx):  # training "pulls" one decaying structure back to full size right after its first decay step
+        if not pushed and dpm.decaying:
+            s = dpm.decaying[0]
+            pushed.update(root=s.root, idx=s.idx, l0=s.l0)
+            now = float(dpm.group_norms(s.root)[s.idx])
+            dpm.scale(ctx, s.root, {s.idx: s.l0 * 1.5 / now})
+
+    fit(model, train, val, recipe.finetune, recipe.data, method=Chain(dpm, push))
+    totals = dpm.summary()["totals"]
+    assert totals["released"] == 1 and totals["backfilled"] >= 1
+    trace = [t for t in dpm.summary()["decay_trace"] if t["outcome"] == "released"]
+    assert len(trace) == 1 and trace[0]["root"] == pushed["root"]
+    # the released structure kept its weights and is still in the model; the MAC target still holds
+    macs = snapshot_macs(model, example_inputs(recipe.model))[0]
+    dense = dpm.dense_macs
+    assert macs <= 0.5 * dense
+
+
+def test_no_release_without_escape():
+    recipe, model, train, val = make(dpm={"steps": 4, "interval": 1}, finetune={"optimizer": FROZEN_OPT})
+    dpm = DPM(recipe)
+    fit(model, train, val, recipe.finetune, recipe.data, method=dpm)
+    assert dpm.summary()["totals"]["released"] == 0
+
+
+@pytest.mark.parametrize("host", ["depgraph", "depgraph-sl", "gate-decorator", "taylor"])
+def test_dpm_wraps_every_host(host):
+    recipe, model, train, val = make(host=host, schedule={"events": 2, "end_epoch": 1}, dpm={"steps": 2, "interval": 1})
+    dpm = DPM(recipe)
+    fit(model, train, val, recipe.finetune, recipe.data, method=dpm)
+    summary = dpm.summary()
+    assert summary["host"] == host and len(summary["events"]) == 2
+    assert snapshot_macs(model, example_inputs(recipe.model))[0] <= 0.5 * dpm.dense_macs
+
+
+def test_unfinished_decay_is_completed_at_the_end():
+    recipe, model, train, val = make(dpm={"steps": 100, "interval": 50}, finetune={"epochs": 1})
+    dpm = DPM(recipe)
+    fit(model, train, val, recipe.finetune, recipe.data, method=dpm)
+    assert not dpm.decaying and dpm.records[-1]["forced"] > 0
+    assert snapshot_macs(model, example_inputs(recipe.model))[0] <= 0.5 * dpm.dense_macs
