@@ -40,19 +40,20 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"{recipe['finetune']['epochs']} fine-tune epochs on `{recipe['data']['kind']}`.", ""]
     lines += ["## Accuracy and size", ""]
     onnx_top1 = f"{comp['onnx_top1']:.2f}" if "onnx_top1" in comp else "-"
-    lines += _table(["", "top-1 %", "top-5 %", "loss", "MACs", "params", "ONNX file"], [
+    lines += _table(["", "top-1 %", "top-5 %", "loss", "MACs", "params", "ONNX file", "ONNX zipped"], [
         ["dense", f"{dense['top1']:.2f}", f"{dense['top5']:.2f}", f"{dense['loss']:.4f}", _m(dense["macs"]),
-         _m(dense["params"]), _kb(dense["onnx_bytes"])],
+         _m(dense["params"]), _kb(dense["onnx_bytes"]), _kb(dense["onnx_zipped_bytes"])],
         ["compressed", f"{comp['top1']:.2f}", f"{comp['top5']:.2f}", f"{comp['loss']:.4f}", _m(comp["macs"]),
-         _m(comp["params"]), _kb(comp["onnx_bytes"])],
+         _m(comp["params"]), _kb(comp["onnx_bytes"]), _kb(comp["onnx_zipped_bytes"])],
         ["ratio / change", f"{comp['top1'] - dense['top1']:+.2f} pp", f"{comp['top5'] - dense['top5']:+.2f} pp", "",
          f"{comp['macs'] / dense['macs']:.3f}", f"{comp['params'] / dense['params']:.3f}",
-         f"{comp['onnx_bytes'] / dense['onnx_bytes']:.3f}"]])
+         f"{comp['onnx_bytes'] / dense['onnx_bytes']:.3f}",
+         f"{comp['onnx_zipped_bytes'] / dense['onnx_zipped_bytes']:.3f}"]])
     t = r["target"]
     asked = f"{t['asked_macs_ratio']:.3f}" if t.get("asked_macs_ratio") is not None else "n/a (channel target)"
     lines += [f"MAC target: asked {asked} of dense, achieved {t['achieved_macs_ratio']:.3f} "
               f"(MAC speedup x{t['achieved_mac_speedup']:.2f}). ONNX Runtime top-1 of the exported model: {onnx_top1}.", ""]
-    lines += _latency_section(r) + _parity_section(r) + _events_section(r) + _widths_section(r) + _training_section(r)
+    lines += _sparsity_section(r) + _latency_section(r) + _parity_section(r) + _events_section(r) + _widths_section(r) + _training_section(r)
     if r.get("gates"):
         lines += ["## Gates", ""]
         lines += _table(["gate", "value", "limit", "passed"],
@@ -65,6 +66,16 @@ def render_markdown(r: dict[str, Any]) -> str:
     for name, path in (r.get("plots") or {}).items():
         lines += [f"![{name}]({Path(path).name})", ""]
     return "\n".join(lines)
+
+
+def _sparsity_section(r: dict[str, Any]) -> list[str]:
+    method = r.get("method") or {}
+    sparsity = method.get("sparsity")
+    if not sparsity:
+        return []
+    lines = ["## Sparsity", "", f"Overall sparsity of the pruned layers: **{sparsity['overall']:.3f}** "
+             f"({method.get('granularity')}, selection {method.get('selection')}). {method.get('note', '')}", ""]
+    return lines + _table(["layer", "sparsity"], [[n, f"{v:.3f}"] for n, v in sparsity["per_layer"].items()])
 
 
 def _latency_section(r: dict[str, Any]) -> list[str]:

@@ -1,0 +1,302 @@
+"""FGGP: fixed-rate gradient-first gradual pruning (Zhu, Bezek, Goksel, arXiv 2411.05500). Spec: DESIGN.md 6.3.
+
+Sparsity follows the cubic schedule s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t1 - t0))^3 with an event every
+`interval` iterations in [t0, t1]. At an event, among the still-active candidates, the fixed fraction r with the
+smallest gradient magnitude on the current batch is taken first, then the k_t of those with the smallest weight
+magnitude are pruned (k_t never exceeds r * active). `selection: magnitude` (plain gradual magnitude pruning) and
+`selection: gradient` are the comparison baselines.
+
+Granularities: `unstructured` (per-weight masks, global over conv/linear weights), `2:4` (the same rule inside
+each group of 4 consecutive weights along the input dimension; at most 2 of 4 survive, the pattern TensorRT's
+sparse tensor cores use), `structured` (the rule over dependency-group channels with group gradient and group
+magnitude norms, removed physically to a MAC target). Masks are re-applied after every optimizer step (and the
+momentum of pruned weights zeroed), so nothing regrows.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .. import graph as dg
+from .. import selection as sel
+from ..errors import RecipeError
+from ..importance import build_scorer
+from ..progress import info
+from ..recipe import ImportanceConfig, Recipe
+from . import METHODS
+from .base import PruningMethod
+from .hosts import broadcast_plan
+
+
+def cubic_sparsity(step: int, t0: int, t1: int, s_i: float, s_f: float) -> float:
+    """s_t of the cubic schedule: s_i before t0, s_f after t1."""
+    if step <= t0:
+        return s_i
+    if step >= t1:
+        return s_f
+    return s_f + (s_i - s_f) * (1 - (step - t0) / (t1 - t0)) ** 3
+
+
+def event_steps(t0: int, t1: int, interval: int) -> list[int]:
+    """Event iterations: every `interval` from t0, and always t1 (so the final sparsity is reached)."""
+    steps = list(range(t0, t1, interval))
+    return steps + [t1] if not steps or steps[-1] != t1 else steps
+
+
+def two_step_select(grad: torch.Tensor, weight: torch.Tensor, active: torch.Tensor, k: int, r: float,
+                    selection: str) -> torch.Tensor:
+    """Flat indices (into the 1-d inputs) of the k weights to prune among `active` ones.
+
+    gradient-first: the r-fraction of active weights with the smallest |grad|, then the k smallest |w| of those
+    (k capped at that fraction); magnitude: the k smallest |w|; gradient: the k smallest |grad|.
+    """
+    idx = torch.nonzero(active, as_tuple=False).flatten()
+    if k <= 0 or idx.numel() == 0:
+        return idx[:0]
+    g, w = grad[idx].abs(), weight[idx].abs()
+    if selection == "magnitude":
+        return idx[torch.argsort(w, stable=True)[: min(k, idx.numel())]]
+    if selection == "gradient":
+        return idx[torch.argsort(g, stable=True)[: min(k, idx.numel())]]
+    pool = max(1, int(math.floor(r * idx.numel())))
+    low_grad = torch.argsort(g, stable=True)[:pool]
+    k = min(k, pool)
+    return idx[low_grad[torch.argsort(w[low_grad], stable=True)[:k]]]
+
+
+def _input_groups(weight: torch.Tensor) -> torch.Tensor:
+    """View a conv/linear weight as (groups, 4) along the input dimension (dim 1)."""
+    moved = weight.movedim(1, -1)  # (out, kh, kw, in)
+    return moved.reshape(-1, 4)
+
+
+@METHODS.register("fggp")
+class FGGP(PruningMethod):
+    name = "fggp"
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.cfg = recipe.prune.fggp
+        self.structured = self.cfg.granularity == "structured"
+        self.masks: dict[str, torch.Tensor] = {}
+        self.steps: list[int] = []
+        self.done = 0
+        self.records: list[dict[str, Any]] = []
+        self.dense_macs: Optional[float] = None
+        self.t0 = self.t1 = 0
+
+    # ------------------------------------------------------------------------------------------ setup
+    def prunable_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Conv/linear layers whose weights FGGP masks (first conv and classifier per the recipe)."""
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        names = list(layers)
+        heads = {id(m) for m in dg.output_layers(model, self.recipe.model.num_classes)}
+        ignored = {id(m) for m in dg.resolve_ignored(model, self.recipe.model.ignore, None)}
+        keep = {}
+        for name, module in layers.items():
+            if name == names[0] and not self.cfg.prune_first_conv:
+                continue
+            if id(module) in heads and not self.cfg.prune_classifier:
+                continue
+            if id(module) in ignored and id(module) not in heads:
+                continue
+            if self.cfg.granularity == "2:4" and (module.weight.shape[1] % 4 or getattr(module, "groups", 1) > 1):
+                continue
+            keep[name] = module
+        return keep
+
+    def on_train_start(self, ctx) -> None:
+        self.t0 = int(self.cfg.start * ctx.total_steps)
+        self.t1 = max(self.t0 + 1, int(self.cfg.end * ctx.total_steps))
+        self.steps = event_steps(self.t0, self.t1, self.cfg.interval)
+        self.masks = {n: m.to(ctx.device) for n, m in self.masks.items()}  # masks restored by a resume are on CPU
+        if not self.masks and not self.structured:
+            layers = self.prunable_layers(ctx.model)
+            if not layers:
+                raise RecipeError(f"prune.fggp: no layer of the model can be pruned with granularity {self.cfg.granularity}.")
+            self.masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
+        if self.dense_macs is None:
+            self.dense_macs = sel.snapshot_macs(ctx.model, self._example(ctx))[0]
+
+    def _example(self, ctx) -> torch.Tensor:
+        from ..models import example_inputs
+
+        return example_inputs(self.recipe.model).to(ctx.device)
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def after_backward(self, ctx) -> None:
+        """Events use the current batch's gradients, before the optimizer applies them."""
+        step = ctx.step  # optimizer steps completed so far; this batch's step comes next
+        while self.done < len(self.steps) and self.steps[self.done] <= step:
+            self.event(ctx, self.steps[self.done])
+            self.done += 1
+
+    def after_step(self, ctx) -> None:
+        self.apply_masks(ctx)
+
+    def finalize(self, ctx) -> None:
+        if self.done < len(self.steps):  # training ended early: reach the final sparsity with the last gradients
+            info("FGGP: training ended before the schedule did; the remaining events use magnitudes only")
+            while self.done < len(self.steps):
+                self.event(ctx, self.steps[self.done], final=True)
+                self.done += 1
+
+    @torch.no_grad()
+    def apply_masks(self, ctx) -> None:
+        for name, mask in self.masks.items():
+            param = ctx.model.get_submodule(name).weight
+            param.mul_(mask)
+            buf = ctx.optimizer.state.get(param, {}).get("momentum_buffer") if ctx.optimizer else None
+            if buf is not None:
+                buf.mul_(mask)
+
+    # ------------------------------------------------------------------------------------------ events
+    def event(self, ctx, step: int, final: bool = False) -> None:
+        if self.structured:
+            self.structured_event(ctx, step, final)
+        else:
+            self.mask_event(ctx, step, final)
+
+    def target_sparsity(self, step: int) -> float:
+        end = self.cfg.sparsity if self.cfg.granularity == "unstructured" else 0.5
+        return cubic_sparsity(step, self.t0, self.t1, self.cfg.initial_sparsity, end)
+
+    @torch.no_grad()
+    def mask_event(self, ctx, step: int, final: bool) -> None:
+        s_t = self.target_sparsity(step)
+        model = ctx.model
+        selection = "magnitude" if final else self.cfg.selection
+        if self.cfg.granularity == "2:4":
+            pruned = self._event_2of4(model, s_t, selection)
+        else:
+            params = [model.get_submodule(n).weight for n in self.masks]
+            weight = torch.cat([p.detach().flatten() for p in params])
+            grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten() for p in params])
+            active = torch.cat([m.flatten() for m in self.masks.values()])
+            total = active.numel()
+            k = int(round(s_t * total)) - int(total - active.sum())
+            chosen = two_step_select(grad, weight, active, k, self.cfg.grad_fraction, selection)
+            flat = torch.ones(total, dtype=torch.bool, device=active.device)
+            flat[chosen] = False
+            offset = 0
+            for name, mask in self.masks.items():
+                n = mask.numel()
+                mask &= flat[offset:offset + n].view_as(mask)
+                offset += n
+            pruned = int(chosen.numel())
+        self._zero_pruned(model)
+        self.records.append({"event": len(self.records) + 1, "step": step, "target_sparsity": s_t, "pruned": pruned,
+                             "sparsity": self.sparsity()["overall"]})
+
+    def _event_2of4(self, model: nn.Module, s_t: float, selection: str) -> int:
+        """Per group of 4 along the input dimension: reach floor(4 s_t) zeros with the two-step rule."""
+        zeros_wanted = int(math.floor(4 * s_t + 1e-9))
+        pruned = 0
+        for name, mask in self.masks.items():
+            param = model.get_submodule(name).weight
+            w = _input_groups(param.detach())
+            g = _input_groups(param.grad.detach() if param.grad is not None else torch.zeros_like(param))
+            m = _input_groups(mask)
+            active = m.sum(1)
+            need = (zeros_wanted - (4 - active)).clamp_min(0)
+            for count in need.unique().tolist():
+                if count <= 0:
+                    continue
+                rows = torch.nonzero(need == count).flatten()
+                score_g = torch.where(m[rows], g[rows].abs(), torch.full_like(g[rows], float("inf")))
+                score_w = w[rows].abs()
+                if selection == "magnitude":
+                    order = torch.argsort(torch.where(m[rows], score_w, torch.full_like(score_w, float("inf"))), dim=1)
+                    drop = order[:, :count]
+                elif selection == "gradient":
+                    drop = torch.argsort(score_g, dim=1)[:, :count]
+                else:
+                    active_count = 4 - zeros_wanted + count  # the same for every row needing `count` more zeros
+                    pool = max(count, int(math.floor(self.cfg.grad_fraction * active_count)))
+                    low = torch.argsort(score_g, dim=1)[:, :pool]
+                    drop = low.gather(1, torch.argsort(score_w.gather(1, low), dim=1)[:, :count])
+                sub = m[rows]
+                sub.scatter_(1, drop, False)
+                m[rows] = sub
+                pruned += int(rows.numel() * count)
+            mask.copy_(m.view(mask.movedim(1, -1).shape).movedim(-1, 1))
+        return pruned
+
+    @torch.no_grad()
+    def _zero_pruned(self, model: nn.Module) -> None:
+        for name, mask in self.masks.items():
+            param = model.get_submodule(name).weight
+            param.mul_(mask)
+            if param.grad is not None:
+                param.grad.mul_(mask)
+
+    def structured_event(self, ctx, step: int, final: bool) -> None:
+        """Channels: the r-fraction with the smallest group gradient norm, then the smallest group magnitude,
+        removed physically until this event's MAC target."""
+        remaining = self.recipe.prune.target.remaining_macs()
+        if remaining is None:
+            raise RecipeError("prune.fggp granularity structured needs a MAC target: prune.target.macs or speedup.")
+        progress = cubic_sparsity(step, self.t0, self.t1, 0.0, 1.0)
+        asked = 1 - (1 - remaining) * progress
+        example = self._example(ctx)
+        snap = sel.snapshot(ctx.model, example, self.recipe.model.ignore, self.recipe.model.num_classes,
+                            build_scorer(ImportanceConfig(kind="magnitude")))
+        excluded = {} if final else self._outside_low_gradient(ctx, snap, example)
+        cons = sel.Constraints(round_to=self.recipe.prune.round_to, max_layer_ratio=self.recipe.prune.max_layer_ratio,
+                               global_ranking=True, excluded=excluded)
+        plan = broadcast_plan(sel.plan_for_macs(snap, asked * self.dense_macs, cons))
+        removed = sel.remove(ctx.model, example, plan)
+        if removed:
+            ctx.rebuild()
+        macs, params = sel.snapshot_macs(ctx.model, example)
+        self.records.append({"event": len(self.records) + 1, "step": step, "asked_macs": asked, "removed": removed,
+                             "achieved_macs": macs / self.dense_macs, "params": params})
+
+    def _outside_low_gradient(self, ctx, snap: sel.Snapshot, example) -> dict[str, set[int]]:
+        """Channels NOT in the r-fraction with the smallest (group-normalised) gradient norm."""
+        slices = sel.structure_slices(ctx.model, example, [c.root for c in snap.candidates], out_only=False)
+        entries = []
+        for cand in snap.candidates:
+            norms = torch.zeros(cand.width, dtype=torch.float64)
+            for sl, roots in slices[cand.root]:
+                if sl.param.grad is None:
+                    continue
+                g = sl.param.grad.detach()
+                sq = g.pow(2).transpose(0, sl.dim).reshape(g.shape[sl.dim], -1).sum(1) if g.ndim > 1 else g.pow(2)
+                norms.scatter_add_(0, torch.as_tensor(roots), sq[torch.as_tensor(sl.idxs)].double().cpu())
+            norms = norms.sqrt() / norms.sqrt().mean().clamp_min(1e-12)
+            entries += [(float(norms[i]), cand.root, i) for i in range(cand.width)]
+        entries.sort()
+        keep = int(math.floor(self.cfg.grad_fraction * len(entries)))
+        outside: dict[str, set[int]] = {}
+        for _, root, i in entries[keep:]:
+            outside.setdefault(root, set()).add(i)
+        return outside
+
+    # ------------------------------------------------------------------------------------------ report
+    def sparsity(self) -> dict[str, Any]:
+        per_layer = {n: 1 - float(m.float().mean()) for n, m in self.masks.items()}
+        total = sum(m.numel() for m in self.masks.values())
+        zeros = sum(int((~m).sum()) for m in self.masks.values())
+        return {"overall": zeros / total if total else 0.0, "per_layer": per_layer}
+
+    def summary(self) -> dict[str, Any]:
+        out = {"method": self.name, "granularity": self.cfg.granularity, "selection": self.cfg.selection,
+               "events": self.records}
+        if not self.structured:
+            out["sparsity"] = self.sparsity()
+            out["note"] = ("unstructured and 2:4 sparsity keep dense tensor shapes: dense runtimes (ONNX Runtime CPU, "
+                           "torch) gain no latency; the zeros pay off in compressed file size and on sparse runtimes "
+                           "(TensorRT sparse tensor cores for 2:4).")
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": {n: m.cpu() for n, m in self.masks.items()}, "done": self.done, "records": self.records,
+                "dense_macs": self.dense_macs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks = dict(state["masks"])
+        self.done, self.records, self.dense_macs = state["done"], state["records"], state["dense_macs"]
