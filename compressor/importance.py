@@ -148,6 +148,31 @@ class Gate(_Accumulating):
         return total / used if used else None
 
 
+@IMPORTANCES.register("saliency")
+class Saliency(Scorer):
+    """OCSP saliency: mean over group members of sum(w^2) / sqrt(fan) per channel (norm layers: gamma^2).
+
+    Dividing by sqrt(fan) makes scores of layers with different fan-in comparable, so they rank globally raw.
+    """
+
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        width = len(group[0].idxs)
+        total, used = torch.zeros(width), 0
+        with torch.no_grad():
+            for item in group:
+                module = item.dep.target.module
+                pairs = [(sl, roots) for sl, roots in
+                         channel_slices(module, item.dep.handler, item.idxs, item.root_idxs, out_only=False)
+                         if not (isinstance(module, NORM_TYPES) and sl.param is not module.weight)]  # BN: gamma only
+                for sl, roots in pairs:
+                    rows = sl.param.detach().index_select(sl.dim, torch.as_tensor(sl.idxs)).transpose(0, sl.dim)
+                    rows = rows.reshape(len(sl.idxs), -1)
+                    per_row = rows.pow(2).sum(1) / (rows.shape[1] ** 0.5 if rows.shape[1] > 1 else 1.0)
+                    total.scatter_add_(0, torch.as_tensor(roots), per_row.float().cpu())
+                used += bool(pairs)
+        return total / used if used else None
+
+
 def build_scorer(cfg: ImportanceConfig) -> Scorer:
     return IMPORTANCES.get(cfg.kind)(cfg)
 

@@ -93,7 +93,7 @@ class DataConfig(Strict):
 
 
 # ---------------------------------------------------------------------------------------------- pruning
-ImportanceKind = Literal["magnitude", "taylor", "bn-scale", "gate", "random"]
+ImportanceKind = Literal["magnitude", "taylor", "bn-scale", "gate", "random", "saliency"]
 
 
 class ImportanceConfig(Strict):

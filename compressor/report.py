@@ -7,7 +7,7 @@ from typing import Any
 from . import rundir
 
 PLOTS = {"widths": "plot_widths.png", "training": "plot_training.png", "latency": "plot_latency.png",
-         "decay": "plot_decay.png"}
+         "decay": "plot_decay.png", "stability": "plot_stability.png"}
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -53,7 +53,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     asked = f"{t['asked_macs_ratio']:.3f}" if t.get("asked_macs_ratio") is not None else "n/a (channel target)"
     lines += [f"MAC target: asked {asked} of dense, achieved {t['achieved_macs_ratio']:.3f} "
               f"(MAC speedup x{t['achieved_mac_speedup']:.2f}). ONNX Runtime top-1 of the exported model: {onnx_top1}.", ""]
-    lines += _sparsity_section(r) + _latency_section(r) + _parity_section(r) + _events_section(r) + _widths_section(r) + _training_section(r)
+    lines += _sparsity_section(r) + _stability_section(r) + _latency_section(r) + _parity_section(r) + _events_section(r) + _widths_section(r) + _training_section(r)
     if r.get("gates"):
         lines += ["## Gates", ""]
         lines += _table(["gate", "value", "limit", "passed"],
@@ -76,6 +76,21 @@ def _sparsity_section(r: dict[str, Any]) -> list[str]:
     lines = ["## Sparsity", "", f"Overall sparsity of the pruned layers: **{sparsity['overall']:.3f}** "
              f"({method.get('granularity')}, selection {method.get('selection')}). {method.get('note', '')}", ""]
     return lines + _table(["layer", "sparsity"], [[n, f"{v:.3f}"] for n, v in sparsity["per_layer"].items()])
+
+
+def _stability_section(r: dict[str, Any]) -> list[str]:
+    method = r.get("method") or {}
+    curve = method.get("stability")
+    if curve is None:
+        return []
+    saved = method.get("time_saved_s")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = ["## One-cycle structure search (OCSP)", "",
+             f"Regularisation started after epoch {method.get('reg_started') or '-'}; pruned after epoch "
+             f"{method.get('pruned_at')}. Training time saved versus training dense for the whole run (from the "
+             f"measured epoch times): {'-' if saved is None else f'{saved:.0f} s'}.", ""]
+    return lines + _table(["epoch", "stability (raw)", "stability (smoothed)", "reg"],
+                          [[h["epoch"], fmt(h["raw"]), fmt(h["smoothed"]), f"{h['reg']:g}"] for h in curve])
 
 
 def _latency_section(r: dict[str, Any]) -> list[str]:
@@ -143,7 +158,7 @@ def write_plots(r: dict[str, Any], out: Path) -> dict[str, str]:
 
     written = {}
     for name, draw in (("widths", _plot_widths), ("training", _plot_training), ("latency", _plot_latency),
-                       ("decay", _plot_decay)):
+                       ("decay", _plot_decay), ("stability", _plot_stability)):
         fig = draw(plt, r)
         if fig is None:
             continue
@@ -203,6 +218,28 @@ def _plot_latency(plt, r):
         ax.set_title(f"{row['backend']} batch {row['batch_size']}\nx{row['speedup']:.2f}", fontsize=9)
         ax.set_ylabel("ms")
     fig.suptitle("Latency distributions (interleaved runs)")
+    return fig
+
+
+def _plot_stability(plt, r):
+    method = r.get("method") or {}
+    curve = method.get("stability") or []
+    if not curve:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("raw", "o:"), ("smoothed", "s-")):
+        points = [(h["epoch"], h[key]) for h in curve if h[key] is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=f"stability ({key})")
+    ax.axhline(method.get("ocsp", {}).get("threshold", 0.999), color="grey", ls="--", lw=1, label="threshold")
+    if method.get("reg_started"):
+        ax.axvline(method["reg_started"], color="#e67e22", ls=":", label="regularisation starts")
+    if method.get("pruned_at"):
+        ax.axvline(method["pruned_at"], color="#e74c3c", ls="-", lw=1, label="pruned")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean Jaccard of kept channels")
+    ax.set_title("OCSP stability indicator")
+    ax.legend(fontsize=8)
     return fig
 
 

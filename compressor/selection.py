@@ -31,7 +31,7 @@ class Candidate:
 
     root: str
     width: int
-    scores: torch.Tensor  # normalised (mean 1) per-channel importance
+    scores: torch.Tensor  # per-channel importance (normalised to mean 1 unless snapshot(normalize=False))
     members: list[tuple[str, str, list[int]]]  # (layer, "out"|"in", root index of each member index)
 
 
@@ -89,8 +89,12 @@ def _dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
 
 
 def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str], num_classes: int,
-             scorer: Scorer) -> Snapshot:
-    """Trace the current model, score every prunable group and record per-layer MAC costs."""
+             scorer: Scorer, *, normalize: bool = True) -> Snapshot:
+    """Trace the current model, score every prunable group and record per-layer MAC costs.
+
+    With normalize (the default) each group's scores are divided by their mean, so global ranking compares
+    channels within their group's scale; scorers that are already comparable across layers pass False.
+    """
     was_training = model.training
     model.eval()
     with warnings.catch_warnings():
@@ -108,7 +112,8 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
         if scores is None:
             continue
         scores = scores.detach().float().cpu()
-        scores = scores / scores.mean().clamp_min(1e-12)
+        if normalize:
+            scores = scores / scores.mean().clamp_min(1e-12)
         members = []
         for item in group:
             name = names.get(item.dep.target.module)
@@ -270,3 +275,35 @@ def structure_slices(model: nn.Module, example: torch.Tensor, roots: list[str], 
                         channel_slices(item.dep.target.module, item.dep.handler, list(item.idxs), item.root_idxs,
                                        out_only=out_only)]
     return result
+
+
+def channel_norms(pairs, *, grad: bool = False) -> torch.Tensor:
+    """Joint L2 norm of each channel's rows over a group's (Slice, root_idxs) pairs (of .grad when grad=True)."""
+    width = max(max(r) for _, r in pairs) + 1
+    total = torch.zeros(width, dtype=torch.float64)
+    with torch.no_grad():
+        for sl, roots in pairs:
+            p = sl.param.grad if grad else sl.param
+            if p is None:
+                continue
+            p = p.detach()
+            sq = p.pow(2).transpose(0, sl.dim).reshape(p.shape[sl.dim], -1).sum(1) if p.ndim > 1 else p.pow(2)
+            total.scatter_add_(0, torch.as_tensor(roots), sq[torch.as_tensor(sl.idxs)].double().cpu())
+    return total.sqrt()
+
+
+@torch.no_grad()
+def scale_channels(pairs, factors: dict[int, float]) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """Multiply the rows of the given channels (root index -> factor) in place; returns (param, dim, rows) touched."""
+    touched = []
+    for sl, roots in pairs:
+        rows = [(m, factors[r]) for m, r in zip(sl.idxs, roots) if r in factors]
+        if not rows:
+            continue
+        index = torch.as_tensor([m for m, _ in rows], device=sl.param.device)
+        shape = [1] * sl.param.ndim
+        shape[sl.dim] = -1
+        f = torch.as_tensor([v for _, v in rows], dtype=sl.param.dtype, device=sl.param.device).view(shape)
+        sl.param.index_copy_(sl.dim, index, sl.param.index_select(sl.dim, index) * f)
+        touched.append((sl.param, sl.dim, index))
+    return touched

@@ -8,6 +8,6 @@ from .base import PruningMethod
 METHODS: Registry = Registry("pruning method", RecipeError)
 METHODS.register("none")(PruningMethod)
 
-from . import dpm, fggp, hosts  # noqa: E402,F401  (registers oneshot, iterative, dpm, fggp)
+from . import dpm, fggp, hosts, ocsp  # noqa: E402,F401  (registers oneshot, iterative, dpm, fggp, ocsp)
 
 __all__ = ["METHODS", "PruningMethod"]

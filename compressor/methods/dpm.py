@@ -220,32 +220,16 @@ class DPM(EventMethod):
 
     def group_norms(self, root: str) -> torch.Tensor:
         """||x_s|| of every channel of the group (joint norm over its slices)."""
-        pairs = self._slices[root]
-        width = max(max(r) for _, r in pairs) + 1
-        total = torch.zeros(width, dtype=torch.float64)
-        with torch.no_grad():
-            for sl, roots in pairs:
-                p = sl.param.detach()
-                sq = p.pow(2).transpose(0, sl.dim).reshape(p.shape[sl.dim], -1).sum(1) if p.ndim > 1 else p.pow(2)
-                total.scatter_add_(0, torch.as_tensor(roots), sq[torch.as_tensor(sl.idxs)].double().cpu())
-        return total.sqrt()
+        return sel.channel_norms(self._slices[root])
 
     @torch.no_grad()
     def scale(self, ctx, root: str, factors: dict[int, float]) -> None:
         """Multiply channels' slices by per-channel factors (and their momentum, with momentum: reset -> 0)."""
-        for sl, roots in self._slices[root]:
-            rows = [(m, factors[r]) for m, r in zip(sl.idxs, roots) if r in factors]
-            if not rows:
-                continue
-            index = torch.as_tensor([m for m, _ in rows], device=sl.param.device)
-            shape = [1] * sl.param.ndim
-            shape[sl.dim] = -1
-            f = torch.as_tensor([v for _, v in rows], dtype=sl.param.dtype, device=sl.param.device).view(shape)
-            sl.param.index_copy_(sl.dim, index, sl.param.index_select(sl.dim, index) * f)
+        for param, dim, index in sel.scale_channels(self._slices[root], factors):
             if self.dpm.momentum == "reset":
-                buf = ctx.optimizer.state.get(sl.param, {}).get("momentum_buffer")
+                buf = ctx.optimizer.state.get(param, {}).get("momentum_buffer")
                 if buf is not None:
-                    buf.index_fill_(sl.dim, index, 0.0)
+                    buf.index_fill_(dim, index, 0.0)
 
     # ------------------------------------------------------------------------------------------ report
     def _trace(self, s: Structure, step: int, before: float, after: float) -> None:

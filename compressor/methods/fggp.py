@@ -260,14 +260,8 @@ class FGGP(PruningMethod):
         slices = sel.structure_slices(ctx.model, example, [c.root for c in snap.candidates], out_only=False)
         entries = []
         for cand in snap.candidates:
-            norms = torch.zeros(cand.width, dtype=torch.float64)
-            for sl, roots in slices[cand.root]:
-                if sl.param.grad is None:
-                    continue
-                g = sl.param.grad.detach()
-                sq = g.pow(2).transpose(0, sl.dim).reshape(g.shape[sl.dim], -1).sum(1) if g.ndim > 1 else g.pow(2)
-                norms.scatter_add_(0, torch.as_tensor(roots), sq[torch.as_tensor(sl.idxs)].double().cpu())
-            norms = norms.sqrt() / norms.sqrt().mean().clamp_min(1e-12)
+            norms = sel.channel_norms(slices[cand.root], grad=True)
+            norms = norms / norms.mean().clamp_min(1e-12)
             entries += [(float(norms[i]), cand.root, i) for i in range(cand.width)]
         entries.sort()
         keep = int(math.floor(self.cfg.grad_fraction * len(entries)))

@@ -1,0 +1,172 @@
+"""OCSP: one-cycle structured pruning with a stability-driven structure search (Ghimire et al., arXiv 2501.13439).
+Spec: DESIGN.md 6.4.
+
+One training run (from scratch or from a checkpoint): each epoch the candidate sub-network for the MAC target is
+recomputed (saliency = mean over group members of sum(w^2)/sqrt(fan), BN gamma^2, optionally weighted by
+1 - softmax of the per-channel MAC cost of each group; global ranking with a per-layer keep floor; bisection to
+the target). The stability indicator is the mean over groups of the Jaccard similarity of the kept channels at
+epoch t and t - lag, smoothed over `window` epochs. Once it plateaus (or at `reg_start`) the channels selected for
+removal shrink by (1 - reg * lr) after every step, reg growing by reg_delta every reg_interval epochs. When the
+smoothed indicator passes `threshold` (or at `latest_prune_epoch`) the candidate is removed physically, the
+optimizer rebuilt, and training continues on the same LR schedule.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .. import selection as sel
+from ..errors import RecipeError
+from ..importance import build_scorer
+from ..models import example_inputs
+from ..progress import info
+from ..recipe import ImportanceConfig, Recipe
+from . import METHODS
+from .base import PruningMethod
+from .hosts import broadcast_plan
+
+
+def jaccard(a: set[int], b: set[int]) -> float:
+    """|A ∩ B| / |A ∪ B| (1.0 for two empty sets)."""
+    union = a | b
+    return len(a & b) / len(union) if union else 1.0
+
+
+def stability(kept_now: dict[str, set[int]], kept_before: dict[str, set[int]]) -> float:
+    """Mean over groups of the Jaccard similarity of the kept channel sets."""
+    roots = sorted(set(kept_now) | set(kept_before))
+    return sum(jaccard(kept_now.get(r, set()), kept_before.get(r, set())) for r in roots) / max(len(roots), 1)
+
+
+def cost_weights(snap: sel.Snapshot) -> dict[str, float]:
+    """1 - softmax over groups of the MACs one channel of each group costs (costs scaled to [0, 1])."""
+    costs = torch.tensor([snap.total_macs - snap.macs_after({c.root: [0]}) for c in snap.candidates], dtype=torch.float64)
+    soft = torch.softmax(costs / costs.max().clamp_min(1e-12), dim=0)
+    return {c.root: float(1 - w) for c, w in zip(snap.candidates, soft)}
+
+
+@METHODS.register("ocsp")
+class OCSP(PruningMethod):
+    name = "ocsp"
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.cfg = recipe.prune.ocsp
+        if recipe.prune.target.remaining_macs() is None:
+            raise RecipeError("method ocsp needs a MAC target: prune.target.macs or prune.target.speedup.")
+        self.scorer = build_scorer(ImportanceConfig(kind="saliency"))
+        self.history: list[dict[str, Any]] = []  # per epoch: kept sets, raw and smoothed stability, reg
+        self.plan: Optional[sel.Plan] = None
+        self.reg = 0.0
+        self.reg_started: Optional[int] = None
+        self.pruned_at: Optional[int] = None
+        self.dense_macs: Optional[float] = None
+        self.result: dict[str, Any] = {}
+        self._slices: dict[str, list] = {}
+
+    # ------------------------------------------------------------------------------------------ search
+    def candidate(self, ctx) -> tuple[sel.Plan, sel.Snapshot]:
+        """The channels to remove for the target on the current weights (deterministic for a fixed state)."""
+        example = example_inputs(self.recipe.model).to(ctx.device)
+        snap = sel.snapshot(ctx.model, example, self.recipe.model.ignore, self.recipe.model.num_classes, self.scorer,
+                            normalize=False)
+        if self.dense_macs is None:
+            self.dense_macs = snap.total_macs
+        if self.cfg.cost_weighting:
+            weights = cost_weights(snap)
+            for cand in snap.candidates:
+                cand.scores = cand.scores * weights[cand.root]
+        cons = sel.Constraints(round_to=self.recipe.prune.round_to, max_layer_ratio=1 - self.cfg.keep_floor,
+                               global_ranking=True)
+        target = self.recipe.prune.target.remaining_macs() * self.dense_macs
+        return broadcast_plan(sel.plan_for_macs(snap, target, cons)), snap
+
+    @staticmethod
+    def kept_sets(plan: sel.Plan, snap: sel.Snapshot) -> dict[str, set[int]]:
+        return {c.root: set(range(c.width)) - set(plan.get(c.root, ())) for c in snap.candidates}
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def on_train_start(self, ctx) -> None:
+        if self.pruned_at is None and self.plan is None and self.history:
+            self.plan, _ = self.candidate(ctx)  # resumed mid-search: the selection of the last epoch again
+
+    def after_step(self, ctx) -> None:
+        if self.pruned_at is not None or self.reg <= 0 or not self.plan:
+            return
+        factor = 1 - self.reg * ctx.optimizer.param_groups[0]["lr"]
+        if not self._slices:
+            self._slices = sel.structure_slices(ctx.model, example_inputs(self.recipe.model).to(ctx.device),
+                                                list(self.plan), out_only=True)
+        for root, idxs in self.plan.items():
+            sel.scale_channels(self._slices[root], {i: factor for i in idxs})
+
+    def on_epoch_end(self, ctx) -> None:
+        if self.pruned_at is not None:
+            return
+        epoch = ctx.epoch + 1  # epochs completed
+        self.plan, snap = self.candidate(ctx)
+        self._slices = {}
+        kept = self.kept_sets(self.plan, snap)
+        raw = stability(kept, self.history[-self.cfg.lag]["kept"]) if len(self.history) >= self.cfg.lag else None
+        raws = [h["raw"] for h in self.history if h["raw"] is not None] + ([raw] if raw is not None else [])
+        smoothed = sum(raws[-self.cfg.window:]) / len(raws[-self.cfg.window:]) if len(raws) >= self.cfg.window else None
+        self.history.append({"epoch": epoch, "kept": kept, "raw": raw, "smoothed": smoothed, "reg": self.reg})
+        self._update_regulariser(epoch)
+        if (smoothed is not None and smoothed >= self.cfg.threshold) or \
+                (self.cfg.latest_prune_epoch is not None and epoch >= self.cfg.latest_prune_epoch):
+            self.prune(ctx, epoch, forced=smoothed is None or smoothed < self.cfg.threshold)
+
+    def _update_regulariser(self, epoch: int) -> None:
+        smoothed = [h["smoothed"] for h in self.history if h["smoothed"] is not None]
+        if self.reg_started is None:
+            start = self.cfg.reg_start
+            plateau = (len(smoothed) > self.cfg.plateau_epochs and
+                       abs(smoothed[-1] - smoothed[-1 - self.cfg.plateau_epochs]) <= self.cfg.plateau_tol)
+            if (start == "auto" and plateau) or (start != "auto" and epoch >= int(start)):
+                self.reg_started, self.reg = epoch, self.cfg.reg_init
+                info(f"OCSP: regularisation starts after epoch {epoch} (reg {self.reg:g})")
+        elif (epoch - self.reg_started) % self.cfg.reg_interval == 0:
+            self.reg += self.cfg.reg_delta
+
+    def prune(self, ctx, epoch: int, forced: bool = False) -> None:
+        example = example_inputs(self.recipe.model).to(ctx.device)
+        removed = sel.remove(ctx.model, example, self.plan)
+        ctx.rebuild()
+        self.pruned_at = epoch
+        macs, params = sel.snapshot_macs(ctx.model, example)
+        self.result = {"epoch": epoch, "removed": removed, "achieved_macs": macs / self.dense_macs, "params": params,
+                       "forced": forced}
+        info(f"OCSP: pruned after epoch {epoch}{' (latest_prune_epoch)' if forced else ' (stable)'}: {removed} "
+             f"channels removed, MACs {macs / self.dense_macs:.3f} of dense")
+
+    def finalize(self, ctx) -> None:
+        if self.pruned_at is None:  # never stable within training: prune the last candidate so the target holds
+            self.plan = self.plan or self.candidate(ctx)[0]
+            self.prune(ctx, ctx.epoch, forced=True)
+        self.result["time_saved_s"] = self._time_saved(ctx.history)
+
+    def _time_saved(self, history: list[dict[str, Any]]) -> Optional[float]:
+        """Training time saved versus training dense for the whole run (estimate from measured epoch times)."""
+        before = [h["seconds"] for h in history if h["epoch"] <= (self.pruned_at or 0)]
+        after = [h["seconds"] for h in history if h["epoch"] > (self.pruned_at or 0)]
+        if not before or not after:
+            return None
+        return len(after) * (sum(before) / len(before)) - sum(after)
+
+    # ------------------------------------------------------------------------------------------ report
+    def summary(self) -> dict[str, Any]:
+        curve = [{k: h[k] for k in ("epoch", "raw", "smoothed", "reg")} for h in self.history]
+        events = [{"event": 1, **{k: v for k, v in self.result.items() if k != "time_saved_s"}}] if self.result else []
+        return {"method": self.name, "stability": curve, "reg_started": self.reg_started, "pruned_at": self.pruned_at,
+                "events": events, "time_saved_s": self.result.get("time_saved_s"), "ocsp": self.cfg.model_dump()}
+
+    def state_dict(self) -> dict[str, Any]:
+        history = [{**h, "kept": {r: sorted(v) for r, v in h["kept"].items()}} for h in self.history]
+        return {"history": history, "reg": self.reg, "reg_started": self.reg_started, "pruned_at": self.pruned_at,
+                "dense_macs": self.dense_macs, "result": self.result}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [{**h, "kept": {r: set(v) for r, v in h["kept"].items()}} for h in state["history"]]
+        self.reg, self.reg_started, self.pruned_at = state["reg"], state["reg_started"], state["pruned_at"]
+        self.dense_macs, self.result = state["dense_macs"], state["result"]
