@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import BackendUnavailable, UsageError
 from .onnx_runtime import create_session, require_provider
+from .tensorrt_runtime import nvidia_gpus, require_tensorrt
 from .progress import Tracker, track
 from .registry import Registry
 
@@ -55,6 +56,8 @@ class RunnerOptions:
     threads: Optional[int] = None
     input_shape: Optional[tuple[int, ...]] = None
     trust_checkpoint: bool = False
+    fp16: bool = False  # ort-trt: let the TensorRT provider use FP16 kernels
+    cache_dir: Optional[Path] = None  # ort-trt: engine cache folder (reused across runs)
 
 
 BACKENDS: Registry[Callable[[Any, RunnerOptions], Runner]] = Registry("backend")
@@ -100,7 +103,8 @@ class OrtRunner(Runner):
             raise UsageError(f"backend {backend} runs .onnx files, not {path.name!r}; "
                              "use --backend torch for PyTorch models.")
         self.name, self.input_shape = backend, options.input_shape
-        self.session = create_session(path, backend, threads=options.threads)
+        self.session = create_session(path, backend, threads=options.threads, fp16=options.fp16,
+                                      cache_dir=options.cache_dir)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise UsageError(f"{path.name!r} has {len(inputs)} inputs; bench feeds models with exactly one input.")
@@ -124,45 +128,36 @@ for _backend in ("ort-cpu", "ort-cuda", "ort-trt"):
     BACKENDS.register(_backend)(functools.partial(OrtRunner, _backend))
 
 
-def _nvidia_gpus() -> Optional[list[dict[str, str]]]:
-    """Name and driver of each NVIDIA GPU per nvidia-smi, or None without nvidia-smi or a working driver."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        done = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    rows = [line.rsplit(",", 1) for line in done.stdout.splitlines() if "," in line]
-    gpus = [{"name": name.strip(), "driver": driver.strip()} for name, driver in rows]
-    return gpus if done.returncode == 0 and gpus else None
-
-
-def require_tensorrt() -> None:
-    """BackendUnavailable naming what is missing unless the tensorrt package and an NVIDIA GPU are present."""
-    missing = []
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        missing.append("the tensorrt Python package")
-    if _nvidia_gpus() is None:
-        missing.append("an NVIDIA GPU (nvidia-smi found none)")
-    if missing:
-        raise BackendUnavailable(f"backend tensorrt needs {' and '.join(missing)}.",
-                                 hint="Install the gpu extra (onnxruntime-gpu, tensorrt) on a machine with an NVIDIA GPU.")
-
-
 @BACKENDS.register("tensorrt")
 class TensorRTRunner(Runner):
-    """Native TensorRT engine (.engine/.plan, or built from an .onnx); needs tensorrt and an NVIDIA GPU."""
+    """A native TensorRT engine (.engine/.plan): host latency per run (H2D + compute + D2H, like trtexec's
+    latency), with the GPU compute time of each run in `gpu_ms`. No torch import."""
 
     name = "tensorrt"
 
     def __init__(self, model: Any, options: RunnerOptions) -> None:
-        require_tensorrt()
-        raise BackendUnavailable("the native TensorRT runner is not part of this build yet.",
-                                 hint="Use --backend ort-trt (ONNX Runtime's TensorRT provider) meanwhile.")
+        from .tensorrt_runtime import TrtEngine
+
+        require_tensorrt()  # a missing runtime or GPU is the first thing to report (exit 3)
+        path = _model_path(model)
+        if path.suffix not in ENGINE_SUFFIXES:
+            raise UsageError(f"backend tensorrt runs serialized engines (.engine, .plan), not {path.name!r}; build one "
+                             "with `compressor export MODEL --format tensorrt`, or use --backend ort-trt for .onnx.")
+        self.engine = TrtEngine(path)
+        self.input_shape = options.input_shape
+        self.gpu_ms = self.engine.gpu_ms
+
+    def prepare(self, batch_size: int) -> None:
+        sample = self.input_shape or tuple(self.engine.input_shape()[1:])
+        if any(int(d) <= 0 for d in sample):
+            raise UsageError("the engine's input has dynamic dims besides the batch; give --input-shape C,H,W.")
+        self.engine.prepare(random_input([batch_size, *sample]))
+
+    def run_once(self) -> None:
+        self.engine.run()
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 @BACKENDS.register("torch")
@@ -235,10 +230,18 @@ def check_backend(backend: str) -> None:
 
 
 def make_runner(backend: str, model: Any, threads: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
-                *, trust_checkpoint: bool = False) -> Runner:
+                *, trust_checkpoint: bool = False, fp16: bool = False, cache_dir: Optional[Path] = None) -> Runner:
     """A runner for `model` (a path, or an nn.Module for the torch backend) on `backend`."""
     shape = None if input_shape is None else tuple(int(d) for d in input_shape)
-    return BACKENDS.get(backend)(model, RunnerOptions(threads, shape, trust_checkpoint))
+    return BACKENDS.get(backend)(model, RunnerOptions(threads, shape, trust_checkpoint, fp16, cache_dir))
+
+
+def gpu_compute(runner: Runner, runs: int, batch: int) -> Optional[dict[str, Any]]:
+    """GPU compute time statistics of the last `runs` runs, for runners that time the GPU (tensorrt)."""
+    gpu_ms = getattr(runner, "gpu_ms", None)
+    if not gpu_ms:
+        return None
+    return measurement([t / 1e3 for t in gpu_ms[-runs:]], batch)["latency"]
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -343,7 +346,7 @@ def environment(threads: Optional[int] = None) -> dict[str, Any]:
     except ImportError:
         ort_version, providers = None, []
     torch = sys.modules.get("torch")
-    gpus = _nvidia_gpus()
+    gpus = nvidia_gpus() or None
     return {
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "system": platform.system(),
         "platform": platform.platform(), "python_version": platform.python_version(),
@@ -391,16 +394,22 @@ def _bench_backend(backend: str, model: Any, baseline: Any, settings: dict[str, 
     try:
         for artifact in (model, baseline) if baseline is not None else (model,):
             runners.append(make_runner(backend, artifact, settings["threads"], settings["input_shape"],
-                                       trust_checkpoint=settings["trust_checkpoint"]))
+                                       trust_checkpoint=settings["trust_checkpoint"], fp16=settings["fp16"],
+                                       cache_dir=settings["cache_dir"]))
         for batch in settings["batch_sizes"]:
             result: dict[str, Any] = {"backend": backend, "batch_size": batch}
             if len(runners) == 1:
-                result["model"] = measurement(measure(runners[0], batch, **timing), batch)
+                times_model = measure(runners[0], batch, **timing)
+                result["model"] = measurement(times_model, batch)
             else:  # the baseline is A, the model B: A B A B ...
                 times_base, times_model = measure_interleaved(runners[1], runners[0], batch, **timing)
                 result["model"] = measurement(times_model, batch)
                 result["baseline"] = measurement(times_base, batch)
                 result["speedup"] = float(np.median(times_base) / np.median(times_model))
+                if gpu_compute(runners[1], len(times_base), batch):
+                    result["baseline"]["gpu_compute"] = gpu_compute(runners[1], len(times_base), batch)
+            if gpu_compute(runners[0], len(times_model), batch):
+                result["model"]["gpu_compute"] = gpu_compute(runners[0], len(times_model), batch)
             results.append(result)
             tracker.advance()
     finally:
@@ -411,14 +420,16 @@ def _bench_backend(backend: str, model: Any, baseline: Any, settings: dict[str, 
 
 def run_benchmark(model_path: str | Path, *, baseline: str | Path | None = None, backends: list[str],
                   batch_sizes: list[int], warmup_ms: float, min_runs: int, min_seconds: float, threads: Optional[int],
-                  input_shape: Optional[list[int]] = None, trust_checkpoint: bool = False) -> dict[str, Any]:
+                  input_shape: Optional[list[int]] = None, trust_checkpoint: bool = False, fp16: bool = False,
+                  cache_dir: Optional[Path] = None) -> dict[str, Any]:
     """Latency of a model (and of its baseline, interleaved) per backend and batch size, as a JSON-able report."""
     _check_settings(backends, batch_sizes, warmup_ms, min_runs, min_seconds)
     settings = {"model": str(model_path), "baseline": None if baseline is None else str(baseline),
                 "backends": list(backends), "batch_sizes": list(batch_sizes), "warmup_ms": warmup_ms,
                 "min_runs": min_runs, "min_seconds": min_seconds, "threads": threads,
                 "input_shape": None if input_shape is None else list(input_shape), "seed": SEED,
-                "interleaved": baseline is not None, "trust_checkpoint": trust_checkpoint}
+                "interleaved": baseline is not None, "trust_checkpoint": trust_checkpoint, "fp16": fp16,
+                "cache_dir": None if cache_dir is None else str(cache_dir)}
     results: list[dict] = []
     with track("benchmark", total=len(backends) * len(batch_sizes)) as tracker:
         for backend in backends:

@@ -134,20 +134,36 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="Checkpoint (.pt/.safeten
 # ---------------------------------------------------------------------------------------------- inspect
 @app.command("inspect")
 @handles_errors
-def inspect_cmd(checkpoint: Annotated[str, typer.Argument(help="Checkpoint file or model reference (zoo:resnet20).")],
+def inspect_cmd(checkpoint: Annotated[Optional[str], typer.Argument(help="Checkpoint file or model reference (zoo:resnet20).")] = None,
                 recipe: RecipeOpt = None, overrides: SetOpt = None, trust_checkpoint: TrustOpt = False,
+                onnx_file: Annotated[Optional[Path], typer.Option("--onnx", help="Check an exported ONNX against the ops the TensorRT 10 parser supports.")] = None,
                 json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the inspection as JSON.")] = None,
                 layers: Annotated[bool, typer.Option("--layers/--no-layers", help="Show the per-layer table.")] = True) -> None:
-    """Preflight: per-layer MACs/params, prunable dependency groups, ignored and unprunable layers."""
-    from .inspection import inspect_checkpoint, render_inspection
+    """Preflight: per-layer MACs/params, prunable dependency groups, ignored and unprunable layers; --onnx adds
+    the TensorRT compatibility of an exported model (runs anywhere, no GPU needed)."""
+    if checkpoint is None and onnx_file is None:
+        raise UsageError("give a CHECKPOINT to inspect, --onnx FILE, or both.")
+    result: dict = {}
+    if checkpoint is not None:
+        from .inspection import inspect_checkpoint, render_inspection
 
-    r = _load_recipe(recipe, overrides, required=False)
-    report = inspect_checkpoint(checkpoint, r, trust_checkpoint=trust_checkpoint)
-    render_inspection(report, out, show_layers=layers)
+        r = _load_recipe(recipe, overrides, required=False)
+        report = inspect_checkpoint(checkpoint, r, trust_checkpoint=trust_checkpoint)
+        render_inspection(report, out, show_layers=layers)
+        result = report.to_dict()
+    if onnx_file is not None:
+        from .inspection import render_compatibility
+        from .trt_compat import check_onnx
+
+        if not onnx_file.is_file():
+            raise UsageError(f"--onnx {onnx_file}: no such file.")
+        compat = check_onnx(onnx_file)
+        render_compatibility(compat, out)
+        result["tensorrt_compatibility"] = compat.to_dict()
     if json_out is not None:
         from .rundir import write_json
 
-        write_json(json_out, report.to_dict())
+        write_json(json_out, result)
 
 
 # ---------------------------------------------------------------------------------------------- compress
@@ -186,16 +202,28 @@ def export_cmd(model: Annotated[str, typer.Argument(help="Checkpoint, slim model
                fmt: Annotated[str, typer.Option("--format", help="onnx or tensorrt.")] = "onnx",
                out_file: Annotated[Optional[Path], typer.Option("--out", help="Output file (default next to MODEL).")] = None,
                opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default from the recipe).")] = None,
+               fp16: Annotated[Optional[bool], typer.Option("--fp16/--no-fp16", help="TensorRT: allow FP16 kernels (default from the recipe).")] = None,
+               int8_calib: Annotated[Optional[int], typer.Option("--int8-calib", min=0, help="TensorRT: INT8 with an entropy calibrator over N training samples.")] = None,
+               sparse: Annotated[Optional[bool], typer.Option("--sparse/--no-sparse", help="TensorRT: SPARSE_WEIGHTS for 2:4-sparse models.")] = None,
+               batch: Annotated[Optional[str], typer.Option("--batch", help="TensorRT: batch sizes the optimisation profile covers, e.g. 1,8,32.")] = None,
                trust_checkpoint: TrustOpt = False) -> None:
-    """Export a model to ONNX (verified against PyTorch on the recipe's validation samples)."""
+    """Export to ONNX (verified against PyTorch on the recipe's validation samples) or a TensorRT engine."""
+    from .bench import parse_ints
     from .export import export_model
 
     r = _load_recipe(recipe, overrides, required=False)
-    result = export_model(model, r, fmt=fmt, out=out_file, opset=opset, trust_checkpoint=trust_checkpoint)
+    trt_options = {"fp16": fp16, "int8_calib": int8_calib, "sparse": sparse,
+                   "batch_sizes": parse_ints(batch, "--batch") if batch else None}
+    result = export_model(model, r, fmt=fmt, out=out_file, opset=opset, trust_checkpoint=trust_checkpoint,
+                          trt_options=trt_options)
     parity = result.get("parity", {})
     out.print(f"wrote {result['path']} ({result['bytes'] / 1024:.1f} KiB, opset {result['opset']}); parity max abs diff "
               f"{parity.get('max_abs_diff', float('nan')):.2e} on {parity.get('samples', 0)} samples "
               f"({parity.get('source', '')})")
+    if "tensorrt" in result:
+        engine = result["tensorrt"]
+        out.print(f"wrote {engine['path']} ({engine['settings']['precision']}); parity max abs diff "
+                  f"{engine['parity']['max_abs_diff']:.2e} (atol {engine['parity']['atol']})")
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -211,6 +239,8 @@ def bench_cmd(model: Annotated[str, typer.Argument(help="model.onnx (ort-*), .en
               threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Intra-op CPU threads (default: the runtime's).")] = None,
               input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="One sample's shape, e.g. 3,224,224 (torch; ONNX with dynamic sizes).")] = None,
               trust_checkpoint: TrustOpt = False,
+              fp16: Annotated[bool, typer.Option("--fp16", help="ort-trt: allow FP16 kernels in the TensorRT provider.")] = False,
+              trt_cache: Annotated[Optional[Path], typer.Option("--trt-cache", help="ort-trt: engine cache folder.")] = None,
               json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report (raw timings, environment) as JSON.")] = None) -> None:
     """Latency percentiles and throughput per backend and batch size; with --baseline, an interleaved A/B speedup."""
     from .bench import default_backend, parse_ints, render_report, run_benchmark
@@ -219,7 +249,7 @@ def bench_cmd(model: Annotated[str, typer.Argument(help="model.onnx (ort-*), .en
     report = run_benchmark(model, baseline=baseline, backends=backends, batch_sizes=parse_ints(batch, "--batch"),
                            warmup_ms=warmup_ms, min_runs=min_runs, min_seconds=min_seconds, threads=threads,
                            input_shape=parse_ints(input_shape, "--input-shape") if input_shape else None,
-                           trust_checkpoint=trust_checkpoint)
+                           trust_checkpoint=trust_checkpoint, fp16=fp16, cache_dir=trt_cache)
     render_report(report, out)
     if json_out is not None:
         from .rundir import write_json

@@ -84,7 +84,7 @@ def onnx_ops(path: str | Path) -> list[tuple[str, str, str]]:
 
 
 def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None = None, opset: int | None = None,
-                 trust_checkpoint: bool = False) -> dict[str, Any]:
+                 trust_checkpoint: bool = False, trt_options: dict | None = None) -> dict[str, Any]:
     """`compressor export`: load a checkpoint or slim model, export it and verify the export.
 
     Parity uses the recipe's validation samples when a recipe is given, else seeded random inputs (said so).
@@ -106,6 +106,8 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
 
             raise BackendUnavailable(f"--format tensorrt needs TensorRT and an NVIDIA GPU, but {why}.",
                                      hint="Export to ONNX here and build the engine on the target device.")
+        if recipe is None:
+            raise UsageError("--format tensorrt needs --recipe (input shape, batch sizes and calibration data).")
     model_cfg = recipe.model if recipe is not None else read_model_config(model_ref) or ModelConfig()
     model = load_model(model_ref, model_cfg, trust_checkpoint=trust_checkpoint).cpu().eval()
     onnx_cfg = recipe.export.onnx if recipe is not None else OnnxConfig()
@@ -129,7 +131,12 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
         Path(target).unlink(missing_ok=True)  # an export that failed verification is not left looking complete
         raise
     if fmt == "tensorrt":
-        from .tensorrt_engine import build_engine_for_cli
+        from .data import build_datasets, sample_batch
+        from .tensorrt_engine import build_and_verify, settings_from_recipe
 
-        info["tensorrt"] = build_engine_for_cli(model, target, samples, recipe)
+        settings = settings_from_recipe(recipe, **(trt_options or {}))
+        calibration = None
+        if settings.calib_samples:
+            calibration = sample_batch(build_datasets(recipe.data, recipe.model)[0], settings.calib_samples)[0]
+        info["tensorrt"] = build_and_verify(model, target, samples, recipe, settings, calibration=calibration)
     return info

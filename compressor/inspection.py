@@ -114,3 +114,17 @@ def render_inspection(report: Inspection, console: Console, *, show_layers: bool
                       f"params {p.get('params_ratio', 0):.3f}")
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
+
+
+def render_compatibility(compat, console: Console) -> None:
+    """The TensorRT compatibility check of an ONNX file: verdict, op counts and every finding with its node."""
+    from .trt_compat import TRT_MAJOR
+
+    verdict = "[green]compatible[/]" if compat.compatible else "[red]not compatible[/]"
+    console.print(f"[bold]{compat.path}[/]: opset {compat.opset}, TensorRT {TRT_MAJOR} ONNX parser: {verdict}")
+    console.print("ops: " + ", ".join(f"{op} x{n}" for op, n in sorted(compat.ops.items())))
+    if compat.findings:
+        table = Table("node", "op", "domain", "level", "reason", title="TensorRT findings")
+        for f in compat.findings:
+            table.add_row(f.node, f.op, f.domain, f.level, f.reason)
+        console.print(table)

@@ -162,7 +162,12 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
         report["parity"] = {"onnx": {"passed": False, "error": exc.render()}}
         _finish(report, out, timer)
         raise
-    report["exports"]["tensorrt"] = _tensorrt_step(recipe, out, model, samples, notes)
+    from .trt_compat import check_onnx
+
+    report["exports"]["tensorrt_compatibility"] = check_onnx(out / "model.onnx").to_dict()
+    report["exports"]["tensorrt"] = _tensorrt_step(recipe, out, model, samples, train_set)
+    if report["exports"]["tensorrt"].get("parity"):
+        report["parity"]["tensorrt"] = report["exports"]["tensorrt"]["parity"]
 
     info(f"[6/6] measuring latency ({', '.join(recipe.bench.backends)}; batch {recipe.bench.batch_sizes}), "
          "dense and compressed interleaved")
@@ -198,17 +203,17 @@ def _target_summary(recipe: Recipe, achieved: float) -> dict[str, Any]:
             "met": None if asked is None else achieved <= asked + 1e-9}
 
 
-def _tensorrt_step(recipe: Recipe, out: Path, model, samples, notes: list[str]) -> dict[str, Any]:
+def _tensorrt_step(recipe: Recipe, out: Path, model, samples, train_set) -> dict[str, Any]:
     if recipe.export.tensorrt.enabled is False:
         return {"status": "disabled"}
-    from .tensorrt_engine import tensorrt_available
+    from .tensorrt_engine import build_and_verify, settings_from_recipe, tensorrt_available
 
     ok, why = tensorrt_available()
     if not ok:
         return {"status": "skipped", "reason": why}
-    from .tensorrt_engine import build_and_verify
-
-    return build_and_verify(model, out / "model.onnx", samples, recipe)
+    settings = settings_from_recipe(recipe)
+    calibration = sample_batch(train_set, settings.calib_samples)[0] if settings.calib_samples else None
+    return build_and_verify(model, out / "model.onnx", samples, recipe, settings, calibration=calibration)
 
 
 def _bench(recipe: Recipe, out: Path, dense, model, macs: float, dense_macs: float):

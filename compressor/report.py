@@ -120,6 +120,14 @@ def _parity_section(r: dict[str, Any]) -> list[str]:
                      "passed"], rows)
     if trt.get("status") in ("skipped", "disabled"):
         lines += [f"TensorRT engine: {trt['status']}{': ' + trt['reason'] if trt.get('reason') else ''}.", ""]
+    compat = (r.get("exports") or {}).get("tensorrt_compatibility")
+    if compat:
+        verdict = "compatible" if compat["compatible"] else "**not compatible**"
+        lines += [f"Static TensorRT {compat['tensorrt_major']} compatibility of model.onnx (opset {compat['opset']}): "
+                  f"{verdict}.", ""]
+        if compat["findings"]:
+            lines += _table(["node", "op", "level", "reason"],
+                            [[f["node"], f["op"], f["level"], f["reason"]] for f in compat["findings"]])
     return lines
 
 

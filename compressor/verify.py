@@ -34,15 +34,15 @@ def batched(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_s
 
 def check(metrics: dict[str, float], cfg: VerifyConfig, label: str, *, precision: str = "fp32") -> dict[str, Any]:
     """Attach tolerances and the verdict; ParityError when the export disagrees beyond them."""
-    atol = cfg.atol if precision == "fp32" else cfg.fp16_atol
-    result = {**metrics, "atol": atol, "min_top1_agreement": cfg.min_top1_agreement, "precision": precision,
-              "artifact": label}
-    result["passed"] = metrics["max_abs_diff"] <= atol and metrics["top1_agreement"] >= cfg.min_top1_agreement
+    atol = {"fp32": cfg.atol, "fp16": cfg.fp16_atol, "int8": cfg.int8_atol}[precision]
+    agreement = cfg.min_top1_agreement if precision == "fp32" else cfg.reduced_min_top1_agreement
+    result = {**metrics, "atol": atol, "min_top1_agreement": agreement, "precision": precision, "artifact": label}
+    result["passed"] = metrics["max_abs_diff"] <= atol and metrics["top1_agreement"] >= agreement
     if not result["passed"]:
         raise ParityError(
             f"{label} disagrees with the PyTorch model on {metrics['samples']} validation samples: max abs diff "
             f"{metrics['max_abs_diff']:.3g} (allowed {atol:g}), top-1 agreement {metrics['top1_agreement']:.4f} "
-            f"(required {cfg.min_top1_agreement}).",
+            f"(required {agreement}).",
             hint="The export is not written as verified; inspect the model for ops that export differently.")
     return result
 

@@ -1,0 +1,196 @@
+"""The GPU path: what runs without a GPU (errors, static TensorRT check, build configuration), and GPU tests
+that run only where an NVIDIA GPU, tensorrt and cuda-python are present."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from compressor import onnx_runtime
+from compressor.bench import make_runner, run_benchmark
+from compressor.errors import BackendUnavailable, ExportError
+from compressor.export import export_onnx
+from compressor.models import build_arch, example_inputs
+from compressor.recipe import OnnxConfig, VerifyConfig, recipe_from_dict, shipped_recipes, load_recipe
+from compressor.tensorrt_engine import engine_settings, parser_errors, settings_from_recipe
+from compressor.tensorrt_runtime import tensorrt_missing
+from compressor.trt_compat import check_model, check_onnx
+from compressor.verify import check
+
+from .conftest import REPO, requires_fmnist, run_cli, tiny_recipe
+
+NO_GPU = bool(tensorrt_missing())
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    model = build_arch("zoo:resnet20", 4, 1).eval()
+    export_onnx(model, torch.randn(1, 1, 16, 16), path, OnnxConfig())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- no GPU here
+@pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
+@pytest.mark.parametrize("backend, named", [("ort-cuda", "CUDAExecutionProvider"), ("ort-trt", "TensorrtExecutionProvider")])
+def test_ort_gpu_backends_are_unavailable_with_a_clear_reason(tiny_onnx, backend, named):
+    with pytest.raises(BackendUnavailable) as info:
+        make_runner(backend, tiny_onnx)
+    assert info.value.exit_code == 3 and named in str(info.value) and "[gpu]" in str(info.value)
+
+
+@pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
+def test_native_tensorrt_is_unavailable_and_names_what_is_missing(tmp_path):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not an engine")
+    with pytest.raises(BackendUnavailable) as info:
+        make_runner("tensorrt", engine)
+    assert "backend tensorrt needs" in str(info.value) and "NVIDIA GPU" in str(info.value)
+    result = run_cli("bench", engine, "--backend", "tensorrt")
+    assert result.returncode == 3 and "tensorrt" in result.stderr
+
+
+def test_silent_cpu_fallback_is_never_reported_as_gpu(tiny_onnx, monkeypatch):
+    """onnxruntime-gpu on a machine without a usable GPU lists CUDA but runs on the CPU: that must not count."""
+    import onnxruntime
+
+    real_session = onnxruntime.InferenceSession
+
+    def cpu_only_session(path, sess_options=None, providers=None):
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", cpu_only_session)
+    for backend in ("ort-cuda", "ort-trt"):
+        with pytest.raises(BackendUnavailable, match="fell back to CPUExecutionProvider"):
+            onnx_runtime.create_session(tiny_onnx, backend)
+        with pytest.raises(BackendUnavailable):
+            run_benchmark(tiny_onnx, backends=[backend], batch_sizes=[1], warmup_ms=0, min_runs=1, min_seconds=0,
+                          threads=1)
+
+
+def test_provider_options_carry_fp16_and_engine_cache(tmp_path):
+    chain = onnx_runtime.provider_chain("ort-trt", fp16=True, cache_dir=tmp_path)
+    name, options = chain[0]
+    assert name == "TensorrtExecutionProvider" and options["trt_fp16_enable"] is True
+    assert options["trt_engine_cache_enable"] is True and options["trt_engine_cache_path"] == str(tmp_path)
+    assert [c if isinstance(c, str) else c[0] for c in chain[1:]] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+# ---------------------------------------------------------------------------------------------- static check
+def _graph(node, opset=17):
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "g", [inp], [out])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.example", 1)])
+
+
+def test_compatibility_flags_a_custom_domain_op_by_node_name():
+    model = _graph(helper.make_node("FancyAct", ["x"], ["y"], name="head/fancy", domain="com.example"))
+    report = check_model(model)
+    assert not report.compatible
+    [finding] = report.findings
+    assert (finding.node, finding.op, finding.level) == ("head/fancy", "FancyAct", "unsupported")
+    assert "plugin" in finding.reason
+
+
+def test_compatibility_flags_restrictions_and_opset():
+    resize = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode="cubic")
+    report = check_model(_graph(resize, opset=21))
+    levels = {(f.node, f.level) for f in report.findings}
+    assert ("up", "restricted") in levels and ("(model)", "restricted") in levels
+    unique = check_model(_graph(helper.make_node("Unique", ["x"], ["y"], name="u")))
+    assert unique.findings[0].level == "unsupported"
+
+
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_every_shipped_recipe_exports_a_tensorrt_compatible_onnx(name, tmp_path):
+    recipe = load_recipe(name)
+    model = build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels).eval()
+    path = export_onnx(model, example_inputs(recipe.model), tmp_path / "m.onnx", recipe.export.onnx)["path"]
+    report = check_onnx(path)
+    assert report.compatible and not report.findings, report.findings
+    assert report.ops.get("Conv", 0) > 0
+
+
+def test_inspect_onnx_reports_compatibility(tmp_path):
+    model = _graph(helper.make_node("FancyAct", ["x"], ["y"], name="head/fancy", domain="com.example"))
+    onnx.save(model, tmp_path / "custom.onnx")
+    result = run_cli("inspect", "--onnx", tmp_path / "custom.onnx", "--json", tmp_path / "c.json")
+    assert result.returncode == 0, result.stderr
+    assert "not compatible" in result.stdout and "head/fancy" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------- build configuration
+def test_engine_settings_profile_and_flags():
+    s = engine_settings([3, 224, 224], [8, 1, 32], fp16=True, sparse=True, workspace_gb=2)
+    assert s.min_shape == (1, 3, 224, 224) and s.opt_shape == (8, 3, 224, 224) and s.max_shape == (32, 3, 224, 224)
+    assert s.flags == ("FP16", "SPARSE_WEIGHTS") and s.precision == "fp16" and s.workspace_bytes == 2 << 30
+    int8 = engine_settings([1, 28, 28], [1], int8_calib=256)
+    assert int8.flags == ("INT8",) and int8.precision == "int8" and int8.calib_samples == 256
+    assert int8.min_shape == int8.opt_shape == int8.max_shape == (1, 1, 28, 28)
+    assert engine_settings([1, 28, 28], [1, 8]).flags == () and engine_settings([1, 28, 28], [1, 8]).precision == "fp32"
+    with pytest.raises(ExportError, match="batch sizes must be positive"):
+        engine_settings([1, 28, 28], [0])
+
+
+def test_settings_from_recipe_and_cli_overrides():
+    recipe = recipe_from_dict(tiny_recipe(export={"tensorrt": {"enabled": "auto", "fp16": True, "int8": True,
+                                                                "calib_samples": 64, "sparse": False}},
+                                          bench={"batch_sizes": [1, 4, 16]}))
+    s = settings_from_recipe(recipe)
+    assert s.flags == ("FP16", "INT8") and s.calib_samples == 64 and s.max_shape == (16, 1, 16, 16)
+    s = settings_from_recipe(recipe, fp16=False, int8_calib=0, sparse=True, batch_sizes=[2])
+    assert s.flags == ("SPARSE_WEIGHTS",) and s.min_shape == (2, 1, 16, 16) and s.precision == "fp32"
+
+
+def test_parser_errors_name_nodes():
+    error = SimpleNamespace(node_name=lambda: "layer3/conv", node_operator=lambda: "Conv", node=lambda: 7,
+                            desc=lambda: "weights must be an initializer")
+    parser = SimpleNamespace(num_errors=1, get_error=lambda i: error)
+    assert parser_errors(parser) == ["node layer3/conv (Conv): weights must be an initializer"]
+
+
+def test_parity_tolerance_depends_on_precision():
+    cfg = VerifyConfig(atol=1e-4, fp16_atol=5e-2, int8_atol=0.5, min_top1_agreement=0.999, reduced_min_top1_agreement=0.99)
+    metrics = {"max_abs_diff": 0.01, "mean_abs_diff": 0.001, "top1_agreement": 0.995, "samples": 200}
+    assert check(metrics, cfg, "engine", precision="fp16")["atol"] == 5e-2
+    with pytest.raises(Exception, match="allowed 0.0001"):
+        check(metrics, cfg, "engine", precision="fp32")
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+SAMPLE = REPO / "samples" / "resnet20-fmnist.safetensors"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason="needs an NVIDIA GPU, tensorrt and cuda-python")
+@requires_fmnist
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_for_the_sample_builds_matches_pytorch_and_benchmarks(tmp_path, precision):
+    recipe = ["--recipe", "resnet20-fmnist-finetune", "--set", "data.val_subset=512"]
+    fp16 = ["--fp16"] if precision == "fp16" else ["--no-fp16"]
+    result = run_cli("export", SAMPLE, *recipe, "--format", "tensorrt", "--batch", "1,8,32", *fp16,
+                     "--out", tmp_path / "sample.onnx")
+    assert result.returncode == 0, result.stderr
+    engine = tmp_path / "sample.engine"
+    assert engine.is_file() and (tmp_path / "sample.build.log").is_file() and (tmp_path / "sample.layers.json").is_file()
+    report = run_benchmark(engine, baseline=None, backends=["tensorrt"], batch_sizes=[1, 8], warmup_ms=200,
+                           min_runs=20, min_seconds=0.5, threads=None)
+    for row in report["results"]:
+        assert row["model"]["latency"]["p50"] > 0 and row["model"]["gpu_compute"]["p50"] > 0
+        assert row["model"]["gpu_compute"]["p50"] <= row["model"]["latency"]["p50"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason="needs an NVIDIA GPU with onnxruntime-gpu")
+def test_ort_cuda_really_runs_on_the_gpu(tiny_onnx):
+    session = onnx_runtime.create_session(tiny_onnx, "ort-cuda")
+    assert session.get_providers()[0] == "CUDAExecutionProvider"
+    out = session.run(None, {"input": np.zeros((2, 1, 16, 16), np.float32)})[0]
+    assert out.shape == (2, 4)
