@@ -75,14 +75,6 @@ def _simplify(proto):
         return proto, False
 
 
-def onnx_ops(path: str | Path) -> list[tuple[str, str, str]]:
-    """(domain, op_type, node name) of every node of an ONNX model."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return [(n.domain or "ai.onnx", n.op_type, n.name) for n in proto.graph.node]
-
-
 def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None = None, opset: int | None = None,
                  trust_checkpoint: bool = False, trt_options: dict | None = None) -> dict[str, Any]:
     """`compressor export`: load a checkpoint or slim model, export it and verify the export.

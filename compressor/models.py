@@ -273,11 +273,3 @@ def example_inputs(model_cfg: ModelConfig, batch: int = 1) -> torch.Tensor:
     """A reproducible random input batch of shape (batch, C, H, W) drawn with seed 0."""
     generator = torch.Generator().manual_seed(0)
     return torch.randn((batch, *model_cfg.input_shape), generator=generator)
-
-
-def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    """Multiply-accumulates for one forward pass of `example`, and the parameter count."""
-    from torch_pruning.utils import count_ops_and_params
-
-    macs, params = count_ops_and_params(model, example)
-    return int(macs), int(params)

@@ -31,10 +31,6 @@ class Tracker:
         if self.progress is not None:
             self.progress.update(self.task, advance=amount, **fields)
 
-    def reset(self, total: int, description: str) -> None:
-        if self.progress is not None:
-            self.progress.reset(self.task, total=total, description=description)
-
 
 @contextmanager
 def track(description: str, total: int) -> Iterator[Tracker]:

@@ -61,15 +61,6 @@ def average_buffers(model: nn.Module) -> None:
             buffer.div_(dist.get_world_size())
 
 
-def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Make every rank hold rank `src`'s value (identity without a process group)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(tensor, src)
-    return tensor
-
-
 # ---------------------------------------------------------------------------------------------- schedule
 def lr_factor(cfg: SchedulerConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """Multiplier of the base learning rate after `step` completed optimizer steps."""
