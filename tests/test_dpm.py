@@ -166,3 +166,27 @@ def test_unfinished_decay_is_completed_at_the_end():
     fit(model, train, val, recipe.finetune, recipe.data, method=dpm)
     assert not dpm.decaying and dpm.records[-1]["forced"] > 0
     assert snapshot_macs(model, example_inputs(recipe.model))[0] <= 0.5 * dpm.dense_macs
+
+
+def test_resume_mid_decay_equals_uninterrupted_run(tmp_path):
+    recipe, model_a, train, val = make(dpm={"steps": 6, "interval": 1}, finetune={"epochs": 3},
+                                       schedule={"events": 2, "end_epoch": 2})
+    fit(model_a, train, val, recipe.finetune, recipe.data, method=DPM(recipe), checkpoint=tmp_path / "a.pt")
+
+    def stop(ctx):
+        if ctx.epoch == 1:
+            raise KeyboardInterrupt
+
+    _, model_b, _, _ = make()
+    with pytest.raises(KeyboardInterrupt):
+        fit(model_b, train, val, recipe.finetune, recipe.data, method=Chain(DPM(recipe), stop),
+            checkpoint=tmp_path / "b.pt")
+    saved = torch.load(tmp_path / "b.pt", weights_only=True)["method"]
+    assert saved["decaying"], "the interruption should fall in the middle of a decay"
+    _, model_c, _, _ = make()
+    fit(model_c, train, val, recipe.finetune, recipe.data, method=DPM(recipe), checkpoint=tmp_path / "b.pt",
+        resume=True)
+    a, c = model_a.state_dict(), model_c.state_dict()
+    assert a.keys() == c.keys()
+    for key in a:
+        assert torch.equal(a[key], c[key]), key
