@@ -190,3 +190,13 @@ def test_resume_mid_decay_equals_uninterrupted_run(tmp_path):
     assert a.keys() == c.keys()
     for key in a:
         assert torch.equal(a[key], c[key]), key
+
+
+@pytest.mark.parametrize("cooldown, blocked_at", [(0, [0]), (1, [0, 1]), (2, [0, 1, 2])])
+def test_cooldown_blocks_reselection_for_that_many_events(cooldown, blocked_at):
+    recipe, *_ = make(dpm={"cooldown": cooldown})
+    dpm = DPM(recipe)
+    dpm.cooling = {("layer1.0.conv1", 3): 0}  # released during the window of event 0
+    for index in range(4):
+        blocked = 3 in dpm._cooling_plan(index).get("layer1.0.conv1", set())
+        assert blocked == (index in blocked_at), index

@@ -111,6 +111,7 @@ class DPM(EventMethod):
         return plan
 
     def _cooling_plan(self, index: int) -> dict[str, set[int]]:
+        """Released structures still in cooldown at event `index` (those released in its window included)."""
         plan: dict[str, set[int]] = {}
         for (root, idx), released_at in self.cooling.items():
             if index - released_at <= self.dpm.cooldown:
@@ -136,6 +137,8 @@ class DPM(EventMethod):
             now = float(norms[s.root][s.idx])
             if rectify and s.n > 0 and self._escapes(s, now, norms[s.root], decaying_idx[s.root]):
                 released.append(s)
+                s.steps.append(ctx.step)
+                s.norms.append(now)  # the trace ends at the norm it escaped to
                 continue
             s.n += 1
             s.target = s.l0 * max(0.0, 1.0 - s.n / self.dpm.steps)
@@ -167,17 +170,14 @@ class DPM(EventMethod):
 
     def release(self, s: Structure) -> None:
         self.decaying.remove(s)
-        self.cooling[(s.root, s.idx)] = s.event
+        self.cooling[(s.root, s.idx)] = len(self.records) - 1  # the event window it was released in
         self.records[-1]["released"] += 1
         self._finish_trace(s, "released")
 
     def backfill(self, ctx) -> None:
         """Keep the target: re-plan with the decaying set frozen and released structures excluded."""
         index = len(self.records) - 1
-        excluded = self._cooling_plan(index)
-        for (root, idx), _ in self.cooling.items():
-            excluded.setdefault(root, set()).add(idx)
-        plan, _, _ = self.target_plan(ctx, index, frozen=self._decaying_plan(), excluded=excluded)
+        plan, _, _ = self.target_plan(ctx, index, frozen=self._decaying_plan(), excluded=self._cooling_plan(index))
         self.records[-1]["backfilled"] += self.enter(ctx, broadcast_plan(plan), index)
 
     def remove_finished(self, ctx) -> None:
