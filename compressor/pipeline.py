@@ -197,6 +197,9 @@ def _copy_for_bench(model):
 
 def _target_summary(recipe: Recipe, achieved: float) -> dict[str, Any]:
     target = recipe.prune.target
+    if recipe.prune.method == "none" or (recipe.prune.method == "fggp" and recipe.prune.fggp.granularity != "structured"):
+        return {"asked": None, "asked_macs_ratio": None, "achieved_macs_ratio": achieved,
+                "achieved_mac_speedup": 1 / achieved if achieved > 0 else None, "met": None}
     asked = target.remaining_macs()
     return {"asked": target.model_dump(exclude_none=True), "asked_macs_ratio": asked, "achieved_macs_ratio": achieved,
             "achieved_mac_speedup": 1 / achieved if achieved > 0 else None,

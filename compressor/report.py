@@ -36,7 +36,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     recipe, dense, comp = r["recipe"], r["dense"], r["compressed"]
     lines = [f"# compressor report: {recipe['name']}", "",
              f"Status: **{r['status']}**. Checkpoint `{r['checkpoint']}`, method `{recipe['prune']['method']}` "
-             f"(host `{recipe['prune']['host']}`), target `{r['target']['asked']}`, "
+             f"(host `{recipe['prune']['host']}`), target `{r['target']['asked'] or 'none'}`, "
              f"{recipe['finetune']['epochs']} fine-tune epochs on `{recipe['data']['kind']}`.", ""]
     lines += ["## Accuracy and size", ""]
     onnx_top1 = f"{comp['onnx_top1']:.2f}" if "onnx_top1" in comp else "-"
@@ -50,7 +50,12 @@ def render_markdown(r: dict[str, Any]) -> str:
          f"{comp['onnx_bytes'] / dense['onnx_bytes']:.3f}",
          f"{comp['onnx_zipped_bytes'] / dense['onnx_zipped_bytes']:.3f}"]])
     t = r["target"]
-    asked = f"{t['asked_macs_ratio']:.3f}" if t.get("asked_macs_ratio") is not None else "n/a (channel target)"
+    if t.get("asked") is None:
+        asked = "none (this method keeps dense shapes)"
+    elif t.get("asked_macs_ratio") is None:
+        asked = "n/a (channel target)"
+    else:
+        asked = f"{t['asked_macs_ratio']:.3f}"
     lines += [f"MAC target: asked {asked} of dense, achieved {t['achieved_macs_ratio']:.3f} "
               f"(MAC speedup x{t['achieved_mac_speedup']:.2f}). ONNX Runtime top-1 of the exported model: {onnx_top1}.", ""]
     lines += _sparsity_section(r) + _stability_section(r) + _latency_section(r) + _parity_section(r) + _events_section(r) + _widths_section(r) + _training_section(r)

@@ -137,3 +137,18 @@ def test_explicit_tensorrt_without_gpu_exits_3_before_training(tmp_path):
     assert result.returncode == 3, result.stderr
     assert "export.tensorrt.enabled is true" in result.stderr
     assert not (tmp_path / "trt").exists()
+
+
+def test_method_none_fine_tunes_without_pruning(tmp_path):
+    import yaml
+
+    from .conftest import tiny_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(finetune={"epochs": 1}, bench={"backends": ["ort-cpu"], "batch_sizes": [1],
+                                                                               "min_runs": 3, "min_seconds": 0, "warmup_ms": 0})))
+    result = run_cli("compress", "zoo:resnet20", "--recipe", recipe, "--out", tmp_path / "none")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "none" / "report.json").read_text())
+    assert report["compressed"]["macs"] == report["dense"]["macs"] and report["method"] == {"method": "none"}
+    assert report["target"]["asked"] is None and "MAC target: asked none" in (tmp_path / "none" / "report.md").read_text()

@@ -17,6 +17,9 @@ class PruningMethod:
 
     name = "none"
 
+    def __init__(self, recipe: Any = None) -> None:
+        self.recipe = recipe
+
     def on_train_start(self, ctx: "TrainContext") -> None:
         """Called once before the first batch (also after a resume)."""
 
