@@ -8,10 +8,11 @@ Writes benchmarks/results/realised_speedup.md.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
-from common import latency, run_compress, table, write_result
+from common import RESULTS, latency, run_compress, table, write_result
 
 
 def main() -> None:
@@ -23,10 +24,11 @@ def main() -> None:
     parser.add_argument("--global-ranking", action="store_true", help="rank globally (default: uniform per layer)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-realised"))
     args = parser.parse_args()
-    rows = []
+    store = RESULTS / "realised_speedup.json"  # rows of earlier invocations are kept, so models can be added later
+    kept = json.loads(store.read_text()) if store.is_file() else {}
     for model in args.models:
         for round_to in args.round_to:
-            overrides = [f"model.arch=torchvision:{model}", f"prune.target={{macs: {args.macs}}}",
+            overrides = [f"model.arch=torchvision:{model}", "model.ignore=[]", f"prune.target={{macs: {args.macs}}}",
                          f"prune.round_to={round_to if round_to > 1 else 'null'}",
                          f"prune.global={'true' if args.global_ranking else 'false'}", "bench.threads=2",
                          "bench.min_runs=30", "bench.min_seconds=3"]
@@ -39,12 +41,15 @@ def main() -> None:
                     ratios[batch].append(latency(report, "ort-cpu", batch)["realised_ratio"])
             mac = report["compressed"]["macs"] / report["dense"]["macs"]
             b1, b8 = statistics.median(ratios[1]), statistics.median(ratios[8])
-            rows.append([model, round_to, f"{report['dense']['macs'] / 1e9:.2f} G", f"{mac:.3f}",
+            kept[f"{model}/{round_to}"] = [model, round_to, f"{report['dense']['macs'] / 1e9:.2f} G", f"{mac:.3f}",
                          f"x{b1 / mac:.2f} / x{b8 / mac:.2f}", f"{b1:.2f} / {b8:.2f}",
-                         f"{report['parity']['onnx']['max_abs_diff']:.1e}"])
+                         f"{report['parity']['onnx']['max_abs_diff']:.1e}"]
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps(kept, indent=1))
+    rows = [kept[k] for k in sorted(kept)]
     ranking = "global" if args.global_ranking else "uniform per layer"
     text = (f"# Realised speedup on ONNX Runtime CPU (2 threads), pruned to macs {args.macs} without fine-tuning\n\n"
-            f"`python benchmarks/realised_speedup.py --models {' '.join(args.models)} --round-to "
+            f"`python benchmarks/realised_speedup.py --models MODEL... --round-to "
             f"{' '.join(map(str, args.round_to))} --repeats {args.repeats}` ({ranking} ranking). Realised ratio = latency "
             "speedup / MAC reduction, median over repeats of the interleaved p50 ratio.\n\n"
             + table(["model", "round_to", "dense MACs", "MACs kept", "speedup b1 / b8", "realised ratio b1 / b8",
