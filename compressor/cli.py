@@ -189,7 +189,7 @@ def compress_cmd(checkpoint: Annotated[str, typer.Argument(help="Checkpoint file
     speed = ""
     if report.get("latency"):
         first = report["latency"][0]
-        speed = f", {first['backend']} batch {first['batch_size']} x{first['speedup']:.2f} faster"
+        speed = f", {first['backend']} batch {first['batch_size']} latency speedup x{first['speedup']:.2f}"
     out.print(f"{r.name}: top-1 {d['top1']:.2f}% -> {c['top1']:.2f}%, MACs x{c['macs'] / d['macs']:.3f}, "
               f"params x{c['params'] / d['params']:.3f}{speed}; report: {report['run_dir']}/report.md")
 
