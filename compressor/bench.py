@@ -5,6 +5,8 @@ that has only numpy and onnxruntime (or tensorrt) installed.
 """
 from __future__ import annotations
 
+import abc
+import contextlib
 import functools
 import importlib.metadata
 import os
@@ -34,16 +36,18 @@ ENGINE_SUFFIXES = (".engine", ".plan")
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-class Runner:
+class Runner(abc.ABC):
     """Runs one model on one backend: `prepare(batch)` builds the input, `run_once()` is what gets timed."""
 
     name = "runner"
 
+    @abc.abstractmethod
     def prepare(self, batch_size: int) -> None:
-        raise NotImplementedError
+        """Build the input for `batch_size` (and whatever buffers it needs)."""
 
+    @abc.abstractmethod
     def run_once(self) -> None:
-        raise NotImplementedError
+        """One inference on the prepared input."""
 
     def close(self) -> None:
         """Release the session or restore global settings; the runner is not used afterwards."""
@@ -321,12 +325,10 @@ def measure_interleaved(runner_a: Runner, runner_b: Runner, batch: int, warmup_m
 
 # ---------------------------------------------------------------------------------------------- environment
 def _cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):  # no /proc on macOS: fall back to platform
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 

@@ -5,6 +5,7 @@ accumulate between selection events through `observe()`, called by the training 
 """
 from __future__ import annotations
 
+import abc
 from typing import Optional
 
 import torch
@@ -18,7 +19,7 @@ from .registry import Registry
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
-class Scorer:
+class Scorer(abc.ABC):
     """Per-channel scores of a group (a 1-d tensor of the group's width), not normalised."""
 
     needs_gradients = False
@@ -36,8 +37,9 @@ class Scorer:
     def observed_batches(self) -> int:
         return 0
 
+    @abc.abstractmethod
     def __call__(self, group) -> Optional[torch.Tensor]:
-        raise NotImplementedError
+        """Scores of the group's channels, or None when the group has nothing this scorer can rank."""
 
 
 IMPORTANCES: Registry[type[Scorer]] = Registry("importance", RecipeError)
@@ -90,8 +92,9 @@ class _Accumulating(Scorer):
     def observed_batches(self) -> int:
         return self.batches
 
+    @abc.abstractmethod
     def _params(self, model: nn.Module):
-        raise NotImplementedError
+        """The parameters whose w * grad this scorer accumulates."""
 
     @torch.no_grad()
     def observe(self, model: nn.Module) -> None:

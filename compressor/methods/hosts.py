@@ -7,6 +7,7 @@ accumulated between events), taylor (group Taylor, accumulated between events).
 """
 from __future__ import annotations
 
+import abc
 import copy
 import warnings
 from typing import Any, Optional
@@ -117,7 +118,7 @@ def event_epochs(recipe: Recipe, events: int) -> list[float]:
     return [start + e * (end - start) / events for e in range(events)]
 
 
-class EventMethod(PruningMethod):
+class EventMethod(PruningMethod, abc.ABC):
     """Selections at scheduled epochs; subclasses decide what an event does with the planned channels."""
 
     def __init__(self, recipe: Recipe, events: int) -> None:
@@ -171,9 +172,9 @@ class EventMethod(PruningMethod):
             plan = sel.plan_for_channels(snap, ratio, cons)
         return broadcast_plan(plan), snap, asked
 
+    @abc.abstractmethod
     def event(self, ctx, index: int, epoch: float) -> None:
         """Event `index`, taking place after `epoch` (fractional) epochs of training."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "dense_macs": self.dense_macs, "dense_channels": self.dense_channels,
