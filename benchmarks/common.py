@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: run compress quietly, format markdown tables, write results."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +19,16 @@ def run_compress(checkpoint: str, recipe: str, out: Path, overrides: Iterable[st
     report = compress(checkpoint, load_recipe(recipe, list(overrides)), out, overwrite=True)
     report["wall_s"] = time.perf_counter() - start
     return report
+
+
+def cached_compress(checkpoint: str, recipe: str, out: Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """run_compress, or the report a finished (status ok) earlier run left in `out`, so long benchmarks resume and
+    their training runs can be split over processes; the report carries its `run_dir`."""
+    done = out / "report.json"
+    if done.is_file() and json.loads(done.read_text()).get("status") == "ok":
+        return json.loads(done.read_text()) | {"run_dir": str(out)}
+    print(f"run {out}", flush=True)
+    return run_compress(checkpoint, recipe, out, overrides) | {"run_dir": str(out)}
 
 
 def latency(report: dict[str, Any], backend: str, batch: int) -> dict[str, Any]:
@@ -42,3 +53,15 @@ def write_result(name: str, text: str) -> Path:
     path.write_text(text)
     print(text)
     return path
+
+
+def onnx_speed(dense_onnx: Path, model_onnx: Path, batch: int, threads: int = 2, seconds: float = 2.0) -> dict[str, float]:
+    """ORT-CPU p50 (ms) of a dense and a compressed ONNX timed interleaved, for runs benchmarked after the fact."""
+    from compressor.bench import make_runner, measure_interleaved, summarize
+
+    runners = [make_runner("ort-cpu", path, threads) for path in (dense_onnx, model_onnx)]
+    times_dense, times = measure_interleaved(*runners, batch, warmup_ms=300, min_runs=100, min_seconds=seconds)
+    for runner in runners:
+        runner.close()
+    dense_p50, p50 = summarize(times_dense, batch).p50, summarize(times, batch).p50
+    return {"dense_p50": dense_p50, "p50": p50, "speedup": dense_p50 / p50}

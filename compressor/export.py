@@ -1,6 +1,7 @@
 """Export: ONNX (named I/O, dynamic batch, checker, optional onnxslim). TensorRT engines build from the ONNX."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
     dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if cfg.dynamic_batch else None
     with atomic_path(path) as tmp:
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath(False):
                 warnings.simplefilter("ignore")
                 if cfg.dynamo:
                     batch = torch.export.Dim("batch", min=1) if cfg.dynamic_batch else None
@@ -52,6 +53,18 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
     return {"path": str(path), "opset": cfg.opset, "bytes": path.stat().st_size, "zipped_bytes": zipped_size(path),
             "nodes": len(proto.graph.node),
             "simplified": simplified, "dynamic_batch": cfg.dynamic_batch, "exporter": "dynamo" if cfg.dynamo else "torchscript"}
+
+
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool):
+    """nn.MultiheadAttention's inference fast path is one fused op (aten::_native_multi_head_attention) that the
+    ONNX exporters cannot translate; exporting through the plain path gives the same function."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def zipped_size(path: str | Path) -> int:

@@ -2,7 +2,10 @@
 which parametrised layers cannot be pruned and why. We never trace dependencies ourselves."""
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -47,6 +50,50 @@ def output_layers(model: nn.Module, num_classes: int | None) -> list[nn.Module]:
     return heads[-1:] if num_classes is None else heads
 
 
+class _OpaqueAttention(tp.pruner.function.BasePruningFunc):
+    """Makes a custom attention layer one node of the dependency graph, with its input and output widths.
+
+    torch-pruning's index mapping does not terminate through the window partitions and torch.roll of torchvision's
+    Swin and MaxViT; seen from outside, the layer is a width-C to width-C map whose widths are fixed anyway (see
+    attention_layers), so it is traced as a leaf and never pruned."""
+
+    @staticmethod
+    def _linears(layer: nn.Module) -> list[nn.Linear]:
+        return [m for m in layer.modules() if isinstance(m, nn.Linear)]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return self._linears(layer)[0].in_features
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return self._linears(layer)[-1].out_features
+
+    def prune_in_channels(self, layer: nn.Module, idxs):
+        raise NotPrunableError(f"the widths of attention layer {type(layer).__name__} are not pruned.")
+
+    def prune_out_channels(self, layer: nn.Module, idxs):
+        raise NotPrunableError(f"the widths of attention layer {type(layer).__name__} are not pruned.")
+
+
+def _opaque_attention(model: nn.Module) -> dict[type, tp.pruner.function.BasePruningFunc]:
+    """Classes of the outermost custom attention layers with linears (nn.MultiheadAttention is left to
+    torch-pruning, which handles it); torch-pruning takes customized pruners by class."""
+    opaque: dict[type, tp.pruner.function.BasePruningFunc] = {}
+    inside: set[nn.Module] = set()
+    for module in model.modules():
+        if module in inside or isinstance(module, nn.MultiheadAttention):
+            continue
+        if "attention" in type(module).__name__.lower() and _OpaqueAttention._linears(module):
+            opaque.setdefault(type(module), _OpaqueAttention())
+            inside.update(module.modules())
+    return opaque
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of `model` (custom attention layers as leaves)."""
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                 customized_pruners=_opaque_attention(model))
+
+
 def build_graph(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> tp.DependencyGraph:
     """Trace the model once with torch-pruning; NotPrunableError when the model cannot be traced."""
     was_training = model.training
@@ -54,7 +101,7 @@ def build_graph(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            graph = trace(model, example)
     except Exception as exc:  # torch-pruning raises bare exceptions of many kinds on untraceable models
         raise NotPrunableError(
             f"torch-pruning could not trace the model ({type(exc).__name__}: {exc}).",
@@ -78,11 +125,76 @@ def module_names(model: nn.Module) -> dict[nn.Module, str]:
     return {module: name for name, module in model.named_modules()}
 
 
+def attention_layers(model: nn.Module) -> dict[nn.Module, str]:
+    """Every module inside an attention layer (nn.MultiheadAttention, or a class named *Attention*: torchvision's
+    Swin and MaxViT, timm's ViT), mapped to that layer's name. Their widths are tied to the head layout (q/k/v are
+    packed and split into heads by reshapes, torchvision's ViT keeps hidden_dim), so groups that touch them are
+    not pruned; the rest of the network (MLP hidden widths, convolutions) is."""
+    locked: dict[nn.Module, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower():
+            for sub in module.modules():
+                locked.setdefault(sub, name)
+    return locked
+
+
+GROUPING_TIMEOUT_S = 300.0  # ResNet-50 groups in about a second; MaxViT never finishes
+
+
+class _Expired(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _Expired after `seconds` (SIGALRM; only in the main thread of a POSIX process, else no limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _Expired()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
+    try:
+        with warnings.catch_warnings(), _time_limit(GROUPING_TIMEOUT_S):
+            warnings.simplefilter("ignore")
+            return list(graph.get_all_groups(ignored_layers=list(ignored), root_module_types=ROOT_TYPES))
+    except _Expired:
+        raise NotPrunableError(
+            f"torch-pruning did not finish grouping the coupled channels of {type(graph.model).__name__} within "
+            f"{GROUPING_TIMEOUT_S:g} s: its index mapping does not terminate through this architecture's reshapes "
+            "(torchvision's MaxViT block and grid partitions are a known case).",
+            hint="This architecture is not supported for structured pruning; use method fggp with granularity "
+                 "unstructured or 2:4, or prune a convolutional model.") from None
+
+
+def attention_coupled(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> dict[nn.Module, str]:
+    """Modules of the groups that touch an attention layer, mapped to that attention layer's name."""
+    locked = attention_layers(graph.model)
+    coupled: dict[nn.Module, str] = {}
+    for group in _all_groups(graph, ignored):
+        hit = next((locked[i.dep.target.module] for i in group if i.dep.target.module in locked), None)
+        if hit is not None:
+            for item in group:
+                coupled.setdefault(item.dep.target.module, hit)
+    return coupled
+
+
 def prunable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
-    """torch-pruning groups whose root is a conv/linear layer and that touch no ignored layer's outputs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return list(graph.get_all_groups(ignored_layers=list(ignored), root_module_types=ROOT_TYPES))
+    """torch-pruning groups whose root is a conv/linear layer, that touch no ignored layer's outputs and no
+    attention layer (see attention_layers)."""
+    locked = attention_layers(graph.model)
+    return [g for g in _all_groups(graph, ignored) if not any(i.dep.target.module in locked for i in g)]
 
 
 def describe_group(group, names: dict[nn.Module, str]) -> GroupInfo:
@@ -104,12 +216,21 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
     """Parametrised layers whose outputs no group can prune, each with the reason."""
     names = module_names(model)
     covered = {item.dep.target.module for group in groups for item in group}
+    attention = attention_coupled(graph, ignored)
+    inside_attention = {m: n for m, n in attention_layers(model).items() if m is not model.get_submodule(n)}
     reasons: dict[str, str] = {}
     for module, name in names.items():
         own = list(module.parameters(recurse=False))
         if not name or not own or module in covered:
             continue
         if module in ignored:
+            continue
+        if module in inside_attention:
+            reasons[name] = f"inside attention layer {inside_attention[module]} (attention widths are not pruned)"
+            continue
+        if module in attention:
+            reasons[name] = (f"coupled to attention layer {attention[module]} (its width is tied to the head "
+                             "layout; attention widths are not pruned)")
             continue
         if module not in graph.module2node:
             reasons[name] = "not used in forward() of the traced model"

@@ -152,6 +152,9 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
         "exports": {"onnx": onnx_info, "dense_onnx": dense_onnx},
         "artifacts": {**artifacts, "onnx": str(out / "model.onnx")},
     }
+    if report["target"]["met"] is False:
+        notes.append(_target_missed(recipe, report["target"]))
+        info(f"      note: {notes[-1]}")
     info("[5/6] verifying the export against PyTorch")
     try:
         with timer("verify"):
@@ -169,8 +172,11 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
     if report["exports"]["tensorrt"].get("parity"):
         report["parity"]["tensorrt"] = report["exports"]["tensorrt"]["parity"]
 
-    info(f"[6/6] measuring latency ({', '.join(recipe.bench.backends)}; batch {recipe.bench.batch_sizes}), "
-         "dense and compressed interleaved")
+    if recipe.bench.backends:
+        info(f"[6/6] measuring latency ({', '.join(recipe.bench.backends)}; batch {recipe.bench.batch_sizes}), "
+             "dense and compressed interleaved")
+    else:
+        info("[6/6] latency: skipped (bench.backends is empty)")
     with timer("bench"):
         report["latency"], report["environment"] = _bench(recipe, out, dense, model, macs, dense_macs)
     report["gates"] = evaluate_gates(recipe, report)
@@ -204,6 +210,13 @@ def _target_summary(recipe: Recipe, achieved: float) -> dict[str, Any]:
     return {"asked": target.model_dump(exclude_none=True), "asked_macs_ratio": asked, "achieved_macs_ratio": achieved,
             "achieved_mac_speedup": 1 / achieved if achieved > 0 else None,
             "met": None if asked is None else achieved <= asked + 1e-9}
+
+
+def _target_missed(recipe: Recipe, target: dict[str, Any]) -> str:
+    return (f"MAC target not met: {target['achieved_macs_ratio']:.3f} of the dense MACs kept, "
+            f"{target['asked_macs_ratio']:.3f} asked. The prunable groups cannot give more under "
+            f"prune.max_layer_ratio {recipe.prune.max_layer_ratio} (ignored layers, attention widths and unprunable "
+            "layers stay as they are; `compressor inspect` lists them).")
 
 
 def _tensorrt_step(recipe: Recipe, out: Path, model, samples, train_set) -> dict[str, Any]:

@@ -237,7 +237,7 @@ def remove(model: nn.Module, example: torch.Tensor, plan: Plan) -> int:
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        graph = dg.trace(model, example)
         removed = 0
         for root, idxs in plan.items():
             module = model.get_submodule(root)
@@ -264,7 +264,7 @@ def structure_slices(model: nn.Module, example: torch.Tensor, roots: list[str], 
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        graph = dg.trace(model, example)
     model.train(was_training)
     result = {}
     for root in roots:

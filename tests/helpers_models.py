@@ -42,3 +42,42 @@ class ScaledNet(nn.Module):
 
 def with_custom_scale(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return ScaledNet(num_classes, in_channels)
+
+
+# -- tiny members of three architecture families, for the end-to-end coverage test
+def tiny_resnet(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet (BasicBlock, residual adds and downsampling shortcuts), one block per stage."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, width_per_group=64)
+
+
+def tiny_mobilenet(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's MobileNetV2 at width 0.25: depthwise convolutions and inverted residuals."""
+    from torchvision.models import MobileNetV2
+
+    return MobileNetV2(num_classes=num_classes, width_mult=0.25)
+
+
+def tiny_vit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's VisionTransformer (nn.MultiheadAttention, class token, position embedding) on 32x32."""
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=256,
+                             num_classes=num_classes)
+
+
+def tiny_maxvit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's MaxViT: torch-pruning's grouping does not terminate through its partitions."""
+    from torchvision.models import MaxVit
+
+    return MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32], block_layers=[1, 1],
+                  head_dim=8, stochastic_depth_prob=0.0, num_classes=num_classes)
+
+
+def tiny_swin(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's Swin Transformer (shifted-window attention, patch merging) on 32x32."""
+    from torchvision.models import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4],
+                           num_classes=num_classes)

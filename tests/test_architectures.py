@@ -1,0 +1,66 @@
+"""A residual, a depthwise and an attention network, each end to end through prune, slim, ONNX and parity."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compressor import graph as dg
+from compressor.pipeline import compress
+from compressor.recipe import recipe_from_dict
+from compressor.slim import load_slim
+
+FAMILIES = ["tiny_resnet", "tiny_mobilenet", "tiny_vit", "tiny_swin"]
+
+
+def recipe(arch: str) -> dict:
+    return {
+        "name": f"cover-{arch}",
+        "model": {"arch": f"python:tests.helpers_models:{arch}", "num_classes": 10, "in_channels": 3,
+                  "input_shape": [3, 32, 32], "ignore": []},
+        "data": {"kind": "synthetic", "batch_size": 4, "synthetic": {"train_size": 8, "val_size": 8}},
+        "prune": {"method": "oneshot", "host": "depgraph", "target": {"macs": 0.7}, "global": False},
+        "finetune": {"epochs": 0},
+        "verify": {"samples": 4, "atol": 1e-4},
+        "bench": {"backends": []},
+    }
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_family_end_to_end(arch, tmp_path):
+    report = compress(f"python:tests.helpers_models:{arch}", recipe_from_dict(recipe(arch)), tmp_path / arch)
+    assert report["status"] == "ok"
+    kept = report["compressed"]["macs"] / report["dense"]["macs"]
+    assert 0.6 < kept <= 0.71
+    assert report["compressed"]["params"] < report["dense"]["params"]
+    assert report["parity"]["onnx"]["passed"] and report["parity"]["onnx"]["max_abs_diff"] < 1e-4
+    slim = load_slim(tmp_path / arch)  # the slim model rebuilds from its files and runs at the new widths
+    with torch.no_grad():
+        assert slim(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_attention_widths_are_kept_and_named(tmp_path):
+    from tests.helpers_models import tiny_vit
+
+    model = tiny_vit()
+    example = torch.randn(1, 3, 32, 32)
+    ignored = dg.resolve_ignored(model, [], 10)
+    graph = dg.build_graph(model, example, ignored)
+    groups = dg.prunable_groups(graph, ignored)
+    roots = {dg.module_names(model)[g[0].dep.target.module] for g in groups}
+    # only the MLP hidden widths are prunable: the embedding width feeds every nn.MultiheadAttention
+    assert roots == {"encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_1.mlp.0"}
+    reasons = dg.unprunable_layers(model, graph, groups, ignored)
+    assert reasons["conv_proj"].startswith("coupled to attention layer encoder.layers.encoder_layer_")
+    assert isinstance(model.encoder.layers[0].self_attention, nn.MultiheadAttention)
+
+
+def test_grouping_that_does_not_terminate_is_a_clear_error(monkeypatch, tmp_path):
+    from compressor.errors import NotPrunableError
+    from tests.helpers_models import tiny_maxvit
+
+    monkeypatch.setattr(dg, "GROUPING_TIMEOUT_S", 3.0)
+    model = tiny_maxvit()
+    graph = dg.build_graph(model, torch.randn(1, 3, 32, 32), [])
+    with pytest.raises(NotPrunableError, match="MaxVit within 3 s"):
+        dg.prunable_groups(graph, [])
