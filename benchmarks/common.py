@@ -65,3 +65,16 @@ def onnx_speed(dense_onnx: Path, model_onnx: Path, batch: int, threads: int = 2,
         runner.close()
     dense_p50, p50 = summarize(times_dense, batch).p50, summarize(times, batch).p50
     return {"dense_p50": dense_p50, "p50": p50, "speedup": dense_p50 / p50}
+
+
+class Shard:
+    """`--shard K/N`: this process trains only every N-th configuration (from the K-th), so a benchmark's runs can
+    be split over processes; a later run without --shard reuses them all and writes the table."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.k, self.n = (int(v) for v in spec.split("/")) if spec else (0, 1)
+        self.count = -1
+
+    def mine(self) -> bool:
+        self.count += 1
+        return self.count % self.n == self.k

@@ -13,12 +13,14 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import cached_compress, mean_std, table, write_result
+from common import Shard, cached_compress, mean_std, table, write_result
 
 SAMPLE = "samples/resnet20-fmnist.safetensors"
 
 
 def runs(args, recipe: str, tag: str, extra: list[str]) -> list[dict]:
+    if not args.shard.mine():
+        return []
     base = [f"finetune.epochs={args.epochs}", "bench.backends=[]", "gates.max_accuracy_drop=null"]
     if args.train_subset:
         base.append(f"data.train_subset={args.train_subset}")
@@ -27,6 +29,8 @@ def runs(args, recipe: str, tag: str, extra: list[str]) -> list[dict]:
 
 
 def row(label: str, reports: list[dict], kind: str) -> list:
+    if not reports:
+        return [label, "(other shard)"]
     dense = reports[0]["dense"]
     top1 = [r["compressed"]["top1"] for r in reports]
     if kind == "sparsity":
@@ -43,24 +47,24 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--interval", type=int, default=10, help="iterations between FGGP events")
-    parser.add_argument("--part", choices=["all", "unstructured", "structured"], default="all")
+    parser.add_argument("--shard", default=None, help="K/N: train every N-th configuration only (no table)")
     parser.add_argument("--no-write", dest="write", action="store_false")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-fggp"))
     args = parser.parse_args()
+    args.write = args.write and not args.shard
+    args.shard = Shard(args.shard)
     interval = f"prune.fggp.interval={args.interval}"
     unstructured, structured = [], []
-    if args.part in ("all", "unstructured"):
-        for sparsity in (0.9, 0.95):
-            for selection in ("gradient-first", "magnitude", "gradient"):
-                reports = runs(args, "resnet20-fmnist-fggp-unstructured", f"u{sparsity}-{selection}",
-                               [f"prune.fggp.sparsity={sparsity}", f"prune.fggp.selection={selection}", interval])
-                unstructured.append(row(f"{sparsity:.0%} {selection}", reports, "sparsity"))
-                print(unstructured[-1], flush=True)
-    if args.part in ("all", "structured"):
-        structured = [
-            row("FGGP structured", runs(args, "resnet20-fmnist-fggp-structured", "s-fggp", [interval]), "macs"),
-            row("DepGraph host, iterative", runs(args, "resnet20-fmnist-iterative", "s-host",
-                                                 ["prune.schedule.end_epoch=1"]), "macs")]
+    for sparsity in (0.9, 0.95):
+        for selection in ("gradient-first", "magnitude", "gradient"):
+            reports = runs(args, "resnet20-fmnist-fggp-unstructured", f"u{sparsity}-{selection}",
+                           [f"prune.fggp.sparsity={sparsity}", f"prune.fggp.selection={selection}", interval])
+            unstructured.append(row(f"{sparsity:.0%} {selection}", reports, "sparsity"))
+            print(unstructured[-1], flush=True)
+    structured = [
+        row("FGGP structured", runs(args, "resnet20-fmnist-fggp-structured", "s-fggp", [interval]), "macs"),
+        row("DepGraph host, iterative", runs(args, "resnet20-fmnist-iterative", "s-host",
+                                             ["prune.schedule.end_epoch=1"]), "macs")]
     if not args.write:
         return
     subset = f"the first {args.train_subset} training images" if args.train_subset else "the full training set"

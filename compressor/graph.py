@@ -105,7 +105,9 @@ def build_graph(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module
     except Exception as exc:  # torch-pruning raises bare exceptions of many kinds on untraceable models
         raise NotPrunableError(
             f"torch-pruning could not trace the model ({type(exc).__name__}: {exc}).",
-            hint="Check model.input_shape, and that forward() takes one tensor and returns tensors.",
+            hint="Check model.input_shape and that forward() takes one tensor and returns tensors; if both are "
+                 "right, the model uses an op torch-pruning cannot trace (e.g. ShuffleNet's channel shuffle) and "
+                 "cannot be pruned structurally (FGGP unstructured or 2:4 still can).",
         ) from None
     finally:
         model.train(was_training)
