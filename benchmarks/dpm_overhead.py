@@ -72,7 +72,7 @@ def main() -> None:
         hooks.append(hook)
     p, d, h = statistics.median(plain), statistics.median(dpm), statistics.median(hooks)
     rows = [["plain fine-tuning", f"{p * 1e3:.1f}", "-", "-"],
-            ["DPM (depgraph host, N=8, interval 10, 4 events)", f"{d * 1e3:.1f}", f"{(d / p - 1) * 100:+.1f}%",
+            ["DPM-SP+SR (depgraph host, quickstart recipe, N=8, interval 10)", f"{d * 1e3:.1f}", f"{(d / p - 1) * 100:+.1f}%",
              f"{h / d * 100:.1f}%"]]
     text = (f"# DPM overhead per training step\n\n`python benchmarks/dpm_overhead.py --steps {args.steps} --repeats "
             f"{args.repeats}`: sample ResNet-20, batch 128, runs interleaved, medians over repeats. The DPM run prunes "
