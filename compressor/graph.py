@@ -74,6 +74,10 @@ class _OpaqueAttention(tp.pruner.function.BasePruningFunc):
         raise NotPrunableError(f"the widths of attention layer {type(layer).__name__} are not pruned.")
 
 
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
+
+
 def _opaque_attention(model: nn.Module) -> dict[type, tp.pruner.function.BasePruningFunc]:
     """Classes of the outermost custom attention layers with linears (nn.MultiheadAttention is left to
     torch-pruning, which handles it); torch-pruning takes customized pruners by class."""
@@ -82,7 +86,7 @@ def _opaque_attention(model: nn.Module) -> dict[type, tp.pruner.function.BasePru
     for module in model.modules():
         if module in inside or isinstance(module, nn.MultiheadAttention):
             continue
-        if "attention" in type(module).__name__.lower() and _OpaqueAttention._linears(module):
+        if _is_attention(module) and _OpaqueAttention._linears(module):
             opaque.setdefault(type(module), _OpaqueAttention())
             inside.update(module.modules())
     return opaque
@@ -134,7 +138,7 @@ def attention_layers(model: nn.Module) -> dict[nn.Module, str]:
     not pruned; the rest of the network (MLP hidden widths, convolutions) is."""
     locked: dict[nn.Module, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower():
+        if _is_attention(module):
             for sub in module.modules():
                 locked.setdefault(sub, name)
     return locked
@@ -144,7 +148,7 @@ GROUPING_TIMEOUT_S = 300.0  # ResNet-50 groups in about a second; MaxViT never f
 
 
 class _Expired(Exception):
-    pass
+    """The time limit of _time_limit ran out."""
 
 
 @contextlib.contextmanager
@@ -180,18 +184,6 @@ def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
                  "unstructured or 2:4, or prune a convolutional model.") from None
 
 
-def attention_coupled(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> dict[nn.Module, str]:
-    """Modules of the groups that touch an attention layer, mapped to that attention layer's name."""
-    locked = attention_layers(graph.model)
-    coupled: dict[nn.Module, str] = {}
-    for group in _all_groups(graph, ignored):
-        hit = next((locked[i.dep.target.module] for i in group if i.dep.target.module in locked), None)
-        if hit is not None:
-            for item in group:
-                coupled.setdefault(item.dep.target.module, hit)
-    return coupled
-
-
 def prunable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
     """torch-pruning groups whose root is a conv/linear layer, that touch no ignored layer's outputs and no
     attention layer (see attention_layers)."""
@@ -218,8 +210,7 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
     """Parametrised layers whose outputs no group can prune, each with the reason."""
     names = module_names(model)
     covered = {item.dep.target.module for group in groups for item in group}
-    attention = attention_coupled(graph, ignored)
-    inside_attention = {m: n for m, n in attention_layers(model).items() if m is not model.get_submodule(n)}
+    locked = attention_layers(model)
     reasons: dict[str, str] = {}
     for module, name in names.items():
         own = list(module.parameters(recurse=False))
@@ -227,21 +218,23 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
             continue
         if module in ignored:
             continue
-        if module in inside_attention:
-            reasons[name] = f"inside attention layer {inside_attention[module]} (attention widths are not pruned)"
-            continue
-        if module in attention:
-            reasons[name] = (f"coupled to attention layer {attention[module]} (its width is tied to the head "
-                             "layout; attention widths are not pruned)")
+        if module in locked:
+            reasons[name] = f"part of attention layer {locked[module]} (attention widths are not pruned)"
             continue
         if module not in graph.module2node:
             reasons[name] = "not used in forward() of the traced model"
         elif graph.get_pruner_of_module(module) is None:
             reasons[name] = f"no torch-pruning handler for {type(module).__name__} (custom layer)"
-        elif any(m in ignored for m in _coupled_modules(graph, module)):
-            reasons[name] = "coupled to an ignored layer"
         else:
-            reasons[name] = "only input-side coupling (its outputs are fixed by another constraint)"
+            coupled = _coupled_modules(graph, module)
+            attention = next((locked[m] for m in coupled if m in locked), None)
+            if attention is not None:
+                reasons[name] = (f"coupled to attention layer {attention} (its width is tied to the head layout; "
+                                 "attention widths are not pruned)")
+            elif any(m in ignored for m in coupled):
+                reasons[name] = "coupled to an ignored layer"
+            else:
+                reasons[name] = "only input-side coupling (its outputs are fixed by another constraint)"
     for param in getattr(graph, "unwrapped_parameters", []) or []:
         pname = graph._param_to_name.get(param.parameters, "?") if hasattr(param, "parameters") else "?"
         reasons[pname] = "bare nn.Parameter outside a standard layer (torch-pruning guesses its pruning dim)"
