@@ -67,6 +67,26 @@ def onnx_speed(dense_onnx: Path, model_onnx: Path, batch: int, threads: int = 2,
     return {"dense_p50": dense_p50, "p50": p50, "speedup": dense_p50 / p50}
 
 
+def input_size(name: str) -> int:
+    """The input size a torchvision classification model expects: a ViT's own image_size, else the crop size of
+    its DEFAULT weights' transforms."""
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None)
+    if hasattr(model, "image_size"):  # VisionTransformer checks its input against this
+        return int(model.image_size)
+    crop = torchvision.models.get_model_weights(name).DEFAULT.transforms().crop_size
+    return int(crop[0])
+
+
+def zoo_overrides(name: str, size: int, macs: float) -> list[str]:
+    """Overrides of the resnet50-imagenet-latency recipe for any torchvision classifier: no fine-tuning, synthetic
+    data, every layer but the classifier prunable, a few parity samples."""
+    return [f"model.arch=torchvision:{name}", "model.ignore=[]", f"model.input_shape=[3, {size}, {size}]",
+            f"prune.target={{macs: {macs}}}", "verify.samples=4", "data.synthetic.val_size=8",
+            "data.synthetic.train_size=8"]
+
+
 class Shard:
     """`--shard K/N`: this process trains only every N-th configuration (from the K-th), so a benchmark's runs can
     be split over processes; a later run without --shard reuses them all and writes the table."""

@@ -3,6 +3,8 @@ without fine-tuning (synthetic data), dense and pruned timed interleaved, median
 
     python benchmarks/realised_speedup.py [--models resnet18 resnet50 mobilenet_v2] [--round-to 1 8 16] [--repeats 3]
 
+realised_speedup.json keeps every (model, round_to) row measured so far; the table lists them all.
+
 Writes benchmarks/results/realised_speedup.md.
 """
 from __future__ import annotations
@@ -41,19 +43,24 @@ def main() -> None:
                     ratios[batch].append(latency(report, "ort-cpu", batch)["realised_ratio"])
             mac = report["compressed"]["macs"] / report["dense"]["macs"]
             b1, b8 = statistics.median(ratios[1]), statistics.median(ratios[8])
+            layout = report.get("ort_cpu_layout")
+            nchwc = (f"{layout['dense']['nchwc']}/{sum(layout['dense'].values())} → "
+                     f"{layout['compressed']['nchwc']}/{sum(layout['compressed'].values())}") if layout else "-"
             kept[f"{model}/{round_to}"] = [model, round_to, f"{report['dense']['macs'] / 1e9:.2f} G", f"{mac:.3f}",
-                         f"x{b1 / mac:.2f} / x{b8 / mac:.2f}", f"{b1:.2f} / {b8:.2f}",
+                         f"x{b1 / mac:.2f} / x{b8 / mac:.2f}", f"{b1:.2f} / {b8:.2f}", nchwc,
                          f"{report['parity']['onnx']['max_abs_diff']:.1e}"]
             RESULTS.mkdir(parents=True, exist_ok=True)
             store.write_text(json.dumps(kept, indent=1))
-    rows = [kept[k] for k in sorted(kept)]
+    rows = [row if len(row) == 8 else row[:6] + ["-", row[6]] for row in (kept[k] for k in sorted(kept))]
     ranking = "global" if args.global_ranking else "uniform per layer"
     text = (f"# Realised speedup on ONNX Runtime CPU (2 threads), pruned to macs {args.macs} without fine-tuning\n\n"
             f"`python benchmarks/realised_speedup.py --models MODEL... --round-to "
             f"{' '.join(map(str, args.round_to))} --repeats {args.repeats}` ({ranking} ranking). Realised ratio = latency "
             "speedup / MAC reduction, median over repeats of the interleaved p50 ratio.\n\n"
+            + "NCHWc convs: convolutions ONNX Runtime runs in its blocked layout, dense → pruned (\"-\": row from "
+            "before this column existed).\n\n"
             + table(["model", "round_to", "dense MACs", "MACs kept", "speedup b1 / b8", "realised ratio b1 / b8",
-                     "parity max diff"], rows))
+                     "NCHWc convs", "parity max diff"], rows))
     write_result("realised_speedup.md", text)
 
 

@@ -19,21 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, table, write_result
+from common import RESULTS, input_size, table, write_result, zoo_overrides
 
 STORE = RESULTS / "zoo_coverage.json"
 HEADER = ["model", "input", "groups", "MACs dense", "MACs kept", "params dense → slim", "parity max diff",
           "speedup b1", "realised ratio b1", "status", "seconds"]
-
-
-def input_size(name: str) -> int:
-    import torchvision
-
-    model = torchvision.models.get_model(name, weights=None)
-    if hasattr(model, "image_size"):  # VisionTransformer checks its input against this
-        return int(model.image_size)
-    crop = torchvision.models.get_model_weights(name).DEFAULT.transforms().crop_size
-    return int(crop[0])
 
 
 def gflops(name: str) -> float:
@@ -53,10 +43,9 @@ def one(name: str, macs: float, out: Path, bench: bool = True) -> dict:
 
     torch.set_num_threads(2)
     size = input_size(name)
-    overrides = [f"model.arch=torchvision:{name}", "model.ignore=[]", f"model.input_shape=[3, {size}, {size}]",
-                 f"prune.target={{macs: {macs}}}", "verify.samples=4", "data.synthetic.val_size=8",
-                 "data.synthetic.train_size=8", "bench.batch_sizes=[1]", "bench.min_runs=10", "bench.min_seconds=2",
-                 "bench.warmup_ms=500", "bench.threads=2"] + ([] if bench else ["bench.backends=[]"])
+    overrides = zoo_overrides(name, size, macs) + ["bench.batch_sizes=[1]", "bench.min_runs=10", "bench.min_seconds=2",
+                                                   "bench.warmup_ms=500", "bench.threads=2"]
+    overrides += [] if bench else ["bench.backends=[]"]
     row = {"model": name, "input": size}
     start = time.perf_counter()
     try:

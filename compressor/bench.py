@@ -62,6 +62,7 @@ class RunnerOptions:
     trust_checkpoint: bool = False
     fp16: bool = False  # ort-trt: let the TensorRT provider use FP16 kernels
     cache_dir: Optional[Path] = None  # ort-trt: engine cache folder (reused across runs)
+    profile_prefix: Optional[str] = None  # ort-*: record per-node kernel times with onnxruntime's profiler
 
 
 BACKENDS: Registry[Callable[[Any, RunnerOptions], Runner]] = Registry("backend")
@@ -108,7 +109,7 @@ class OrtRunner(Runner):
                              "use --backend torch for PyTorch models.")
         self.name, self.input_shape = backend, options.input_shape
         self.session = create_session(path, backend, threads=options.threads, fp16=options.fp16,
-                                      cache_dir=options.cache_dir)
+                                      cache_dir=options.cache_dir, profile_prefix=options.profile_prefix)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise UsageError(f"{path.name!r} has {len(inputs)} inputs; bench feeds models with exactly one input.")

@@ -257,6 +257,29 @@ def bench_cmd(model: Annotated[str, typer.Argument(help="model.onnx (ort-*), .en
         write_json(json_out, report)
 
 
+@app.command("profile")
+@handles_errors
+def profile_cmd(model: Annotated[Path, typer.Argument(help="model.onnx to profile on ONNX Runtime CPU.")],
+                baseline: Annotated[Optional[Path], typer.Option("--baseline", help="Dense model.onnx: compare operator times and layouts.")] = None,
+                batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size.")] = 1,
+                runs: Annotated[int, typer.Option("--runs", min=1, help="Profiled runs (after 5 warm-up runs).")] = 30,
+                threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Intra-op CPU threads (default: the runtime's).")] = None,
+                input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="One sample's shape for ONNX inputs with dynamic sizes, e.g. 3,224,224.")] = None,
+                top: Annotated[int, typer.Option("--top", min=1, help="How many of the slowest nodes to list.")] = 10,
+                json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write every node's time as JSON.")] = None) -> None:
+    """Per-node kernel times from onnxruntime's profiler: where the time goes, and why a pruned model is not faster."""
+    from .bench import parse_ints
+    from .ort_profile import profile_pair, render_profile
+
+    result = profile_pair(model, baseline, batch, runs=runs, threads=threads,
+                          input_shape=parse_ints(input_shape, "--input-shape") if input_shape else None)
+    render_profile(result, out, top)
+    if json_out is not None:
+        from .rundir import write_json
+
+        write_json(json_out, result)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

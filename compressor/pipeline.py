@@ -14,6 +14,7 @@ from . import rundir
 from .data import build_datasets, sample_batch
 from .errors import BackendUnavailable, GateError, ParityError, UsageError
 from .evaluation import evaluate_onnx
+from .hardware import resolve_round_to
 from .export import export_onnx
 from .methods import METHODS
 from .models import example_inputs, load_model
@@ -99,6 +100,10 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
     timer = Timer()
     notes = preflight(recipe, device)
     out = prepare_run_dir(out, recipe, resume=resume, overwrite=overwrite)
+    recipe, round_note = resolve_round_to(recipe)  # recipe.yaml in the run keeps `auto` as written
+    if round_note:
+        notes.append(round_note)
+        info(round_note)
     is_main = rundir_is_main()
     with timer("load"):
         model = load_model(checkpoint, recipe.model, trust_checkpoint=trust_checkpoint)
@@ -179,6 +184,13 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
         info("[6/6] latency: skipped (bench.backends is empty)")
     with timer("bench"):
         report["latency"], report["environment"] = _bench(recipe, out, dense, model, macs, dense_macs)
+        if "ort-cpu" in recipe.bench.backends:
+            from .ort_profile import layout_check
+
+            report["ort_cpu_layout"] = layout_check(out / "dense.onnx", out / "model.onnx", threads=recipe.bench.threads,
+                                                    input_shape=list(recipe.model.input_shape))
+            for finding in report["ort_cpu_layout"]["findings"]:
+                info(f"      note: {finding}")
     report["gates"] = evaluate_gates(recipe, report)
     failed = [g for g in report["gates"] if not g["passed"]]
     report["status"] = "failed: gates" if failed else "ok"

@@ -193,13 +193,22 @@ class PruneConfig(Strict):
     importance: ImportanceConfig = Field(default_factory=ImportanceConfig)
     target: TargetConfig = Field(default_factory=lambda: TargetConfig(macs=0.5))
     global_ranking: bool = Field(True, alias="global")
-    round_to: Optional[int] = Field(None, gt=0)
+    round_to: Optional[Union[int, Literal["auto"]]] = Field(
+        None, description="kept widths rounded up to a multiple of this; auto: what the bench/export targets run "
+                          "fastest on (8 on AVX2 CPUs and GPUs, 16 with AVX-512, 32 for TensorRT INT8)")
     max_layer_ratio: float = Field(0.8, gt=0.0, le=1.0)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     dpm: DPMConfig = Field(default_factory=DPMConfig)
     sparse_learning: SparseLearningConfig = Field(default_factory=SparseLearningConfig)
     fggp: FGGPConfig = Field(default_factory=FGGPConfig)
     ocsp: OCSPConfig = Field(default_factory=OCSPConfig)
+
+    @field_validator("round_to", mode="before")
+    @classmethod
+    def _round_to(cls, v: Any) -> Any:
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(f"must be a positive whole number of channels (8, 16, ...), auto or null")
 
 
 # ---------------------------------------------------------------------------------------------- training

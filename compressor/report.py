@@ -110,6 +110,14 @@ def _latency_section(r: dict[str, Any]) -> list[str]:
                       f"{x['compressed']['p90']:.3f}", f"{x['compressed']['throughput']:.1f}", f"x{x['speedup']:.2f}",
                       f"x{mac_red:.2f}", f"{x['realised_ratio']:.2f}"] for x in rows])
     lines += ["Realised ratio = latency speedup / MAC reduction (1.0 means every removed MAC became time saved).", ""]
+    layout = r.get("ort_cpu_layout")
+    if layout:
+        def count(side: str) -> str:
+            return f"{layout[side]['nchwc']} of {sum(layout[side].values())}"
+
+        lines += [f"ONNX Runtime CPU runs {count('compressed')} convolutions of the compressed model in its fast NCHWc "
+                  f"layout (dense: {count('dense')}); `compressor profile model.onnx --baseline dense.onnx` shows "
+                  "where the time goes."] + [f"- {f}" for f in layout["findings"]] + [""]
     return lines
 
 

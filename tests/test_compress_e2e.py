@@ -53,8 +53,11 @@ def test_compress_writes_complete_verified_run(oneshot_run):
     assert report["method"]["events"][0]["removed"] > 0
     assert report["dense"]["widths"]["layer1.0.conv1"] == 16
     assert report["compressed"]["widths"]["layer1.0.conv1"] <= 16
+    layout = report["ort_cpu_layout"]  # ResNet-20 has 21 convolutions; the report says how many run in NCHWc
+    assert sum(layout["dense"].values()) == sum(layout["compressed"].values()) == 21
     md = (out / "report.md").read_text()
-    for heading in ("## Accuracy and size", "## Latency", "realised ratio", "## Pruning events", "## Per-layer widths"):
+    for heading in ("## Accuracy and size", "## Latency", "realised ratio", "## Pruning events", "## Per-layer widths",
+                    f"runs {layout['compressed']['nchwc']} of 21 convolutions of the compressed model in its fast NCHWc"):
         assert heading in md
     assert "report:" in result.stdout and "MACs x0.4" in result.stdout
 

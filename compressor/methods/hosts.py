@@ -19,6 +19,7 @@ from torch import nn
 from .. import graph as dg
 from .. import selection as sel
 from ..errors import RecipeError
+from ..hardware import resolve_round_to
 from ..importance import build_scorer
 from ..models import example_inputs
 from ..progress import info
@@ -236,6 +237,7 @@ def broadcast_plan(plan: sel.Plan) -> sel.Plan:
 
 def predict_pruning(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
     """What the recipe's final target gives on this model (computed on a copy, magnitude scores)."""
+    recipe = resolve_round_to(recipe)[0]
     work = copy.deepcopy(model).cpu().eval()
     example = example_inputs(recipe.model)
     scorer = build_scorer(ImportanceConfig(kind="magnitude"))
