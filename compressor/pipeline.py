@@ -140,8 +140,9 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
     info("[4/6] saving the slim model and exporting to ONNX")
     with timer("export"):
         artifacts = save_slim(model, out, recipe.model)
-        onnx_info = export_onnx(model, example, out / "model.onnx", recipe.export.onnx)
-        dense_onnx = export_onnx(dense, example, out / "dense.onnx", recipe.export.onnx)
+        sparse = "sparsity" in method.summary()  # unstructured / 2:4 zeros: the file size that matters is zipped
+        onnx_info = export_onnx(model, example, out / "model.onnx", recipe.export.onnx, zipped=sparse)
+        dense_onnx = export_onnx(dense, example, out / "dense.onnx", recipe.export.onnx, zipped=sparse)
     samples, _ = sample_batch(val_set, recipe.verify.samples)
 
     report: dict[str, Any] = {

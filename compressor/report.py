@@ -22,7 +22,9 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} K"
 
 
-def _kb(n: float) -> str:
+def _kb(n: float | None) -> str:
+    if n is None:
+        return "-"
     return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
 
 
@@ -48,7 +50,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         ["ratio / change", f"{comp['top1'] - dense['top1']:+.2f} pp", f"{comp['top5'] - dense['top5']:+.2f} pp", "",
          f"{comp['macs'] / dense['macs']:.3f}", f"{comp['params'] / dense['params']:.3f}",
          f"{comp['onnx_bytes'] / dense['onnx_bytes']:.3f}",
-         f"{comp['onnx_zipped_bytes'] / dense['onnx_zipped_bytes']:.3f}"]])
+         f"{comp['onnx_zipped_bytes'] / dense['onnx_zipped_bytes']:.3f}" if comp["onnx_zipped_bytes"] else "-"]])
     t = r["target"]
     if t.get("asked") is None:
         asked = "none (this method keeps dense shapes)"

@@ -169,6 +169,7 @@ class FGGP(PruningMethod):
         s_t = self.target_sparsity(step)
         model = ctx.model
         selection = "magnitude" if final else self.cfg.selection
+        topped_up = 0
         if self.cfg.granularity == "2:4":
             pruned = self._event_2of4(model, s_t, selection)
         else:
@@ -181,6 +182,15 @@ class FGGP(PruningMethod):
             chosen = two_step_select(grad, weight, active, k, self.cfg.grad_fraction, selection)
             flat = torch.ones(total, dtype=torch.bool, device=active.device)
             flat[chosen] = False
+            short = k - chosen.numel()
+            if short > 0 and step >= self.t1:
+                # a schedule steeper than r allows (few events) would end below the asked sparsity: the last
+                # event prunes the shortfall by magnitude among the remaining weights, and says so
+                extra = two_step_select(grad, weight, active & flat, short, 1.0, "magnitude")
+                flat[extra] = False
+                chosen, topped_up = torch.cat([chosen, extra]), short
+                info(f"FGGP: the last event needed {k} weights but the r = {self.cfg.grad_fraction} low-gradient "
+                     f"pool held {k - short}; {short} more were pruned by magnitude to reach sparsity {s_t:.3f}")
             offset = 0
             for name, mask in self.masks.items():
                 n = mask.numel()
@@ -189,7 +199,7 @@ class FGGP(PruningMethod):
             pruned = int(chosen.numel())
         self._zero_pruned(model)
         self.records.append({"event": len(self.records) + 1, "step": step, "target_sparsity": s_t, "pruned": pruned,
-                             "sparsity": self.sparsity()["overall"]})
+                             "sparsity": self.sparsity()["overall"], "by_magnitude": topped_up})
 
     def _event_2of4(self, model: nn.Module, s_t: float, selection: str) -> int:
         """Per group of 4 along the input dimension: reach floor(4 s_t) zeros with the two-step rule."""
