@@ -48,19 +48,20 @@ def main() -> None:
                      f"{layout['compressed']['nchwc']}/{sum(layout['compressed'].values())}") if layout else "-"
             kept[f"{model}/{round_to}"] = [model, round_to, f"{report['dense']['macs'] / 1e9:.2f} G", f"{mac:.3f}",
                          f"x{b1 / mac:.2f} / x{b8 / mac:.2f}", f"{b1:.2f} / {b8:.2f}", nchwc,
-                         f"{report['parity']['onnx']['max_abs_diff']:.1e}"]
+                         f"{report['parity']['onnx']['max_abs_diff']:.1e}", args.repeats]
             RESULTS.mkdir(parents=True, exist_ok=True)
             store.write_text(json.dumps(kept, indent=1))
-    rows = [row if len(row) == 8 else row[:6] + ["-", row[6]] for row in (kept[k] for k in sorted(kept))]
+    # rows from before the layout and repeats columns existed were measured with --repeats 2
+    rows = [row if len(row) == 9 else row[:6] + ["-", row[6], 2] for row in (kept[k] for k in sorted(kept))]
     ranking = "global" if args.global_ranking else "uniform per layer"
     text = (f"# Realised speedup on ONNX Runtime CPU (2 threads), pruned to macs {args.macs} without fine-tuning\n\n"
-            f"`python benchmarks/realised_speedup.py --models MODEL... --round-to "
-            f"{' '.join(map(str, args.round_to))} --repeats {args.repeats}` ({ranking} ranking). Realised ratio = latency "
-            "speedup / MAC reduction, median over repeats of the interleaved p50 ratio.\n\n"
+            f"`python benchmarks/realised_speedup.py --models MODEL... --round-to R... --repeats N` ({ranking} "
+            "ranking; rows accumulate over invocations). Realised ratio = latency speedup / MAC reduction, median over "
+            "repeats of the interleaved p50 ratio.\n\n"
             + "NCHWc convs: convolutions ONNX Runtime runs in its blocked layout, dense → pruned (\"-\": row from "
             "before this column existed).\n\n"
             + table(["model", "round_to", "dense MACs", "MACs kept", "speedup b1 / b8", "realised ratio b1 / b8",
-                     "NCHWc convs", "parity max diff"], rows))
+                     "NCHWc convs", "parity max diff", "repeats"], rows))
     write_result("realised_speedup.md", text)
 
 

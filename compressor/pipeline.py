@@ -14,8 +14,8 @@ from . import rundir
 from .data import build_datasets, sample_batch
 from .errors import BackendUnavailable, GateError, ParityError, UsageError
 from .evaluation import evaluate_onnx
-from .hardware import resolve_round_to
 from .export import export_onnx
+from .hardware import resolve_round_to
 from .methods import METHODS
 from .models import example_inputs, load_model
 from .progress import info

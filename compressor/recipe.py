@@ -208,7 +208,7 @@ class PruneConfig(Strict):
     def _round_to(cls, v: Any) -> Any:
         if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
             return v
-        raise ValueError(f"must be a positive whole number of channels (8, 16, ...), auto or null")
+        raise ValueError("must be a positive whole number of channels (8, 16, ...), auto or null")
 
 
 # ---------------------------------------------------------------------------------------------- training
