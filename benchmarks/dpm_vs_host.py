@@ -34,7 +34,8 @@ VARIANTS = {
 
 def budget(args, seed: int) -> list[str]:
     overrides = [f"finetune.epochs={args.epochs}", f"finetune.seed={seed}", "bench.backends=[]",
-                 "gates.max_accuracy_drop=null", "prune.schedule.end_epoch=1", f"prune.dpm.interval={args.interval}"]
+                 "gates.max_accuracy_drop=null", "prune.schedule.end_epoch=1", f"prune.dpm.interval={args.interval}",
+                 "prune.round_to=null"]  # the published table was measured with free widths
     if args.train_subset:
         overrides.append(f"data.train_subset={args.train_subset}")
     return overrides

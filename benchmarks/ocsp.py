@@ -25,7 +25,8 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-ocsp"))
     args = parser.parse_args()
-    common = ["bench.backends=[ort-cpu]", "bench.batch_sizes=[1]", "bench.min_runs=50", "gates.max_accuracy_drop=null"]
+    common = ["bench.backends=[ort-cpu]", "bench.batch_sizes=[1]", "bench.min_runs=50", "gates.max_accuracy_drop=null",
+              "prune.round_to=null"]  # both pipelines choose widths freely (OCSP's recipe does)
     subset = ["--train-subset", str(args.train_subset)] if args.train_subset else []
     if args.train_subset:
         common.append(f"data.train_subset={args.train_subset}")
