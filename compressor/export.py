@@ -42,11 +42,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
         except Exception as exc:  # the exporters raise many unrelated types; all mean "this model did not export"
             raise ExportError(f"ONNX export of the model failed ({type(exc).__name__}: {str(exc).splitlines()[0]}).",
                               hint="Try export.onnx.dynamo: true, another export.onnx.opset, or check custom ops.") from None
-        proto = onnx.load(str(tmp))
-        try:
-            onnx.checker.check_model(proto, full_check=True)
+        try:  # from the file: no second serialisation of the whole model, and models over 2 GB check too
+            onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:
             raise ExportError(f"the exported ONNX fails onnx.checker: {exc}") from None
+        proto = onnx.load(str(tmp))
         simplified = False
         if cfg.simplify:
             proto, simplified = _simplify(proto)
