@@ -52,7 +52,8 @@ def main() -> None:
             RESULTS.mkdir(parents=True, exist_ok=True)
             store.write_text(json.dumps(kept, indent=1))
     # rows from before the layout and repeats columns existed were measured with --repeats 2
-    rows = [row if len(row) == 9 else row[:6] + ["-", row[6], 2] for row in (kept[k] for k in sorted(kept))]
+    order = sorted(kept, key=lambda k: (k.split("/")[0], int(k.split("/")[1])))
+    rows = [row if len(row) == 9 else row[:6] + ["-", row[6], 2] for row in (kept[k] for k in order)]
     ranking = "global" if args.global_ranking else "uniform per layer"
     text = (f"# Realised speedup on ONNX Runtime CPU (2 threads), pruned to macs {args.macs} without fine-tuning\n\n"
             f"`python benchmarks/realised_speedup.py --models MODEL... --round-to R... --repeats N` ({ranking} "

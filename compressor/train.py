@@ -122,6 +122,9 @@ class TrainContext:
 
         The LR schedule continues from ctx.step (it is a function of the step, not optimizer state).
         """
+        if self.channels_last and not onednn_channels_last_safe(self.model):  # the removal made a crashing shape
+            self.channels_last = False
+            self.model.to(memory_format=torch.contiguous_format)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, self.cfg)
@@ -283,7 +286,19 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
 
 def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
     """On CPU, oneDNN convolutions run several times faster on channels-last tensors."""
-    return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return (device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+            and onednn_channels_last_safe(model))
+
+
+def onednn_channels_last_safe(model: nn.Module) -> bool:
+    """False where torch 2.14's oneDNN corrupts the heap: the backward of a channels-last strided 1x1 convolution
+    with fewer than 8 input channels on a single intra-op thread ("double free or corruption", measured with
+    OMP_NUM_THREADS=1; 8+ input channels or 2 threads are fine). Pruning can create such a layer (a ResNet
+    shortcut fed by a 4-channel stage), so this is checked again after every structural change."""
+    if torch.get_num_threads() > 1:
+        return True
+    return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 8
+                   for m in model.modules())
 
 
 def _batches_per_epoch(size: int, batch_size: int, world: int) -> int:

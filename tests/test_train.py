@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+from torch import nn
 
 from compressor.data import build_datasets
 from compressor.errors import TrainingError
@@ -13,7 +15,7 @@ from compressor.models import build_arch
 from compressor.recipe import SchedulerConfig, recipe_from_dict
 from compressor.train import evaluate, fit, lr_factor
 
-from .conftest import tiny_recipe
+from .conftest import REPO, tiny_recipe
 
 
 def setup(**sections):
@@ -171,3 +173,38 @@ def test_gradient_clipping_bounds_the_update():
     # one step of SGD (lr 1, no momentum) with the gradient clipped to norm 1e-3 moves the weights by <= 1e-3
     assert len(grad_norms) == 1 and grad_norms[0] > 1e-2
     assert moved.item() <= 1e-3 + 1e-6
+
+
+def test_single_thread_training_avoids_the_onednn_channels_last_crash():
+    """torch 2.14's oneDNN corrupts the heap in the channels-last backward of a strided 1x1 conv with < 8 input
+    channels on one thread (a pruned ResNet shortcut): training must fall back to contiguous tensors there."""
+    import subprocess
+    import sys
+
+    from compressor.train import onednn_channels_last_safe
+
+    risky = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 16, 1, stride=2))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not onednn_channels_last_safe(risky)
+        assert onednn_channels_last_safe(nn.Sequential(nn.Conv2d(8, 16, 1, stride=2), nn.Conv2d(4, 16, 1)))
+        torch.set_num_threads(2)
+        assert onednn_channels_last_safe(risky)
+    finally:
+        torch.set_num_threads(before)
+    script = (
+        "import torch; from torch import nn\n"
+        "from compressor.recipe import recipe_from_dict\n"
+        "from compressor.data import build_datasets\n"
+        "from compressor.train import fit\n"
+        "from tests.conftest import tiny_recipe\n"
+        "r = recipe_from_dict(tiny_recipe(finetune={'epochs': 1}))\n"
+        "train, val = build_datasets(r.data, r.model)\n"
+        "m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 16, 1, stride=2),\n"
+        "                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))\n"
+        "fit(m, train, val, r.finetune, r.data)\n"
+        "print('trained')\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]
