@@ -144,6 +144,23 @@ def attention_layers(model: nn.Module) -> dict[nn.Module, str]:
     return locked
 
 
+def grouped_convs(model: nn.Module) -> dict[nn.Module, str]:
+    """Grouped convolutions that are not depthwise (1 < groups < in_channels: RegNet, ResNeXt), by name. Removing
+    channels from them would have to keep every group the same size, which torch-pruning's channel indices do not
+    (measured: RegNetX-800MF failed in index_select), so groups that touch them are not pruned."""
+    return {m: name for name, m in model.named_modules()
+            if isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups < m.in_channels}
+
+
+def _locked(model: nn.Module) -> dict[nn.Module, str]:
+    """Every module whose channels are never pruned, with the reason."""
+    reasons = {m: f"part of attention layer {name} (attention widths are not pruned)"
+               for m, name in attention_layers(model).items()}
+    reasons.update({m: f"grouped convolution (groups={m.groups}; its groups would have to shrink together)"
+                    for m in grouped_convs(model)})
+    return reasons
+
+
 GROUPING_TIMEOUT_S = 300.0  # ResNet-50 groups in about a second; MaxViT never finishes
 
 
@@ -185,9 +202,9 @@ def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
 
 
 def prunable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
-    """torch-pruning groups whose root is a conv/linear layer, that touch no ignored layer's outputs and no
-    attention layer (see attention_layers)."""
-    locked = attention_layers(graph.model)
+    """torch-pruning groups whose root is a conv/linear layer, that touch no ignored layer's outputs, no attention
+    layer (see attention_layers) and no grouped convolution (see grouped_convs)."""
+    locked = _locked(graph.model)
     return [g for g in _all_groups(graph, ignored) if not any(i.dep.target.module in locked for i in g)]
 
 
@@ -210,7 +227,7 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
     """Parametrised layers whose outputs no group can prune, each with the reason."""
     names = module_names(model)
     covered = {item.dep.target.module for group in groups for item in group}
-    locked = attention_layers(model)
+    locked = _locked(model)
     reasons: dict[str, str] = {}
     for module, name in names.items():
         own = list(module.parameters(recurse=False))
@@ -219,7 +236,7 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
         if module in ignored:
             continue
         if module in locked:
-            reasons[name] = f"part of attention layer {locked[module]} (attention widths are not pruned)"
+            reasons[name] = locked[module]
             continue
         if module not in graph.module2node:
             reasons[name] = "not used in forward() of the traced model"
@@ -227,10 +244,13 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
             reasons[name] = f"no torch-pruning handler for {type(module).__name__} (custom layer)"
         else:
             coupled = _coupled_modules(graph, module)
-            attention = next((locked[m] for m in coupled if m in locked), None)
-            if attention is not None:
-                reasons[name] = (f"coupled to attention layer {attention} (its width is tied to the head layout; "
-                                 "attention widths are not pruned)")
+            attention, grouped = attention_layers(model), grouped_convs(model)
+            lock = next((m for m in coupled if m in locked), None)
+            if lock in attention:
+                reasons[name] = (f"coupled to attention layer {attention[lock]} (its width is tied to the head "
+                                 "layout; attention widths are not pruned)")
+            elif lock in grouped:
+                reasons[name] = f"coupled to grouped convolution {grouped[lock]} (groups={lock.groups})"
             elif any(m in ignored for m in coupled):
                 reasons[name] = "coupled to an ignored layer"
             else:

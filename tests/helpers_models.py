@@ -59,6 +59,13 @@ def tiny_mobilenet(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return MobileNetV2(num_classes=num_classes, width_mult=0.25)
 
 
+def tiny_resnext(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNeXt-style Bottleneck (grouped 3x3 convolutions, groups=4), one block per stage."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    return ResNet(Bottleneck, [1, 1, 1, 1], num_classes=num_classes, groups=4, width_per_group=8)
+
+
 def tiny_vit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """torchvision's VisionTransformer (nn.MultiheadAttention, class token, position embedding) on 32x32."""
     from torchvision.models import VisionTransformer

@@ -64,3 +64,27 @@ def test_grouping_that_does_not_terminate_is_a_clear_error(monkeypatch, tmp_path
     graph = dg.build_graph(model, torch.randn(1, 3, 32, 32), [])
     with pytest.raises(NotPrunableError, match="MaxVit within 3 s"):
         dg.prunable_groups(graph, [])
+
+
+def test_grouped_convolutions_keep_their_widths_and_the_rest_is_pruned(tmp_path):
+    """RegNet/ResNeXt grouped convs crashed torch-pruning's index_select (found by the zoo sweep): groups touching
+    them are now left alone, inspect says why, and the residual widths around them are still pruned."""
+    from tests.helpers_models import tiny_resnext
+
+    model = tiny_resnext()
+    example = torch.randn(1, 3, 32, 32)
+    ignored = dg.resolve_ignored(model, [], 10)
+    graph = dg.build_graph(model, example, ignored)
+    groups = dg.prunable_groups(graph, ignored)
+    grouped = dg.grouped_convs(model)
+    assert len(grouped) == 4 and groups
+    assert not any(item.dep.target.module in grouped for g in groups for item in g)
+    reasons = dg.unprunable_layers(model, graph, groups, ignored)
+    assert reasons["layer1.0.conv2"] == "grouped convolution (groups=4; its groups would have to shrink together)"
+    assert reasons["layer1.0.bn1"] == "coupled to grouped convolution layer1.0.conv2 (groups=4)"
+    spec = recipe("tiny_resnext") | {"prune": {"method": "oneshot", "target": {"macs": 0.9}, "global": False}}
+    report = compress("python:tests.helpers_models:tiny_resnext", recipe_from_dict(spec), tmp_path / "x")
+    assert report["status"] == "ok" and report["parity"]["onnx"]["passed"]
+    assert report["compressed"]["macs"] < 0.95 * report["dense"]["macs"]
+    widths = report["compressed"]["widths"]
+    assert all(widths[name] == report["dense"]["widths"][name] for name in grouped.values())
