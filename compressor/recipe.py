@@ -285,6 +285,8 @@ class ExportConfig(Strict):
 class VerifyConfig(Strict):
     samples: int = Field(256, gt=0)
     atol: float = Field(1e-4, gt=0.0)
+    rtol: float = Field(1e-6, ge=0.0, description="allowed max abs diff = atol + rtol * max |PyTorch output| "
+                                                  "(untrained or unnormalised logits reach 1e5-1e12)")
     fp16_atol: float = Field(5e-2, gt=0.0, description="max abs diff allowed for an FP16 TensorRT engine")
     int8_atol: float = Field(0.5, gt=0.0, description="max abs diff allowed for an INT8 TensorRT engine")
     reduced_min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0, description="top-1 agreement for FP16/INT8")

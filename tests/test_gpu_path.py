@@ -194,3 +194,25 @@ def test_ort_cuda_really_runs_on_the_gpu(tiny_onnx):
     assert session.get_providers()[0] == "CUDAExecutionProvider"
     out = session.run(None, {"input": np.zeros((2, 1, 16, 16), np.float32)})[0]
     assert out.shape == (2, 4)
+
+
+def test_parity_tolerance_scales_with_the_output_magnitude():
+    """Untrained torchvision models put out logits of 1e5 (ResNet-101) to 1e12 (Inception-v3): fp32 rounding then
+    differs by more than any fixed atol, so the allowed diff is atol + rtol * max |PyTorch output|."""
+    import numpy as np
+
+    from compressor.errors import ParityError
+    from compressor.recipe import VerifyConfig
+    from compressor.verify import compare_outputs
+
+    cfg = VerifyConfig(atol=1e-3, rtol=1e-6)
+    reference = np.array([[9.6e11, -2.0e11], [1.0e11, 3.0e11]])
+    close = check(compare_outputs(reference, reference + 3.7e4), cfg, "ONNX m.onnx")
+    assert close["passed"] and close["allowed_abs_diff"] == pytest.approx(1e-3 + 9.6e5)
+    assert close["max_abs_reference"] == pytest.approx(9.6e11)
+    with pytest.raises(ParityError) as err:
+        check(compare_outputs(reference, reference + 2e6), cfg, "ONNX m.onnx")
+    assert "max abs diff 2e+06 (allowed 9.6e+05 = atol 0.001 + rtol 1e-06 x max |output| 9.6e+11)" in str(err.value)
+    trained = np.array([[4.0, -1.0]])  # ordinary logits: the atol decides, as before
+    with pytest.raises(ParityError):
+        check(compare_outputs(trained, trained + 2e-3), cfg, "ONNX m.onnx")
