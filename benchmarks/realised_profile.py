@@ -47,7 +47,10 @@ def main() -> None:
             findings = "".join(f"- {f}\n" for f in comparison["diagnosis"])
             sections.append(f"## {model}, round_to {round_to}, batch {batch}: realised ratio {ratio:.2f}\n\n"
                             f"MACs kept {mac:.3f} (x{1 / mac:.2f} fewer); all kernels x{comparison['kernel_speedup']:.2f} "
-                            f"({dense['kernel_us'] / 1e3:.2f} → {pruned['kernel_us'] / 1e3:.2f} ms); {layout}.\n\n"
+                            f"({dense['kernel_us'] / 1e3:.2f} → {pruned['kernel_us'] / 1e3:.2f} ms); whole session run "
+                            f"x{dense['model_run_us'] / pruned['model_run_us']:.2f} ({dense['model_run_us'] / 1e3:.2f} → "
+                            f"{pruned['model_run_us'] / 1e3:.2f} ms, kernels {pruned['kernel_us'] / pruned['model_run_us']:.0%}"
+                            f" of it); {layout}.\n\n"
                             + body + ("\n" + findings if findings else ""))
             print(sections[-1], flush=True)
     text = (f"# Where the realised speedup is lost (ORT-CPU, {args.threads} threads)\n\n"
