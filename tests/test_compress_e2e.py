@@ -95,7 +95,7 @@ def test_failed_gate_exits_1_after_writing_report(tmp_path):
 def test_parity_failure_is_an_error_not_a_warning(tmp_path):
     out = tmp_path / "parity"
     result = run_cli("compress", checkpoint(), "--recipe", "resnet20-fmnist-oneshot", "--out", out, *QUICK,
-                     "--set", "verify.atol=1e-12", "--set", "finetune.epochs=0")
+                     "--set", "verify.atol=1e-12", "--set", "verify.rtol=0", "--set", "finetune.epochs=0")
     assert result.returncode == 1
     assert "parity check failed" in result.stderr and "max abs diff" in result.stderr
     assert json.loads((out / "report.json").read_text())["status"] == "failed: parity"
