@@ -52,8 +52,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
             proto, simplified = _simplify(proto)
             if simplified:
                 onnx.save(proto, str(tmp))
-    return {"path": str(path), "opset": cfg.opset, "bytes": path.stat().st_size, "zipped_bytes": zipped_size(path) if zipped else None,
-            "nodes": len(proto.graph.node),
+    return {"path": str(path), "opset": cfg.opset, "bytes": path.stat().st_size,
+            "zipped_bytes": zipped_size(path) if zipped else None, "nodes": len(proto.graph.node),
             "simplified": simplified, "dynamic_batch": cfg.dynamic_batch, "exporter": "dynamo" if cfg.dynamo else "torchscript"}
 
 

@@ -152,12 +152,11 @@ def grouped_convs(model: nn.Module) -> dict[nn.Module, str]:
             if isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups < m.in_channels}
 
 
-def _locked(model: nn.Module) -> dict[nn.Module, str]:
-    """Every module whose channels are never pruned, with the reason."""
-    reasons = {m: f"part of attention layer {name} (attention widths are not pruned)"
-               for m, name in attention_layers(model).items()}
+def _locked(attention: dict[nn.Module, str], grouped: dict[nn.Module, str]) -> dict[nn.Module, str]:
+    """Every module whose channels are never pruned (attention_layers, grouped_convs), with the reason."""
+    reasons = {m: f"part of attention layer {name} (attention widths are not pruned)" for m, name in attention.items()}
     reasons.update({m: f"grouped convolution (groups={m.groups}; its groups would have to shrink together)"
-                    for m in grouped_convs(model)})
+                    for m in grouped})
     return reasons
 
 
@@ -204,7 +203,7 @@ def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
 def prunable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
     """torch-pruning groups whose root is a conv/linear layer, that touch no ignored layer's outputs, no attention
     layer (see attention_layers) and no grouped convolution (see grouped_convs)."""
-    locked = _locked(graph.model)
+    locked = _locked(attention_layers(graph.model), grouped_convs(graph.model))
     return [g for g in _all_groups(graph, ignored) if not any(i.dep.target.module in locked for i in g)]
 
 
@@ -227,7 +226,8 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
     """Parametrised layers whose outputs no group can prune, each with the reason."""
     names = module_names(model)
     covered = {item.dep.target.module for group in groups for item in group}
-    locked = _locked(model)
+    attention, grouped = attention_layers(model), grouped_convs(model)
+    locked = _locked(attention, grouped)
     reasons: dict[str, str] = {}
     for module, name in names.items():
         own = list(module.parameters(recurse=False))
@@ -244,7 +244,6 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
             reasons[name] = f"no torch-pruning handler for {type(module).__name__} (custom layer)"
         else:
             coupled = _coupled_modules(graph, module)
-            attention, grouped = attention_layers(model), grouped_convs(model)
             lock = next((m for m in coupled if m in locked), None)
             if lock in attention:
                 reasons[name] = (f"coupled to attention layer {attention[lock]} (its width is tied to the head "
