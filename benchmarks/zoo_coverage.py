@@ -115,9 +115,14 @@ def main() -> None:
         print(fmt(rows[name]), flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
         STORE.write_text(json.dumps(rows, indent=1))
+        write_table(rows, args.macs)  # after every row: a sweep stopped part-way still leaves its table
+    write_table(rows, args.macs)
+
+
+def write_table(rows: dict, macs: float) -> None:
     done = [rows[k] for k in sorted(rows)]
     ok = sum(r["status"].startswith("ok") for r in done)
-    text = (f"# torchvision classification zoo through `compressor compress` (macs {args.macs}, no fine-tuning)\n\n"
+    text = (f"# torchvision classification zoo through `compressor compress` (macs {macs}, no fine-tuning)\n\n"
             f"`python benchmarks/zoo_coverage.py`: {ok} of {len(done)} models end to end with parity "
             f"({ok / max(len(done), 1):.0%}). Synthetic data, recipe resnet50-imagenet-latency (uniform per-layer "
             "ranking, round_to 16), ORT-CPU 2 threads, batch 1, dense and slim interleaved; realised ratio = "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from torch import nn
 
 from .errors import ExportError
 from .recipe import OnnxConfig
-from .rundir import atomic_path
+from .rundir import publish
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
@@ -26,16 +27,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
     model = model.eval()
     example = example.contiguous()
     dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if cfg.dynamic_batch else None
-    with atomic_path(path) as tmp:
+    with _private_dir(path) as work:
+        tmp = work / path.name  # the exporters name external-data files after the graph file and write them beside it
         try:
             with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath(False):
                 warnings.simplefilter("ignore")
                 if cfg.dynamo:
                     batch = torch.export.Dim("batch", min=1) if cfg.dynamic_batch else None
                     torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                      opset_version=cfg.opset, dynamo=True, external_data=False,
+                                      opset_version=cfg.opset, dynamo=True, external_data=_over_proto_limit(model),
                                       dynamic_shapes=({0: batch},) if batch is not None else None)
-                else:
+                else:  # over 2 GB, this exporter writes one file per tensor beside the graph on its own
                     torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                       opset_version=cfg.opset, dynamo=False, dynamic_axes=dynamic,
                                       do_constant_folding=True)
@@ -46,15 +48,82 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:
             raise ExportError(f"the exported ONNX fails onnx.checker: {exc}") from None
-        proto = onnx.load(str(tmp))
+        external = any(f.name != tmp.name for f in work.iterdir())
         simplified = False
-        if cfg.simplify:
-            proto, simplified = _simplify(proto)
-            if simplified:
-                onnx.save(proto, str(tmp))
-    return {"path": str(path), "opset": cfg.opset, "bytes": path.stat().st_size,
-            "zipped_bytes": zipped_size(path) if zipped else None, "nodes": len(proto.graph.node),
+        if external:  # over protobuf's 2 GB: one data file beside the graph; onnxslim needs the model in one proto
+            nodes = consolidate_external_data(tmp)
+        else:
+            proto = onnx.load(str(tmp))
+            if cfg.simplify:
+                proto, simplified = _simplify(proto)
+                if simplified:
+                    onnx.save(proto, str(tmp))
+            nodes = len(proto.graph.node)
+        data = data_file(path)
+        remove_onnx(path)  # an earlier export here (its data file could be stale or mismatched)
+        if external:
+            publish(work / data.name)
+            os.replace(work / data.name, data)
+        publish(tmp)
+        os.replace(tmp, path)  # the graph last: a graph file is only there when its data is
+    return {"path": str(path), "opset": cfg.opset, "bytes": onnx_bytes(path), "external_data": data.name if external else None,
+            "zipped_bytes": zipped_size(path) if zipped else None, "nodes": nodes,
             "simplified": simplified, "dynamic_batch": cfg.dynamic_batch, "exporter": "dynamo" if cfg.dynamo else "torchscript"}
+
+
+PROTO_LIMIT = 2**31  # protobuf's hard limit on one serialised message: larger models keep their tensors outside
+
+
+def _over_proto_limit(model: nn.Module) -> bool:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) > 0.9 * PROTO_LIMIT  # headroom for folded constants
+
+
+def data_file(path: str | Path) -> Path:
+    """Where the tensors of a model over 2 GB live: `model.onnx.data` beside `model.onnx`."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def onnx_bytes(path: str | Path) -> int:
+    """The size of an ONNX model on disk: the graph file plus its external-data file when it has one."""
+    data = data_file(path)
+    return Path(path).stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def remove_onnx(path: str | Path) -> None:
+    Path(path).unlink(missing_ok=True)
+    data_file(path).unlink(missing_ok=True)
+
+
+def consolidate_external_data(graph: Path) -> int:
+    """Rewrite an external-data model (the TorchScript exporter writes one file per tensor, named after the tensor, so
+    two models in one directory would overwrite each other's weights) as the graph plus one `<graph>.data` file.
+    Returns the node count."""
+    import onnx
+
+    proto = onnx.load(str(graph))  # with the tensors, in memory
+    for part in graph.parent.iterdir():  # onnx appends to an existing data file: start from none
+        if part.name != graph.name:
+            part.unlink()
+    onnx.save_model(proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_file(graph).name)  # tensors under 1 kB (shapes, axes) stay inline for shape inference
+    onnx.checker.check_model(str(graph), full_check=True)
+    return len(proto.graph.node)
+
+
+@contextlib.contextmanager
+def _private_dir(path: Path):
+    """A temporary directory beside `path` (same file system, so the results move in with a rename), removed after."""
+    import shutil
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -70,10 +139,17 @@ def _mha_fastpath(enabled: bool):
 
 
 def zipped_size(path: str | Path) -> int:
-    """Size of the file after DEFLATE (zlib level 9): what zeros from unstructured sparsity save on disk."""
+    """Size of the model (graph and external data) after DEFLATE (zlib level 9): what zeros from unstructured sparsity
+    save on disk. Streamed, so a model over 2 GB is not read into memory at once."""
     import zlib
 
-    return len(zlib.compress(Path(path).read_bytes(), 9))
+    packer, size = zlib.compressobj(9), 0
+    for part in (Path(path), data_file(path)):
+        if part.is_file():
+            with part.open("rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    size += len(packer.compress(chunk))
+    return size + len(packer.flush())
 
 
 def _simplify(proto):
@@ -135,7 +211,7 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
     try:
         info["parity"] = {**verify_onnx(model, target, samples, verify_cfg), "source": source}
     except Exception:
-        Path(target).unlink(missing_ok=True)  # an export that failed verification is not left looking complete
+        remove_onnx(target)  # an export that failed verification is not left looking complete
         raise
     if fmt == "tensorrt":
         from .data import build_datasets, sample_batch

@@ -20,10 +20,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        publish(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def publish(path: str | Path) -> None:
+    """Give a finished file the mode a plain `open()` would have (0644 under umask 022): mkstemp makes files 0600,
+    which a serving process running as another user could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_text(path: str | Path, text: str) -> Path:

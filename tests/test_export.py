@@ -1,0 +1,100 @@
+"""ONNX export: models over protobuf's 2 GB keep one data file beside the graph, files are readable by others."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+from compressor import export
+from compressor.export import consolidate_external_data, export_onnx, onnx_bytes
+from compressor.recipe import OnnxConfig
+
+
+def small(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 5), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+
+
+def ort_out(path, x: torch.Tensor) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+def per_tensor_exporter(real_export):
+    """What the TorchScript exporter does over 2 GB: one file per tensor, named after the tensor, beside the graph."""
+    def fake(model, args, f, **kwargs):
+        real_export(model, args, f, **kwargs)
+        onnx.save_model(onnx.load(f), f, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    return fake
+
+
+def test_export_is_one_file_readable_by_other_users(tmp_path):
+    x = torch.randn(2, 3, 12, 12)
+    info = export_onnx(small(0), x[:1], tmp_path / "model.onnx", OnnxConfig(simplify=False))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no work directory or temporary file left
+    assert (tmp_path / "model.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert info["external_data"] is None and info["bytes"] == (tmp_path / "model.onnx").stat().st_size
+
+
+def test_consolidate_turns_per_tensor_files_into_one_data_file(tmp_path):
+    x = torch.randn(2, 3, 12, 12)
+    graph = tmp_path / "model.onnx"
+    torch.onnx.export(small(0), (x[:1],), str(graph), input_names=["input"], output_names=["logits"], dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}})
+    expected = ort_out(graph, x)
+    onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(list(tmp_path.iterdir())) == 5  # graph + 2 weights + 2 biases
+    assert consolidate_external_data(graph) == len(onnx.load(str(graph), load_external_data=False).graph.node)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    np.testing.assert_allclose(ort_out(graph, x), expected, rtol=0, atol=0)
+    assert onnx_bytes(graph) == graph.stat().st_size + (tmp_path / "model.onnx.data").stat().st_size
+
+
+def test_two_large_models_in_one_directory_keep_their_own_weights(tmp_path, monkeypatch):
+    """dense.onnx and model.onnx share tensor names: per-tensor files would overwrite each other's weights."""
+    monkeypatch.setattr(torch.onnx, "export", per_tensor_exporter(torch.onnx.export))
+    x = torch.randn(2, 3, 12, 12)
+    models = {"model.onnx": small(0), "dense.onnx": small(1)}
+    infos = {name: export_onnx(m, x[:1], tmp_path / name, OnnxConfig()) for name, m in models.items()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.onnx", "dense.onnx.data", "model.onnx", "model.onnx.data"]
+    for name, model in models.items():
+        with torch.no_grad():
+            np.testing.assert_allclose(ort_out(tmp_path / name, x), model(x).numpy(), atol=1e-5)
+        assert infos[name]["external_data"] == f"{name}.data" and not infos[name]["simplified"]
+        assert infos[name]["bytes"] == onnx_bytes(tmp_path / name) > (tmp_path / name).stat().st_size
+    monkeypatch.undo()  # a small export over a large one removes the large one's data file
+    export_onnx(small(2), x[:1], tmp_path / "model.onnx", OnnxConfig())
+    assert not (tmp_path / "model.onnx.data").exists() and (tmp_path / "dense.onnx.data").exists()
+    with torch.no_grad():
+        np.testing.assert_allclose(ort_out(tmp_path / "model.onnx", x), small(2)(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("over", [False, True])
+def test_dynamo_exporter_uses_external_data_only_over_the_limit(tmp_path, monkeypatch, over):
+    monkeypatch.setattr(export, "_over_proto_limit", lambda model: over)
+    x = torch.randn(2, 3, 12, 12)
+    info = export_onnx(small(0), x[:1], tmp_path / "model.onnx", OnnxConfig(dynamo=True))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == (["model.onnx", "model.onnx.data"] if over else ["model.onnx"])
+    assert info["external_data"] == ("model.onnx.data" if over else None)
+    with torch.no_grad():
+        np.testing.assert_allclose(ort_out(tmp_path / "model.onnx", x), small(0)(x).numpy(), atol=1e-5)
+
+
+def test_over_proto_limit_counts_parameters_and_buffers():
+    class Big(nn.Module):
+        def __init__(self, floats: int) -> None:
+            super().__init__()
+            self.register_buffer("table", torch.empty(0))
+            self.table = torch.empty(floats, device="meta")
+
+    assert not export._over_proto_limit(Big(400_000_000))  # 1.6 GB
+    assert export._over_proto_limit(Big(540_000_000))  # 2.16 GB
