@@ -225,7 +225,8 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
                       ignored: list[nn.Module]) -> dict[str, str]:
     """Parametrised layers whose outputs no group can prune, each with the reason."""
     names = module_names(model)
-    covered = {item.dep.target.module for group in groups for item in group}
+    covered = {item.dep.target.module for group in groups for item in group  # outputs pruned by a group (a layer
+               if item.dep.handler.__name__.startswith("prune_out")}  # only on a group's input side is fixed)
     attention, grouped = attention_layers(model), grouped_convs(model)
     locked = _locked(attention, grouped)
     reasons: dict[str, str] = {}

@@ -82,6 +82,7 @@ def test_grouped_convolutions_keep_their_widths_and_the_rest_is_pruned(tmp_path)
     reasons = dg.unprunable_layers(model, graph, groups, ignored)
     assert reasons["layer1.0.conv2"] == "grouped convolution (groups=4; its groups would have to shrink together)"
     assert reasons["layer1.0.bn1"] == "coupled to grouped convolution layer1.0.conv2 (groups=4)"
+    assert reasons["layer1.0.conv1"] == reasons["layer1.0.bn1"]  # the conv feeding it too, not only its BatchNorm
     spec = recipe("tiny_resnext") | {"prune": {"method": "oneshot", "target": {"macs": 0.9}, "global": False}}
     report = compress("python:tests.helpers_models:tiny_resnext", recipe_from_dict(spec), tmp_path / "x")
     assert report["status"] == "ok" and report["parity"]["onnx"]["passed"]
