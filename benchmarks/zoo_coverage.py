@@ -22,7 +22,7 @@ from pathlib import Path
 from common import RESULTS, input_size, table, write_result, zoo_overrides
 
 STORE = RESULTS / "zoo_coverage.json"
-HEADER = ["model", "input", "groups", "MACs dense", "MACs kept", "params dense → slim", "parity max diff",
+HEADER = ["model", "input", "groups", "MACs dense", "MACs kept", "params dense → slim", "parity max diff (relative)",
           "speedup b1", "realised ratio b1", "status", "seconds"]
 
 
@@ -48,13 +48,16 @@ def one(name: str, macs: float, out: Path, bench: bool = True) -> dict:
     overrides += [] if bench else ["bench.backends=[]"]
     row = {"model": name, "input": size}
     start = time.perf_counter()
+    checkpoint, row["redrawn"] = informative_init(name, out / f"{name}.init.pt")
     try:
         recipe = load_recipe("resnet50-imagenet-latency", overrides)
-        row["groups"] = len(inspect_checkpoint(f"torchvision:{name}", recipe).groups)
-        report = compress(f"torchvision:{name}", recipe, out / name, overwrite=True)
+        row["groups"] = len(inspect_checkpoint(checkpoint, recipe).groups)
+        report = compress(checkpoint, recipe, out / name, overwrite=True)
+        parity = report["parity"]["onnx"]
         row.update(macs_dense=report["dense"]["macs"], macs_kept=report["compressed"]["macs"] / report["dense"]["macs"],
                    params_dense=report["dense"]["params"], params_slim=report["compressed"]["params"],
-                   parity=report["parity"]["onnx"]["max_abs_diff"], status="ok")
+                   parity=parity["max_abs_diff"], parity_rel=parity.get("relative_diff"),
+                   parity_uninformative=parity.get("same_output_for_all", False), status="ok")
         if not report["target"]["met"]:
             row["status"] = "ok, target not met"
         for timing in report["latency"]:
@@ -63,8 +66,30 @@ def one(name: str, macs: float, out: Path, bench: bool = True) -> dict:
         row["status"] = f"{type(exc).__name__}: {exc.render().splitlines()[0]}"
     except Exception as exc:  # a bug in compressor: recorded, then fixed or turned into a clear error
         row["status"] = f"CRASH {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    finally:
+        Path(out / f"{name}.init.pt").unlink(missing_ok=True)
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
+
+
+def informative_init(name: str, path: Path) -> tuple[str, list[str]]:
+    """torchvision initialises some layers to zero (a ViT's head): every output is then 0 and parity proves nothing.
+    Such weights are redrawn (normal, std 0.02, seeded) into a state-dict checkpoint; other models run as
+    `torchvision:NAME`. Returns the checkpoint to compress and the redrawn layers."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None)
+    zero = [n for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not m.weight.detach().any()]
+    if not zero:
+        return f"torchvision:{name}", []
+    for layer in zero:
+        torch.nn.init.normal_(model.get_submodule(layer).weight, std=0.02)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return str(path), zero
 
 
 def run_isolated(name: str, args) -> dict:
@@ -81,13 +106,23 @@ def run_isolated(name: str, args) -> dict:
     return json.loads(lines[-1][4:])
 
 
+def parity_cell(row: dict) -> str:
+    """Max abs diff, with the relative diff (diff / max |output|) for rows run since it is recorded."""
+    if "parity" not in row:
+        return "-"
+    if row.get("parity_uninformative"):
+        return f"{row['parity']:.1e} (same output for every sample: proves nothing)"
+    rel = row.get("parity_rel")
+    return f"{row['parity']:.1e}" + (f" ({rel:.0e})" if rel is not None else "")
+
+
 def fmt(row: dict) -> list:
     def get(key, form):
         return form(row[key]) if key in row else "-"
     return [row["model"], get("input", str), get("groups", str), get("macs_dense", lambda v: f"{v / 1e9:.2f} G"),
             get("macs_kept", lambda v: f"{v:.3f}"),
             f"{row['params_dense'] / 1e6:.1f} M → {row['params_slim'] / 1e6:.1f} M" if "params_slim" in row else "-",
-            get("parity", lambda v: f"{v:.1e}"), get("speedup", lambda v: f"x{v:.2f}"),
+            parity_cell(row), get("speedup", lambda v: f"x{v:.2f}"),
             get("realised", lambda v: f"{v:.2f}"), row["status"].replace("|", "/"), get("seconds", str)]
 
 

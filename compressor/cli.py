@@ -220,6 +220,8 @@ def export_cmd(model: Annotated[str, typer.Argument(help="Checkpoint, slim model
     out.print(f"wrote {result['path']} ({result['bytes'] / 1024:.1f} KiB, opset {result['opset']}); parity max abs diff "
               f"{parity.get('max_abs_diff', float('nan')):.2e} on {parity.get('samples', 0)} samples "
               f"({parity.get('source', '')})")
+    if parity.get("note"):
+        out.print(f"note: {parity['note']}")
     if "tensorrt" in result:
         engine = result["tensorrt"]
         out.print(f"wrote {engine['path']} ({engine['settings']['precision']}); parity max abs diff "

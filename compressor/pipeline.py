@@ -166,6 +166,9 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
         with timer("verify"):
             report["parity"] = {"onnx": verify_onnx(model, out / "model.onnx", samples, recipe.verify)}
             report["compressed"]["onnx_top1"] = evaluate_onnx(out / "model.onnx", val_set, batch_size=eval_batch)["top1"]
+        if "note" in report["parity"]["onnx"]:
+            notes.append(report["parity"]["onnx"]["note"])
+            info(f"      note: {notes[-1]}")
     except ParityError as exc:
         report["status"] = "failed: parity"
         report["parity"] = {"onnx": {"passed": False, "error": exc.render()}}

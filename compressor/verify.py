@@ -18,8 +18,11 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict[str, f
         raise ParityError(f"output shapes differ: PyTorch {reference.shape} vs export {candidate.shape}.")
     diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
     agree = float(np.mean(reference.argmax(1) == candidate.argmax(1))) if reference.ndim == 2 else 1.0
+    scale = float(np.abs(reference).max())
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "top1_agreement": agree,
-            "max_abs_reference": float(np.abs(reference).max()), "samples": int(reference.shape[0])}
+            "max_abs_reference": scale, "relative_diff": float(diff.max()) / scale if scale > 0 else None,
+            "samples": int(reference.shape[0]),
+            "same_output_for_all": bool(len(reference) > 1 and np.all(reference == reference[:1]))}
 
 
 @torch.no_grad()
@@ -40,6 +43,10 @@ def check(metrics: dict[str, float], cfg: VerifyConfig, label: str, *, precision
     result = {**metrics, "atol": atol, "rtol": cfg.rtol, "allowed_abs_diff": allowed, "min_top1_agreement": agreement,
               "precision": precision, "artifact": label}
     result["passed"] = metrics["max_abs_diff"] <= allowed and metrics["top1_agreement"] >= agreement
+    if metrics.get("same_output_for_all"):
+        result["note"] = (f"{label}: the PyTorch model gives the same output for all {metrics['samples']} samples "
+                          "(an untrained model with a zero-initialised head does), so this parity check can not tell a "
+                          "correct export from a wrong one; verify with trained weights.")
     if not result["passed"]:
         raise ParityError(
             f"{label} disagrees with the PyTorch model on {metrics['samples']} validation samples: max abs diff "

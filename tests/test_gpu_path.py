@@ -216,3 +216,21 @@ def test_parity_tolerance_scales_with_the_output_magnitude():
     trained = np.array([[4.0, -1.0]])  # ordinary logits: the atol decides, as before
     with pytest.raises(ParityError):
         check(compare_outputs(trained, trained + 2e-3), cfg, "ONNX m.onnx")
+
+
+def test_parity_says_when_it_proves_nothing():
+    """Untrained torchvision ViTs have a zero-initialised head: every output is 0, any export 'matches'."""
+    import numpy as np
+
+    from compressor.recipe import VerifyConfig
+    from compressor.verify import compare_outputs
+
+    cfg = VerifyConfig()
+    zeros = check(compare_outputs(np.zeros((4, 10)), np.zeros((4, 10))), cfg, "ONNX m.onnx")
+    assert zeros["passed"] and zeros["relative_diff"] is None
+    assert "same output for all 4 samples" in zeros["note"] and "can not tell" in zeros["note"]
+    biased = np.tile(np.arange(10.0), (4, 1))  # a zero weight with a bias: different classes, same for every sample
+    assert "note" in check(compare_outputs(biased, biased), cfg, "ONNX m.onnx")
+    varied = np.array([[1e-14, -2e-14], [3e-14, 0.0]])  # tiny but input-dependent (untrained EfficientNet): informative
+    result = check(compare_outputs(varied, varied + 3e-21), cfg, "ONNX m.onnx")
+    assert "note" not in result and result["relative_diff"] == pytest.approx(1e-7, rel=1e-3)
