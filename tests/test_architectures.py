@@ -33,7 +33,9 @@ def test_family_end_to_end(arch, tmp_path):
     kept = report["compressed"]["macs"] / report["dense"]["macs"]
     assert 0.6 < kept <= 0.71
     assert report["compressed"]["params"] < report["dense"]["params"]
-    assert report["parity"]["onnx"]["passed"] and report["parity"]["onnx"]["max_abs_diff"] < 1e-4
+    parity = report["parity"]["onnx"]
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-4
+    assert "note" not in parity and parity["relative_diff"] < 1e-4  # outputs differ per sample: the check means something
     slim = load_slim(tmp_path / arch)  # the slim model rebuilds from its files and runs at the new widths
     with torch.no_grad():
         assert slim(torch.randn(2, 3, 32, 32)).shape == (2, 10)
