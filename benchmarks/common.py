@@ -87,6 +87,43 @@ def zoo_overrides(name: str, size: int, macs: float) -> list[str]:
             "data.synthetic.train_size=8"]
 
 
+def informative_init(name: str, path: Path) -> tuple[str, list[str]]:
+    """torchvision initialises some layers to zero (a ViT's head): every output is then 0 and parity proves nothing.
+    Such weights are redrawn (normal, std 0.02, seeded) into a state-dict checkpoint; other models run as
+    `torchvision:NAME`. Returns the checkpoint to compress and the redrawn layers."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None)
+    zero = [n for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not m.weight.detach().any()]
+    if not zero:
+        return f"torchvision:{name}", []
+    for layer in zero:
+        torch.nn.init.normal_(model.get_submodule(layer).weight, std=0.02)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return str(path), zero
+
+
+def parity_fields(report: dict) -> dict:
+    """The ONNX parity of a compress report as row fields: max abs diff, relative diff, whether it proves anything."""
+    parity = report["parity"]["onnx"]
+    return {"parity": parity["max_abs_diff"], "parity_rel": parity.get("relative_diff"),
+            "parity_uninformative": parity.get("same_output_for_all", False)}
+
+
+def parity_cell(row: dict) -> str:
+    """Max abs diff, with the relative diff (diff / max |output|) for rows run since it is recorded."""
+    if "parity" not in row:
+        return "-"
+    if row.get("parity_uninformative"):
+        return f"{row['parity']:.1e} (same output for every sample: proves nothing)"
+    rel = row.get("parity_rel")
+    return f"{row['parity']:.1e}" + (f" ({rel:.0e})" if rel is not None else "")
+
+
 class Shard:
     """`--shard K/N`: this process trains only every N-th configuration (from the K-th), so a benchmark's runs can
     be split over processes; a later run without --shard reuses them all and writes the table."""

@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from common import RESULTS, latency, run_compress, table, write_result
+from common import RESULTS, informative_init, latency, parity_cell, parity_fields, run_compress, table, write_result
 
 
 def main() -> None:
@@ -36,8 +36,9 @@ def main() -> None:
                          "bench.min_runs=30", "bench.min_seconds=3"]
             ratios = {1: [], 8: []}
             report = None
+            checkpoint, _ = informative_init(model, args.out / f"{model}.init.pt")
             for repeat in range(args.repeats):
-                report = run_compress(f"torchvision:{model}", "resnet50-imagenet-latency",
+                report = run_compress(checkpoint, "resnet50-imagenet-latency",
                                       args.out / f"{model}-r{round_to}-{repeat}", overrides)
                 for batch in ratios:
                     ratios[batch].append(latency(report, "ort-cpu", batch)["realised_ratio"])
@@ -48,7 +49,7 @@ def main() -> None:
                      f"{layout['compressed']['nchwc']}/{sum(layout['compressed'].values())}") if layout else "-"
             kept[f"{model}/{round_to}"] = [model, round_to, f"{report['dense']['macs'] / 1e9:.2f} G", f"{mac:.3f}",
                          f"x{b1 / mac:.2f} / x{b8 / mac:.2f}", f"{b1:.2f} / {b8:.2f}", nchwc,
-                         f"{report['parity']['onnx']['max_abs_diff']:.1e}", args.repeats]
+                         parity_cell(parity_fields(report)), args.repeats]
             RESULTS.mkdir(parents=True, exist_ok=True)
             store.write_text(json.dumps(kept, indent=1))
     # rows from before the layout and repeats columns existed were measured with --repeats 2
@@ -62,7 +63,7 @@ def main() -> None:
             + "NCHWc convs: convolutions ONNX Runtime runs in its blocked layout, dense → pruned (\"-\": row from "
             "before this column existed).\n\n"
             + table(["model", "round_to", "dense MACs", "MACs kept", "speedup b1 / b8", "realised ratio b1 / b8",
-                     "NCHWc convs", "parity max diff", "repeats"], rows))
+                     "NCHWc convs", "parity max diff (relative)", "repeats"], rows))
     write_result("realised_speedup.md", text)
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, input_size, table, write_result, zoo_overrides
+from common import RESULTS, informative_init, input_size, parity_cell, parity_fields, table, write_result, zoo_overrides
 
 STORE = RESULTS / "zoo_coverage.json"
 HEADER = ["model", "input", "groups", "MACs dense", "MACs kept", "params dense → slim", "parity max diff (relative)",
@@ -53,11 +53,9 @@ def one(name: str, macs: float, out: Path, bench: bool = True) -> dict:
         recipe = load_recipe("resnet50-imagenet-latency", overrides)
         row["groups"] = len(inspect_checkpoint(checkpoint, recipe).groups)
         report = compress(checkpoint, recipe, out / name, overwrite=True)
-        parity = report["parity"]["onnx"]
         row.update(macs_dense=report["dense"]["macs"], macs_kept=report["compressed"]["macs"] / report["dense"]["macs"],
                    params_dense=report["dense"]["params"], params_slim=report["compressed"]["params"],
-                   parity=parity["max_abs_diff"], parity_rel=parity.get("relative_diff"),
-                   parity_uninformative=parity.get("same_output_for_all", False), status="ok")
+                   **parity_fields(report), status="ok")
         if not report["target"]["met"]:
             row["status"] = "ok, target not met"
         for timing in report["latency"]:
@@ -72,26 +70,6 @@ def one(name: str, macs: float, out: Path, bench: bool = True) -> dict:
     return row
 
 
-def informative_init(name: str, path: Path) -> tuple[str, list[str]]:
-    """torchvision initialises some layers to zero (a ViT's head): every output is then 0 and parity proves nothing.
-    Such weights are redrawn (normal, std 0.02, seeded) into a state-dict checkpoint; other models run as
-    `torchvision:NAME`. Returns the checkpoint to compress and the redrawn layers."""
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None)
-    zero = [n for n, m in model.named_modules()
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not m.weight.detach().any()]
-    if not zero:
-        return f"torchvision:{name}", []
-    for layer in zero:
-        torch.nn.init.normal_(model.get_submodule(layer).weight, std=0.02)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return str(path), zero
-
-
 def run_isolated(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--macs", str(args.macs), "--out", str(args.out)]
     cmd += [] if args.bench else ["--no-bench"]
@@ -104,16 +82,6 @@ def run_isolated(name: str, args) -> dict:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"model": name, "status": f"process died (exit {done.returncode}): {tail}"[:300]}
     return json.loads(lines[-1][4:])
-
-
-def parity_cell(row: dict) -> str:
-    """Max abs diff, with the relative diff (diff / max |output|) for rows run since it is recorded."""
-    if "parity" not in row:
-        return "-"
-    if row.get("parity_uninformative"):
-        return f"{row['parity']:.1e} (same output for every sample: proves nothing)"
-    rel = row.get("parity_rel")
-    return f"{row['parity']:.1e}" + (f" ({rel:.0e})" if rel is not None else "")
 
 
 def fmt(row: dict) -> list:
