@@ -66,8 +66,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
             os.replace(work / data.name, data)
         publish(tmp)
         os.replace(tmp, path)  # the graph last: a graph file is only there when its data is
-    return {"path": str(path), "opset": cfg.opset, "bytes": onnx_bytes(path), "external_data": data.name if external else None,
-            "zipped_bytes": zipped_size(path) if zipped else None, "nodes": nodes,
+    return {"path": str(path), "opset": cfg.opset, "bytes": onnx_bytes(path),
+            "external_data": data.name if external else None, "zipped_bytes": zipped_size(path) if zipped else None,
+            "nodes": nodes,
             "simplified": simplified, "dynamic_batch": cfg.dynamic_batch, "exporter": "dynamo" if cfg.dynamo else "torchscript"}
 
 
