@@ -1,7 +1,7 @@
 """What `compressor compress` handles across the torchvision classification zoo, and how much of the MAC cut
 becomes ONNX Runtime CPU latency.
 
-    python benchmarks/zoo_coverage.py [--models NAME ...] [--macs 0.7] [--timeout 900] [--rerun]
+    python benchmarks/zoo_coverage.py [--models NAME ...] [--macs 0.7] [--timeout 900] [--rerun] [--keep-artifacts]
 
 For every model of torchvision.models.list_models(module=torchvision.models): inspect (dependency groups), prune
 to the MAC target with no fine-tuning on synthetic data at the input size the model expects (the DEFAULT weights'
@@ -32,7 +32,7 @@ def gflops(name: str) -> float:
     return float(torchvision.models.get_model_weights(name).DEFAULT.meta.get("_ops", 0.0))
 
 
-def one(name: str, macs: float, out: Path, bench: bool = True) -> dict:
+def one(name: str, macs: float, out: Path, bench: bool = True, keep: bool = False) -> dict:
     """Run the whole pipeline on one model (in this process) and return its row fields."""
     import torch
 
@@ -66,13 +66,17 @@ def one(name: str, macs: float, out: Path, bench: bool = True) -> dict:
         row["status"] = f"CRASH {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     finally:
         Path(out / f"{name}.init.pt").unlink(missing_ok=True)
+        if not keep:  # 80 models' ONNX files and weights filled 60 GB: keep the reports only
+            for pattern in ("*.onnx", "*.onnx.data", "*.pt", "*.safetensors"):
+                for artifact in (out / name).glob(pattern):
+                    artifact.unlink()
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
 
 
 def run_isolated(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--macs", str(args.macs), "--out", str(args.out)]
-    cmd += [] if args.bench else ["--no-bench"]
+    cmd += ([] if args.bench else ["--no-bench"]) + (["--keep-artifacts"] if args.keep else [])
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -101,11 +105,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--rerun", action="store_true")
     parser.add_argument("--no-bench", dest="bench", action="store_false", help="skip latency (a busy machine)")
+    parser.add_argument("--keep-artifacts", dest="keep", action="store_true",
+                        help="keep each run's ONNX files and weights (default: only report.json / report.md)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("runs/zoo"))
     args = parser.parse_args()
     if args.one:
-        print("ROW " + json.dumps(one(args.one, args.macs, args.out, args.bench)), flush=True)
+        print("ROW " + json.dumps(one(args.one, args.macs, args.out, args.bench, args.keep)), flush=True)
         return
     import torchvision
 

@@ -27,6 +27,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
     model = model.eval()
     example = example.contiguous()
     dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if cfg.dynamic_batch else None
+    _check_space(path, _tensor_bytes(model))
     with _private_dir(path) as work:
         tmp = work / path.name  # the exporters name external-data files after the graph file and write them beside it
         try:
@@ -42,6 +43,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
                                       opset_version=cfg.opset, dynamo=False, dynamic_axes=dynamic,
                                       do_constant_folding=True)
         except Exception as exc:  # the exporters raise many unrelated types; all mean "this model did not export"
+            if _disk_full(exc):
+                raise _disk_error(path) from None
             raise ExportError(f"ONNX export of the model failed ({type(exc).__name__}: {str(exc).splitlines()[0]}).",
                               hint="Try export.onnx.dynamo: true, another export.onnx.opset, or check custom ops.") from None
         try:  # from the file: no second serialisation of the whole model, and models over 2 GB check too
@@ -50,15 +53,20 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
             raise ExportError(f"the exported ONNX fails onnx.checker: {exc}") from None
         external = any(f.name != tmp.name for f in work.iterdir())
         simplified = False
-        if external:  # over protobuf's 2 GB: one data file beside the graph; onnxslim needs the model in one proto
-            nodes = consolidate_external_data(tmp)
-        else:
-            proto = onnx.load(str(tmp))
-            if cfg.simplify:
-                proto, simplified = _simplify(proto)
-                if simplified:
-                    onnx.save(proto, str(tmp))
-            nodes = len(proto.graph.node)
+        try:
+            if external:  # over protobuf's 2 GB: one data file beside the graph; onnxslim needs the model in one proto
+                nodes = consolidate_external_data(tmp)
+            else:
+                proto = onnx.load(str(tmp))
+                if cfg.simplify:
+                    proto, simplified = _simplify(proto)
+                    if simplified:
+                        onnx.save(proto, str(tmp))
+                nodes = len(proto.graph.node)
+        except OSError as exc:
+            if _disk_full(exc):
+                raise _disk_error(path) from None
+            raise
         data = data_file(path)
         remove_onnx(path)  # an earlier export here (its data file could be stale or mismatched)
         if external:
@@ -75,9 +83,36 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
 PROTO_LIMIT = 2**31  # protobuf's hard limit on one serialised message: larger models keep their tensors outside
 
 
+def _tensor_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
 def _over_proto_limit(model: nn.Module) -> bool:
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors) > 0.9 * PROTO_LIMIT  # headroom for folded constants
+    return _tensor_bytes(model) > 0.9 * PROTO_LIMIT  # headroom for folded constants
+
+
+def _check_space(path: Path, need: int) -> None:
+    """Refuse before writing when the disk can not hold the model's tensors (plus 10%): a full disk otherwise
+    surfaces as an exporter error deep inside torch."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if free < 1.1 * need:
+        raise ExportError(f"exporting {path} needs about {1.1 * need / 1e9:.2f} GB of disk (the model's tensors), but "
+                          f"{path.parent} has {free / 1e9:.2f} GB free.",
+                          hint="Free disk space or export to another --out directory.")
+
+
+def _disk_full(exc: Exception) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_error(path: Path) -> ExportError:
+    return ExportError(f"the disk filled up while writing {path}; nothing was left there.",
+                       hint="Free disk space or export to another --out directory.")
 
 
 def data_file(path: str | Path) -> Path:

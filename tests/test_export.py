@@ -98,3 +98,33 @@ def test_over_proto_limit_counts_parameters_and_buffers():
 
     assert not export._over_proto_limit(Big(400_000_000))  # 1.6 GB
     assert export._over_proto_limit(Big(540_000_000))  # 2.16 GB
+
+
+def test_too_little_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from compressor.errors import ExportError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ExportError) as err:
+        export_onnx(small(0), torch.randn(1, 3, 12, 12), tmp_path / "model.onnx", OnnxConfig())
+    assert f"{tmp_path} has 0.00 GB free" in str(err.value) and "needs about 0.00 GB" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_filling_up_mid_export_is_named_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from compressor.errors import ExportError
+
+    def full(model, args, f, **kwargs):
+        open(f, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx, "export", full)
+    with pytest.raises(ExportError) as err:
+        export_onnx(small(0), torch.randn(1, 3, 12, 12), tmp_path / "model.onnx", OnnxConfig())
+    assert "the disk filled up while writing" in str(err.value) and "Free disk space" in err.value.render()
+    assert list(tmp_path.iterdir()) == []
