@@ -136,7 +136,10 @@ def write_table(rows: dict, macs: float) -> None:
             f"({ok / max(len(done), 1):.0%}). Synthetic data, recipe resnet50-imagenet-latency (uniform per-layer "
             "ranking, round_to 16), ORT-CPU 2 threads, batch 1, dense and slim interleaved; realised ratio = "
             "speedup / MAC reduction (\"-\" where the row was run with --no-bench on a busy machine). Models run "
-            "from the cheapest (GFLOPs of torchvision's weights metadata) up.\n\n" + table(HEADER, [fmt(r) for r in done]))
+            "from the cheapest (GFLOPs of torchvision's weights metadata) up. Parity: max abs diff on 4 samples, with "
+            "diff / max |output| in brackets for rows run since it is recorded (untrained EfficientNets and MobileNets "
+            "put out 1e-9 to 1e-14); layers torchvision initialises to zero (ViT heads) are redrawn so outputs differ "
+            "per sample. Only report.json / report.md of each run are kept (--keep-artifacts keeps the rest).\n\n" + table(HEADER, [fmt(r) for r in done]))
     write_result("zoo_coverage.md", text)
 
 
