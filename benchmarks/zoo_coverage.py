@@ -139,7 +139,8 @@ def write_table(rows: dict, macs: float) -> None:
             "from the cheapest (GFLOPs of torchvision's weights metadata) up. Parity: max abs diff on 4 samples, with "
             "diff / max |output| in brackets for rows run since it is recorded (untrained EfficientNets and MobileNets "
             "put out 1e-9 to 1e-14); layers torchvision initialises to zero (ViT heads) are redrawn so outputs differ "
-            "per sample. Only report.json / report.md of each run are kept (--keep-artifacts keeps the rest).\n\n" + table(HEADER, [fmt(r) for r in done]))
+            "per sample. Only report.json / report.md of each run are kept (--keep-artifacts keeps the rest).\n\n"
+            + table(HEADER, [fmt(r) for r in done]))
     write_result("zoo_coverage.md", text)
 
 
