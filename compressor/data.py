@@ -1,4 +1,4 @@
-"""Datasets and loaders: local files only (no download unless asked), deterministic subsets, per-kind presets.
+"""Datasets and loaders: local files only (no download unless asked), seeded random subsets, per-kind presets.
 
 Fashion-MNIST and MNIST are read directly from their gzip idx files (the Debian package
 `dataset-fashion-mnist` installs them under /usr/share/datasets/fashion-mnist) into memory; augmentation runs
@@ -61,6 +61,27 @@ def _candidates(cfg: DataConfig) -> list[Path]:
 def _missing(cfg: DataConfig) -> DataError:
     looked = ", ".join(str(p) for p in _candidates(cfg))
     return DataError(f"dataset {cfg.kind!r} not found; looked in: {looked}.", hint=f"To get it: {GET_IT[cfg.kind]}.")
+
+
+# ---------------------------------------------------------------------------------------------- subsets
+# Seed of every subset (data.train_subset, data.val_subset, verify.samples, INT8 calibration samples). Fixed, not
+# finetune.seed: runs that differ only in their training seed (the benchmarks' 3 seeds) see the same samples, and
+# `compress`, `eval`, `export` and `verify` pick the same samples from the same recipe.
+SUBSET_SEED = 0
+
+
+def subset_indices(size: int, count: int, seed: int = SUBSET_SEED) -> list[int]:
+    """`count` distinct indices of range(size), drawn uniformly at random (not the first `count`: a class-sorted
+    dataset such as an imagefolder would give one or two classes), sorted ascending so a subset reads its dataset
+    in stored order. All of range(size) when count >= size.
+
+    The draw uses its own numpy RandomState (never the global torch or numpy RNG), whose stream NumPy keeps frozen
+    across versions: the same (size, count, seed) gives the same indices on every machine, DDP rank and resume.
+    """
+    if count >= size:
+        return list(range(size))
+    chosen = np.random.RandomState(seed).permutation(size)[:count]
+    return np.sort(chosen).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -192,8 +213,9 @@ def _python_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     return result
 
 
-def build_datasets(cfg: DataConfig, model_cfg: ModelConfig) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets for the recipe; subsets are the first N samples (deterministic)."""
+def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, *, seed: int = SUBSET_SEED) -> tuple[Dataset, Dataset]:
+    """(train, val) datasets for the recipe; `data.train_subset` / `data.val_subset` keep a seeded random N samples
+    (`subset_indices` with `seed`, SUBSET_SEED by default: the same samples on every machine, rank and resume)."""
     if cfg.kind in ("fashion-mnist", "mnist"):
         train, val = _idx_dataset(cfg, "train", cfg.augment), _idx_dataset(cfg, "val", False)
     elif cfg.kind in ("cifar10", "cifar100"):
@@ -208,9 +230,9 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig) -> tuple[Dataset, Da
         train, val = _python_datasets(cfg)
     _check_sample(val, cfg, model_cfg)
     if cfg.train_subset is not None:
-        train = Subset(train, range(min(cfg.train_subset, len(train))))
+        train = Subset(train, subset_indices(len(train), cfg.train_subset, seed))
     if cfg.val_subset is not None:
-        val = Subset(val, range(min(cfg.val_subset, len(val))))
+        val = Subset(val, subset_indices(len(val), cfg.val_subset, seed))
     return train, val
 
 
@@ -239,8 +261,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: in
                       persistent_workers=False)
 
 
-def sample_batch(dataset: Dataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `count` samples of a dataset as one batch (used for parity checks and calibration)."""
-    count = min(count, len(dataset))
-    xs, ys = zip(*(dataset[i] for i in range(count)))
+def sample_batch(dataset: Dataset, count: int, *, seed: int = SUBSET_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random `count` samples of a dataset as one batch (parity checks, INT8 calibration); the whole
+    dataset, in order, when it holds no more than `count`. See `subset_indices`."""
+    xs, ys = zip(*(dataset[i] for i in subset_indices(len(dataset), count, seed)))
     return torch.stack(xs), torch.as_tensor(ys)

@@ -1,7 +1,8 @@
 """What to cut: per-channel importance of a torch-pruning dependency group (higher = more important).
 
 Scorers are separate from the execution (hosts, DPM, FGGP decide how and when). Gradient-based scorers
-accumulate between selection events through `observe()`, called by the training loop after each backward.
+accumulate between selection events through `observe()`, called by the training loop after each backward with
+true gradients (unscaled under AMP) and never on an AMP step whose gradients overflowed (see train._train_epoch).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ class Scorer(abc.ABC):
         self.cfg = cfg
 
     def observe(self, model: nn.Module) -> None:
-        """Accumulate gradient statistics of the current batch (gradient-based scorers only)."""
+        """Accumulate gradient statistics of the current batch (gradient-based scorers only); the caller passes
+        unscaled, finite gradients."""
 
     def reset(self) -> None:
         """Forget accumulated statistics (after a selection event or a structural change)."""

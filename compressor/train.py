@@ -17,11 +17,11 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from . import rundir
-from .data import make_loader
-from .errors import ModelLoadError, TrainingError
+from .data import make_loader, subset_indices
+from .errors import ModelLoadError, RecipeError, TrainingError
 from .methods.base import PruningMethod
 from .progress import info, is_main_process, track
 from .recipe import DataConfig, FinetuneConfig, SchedulerConfig
@@ -115,7 +115,7 @@ class TrainContext:
     history: list[dict[str, Any]] = field(default_factory=list)
     loss_fn: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = None
     channels_last: bool = False
-    calibration: Optional[Callable[[int], Any]] = None  # n -> the first n training batches, unshuffled
+    calibration: Optional[Callable[[int], Any]] = None  # n -> n batches of a seeded random training subset
 
     def rebuild(self) -> None:
         """Call after a structural change: new optimizer over the current parameters, DDP re-wrapped.
@@ -240,20 +240,20 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
     if teacher is not None:
         teacher.to(dev).eval()
     torch.manual_seed(cfg.seed)
+    check_method_schedule(method, len(train_set), cfg, data_cfg, world=world)
     steps_per_epoch = _batches_per_epoch(len(train_set), data_cfg.batch_size, world)
     ctx = TrainContext(model=model, cfg=cfg, device=dev, steps_per_epoch=steps_per_epoch,
                        total_steps=steps_per_epoch * cfg.epochs, rank=rank, world=world,
                        loss_fn=make_loss(cfg, teacher), channels_last=prefers_channels_last(model, dev))
-    ctx.calibration = lambda n: itertools.islice(
-        make_loader(train_set, data_cfg.batch_size, shuffle=False, workers=0), n)
+    ctx.calibration = lambda n: _calibration_batches(train_set, data_cfg.batch_size, n)
     ctx.rebuild()
     resumed_from = None
     if resume and checkpoint is not None and checkpoint.is_file():
         load_checkpoint(checkpoint, ctx, method)
         resumed_from = ctx.epoch
         info(f"resumed after epoch {ctx.epoch - 1} (step {ctx.step})")
-    use_amp = cfg.amp and dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(cfg, dev)
+    scaler = _make_scaler(amp_dtype)
     method.on_train_start(ctx)
     start = time.perf_counter()
     eval_batch = data_cfg.eval_batch_size or max(data_cfg.batch_size, 256)
@@ -264,7 +264,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
                              seed=_seed_epoch(cfg.seed, ctx.epoch), rank=rank, world=world)
         if world > 1:
             loader.sampler.set_epoch(ctx.epoch)
-        train_stats = _train_epoch(ctx, loader, method, scaler, use_amp)
+        train_stats = _train_epoch(ctx, loader, method, scaler, amp_dtype)
         average_buffers(model)
         ctx.metrics = dict(train_stats)
         if evaluate_every_epoch or ctx.epoch == cfg.epochs - 1:
@@ -282,6 +282,58 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
     method.finalize(ctx)
     final = ctx.history[-1] if ctx.history else {}
     return FitResult(history=ctx.history, final=final, seconds=time.perf_counter() - start, resumed_from=resumed_from)
+
+
+def check_method_schedule(method: PruningMethod, train_size: int, cfg: FinetuneConfig, data_cfg: DataConfig, *,
+                          world: Optional[int] = None) -> list[str]:
+    """The method's schedule warnings for this training budget (`PruningMethod.check_schedule`), each printed once
+    as "warning: ..."; raises RecipeError (exit 2) instead when the method's recipe sets gates.strict_schedule.
+
+    `compress` calls it before `fit` to record the warnings in the report's notes; `fit` calls it again and stays
+    quiet when the same method was already checked for the same budget (a fresh process after --resume warns again).
+    """
+    world = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = _batches_per_epoch(train_size, data_cfg.batch_size, world)
+    budget = (steps_per_epoch * cfg.epochs, steps_per_epoch)
+    checked = getattr(method, "_checked_schedule", None)
+    if checked is not None and checked[0] == budget:
+        return list(checked[1])
+    warnings = list(method.check_schedule(*budget))
+    recipe = getattr(method, "recipe", None)
+    if warnings and getattr(getattr(recipe, "gates", None), "strict_schedule", False):
+        raise RecipeError(f"the {method.name} schedule does not fit the training budget ({budget[0]} optimizer "
+                          f"steps, {budget[1]} per epoch):\n  " + "\n  ".join(warnings),
+                          hint="Change the fields named above, or set gates.strict_schedule: false to train anyway.")
+    for warning in warnings:
+        info(f"warning: {warning}")
+    method._checked_schedule = (budget, warnings)
+    return warnings
+
+
+def autocast_dtype(cfg: FinetuneConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of finetune.amp: float16 (with a gradient scaler) on CUDA, bfloat16 (no scaler: its
+    exponent range is float32's) on CPU, None when AMP is off or the device has no AMP mode here."""
+    if not cfg.amp:
+        return None
+    return {"cuda": torch.float16, "cpu": torch.bfloat16}.get(device.type)
+
+
+def _make_scaler(amp_dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
+    """A loss scaler for float16 autocast (CUDA); a disabled one (a pass-through) otherwise."""
+    return torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+
+def _calibration_batches(train_set: Dataset, batch_size: int, n: int):
+    """n unshuffled batches of a seeded random subset of the training set (not its first n batches: a class-sorted
+    dataset would give one class); the same batches on every rank and in every run."""
+    chosen = Subset(train_set, subset_indices(len(train_set), n * batch_size))
+    return itertools.islice(make_loader(chosen, batch_size, shuffle=False, workers=0), n)
+
+
+def _grads_finite(model: nn.Module) -> bool:
+    """Whether every gradient is finite (one device sync)."""
+    flags = [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
@@ -307,7 +359,11 @@ def _batches_per_epoch(size: int, batch_size: int, world: int) -> int:
     return max(1, math.ceil(size / batch_size))
 
 
-def _train_epoch(ctx: TrainContext, loader, method: PruningMethod, scaler, use_amp: bool) -> dict[str, float]:
+def _train_epoch(ctx: TrainContext, loader, method: PruningMethod, scaler: torch.amp.GradScaler,
+                 amp_dtype: Optional[torch.dtype]) -> dict[str, float]:
+    """One epoch. Under a (float16) gradient scaler the gradients are unscaled before the hooks, so methods and
+    clipping see true gradients; on steps whose gradients overflowed the hooks are skipped (nothing is observed)
+    and the scaler skips the optimizer step. Without a scaler the order is: backward, hooks, clip, step."""
     total_loss, seen = 0.0, 0
     with track(f"epoch {ctx.epoch + 1}/{ctx.cfg.epochs}", len(loader)) as bar:
         for inputs, targets in loader:
@@ -316,7 +372,8 @@ def _train_epoch(ctx: TrainContext, loader, method: PruningMethod, scaler, use_a
             ctx.inputs, ctx.targets = inputs.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
             ctx.set_lr()
             ctx.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=ctx.device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device_type=ctx.device.type, dtype=amp_dtype or torch.float16,
+                                enabled=amp_dtype is not None):
                 ctx.loss = ctx.loss_fn(ctx.module, ctx.inputs, ctx.targets)
             if not torch.isfinite(ctx.loss):
                 raise TrainingError(
@@ -325,11 +382,18 @@ def _train_epoch(ctx: TrainContext, loader, method: PruningMethod, scaler, use_a
                     "normalisation.",
                 )
             scaler.scale(ctx.loss).backward()
-            method.after_backward(ctx)
+            optimizer, finite = ctx.optimizer, True
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)  # hooks (gradient scorers, regularisers) and clipping see true gradients
+                finite = _grads_finite(ctx.model)  # an overflow: the scaler skips this step, the hooks skip it too
+            if finite:
+                method.after_backward(ctx)
             if ctx.cfg.grad_clip is not None:
-                scaler.unscale_(ctx.optimizer)
                 nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg.grad_clip)
-            scaler.step(ctx.optimizer)
+            if ctx.optimizer is optimizer:
+                scaler.step(optimizer)
+            else:  # a hook removed structures and rebuilt the optimizer: its gradients are already unscaled
+                ctx.optimizer.step()
             scaler.update()
             ctx.step += 1
             method.after_step(ctx)

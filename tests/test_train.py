@@ -208,3 +208,106 @@ def test_single_thread_training_avoids_the_onednn_channels_last_crash():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------- AMP
+class _GradProbe(PruningMethod):
+    """Records what a gradient hook sees: fc.weight.grad per step, and a Taylor scorer's accumulation."""
+
+    def __init__(self, rebuild: bool = False) -> None:
+        from compressor.importance import build_scorer
+        from compressor.recipe import ImportanceConfig
+
+        self.scorer = build_scorer(ImportanceConfig(kind="taylor"))
+        self.grads, self.rebuild = [], rebuild
+
+    def after_backward(self, ctx):
+        self.grads.append(ctx.model.fc.weight.grad.detach().clone())
+        self.scorer.observe(ctx.model)
+        if self.rebuild:  # as a removal inside after_backward does (FGGP structured): a new optimizer
+            ctx.rebuild()
+
+
+def _scaled(monkeypatch, scale: float = 2.0 ** 12):
+    """Make fit use a real, enabled float16-style loss scaler on CPU (autocast stays off: only scaling differs)."""
+    import compressor.train as train_mod
+
+    made = []
+
+    def make_scaler(amp_dtype):
+        made.append(torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10_000))
+        return made[-1]
+
+    monkeypatch.setattr(train_mod, "_make_scaler", make_scaler)
+    return made
+
+
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_hooks_see_unscaled_gradients_under_a_loss_scaler(monkeypatch, rebuild):
+    opt = {"lr": 0.05, "momentum": 0.0, "weight_decay": 0.0}
+    recipe, model_a, train, val = setup(finetune={"epochs": 1, "optimizer": opt})
+    plain = _GradProbe(rebuild)
+    fit(model_a, train, val, recipe.finetune, recipe.data, method=plain)
+
+    made = _scaled(monkeypatch)
+    _, model_b, _, _ = setup()
+    scaled = _GradProbe(rebuild)
+    fit(model_b, train, val, recipe.finetune, recipe.data, method=scaled)
+    assert made and made[0].is_enabled() and made[0].get_scale() == 2.0 ** 12  # it scaled every step
+    assert len(scaled.grads) == len(plain.grads) == 4
+    for a, b in zip(plain.grads, scaled.grads):  # power-of-two scaling and unscaling are exact
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0.0)
+    for p, s in zip(plain.scorer.sums.values(), scaled.scorer.sums.values()):
+        torch.testing.assert_close(s, p, rtol=1e-6, atol=1e-12)
+    # the optimizer stepped on true gradients too, also when a hook replaced it (no second unscale)
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_overflow_step_is_skipped_by_hooks_and_optimizer(monkeypatch):
+    made = _scaled(monkeypatch)
+    recipe, model, train, val = setup(finetune={"epochs": 1})
+    calls = {"n": 0}
+
+    def poison(grad):  # the second backward overflows, as float16 gradients under too large a scale do
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] == 2 else grad
+
+    model.fc.weight.register_hook(poison)
+    steps = []
+
+    class Counting(_GradProbe):
+        def after_step(self, ctx):
+            steps.append(ctx.step)
+
+    probe = Counting()
+    fit(model, train, val, recipe.finetune, recipe.data, method=probe)
+    assert calls["n"] == 4 and steps == [1, 2, 3, 4]
+    assert len(probe.grads) == 3 and probe.scorer.observed_batches == 3  # the overflow step observed nothing
+    assert all(torch.isfinite(g).all() for g in probe.grads)
+    assert all(torch.isfinite(s).all() for s in probe.scorer.sums.values())  # the scores stay finite
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the optimizer skipped that step
+    assert made[0].get_scale() == 2.0 ** 11  # and the scaler backed off once
+
+
+def test_amp_on_cpu_trains_in_bfloat16_without_a_scaler():
+    from compressor.train import _make_scaler, autocast_dtype
+
+    recipe, model, train, val = setup(finetune={"epochs": 1, "amp": True})
+    assert autocast_dtype(recipe.finetune, torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype(recipe.finetune, torch.device("cuda")) == torch.float16
+    assert autocast_dtype(recipe.finetune.model_copy(update={"amp": False}), torch.device("cpu")) is None
+    assert not _make_scaler(torch.bfloat16).is_enabled() and not _make_scaler(None).is_enabled()
+    dtypes = []
+    model.fc.register_forward_hook(lambda m, i, out: dtypes.append((m.training, out.dtype)))
+    grads = []
+
+    class Probe(PruningMethod):
+        def after_backward(self, ctx):
+            grads.append(ctx.model.fc.weight.grad.dtype)
+
+    result = fit(model, train, val, recipe.finetune, recipe.data, method=Probe())
+    assert math.isfinite(result.final["train_loss"]) and math.isfinite(result.final["val_loss"])
+    assert {d for training, d in dtypes if training} == {torch.bfloat16}  # training forward ran under autocast
+    assert {d for training, d in dtypes if not training} == {torch.float32}  # evaluation did not
+    assert grads == [torch.float32] * 4 and all(p.dtype == torch.float32 for p in model.parameters())

@@ -23,8 +23,16 @@ class PruningMethod:
     def on_train_start(self, ctx: "TrainContext") -> None:
         """Called once before the first batch (also after a resume)."""
 
+    def check_schedule(self, total_steps: int, steps_per_epoch: int) -> list[str]:
+        """Warnings about this method's schedule in a budget of `total_steps` optimizer steps (`steps_per_epoch`
+        per epoch): one human-readable sentence each, saying what goes wrong, by how much, and which recipe fields
+        to change; [] when the schedule fits (the default). Called once before training (train.check_method_schedule
+        prints them and records them in the report; gates.strict_schedule turns them into a RecipeError)."""
+        return []
+
     def after_backward(self, ctx: "TrainContext") -> None:
-        """Gradients of the current batch are in .grad; nothing has been applied yet."""
+        """Gradients of the current batch are in .grad (unscaled under AMP); nothing has been applied yet.
+        Not called on AMP steps whose gradients are not finite (the gradient scaler skips those steps too)."""
 
     def after_step(self, ctx: "TrainContext") -> None:
         """The optimizer has stepped; ctx.step counts completed optimizer steps."""
