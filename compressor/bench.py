@@ -312,16 +312,23 @@ def measure(runner: Runner, batch: int, warmup_ms: float, min_runs: int, min_sec
 def measure_interleaved(runner_a: Runner, runner_b: Runner, batch: int, warmup_ms: float, min_runs: int,
                         min_seconds: float) -> tuple[list[float], list[float]]:
     """Per-run seconds of A and B timed alternately (A B A B ...) so machine noise hits both alike."""
-    for runner in (runner_a, runner_b):
+    times_a, times_b = measure_round_robin([runner_a, runner_b], batch, warmup_ms, min_runs, min_seconds)
+    return times_a, times_b
+
+
+def measure_round_robin(runners: Sequence[Runner], batch: int, warmup_ms: float, min_runs: int,
+                        min_seconds: float) -> list[list[float]]:
+    """Per-run seconds of every runner, timed in turn (A B C A B C ...), at least `min_runs` runs each and
+    `min_seconds` per runner in all."""
+    for runner in runners:
         runner.prepare(batch)
         _warm_up(runner, warmup_ms)
-    times_a: list[float] = []
-    times_b: list[float] = []
+    times: list[list[float]] = [[] for _ in runners]
     start = time.perf_counter()
-    while len(times_a) < max(min_runs, 1) or time.perf_counter() - start < 2 * min_seconds:
-        times_a.append(_timed(runner_a))
-        times_b.append(_timed(runner_b))
-    return times_a, times_b
+    while len(times[0]) < max(min_runs, 1) or time.perf_counter() - start < len(runners) * min_seconds:
+        for runner, own in zip(runners, times):
+            own.append(_timed(runner))
+    return times
 
 
 # ---------------------------------------------------------------------------------------------- environment

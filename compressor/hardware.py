@@ -1,11 +1,13 @@
-"""Which channel counts the deployment runtimes run fastest on: `prune.round_to: auto`.
+"""The static rule for channel multiples, by instruction set and GPU precision: the estimate `prune.round_to: auto`
+falls back on where it cannot measure (inspect, GPU backends; round_to.py measures on CPUs).
 
 Pruning to arbitrary widths can make a model slower than dense (measured: the quickstart ResNet-20 at half the MACs
-ran x0.86 on ONNX Runtime CPU with odd widths, x1.59 with widths rounded to 8). The cause on ONNX Runtime CPU is its
-NCHWc layout: MLAS runs convolutions in channel blocks of 8 floats (AVX2) or 16 (AVX-512F) and a convolution whose
-channel counts are not a multiple of the block falls back to the plain NCHW path with layout conversions around it
-(`compressor profile` shows which). On NVIDIA GPUs the tensor-core kernels TensorRT picks want channel multiples of 8
-for FP16 and 32 for INT8 (its CHW32 format).
+ran x0.86 on ONNX Runtime CPU with odd widths, x1.59 with widths rounded to 8, on an AVX2 EPYC). ONNX Runtime CPU
+runs convolutions in MLAS's NCHWc layout with channel blocks of 8 floats (AVX2) or 16 (AVX-512F); depending on the
+version and CPU, a convolution whose channel counts are not a multiple of the block either leaves that layout
+(NCHW with layout conversions around it, seen with AVX2) or is padded up to the next block (seen with onnxruntime
+1.32 on AVX-512), and both cost time (`compressor profile` shows the layouts). On NVIDIA GPUs the tensor-core kernels
+TensorRT picks want channel multiples of 8 for FP16 and 32 for INT8 (its CHW32 format).
 """
 from __future__ import annotations
 
@@ -58,13 +60,3 @@ def auto_round_to(recipe: "Recipe", flags: frozenset[str] | None = None, machine
     value = max(value for value, _ in choices)
     reasons = "; ".join(reason for v, reason in choices if v == value)
     return value, reasons
-
-
-def resolve_round_to(recipe: "Recipe") -> tuple["Recipe", str | None]:
-    """A copy of the recipe with `prune.round_to: auto` replaced by a number, and a note saying which and why."""
-    if recipe.prune.round_to != "auto":
-        return recipe, None
-    value, reason = auto_round_to(recipe)
-    resolved = recipe.model_copy(deep=True)
-    resolved.prune.round_to = value
-    return resolved, f"prune.round_to auto -> {value}: {reason}."

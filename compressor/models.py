@@ -1,4 +1,4 @@
-"""Build architectures from references and load checkpoints safely (DESIGN.md section 4).
+"""Build architectures from references and load checkpoints safely (spec: docs/models.md).
 
 A reference is `scheme:id` (zoo:resnet20, torchvision:resnet18, timm:NAME, python:pkg.mod:factory) and builds a
 randomly initialised model; nothing is ever downloaded. A checkpoint file is a state dict (.pt/.pth/.bin or

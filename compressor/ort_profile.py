@@ -90,8 +90,12 @@ def compare(dense: dict[str, Any], compressed: dict[str, Any]) -> dict[str, Any]
             "diagnosis": diagnose(dense, compressed)}
 
 
-def diagnose(dense: dict[str, Any], compressed: dict[str, Any]) -> list[str]:
-    """Plain-language findings: convolutions that left the NCHWc layout, and the conversions that came with them."""
+ROUND_TO_ADVICE = "prune with `prune.round_to: auto`"
+
+
+def diagnose(dense: dict[str, Any], compressed: dict[str, Any], advice: str = ROUND_TO_ADVICE) -> list[str]:
+    """Plain-language findings: convolutions that left the NCHWc layout, and the conversions that came with them;
+    `advice` ends the layout finding (what the user can change)."""
     findings = []
     lost = compressed["conv_layout"]["nchw"] - dense["conv_layout"]["nchw"]
     if lost > 0:
@@ -100,7 +104,7 @@ def diagnose(dense: dict[str, Any], compressed: dict[str, Any]) -> list[str]:
         findings.append(
             f"{lost} more of {total} convolutions run outside ONNX Runtime's NCHWc layout than in the dense model "
             f"({slow / max(compressed['kernel_us'], 1e-9):.0%} of the compressed model's kernel time); their channel "
-            "counts are not multiples of the CPU's block: prune with `prune.round_to: auto`.")
+            f"counts are not multiples of the CPU's block: {advice}.")
     extra = compressed["reorders"] - dense["reorders"]
     if extra > 0:
         findings.append(f"{extra} more layout conversions (ReorderInput/ReorderOutput) than in the dense model.")
@@ -146,9 +150,9 @@ def render_profile(result: dict[str, Any], console: "Console", top: int = 10) ->
 
 
 def layout_check(dense: str | Path, model: str | Path, *, threads: Optional[int] = None,
-                 input_shape: Optional[Sequence[int]] = None) -> dict[str, Any]:
+                 input_shape: Optional[Sequence[int]] = None, advice: str = ROUND_TO_ADVICE) -> dict[str, Any]:
     """How many convolutions ONNX Runtime CPU runs in its NCHWc layout, dense vs compressed (a few profiled runs
     at batch 1; the counts, not the times, are what this is for), and the findings."""
     kwargs = {"runs": 3, "warmup": 1, "threads": threads, "input_shape": input_shape}
     base, slim = profile_onnx(dense, 1, **kwargs), profile_onnx(model, 1, **kwargs)
-    return {"dense": base["conv_layout"], "compressed": slim["conv_layout"], "findings": diagnose(base, slim)}
+    return {"dense": base["conv_layout"], "compressed": slim["conv_layout"], "findings": diagnose(base, slim, advice)}

@@ -15,12 +15,12 @@ from .data import build_datasets, sample_batch
 from .errors import BackendUnavailable, GateError, ParityError, UsageError
 from .evaluation import evaluate_onnx
 from .export import export_onnx
-from .hardware import resolve_round_to
+from .round_to import resolve_round_to
 from .methods import METHODS
 from .models import example_inputs, load_model
 from .progress import info
 from .recipe import Recipe, dump_recipe, load_recipe
-from .selection import snapshot_macs
+from .selection import MISS_TOLERANCE, relative_miss, snapshot_macs
 from .slim import layer_widths, save_slim
 from .train import dense_teacher, evaluate, fit
 from .verify import verify_onnx
@@ -100,14 +100,15 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
     timer = Timer()
     notes = preflight(recipe, device)
     out = prepare_run_dir(out, recipe, resume=resume, overwrite=overwrite)
-    recipe, round_note = resolve_round_to(recipe)  # recipe.yaml in the run keeps `auto` as written
-    if round_note:
-        notes.append(round_note)
-        info(round_note)
     is_main = rundir_is_main()
     with timer("load"):
         model = load_model(checkpoint, recipe.model, trust_checkpoint=trust_checkpoint)
         train_set, val_set = build_datasets(recipe.data, recipe.model)
+    with timer("round_to"):  # recipe.yaml in the run keeps `auto` as written; the choice is in round_to.json
+        recipe, round_note = resolve_round_to(recipe, model, out=out)
+    if round_note:
+        notes.append(round_note)
+        info(round_note)
     example = example_inputs(recipe.model)
     eval_batch = recipe.data.eval_batch_size or max(recipe.data.batch_size, 256)
 
@@ -123,6 +124,9 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
          f"{recipe.finetune.epochs} epochs")
     method = METHODS.get(recipe.prune.method)(recipe)
     teacher = dense_teacher(model) if recipe.finetune.distill.enabled else None
+    from .train import check_method_schedule  # warnings (printed, noted in the report), or a RecipeError when strict
+
+    notes += check_method_schedule(method, len(train_set), recipe.finetune, recipe.data)
     with timer("prune_finetune"):
         result = fit(model, train_set, val_set, recipe.finetune, recipe.data, method=method, teacher=teacher,
                      checkpoint=out / rundir.CHECKPOINT, resume=resume, device=device)
@@ -153,11 +157,15 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
         "compressed": {**metrics, "macs": macs, "params": params, "onnx_bytes": onnx_info["bytes"],
                        "onnx_zipped_bytes": onnx_info["zipped_bytes"], "widths": layer_widths(model)},
         "target": _target_summary(recipe, macs / dense_macs),
+        "round_to": _round_to_summary(recipe, out, round_note),
         "method": method.summary(),
         "training": {"history": result.history, "seconds": result.seconds, "resumed_from": result.resumed_from},
         "exports": {"onnx": onnx_info, "dense_onnx": dense_onnx},
         "artifacts": {**artifacts, "onnx": str(out / "model.onnx")},
     }
+    for event in report["method"].get("events", []):
+        if event.get("note"):
+            notes.append(f"pruning event {event.get('event', '?')}: {event['note']}")
     if report["target"]["met"] is False:
         notes.append(_target_missed(recipe, report["target"]))
         info(f"      note: {notes[-1]}")
@@ -189,10 +197,14 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
     with timer("bench"):
         report["latency"], report["environment"] = _bench(recipe, out, dense, model, macs, dense_macs)
         if "ort-cpu" in recipe.bench.backends:
-            from .ort_profile import layout_check
+            from .ort_profile import ROUND_TO_ADVICE, layout_check
 
+            advice = ROUND_TO_ADVICE if not recipe.prune.round_to else (
+                f"this run kept multiples of {recipe.prune.round_to} (prune.round_to"
+                f"{' auto' if recipe.prune._round_to_auto else ''}; narrower layers smaller ones under auto): compare "
+                "other multiples with --set prune.round_to=N and `compressor profile`")
             report["ort_cpu_layout"] = layout_check(out / "dense.onnx", out / "model.onnx", threads=recipe.bench.threads,
-                                                    input_shape=list(recipe.model.input_shape))
+                                                    input_shape=list(recipe.model.input_shape), advice=advice)
             for finding in report["ort_cpu_layout"]["findings"]:
                 info(f"      note: {finding}")
     report["gates"] = evaluate_gates(recipe, report)
@@ -224,15 +236,30 @@ def _target_summary(recipe: Recipe, achieved: float) -> dict[str, Any]:
                 "achieved_mac_speedup": 1 / achieved if achieved > 0 else None, "met": None}
     asked = target.remaining_macs()
     return {"asked": target.model_dump(exclude_none=True), "asked_macs_ratio": asked, "achieved_macs_ratio": achieved,
-            "achieved_mac_speedup": 1 / achieved if achieved > 0 else None,
-            "met": None if asked is None else achieved <= asked + 1e-9}
+            "achieved_mac_speedup": 1 / achieved if achieved > 0 else None, "tolerance": MISS_TOLERANCE,
+            "met": None if asked is None else abs(relative_miss(achieved, asked)) <= MISS_TOLERANCE}
+
+
+def _round_to_summary(recipe: Recipe, out: Path, note: Optional[str]) -> dict[str, Any]:
+    """The channel multiple used and, for `auto`, how it was chosen (round_to.json holds the measured rows)."""
+    from .round_to import STATE_FILE
+
+    saved = out / STATE_FILE
+    chosen = json.loads(saved.read_text()) if saved.is_file() else {}
+    return {"value": recipe.prune.round_to, "auto": recipe.prune._round_to_auto, "note": note, **chosen}
 
 
 def _target_missed(recipe: Recipe, target: dict[str, Any]) -> str:
-    return (f"MAC target not met: {target['achieved_macs_ratio']:.3f} of the dense MACs kept, "
-            f"{target['asked_macs_ratio']:.3f} asked. The prunable groups cannot give more under "
-            f"prune.max_layer_ratio {recipe.prune.max_layer_ratio} (ignored layers, attention widths and unprunable "
-            "layers stay as they are; `compressor inspect` lists them).")
+    achieved, asked = target["achieved_macs_ratio"], target["asked_macs_ratio"]
+    head = (f"MAC target missed by more than {MISS_TOLERANCE:.0%}: {achieved:.3f} of the dense MACs kept, "
+            f"{asked:.3f} asked ({relative_miss(achieved, asked):+.1%}).")
+    if achieved > asked:
+        return (f"{head} The prunable groups cannot give more under prune.max_layer_ratio "
+                f"{recipe.prune.max_layer_ratio} and prune.round_to {recipe.prune.round_to} (ignored layers, attention "
+                "widths and unprunable layers stay as they are; `compressor inspect` lists them).")
+    return (f"{head} More was removed than asked: prune.round_to {recipe.prune.round_to} leaves coarse steps for "
+            "the few prunable groups, or torch-pruning removed coupled channels the plan did not count (the pruning "
+            "events' notes say which).")
 
 
 def _tensorrt_step(recipe: Recipe, out: Path, model, samples, train_set) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 from .registry import did_you_mean
@@ -78,8 +78,11 @@ class DataConfig(Strict):
     batch_size: int = Field(128, gt=0)
     eval_batch_size: Optional[int] = Field(None, gt=0)
     workers: int = Field(0, ge=0)
-    train_subset: Optional[int] = Field(None, gt=0, description="first N training samples (deterministic)")
-    val_subset: Optional[int] = Field(None, gt=0, description="first N validation samples (deterministic)")
+    train_subset: Optional[int] = Field(None, gt=0, description="a seeded random N training samples (fixed seed "
+                                        "compressor.data.SUBSET_SEED: the same samples on every machine, DDP rank "
+                                        "and resume); all of them when N >= the set's size")
+    val_subset: Optional[int] = Field(None, gt=0, description="a seeded random N validation samples (fixed seed, as "
+                                      "train_subset); all of them when N >= the set's size")
     augment: bool = True
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
@@ -197,6 +200,8 @@ class PruneConfig(Strict):
         None, description="kept widths rounded up to a multiple of this; auto: what the bench/export targets run "
                           "fastest on (8 on AVX2 CPUs and GPUs, 16 with AVX-512, 32 for TensorRT INT8)")
     max_layer_ratio: float = Field(0.8, gt=0.0, le=1.0)
+    # set by round_to.resolve_round_to when round_to was `auto` (narrow groups may keep a smaller power of two)
+    _round_to_auto: bool = PrivateAttr(False)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     dpm: DPMConfig = Field(default_factory=DPMConfig)
     sparse_learning: SparseLearningConfig = Field(default_factory=SparseLearningConfig)
@@ -255,7 +260,10 @@ class FinetuneConfig(Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     distill: DistillConfig = Field(default_factory=DistillConfig)
-    amp: bool = False
+    amp: bool = Field(False, description="mixed precision: float16 autocast with a gradient scaler on CUDA (gradients "
+                                         "are unscaled before pruning hooks; overflow steps are skipped), bfloat16 "
+                                         "autocast on CPU (fast only on CPUs with native bf16, e.g. AMX or "
+                                         "AVX512-BF16; elsewhere it can be slower than float32)")
     grad_clip: Optional[float] = Field(None, gt=0.0)
     seed: int = 0
 
@@ -315,6 +323,9 @@ class BenchConfig(Strict):
 class GatesConfig(Strict):
     max_accuracy_drop: Optional[float] = Field(None, ge=0.0, description="percentage points of top-1")
     min_speedup: Optional[float] = Field(None, gt=0.0, description="latency speedup on the first bench backend")
+    strict_schedule: bool = Field(False, description="a pruning schedule that cannot run as written within the "
+                                                     "training budget (e.g. a DPM decay that would be forced at the "
+                                                     "end) is a recipe error before training, not a warning")
 
 
 class Recipe(Strict):

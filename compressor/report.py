@@ -60,7 +60,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         asked = f"{t['asked_macs_ratio']:.3f}"
     lines += [f"MAC target: asked {asked} of dense, achieved {t['achieved_macs_ratio']:.3f} "
               f"(MAC speedup x{t['achieved_mac_speedup']:.2f}). ONNX Runtime top-1 of the exported model: {onnx_top1}.", ""]
-    lines += _sparsity_section(r) + _stability_section(r) + _latency_section(r) + _parity_section(r) + _events_section(r) + _widths_section(r) + _training_section(r)
+    lines += _sparsity_section(r) + _stability_section(r) + _latency_section(r) + _parity_section(r) + _events_section(r) + _round_to_section(r) + _widths_section(r) + _training_section(r)
     if r.get("gates"):
         lines += ["## Gates", ""]
         lines += _table(["gate", "value", "limit", "passed"],
@@ -155,6 +155,23 @@ def _events_section(r: dict[str, Any]) -> list[str]:
                         "asked_macs", "planned_macs", "achieved_macs", "params") if any(k in e for e in events)]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
     return ["## Pruning events", ""] + _table(keys, [[fmt(e.get(k)) for k in keys] for e in events])
+
+
+def _round_to_section(r: dict[str, Any]) -> list[str]:
+    chosen = r.get("round_to") or {}
+    if not chosen.get("value"):
+        return []
+    lines = ["## Channel multiple (prune.round_to)", "",
+             f"Kept widths are multiples of {chosen['value']} or the dense width"
+             + (" (`auto`: a layer narrower than twice that keeps the largest power of two it can still lose)"
+                if chosen.get("auto") else "") + f". {chosen.get('reason', '')}", ""]
+    rows = chosen.get("rows") or []
+    if rows:
+        batches = [k for k in rows[0] if k.startswith("ms_b")]
+        lines += _table(["round_to", "MACs kept", *[f"ms batch {k[4:]}" for k in batches], "score ms"],
+                        [[row["round_to"], f"{row['macs']:.3f}", *[f"{row[k]:.3f}" for k in batches],
+                          f"{row['score_ms']:.3f}"] for row in rows])
+    return lines
 
 
 def _widths_section(r: dict[str, Any]) -> list[str]:

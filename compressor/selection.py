@@ -32,7 +32,17 @@ class Candidate:
     root: str
     width: int
     scores: torch.Tensor  # per-channel importance (normalised to mean 1 unless snapshot(normalize=False))
-    members: list[tuple[str, str, list[int]]]  # (layer, "out"|"in", root index of each member index)
+    # (layer, "out"|"in", root index of each member index, or None where torch-pruning's index mapping lost the
+    # root (through a concatenation followed by a slice, e.g. GhostNet's ghost modules): such a member loses the
+    # same fraction of its indices as the root)
+    members: list[tuple[str, str, Optional[list[int]], int]]
+    # root indices torch-pruning removes together (None: each index alone). GhostNet's ghost module feeds its primary
+    # conv's channel i through a depthwise "cheap" conv into channel i + width/2 of the same concatenation, so
+    # removing one of them removes both; planning counts and chooses such classes whole.
+    classes: Optional[list[list[int]]] = None
+
+    def partners(self) -> dict[int, list[int]]:
+        return {i: cls for cls in self.classes for i in cls} if self.classes else {}
 
 
 @dataclass
@@ -48,15 +58,17 @@ class Snapshot:
 
     def macs_after(self, plan: Plan) -> float:
         """MACs of the model after removing `plan`: exact for conv/linear/norm layers, an upper bound overall."""
-        removed: dict[tuple[str, str], int] = {}
+        removed: dict[tuple[str, str], float] = {}
         for cand in self.candidates:
             chosen = plan.get(cand.root)
             if not chosen:
                 continue
             chosen_set = set(chosen)
-            for layer, side, roots in cand.members:
+            for layer, side, roots, count in cand.members:
                 key = (layer, side)
-                removed[key] = removed.get(key, 0) + sum(1 for r in roots if r in chosen_set)
+                lost = (sum(1 for r in roots if r in chosen_set) if roots is not None
+                        else count * len(chosen_set) / max(cand.width, 1))
+                removed[key] = removed.get(key, 0) + lost
         total = self.fixed_macs
         for name, macs in self.layer_macs.items():
             out_ch, in_ch, depthwise = self.layer_dims[name]
@@ -117,11 +129,17 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
         members = []
         for item in group:
             name = names.get(item.dep.target.module)
-            if name is None or item.root_idxs is None or any(r is None for r in item.root_idxs):
+            if name is None:
                 continue
-            members.append((name, "out" if _is_out(item.dep.handler) else "in", list(item.root_idxs)))
-        root = names[group[0].dep.target.module]
-        candidates.append(Candidate(root=root, width=len(group[0].idxs), scores=scores, members=members))
+            roots = None if item.root_idxs is None or any(r is None for r in item.root_idxs) else list(item.root_idxs)
+            members.append((name, "out" if _is_out(item.dep.handler) else "in", roots, len(item.idxs)))
+        root_module = group[0].dep.target.module
+        classes = coupled_classes(graph, root_module, group[0].dep.handler, len(group[0].idxs))
+        if classes:
+            for cls in classes:
+                scores[cls] = scores[cls].mean()
+        candidates.append(Candidate(root=names[root_module], width=len(group[0].idxs), scores=scores, members=members,
+                                    classes=classes))
     layer_macs, layer_dims = {}, {}
     for module, name in names.items():
         dims = _dims(module)
@@ -131,39 +149,157 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
     return Snapshot(candidates, layer_macs, layer_dims, fixed, float(macs), int(params))
 
 
+def coupled_classes(graph: tp.DependencyGraph, root: nn.Module, handler, width: int) -> Optional[list[list[int]]]:
+    """Classes of root indices that torch-pruning removes together, or None when every index goes alone.
+
+    Asking torch-pruning for the group of one index shows which other indices of the root it drags along; three
+    probes decide whether the group has such coupling at all (a group lookup takes about a millisecond), and only
+    then is every index probed."""
+    def partners(i: int) -> list[int]:
+        group = graph.get_pruning_group(root, handler, [i])
+        return sorted({int(idx) for item in group if item.dep.target.module is root and _is_out(item.dep.handler)
+                       for idx in item.idxs} | {i})
+
+    if width < 2 or all(partners(i) == [i] for i in {0, width // 2, width - 1}):
+        return None
+    classes, seen = [], set()
+    for i in range(width):
+        if i not in seen:
+            cls = partners(i)
+            seen.update(cls)
+            classes.append(cls)
+    return classes
+
+
 # ---------------------------------------------------------------------------------------------- planning
 @dataclass
 class Constraints:
     round_to: Optional[int] = None
+    clamp: bool = False  # round_to: auto: narrow groups keep the largest power of two they can still lose
     max_layer_ratio: float = 0.8
     global_ranking: bool = True
     frozen: dict[str, set[int]] = field(default_factory=dict)  # already chosen (count as removed)
     excluded: dict[str, set[int]] = field(default_factory=dict)  # may not be chosen (cooldown)
+    dense_widths: dict[str, int] = field(default_factory=dict)  # group widths before any removal (round_to)
 
 
-def _count_allowed(width: int, wanted: int, cons: Constraints) -> int:
-    """How many channels a group may lose given max_layer_ratio and round_to (kept widths rounded up)."""
+def remember_widths(store: dict[str, int], snap: Snapshot) -> None:
+    """Record each group's width the first time it is seen (the dense width, before any removal)."""
+    for cand in snap.candidates:
+        store.setdefault(cand.root, cand.width)
+
+
+def constraints_from(recipe, **extra) -> Constraints:
+    """The recipe's planning constraints (prune.round_to already resolved to a number, see hardware.py; a resolved
+    `auto` lets narrow groups keep a smaller power of two), with extra fields (frozen, excluded, overrides)."""
+    prune = recipe.prune
+    fields = {"round_to": prune.round_to, "clamp": prune._round_to_auto,
+              "max_layer_ratio": prune.max_layer_ratio, "global_ranking": prune.global_ranking, **extra}
+    return Constraints(**fields)
+
+
+MISS_TOLERANCE = 0.02  # a MAC result more than 2% (relative) from its plan or target is reported
+
+
+def relative_miss(achieved: float, expected: float) -> float:
+    return (achieved - expected) / expected if expected else 0.0
+
+
+def plan_mismatch(planned: float, achieved: float, removed: int) -> Optional[str]:
+    """A note when torch-pruning's removal left MACs more than MISS_TOLERANCE away from what the plan predicted."""
+    miss = relative_miss(achieved, planned)
+    if abs(miss) <= MISS_TOLERANCE:
+        return None
+    return (f"MACs after removing {removed} channels are {achieved:.3f} of dense, the plan predicted {planned:.3f} "
+            f"({miss:+.1%}): torch-pruning removed {'more' if miss < 0 else 'fewer'} coupled channels than the "
+            "planner's cost model counted; the later events and the final report use the measured value.")
+
+
+def layer_round_to(width: int, cons: Constraints) -> int:
+    """The channel multiple a group of (dense) `width` channels keeps: round_to, or with cons.clamp the largest
+    power of two that still lets the group lose channels (a 16-wide layer under round_to 16 keeps multiples of 8)."""
+    step = cons.round_to or 1
+    if cons.clamp and step > 1:
+        while step > 1 and step > width // 2:
+            step //= 2
+    return max(step, 1)
+
+
+def allowed_removals(width: int, cons: Constraints, root: Optional[str] = None) -> list[int]:
+    """Every channel count a group of `width` channels may lose now: the kept width a multiple of its round_to, or
+    the dense width (a group pruned earlier may not stay at an unaligned width); at most max_layer_ratio of it
+    and at least one channel kept."""
+    dense = cons.dense_widths.get(root, width) if root is not None else width
     cap = min(int(math.floor(width * cons.max_layer_ratio)), width - 1)
-    n = max(0, min(wanted, cap))
-    if cons.round_to and cons.round_to > 1 and n > 0:
-        keep = width - n
-        keep = min(width, int(math.ceil(keep / cons.round_to) * cons.round_to))
-        n = width - keep
+    step = layer_round_to(dense, cons)
+    return [n for n in range(0, cap + 1) if (width - n) % step == 0 or (n == 0 and width == dense)]
+
+
+def allowed_count(cand: Candidate, floor: int, cons: Constraints) -> int:
+    """The smallest removal count the constraints allow for the group that covers `floor` channels."""
+    return _count_allowed(cand, floor, cons, floor)
+
+
+def _count_allowed(cand: Candidate, wanted: int, cons: Constraints, floor: int = 0) -> int:
+    """The largest allowed removal count not above `wanted` (kept widths rounded up), but never below `floor`
+    (channels already decaying): then the smallest allowed count that covers them."""
+    allowed = allowed_removals(cand.width, cons, cand.root)
+    if not allowed:  # no aligned width within max_layer_ratio: keep what is decaying
+        return floor
+    below = [a for a in allowed if a <= max(wanted, 0)]
+    n = max(below) if below else min(allowed)
+    if n < floor:
+        n = min((a for a in allowed if a >= floor), default=floor)
     return n
 
 
-def _plan_from_counts(snap: Snapshot, counts: dict[str, int], cons: Constraints) -> Plan:
+def _choose(cand: Candidate, n: int, cons: Constraints) -> list[int]:
+    """The group's `n` channels to remove: its frozen ones first, then the lowest scores (coupled classes whole)."""
+    frozen = cons.frozen.get(cand.root, set())
+    excluded = cons.excluded.get(cand.root, set()) | frozen
+    partners = cand.partners()
+    chosen = set(frozen)
+    for i in (int(i) for i in torch.argsort(cand.scores, stable=True)):
+        if len(chosen) >= n:
+            break
+        cls = partners.get(i, [i])
+        if i not in excluded and not any(j in excluded for j in cls):
+            chosen.update(cls)
+    return sorted(chosen)
+
+
+def plan_counts(snap: Snapshot, counts: dict[str, int], cons: Constraints) -> Plan:
+    """The plan removing counts[root] channels of each group (see _choose)."""
     plan: Plan = {}
     for cand in snap.candidates:
-        frozen = cons.frozen.get(cand.root, set())
         n = counts.get(cand.root, 0)
-        if n <= 0 and not frozen:
-            continue
-        excluded = cons.excluded.get(cand.root, set()) | frozen
-        order = [int(i) for i in torch.argsort(cand.scores, stable=True) if int(i) not in excluded]
-        extra = max(0, n - len(frozen))
-        plan[cand.root] = sorted(frozen | set(order[:extra]))
+        if n > 0 or cons.frozen.get(cand.root):
+            plan[cand.root] = _choose(cand, n, cons)
     return plan
+
+
+def _refine(snap: Snapshot, plan: Plan, target_macs: float, cons: Constraints) -> Plan:
+    """Move single groups by one allowed step (one round_to multiple) while that brings the MACs closer to the
+    target: a global or uniform plan moves all groups together and can overshoot by a whole step of a wide layer."""
+    best, error = plan, abs(snap.macs_after(plan) - target_macs)
+    for _ in range(4 * len(snap.candidates)):
+        trials = []
+        for cand in snap.candidates:
+            n = len(best.get(cand.root, ()))
+            allowed = allowed_removals(cand.width, cons, cand.root)
+            floor = len(cons.frozen.get(cand.root, ()))
+            for m in (min((a for a in allowed if a > n), default=None),
+                      max((a for a in allowed if floor <= a < n), default=None)):
+                if m is not None:
+                    trials.append({**best, cand.root: _choose(cand, m, cons)})
+        scored = [(abs(snap.macs_after(t) - target_macs), t) for t in trials]
+        if not scored:
+            break
+        trial_error, trial = min(scored, key=lambda e: e[0])
+        if trial_error >= error:
+            break
+        best, error = trial, trial_error
+    return {root: idxs for root, idxs in best.items() if idxs}
 
 
 def plan_global(snap: Snapshot, k: int, cons: Constraints) -> Plan:
@@ -176,20 +312,21 @@ def plan_global(snap: Snapshot, k: int, cons: Constraints) -> Plan:
     wanted: dict[str, int] = {c.root: len(cons.frozen.get(c.root, ())) for c in snap.candidates}
     for _, root in entries[:k]:
         wanted[root] += 1
-    counts = {c.root: max(_count_allowed(c.width, wanted[c.root], cons), len(cons.frozen.get(c.root, ())))
+    counts = {c.root: _count_allowed(c, wanted[c.root], cons, len(cons.frozen.get(c.root, ())))
               for c in snap.candidates}
-    return _plan_from_counts(snap, counts, cons)
+    return plan_counts(snap, counts, cons)
 
 
 def plan_uniform(snap: Snapshot, ratio: float, cons: Constraints) -> Plan:
     """Remove the same fraction of every group (per-layer ranking)."""
-    counts = {c.root: max(_count_allowed(c.width, int(round(c.width * ratio)), cons), len(cons.frozen.get(c.root, ())))
+    counts = {c.root: _count_allowed(c, int(round(c.width * ratio)), cons, len(cons.frozen.get(c.root, ())))
               for c in snap.candidates}
-    return _plan_from_counts(snap, counts, cons)
+    return plan_counts(snap, counts, cons)
 
 
 def plan_for_macs(snap: Snapshot, target_macs: float, cons: Constraints) -> Plan:
-    """The plan whose MACs are closest to, and not above, target_macs (bisection on the removal amount)."""
+    """The plan whose MACs are closest to target_macs, from either side, as the granularity allows (bisection on
+    the removal amount, then the nearer of the two plans around the target)."""
     if cons.global_ranking:
         free = sum(c.width - len(cons.excluded.get(c.root, set()) | cons.frozen.get(c.root, set()))
                    for c in snap.candidates)
@@ -200,26 +337,39 @@ def plan_for_macs(snap: Snapshot, target_macs: float, cons: Constraints) -> Plan
         lo, hi = 0.0, 1.0
         build = lambda r: plan_uniform(snap, float(r), cons)  # noqa: E731
         integer = False
-    best = build(hi)
-    if snap.macs_after(best) > target_macs:
-        return best  # the constraints (max_layer_ratio, ignored layers) do not allow the target: closest we can
+    below = build(hi)
+    if snap.macs_after(below) > target_macs:
+        return below  # the constraints (max_layer_ratio, ignored layers) do not allow the target: closest we can
+    above = build(lo)
+    if snap.macs_after(above) <= target_macs:
+        return above
     for _ in range(64):
         if (integer and hi - lo <= 1) or (not integer and hi - lo < 1e-4):
             break
         mid = (lo + hi) // 2 if integer else (lo + hi) / 2
         plan = build(mid)
         if snap.macs_after(plan) <= target_macs:
-            hi, best = mid, plan
+            hi, below = mid, plan
         else:
-            lo = mid
-    return best
+            lo, above = mid, plan
+    nearest = min((below, above), key=lambda p: abs(snap.macs_after(p) - target_macs))
+    return _refine(snap, nearest, target_macs, cons)
+
+
+def plan_for_target(snap: Snapshot, target, cons: Constraints) -> Plan:
+    """The plan for the recipe's final target (prune.target: remaining MACs, MAC speedup or channel ratio)."""
+    remaining = target.remaining_macs()
+    if remaining is not None:
+        return plan_for_macs(snap, remaining * snap.total_macs, cons)
+    return plan_for_channels(snap, target.channels, cons)
 
 
 def plan_for_channels(snap: Snapshot, ratio: float, cons: Constraints) -> Plan:
     """Remove `ratio` of all prunable channels (globally ranked or uniformly per group)."""
-    if cons.global_ranking:
+    if cons.global_ranking:  # frozen (decaying) channels are still in the model and count towards the ratio
         total = sum(c.width for c in snap.candidates)
-        return plan_global(snap, int(round(total * ratio)), cons)
+        frozen = sum(len(f) for f in cons.frozen.values())
+        return plan_global(snap, max(0, int(round(total * ratio)) - frozen), cons)
     return plan_uniform(snap, ratio, cons)
 
 
@@ -245,7 +395,14 @@ def remove(model: nn.Module, example: torch.Tensor, plan: Plan) -> int:
             group = graph.get_pruning_group(module, pruner.prune_out_channels, list(idxs))
             if not graph.check_pruning_group(group):
                 raise NotPrunableError(f"removing {len(idxs)} channels of {root} would leave a layer without channels.")
-            group.prune(record_history=False)
+            try:
+                group.prune(record_history=False)
+            except Exception as exc:  # torch-pruning fails with bare IndexError/RuntimeError on layers it mis-maps
+                raise NotPrunableError(
+                    f"torch-pruning failed while removing {len(idxs)} channels of {root} and the layers coupled to it "
+                    f"({type(exc).__name__}: {exc}).",
+                    hint=f"Add {root!r} to model.ignore to keep that group whole (`compressor inspect` lists the "
+                         "coupled layers), or use FGGP unstructured / 2:4, which does not change shapes.") from exc
             removed += len(idxs)
     model.train(was_training)
     return removed

@@ -1,6 +1,7 @@
 """Factories for the `python:` model references exercised in test_models.py."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -90,3 +91,36 @@ def tiny_swin(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 
     return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4],
                            num_classes=num_classes)
+
+
+class _Ghost(nn.Module):
+    """GhostNet's ghost module: a primary conv, a cheap depthwise conv of its output, both concatenated and sliced."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        init = (cout + 1) // 2
+        self.out = cout
+        self.primary = nn.Sequential(nn.Conv2d(cin, init, 1, bias=False), nn.BatchNorm2d(init), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(init, init, 3, padding=1, groups=init, bias=False), nn.BatchNorm2d(init))
+
+    def forward(self, x):
+        a = self.primary(x)
+        return torch.cat([a, self.cheap(a)], 1)[:, :self.out]
+
+
+class _GhostBlock(nn.Module):
+    def __init__(self, cin: int, mid: int, cout: int) -> None:
+        super().__init__()
+        self.ghost1, self.ghost2 = _Ghost(cin, mid), _Ghost(mid, cout)
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return self.ghost2(self.ghost1(x)) + self.shortcut(x)
+
+
+def tiny_ghostnet(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """GhostNet-like: concatenations, cheap depthwise ops and residual adds (torch-pruning couples channel i of a
+    ghost module with channel i + width/2)."""
+    return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         _GhostBlock(16, 48, 32), _GhostBlock(32, 96, 64), _GhostBlock(64, 128, 64),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))

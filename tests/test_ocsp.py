@@ -43,7 +43,7 @@ def test_selection_at_a_fixed_state_is_deterministic_and_meets_the_target():
     plan_a, snap = ocsp.candidate(ctx)
     plan_b, _ = ocsp.candidate(ctx)
     assert plan_a == plan_b
-    assert snap.macs_after(plan_a) <= 0.5 * snap.total_macs
+    assert snap.macs_after(plan_a) == pytest.approx(0.5 * snap.total_macs, rel=0.02)
     for cand in snap.candidates:  # keep floor: every group keeps at least 25% of its channels
         assert cand.width - len(plan_a.get(cand.root, [])) >= 0.25 * cand.width
 
@@ -97,7 +97,7 @@ def test_prunes_at_first_stable_epoch_and_schedule_continues():
     for step, lr in probe.lrs:
         assert lr == pytest.approx(recipe.finetune.optimizer.lr * lr_factor(recipe.finetune.scheduler, step - 1,
                                                                              5 * steps_per_epoch, steps_per_epoch))
-    assert snapshot_macs(model, example_inputs(recipe.model))[0] <= 0.5 * dense
+    assert snapshot_macs(model, example_inputs(recipe.model))[0] == pytest.approx(0.5 * dense, rel=0.02)
     assert result.history[-1]["params"] < result.history[0]["params"]
 
 
@@ -106,4 +106,4 @@ def test_never_stable_run_is_pruned_at_the_end():
     ocsp = OCSP(recipe)
     fit(model, train, val, recipe.finetune, recipe.data, method=ocsp)
     assert ocsp.pruned_at == 2 and ocsp.result["forced"] is True
-    assert ocsp.result["achieved_macs"] <= 0.5
+    assert ocsp.result["achieved_macs"] == pytest.approx(0.5, rel=0.02)

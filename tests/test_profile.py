@@ -10,7 +10,7 @@ import yaml
 from torch import nn
 
 from compressor.errors import RecipeError
-from compressor.hardware import auto_round_to, ort_cpu_block, resolve_round_to
+from compressor.hardware import auto_round_to, ort_cpu_block
 from compressor.ort_profile import compare, profile_onnx, summarize_trace
 from compressor.recipe import load_recipe
 
@@ -40,15 +40,6 @@ def test_auto_round_to_picks_the_largest_multiple_the_targets_want(overrides, fl
     assert value == expected and reason in why
 
 
-def test_resolve_round_to_replaces_only_auto():
-    auto = load_recipe("resnet20-fmnist-oneshot", ["prune.round_to=auto"])
-    resolved, note = resolve_round_to(auto)
-    assert resolved.prune.round_to == ort_cpu_block() and auto.prune.round_to == "auto"
-    assert note.startswith(f"prune.round_to auto -> {ort_cpu_block()}: ")
-    fixed = load_recipe("resnet20-fmnist-oneshot", ["prune.round_to=16"])
-    assert resolve_round_to(fixed) == (fixed, None)
-
-
 @pytest.mark.parametrize("value", ["0", "fast", "2.5", "true", "-8"])
 def test_bad_round_to_is_one_clear_error(value):
     with pytest.raises(RecipeError) as err:
@@ -58,20 +49,27 @@ def test_bad_round_to_is_one_clear_error(value):
     assert message.count("prune.round_to") == 1
 
 
-def test_compress_with_round_to_auto_keeps_hardware_friendly_widths(tmp_path):
+def test_compress_with_round_to_auto_keeps_the_measured_multiple(tmp_path):
     recipe = tiny_recipe(prune={"method": "oneshot", "target": {"macs": 0.6}, "round_to": "auto"},
                          finetune={"epochs": 0}, bench={"backends": []})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     result = run_cli("compress", "zoo:resnet20", "--recipe", tmp_path / "r.yaml", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    block = ort_cpu_block()
-    assert f"prune.round_to auto -> {block}: " in " ".join(report["notes"])
+    chosen = json.loads((tmp_path / "run" / "round_to.json").read_text())
+    assert chosen["measured"] and chosen["backend"] == "ort-cpu"  # no bench backend: measured on ONNX Runtime CPU
+    value = chosen["value"]
+    assert value == min(chosen["rows"], key=lambda r: r["score_ms"])["round_to"]
+    assert f"prune.round_to auto -> {value}: fastest of " in " ".join(report["notes"])
     assert (tmp_path / "run" / "recipe.yaml").read_text().count("round_to: auto") == 1
-    widths = report["compressed"]["widths"]
-    changed = [name for name, w in widths.items() if w != report["dense"]["widths"][name]]
+    widths, dense = report["compressed"]["widths"], report["dense"]["widths"]
+    changed = [name for name, w in widths.items() if w != dense[name]]
     assert changed, "nothing was pruned"
-    assert all(widths[name] % block == 0 for name in changed), widths
+    for name in changed:  # narrow layers keep the largest power of two they can still lose
+        step = value
+        while step > 1 and step > dense[name] // 2:
+            step //= 2
+        assert widths[name] % step == 0, (name, dense[name], widths[name], value)
 
 
 # ---------------------------------------------------------------------------------------------- profile

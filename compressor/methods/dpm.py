@@ -1,4 +1,4 @@
-"""DPM, the Decay Pruning Method (Yang et al., arXiv 2406.03879), wrapped around any host. Spec: DESIGN.md 6.2.
+"""DPM, the Decay Pruning Method (Yang et al., arXiv 2406.03879), wrapped around any host. Spec: docs/methods/dpm.md.
 
 Smooth pruning (SP): at each host event the newly selected structures enter the *decaying set*. A structure s is
 the concatenation x_s of its output-defining slices (producer rows and bias, norm affine; `norm_scope: group` adds
@@ -25,7 +25,7 @@ from .. import selection as sel
 from ..progress import info
 from ..recipe import Recipe
 from . import METHODS
-from .hosts import EventMethod, broadcast_plan
+from .hosts import EventMethod, broadcast_plan, remove_planned
 
 TRACE_LIMIT = 400  # structures whose decay trace is kept for the report
 
@@ -122,8 +122,8 @@ class DPM(EventMethod):
     def decay_due(self, ctx) -> None:
         due = [s for s in self.decaying if s.next_step <= ctx.step]
         released = self.decay(ctx, due, rectify=self.dpm.rectify)
-        if released and self.dpm.backfill:
-            self.backfill(ctx)
+        if released:
+            self.backfill(ctx) if self.dpm.backfill else self.realign(ctx, {s.root for s in released})
 
     def decay(self, ctx, structures: list[Structure], *, rectify: bool) -> list[Structure]:
         """One decay step for `structures`: SR check, then rescale; remove those that reached zero."""
@@ -175,9 +175,23 @@ class DPM(EventMethod):
         self._finish_trace(s, "released")
 
     def backfill(self, ctx) -> None:
-        """Keep the target: re-plan with the decaying set frozen and released structures excluded."""
+        """Keep the target: re-plan with the decaying set frozen and released structures excluded (the plan keeps
+        every group's width a multiple of round_to, see selection.allowed_removals)."""
         index = len(self.records) - 1
-        plan, _, _ = self.target_plan(ctx, index, frozen=self._decaying_plan(), excluded=self._cooling_plan(index))
+        plan, snap, _ = self.target_plan(ctx, index, frozen=self._decaying_plan(), excluded=self._cooling_plan(index))
+        self.records[-1]["backfilled"] += self.enter(ctx, broadcast_plan(plan), index)
+        self.records[-1]["planned_macs"] = snap.macs_after(plan) / self.dense_macs
+
+    def realign(self, ctx, roots: set[str]) -> None:
+        """backfill: false still keeps widths on round_to: a group whose release left a decaying count its
+        round_to does not allow takes its next-lowest-scored channels up to the nearest allowed count."""
+        index = len(self.records) - 1
+        frozen = self._decaying_plan()
+        snap = self.host.snapshot(ctx)
+        cons = self.host.constraints(frozen=frozen, excluded=self._cooling_plan(index))
+        counts = {c.root: sel.allowed_count(c, len(frozen.get(c.root, ())), cons)
+                  for c in snap.candidates if c.root in roots}
+        plan = {root: idxs for root, idxs in sel.plan_counts(snap, counts, cons).items() if root in counts}
         self.records[-1]["backfilled"] += self.enter(ctx, broadcast_plan(plan), index)
 
     def remove_finished(self, ctx) -> None:
@@ -189,15 +203,14 @@ class DPM(EventMethod):
             plan.setdefault(s.root, []).append(s.idx)
             self.decaying.remove(s)
             self._finish_trace(s, "removed")
-        removed = sel.remove(ctx.model, self.host.example(ctx), plan)
-        ctx.rebuild()
+        record = self.records[-1]
+        planned = record["planned_macs"] if not self.decaying else None  # the event's plan is complete now
+        done = remove_planned(ctx, self.host.example(ctx), plan, planned, self.dense_macs)
         self.host.structure_changed()
         self._remap(plan)
         self._slices = {}
-        macs, params = sel.snapshot_macs(ctx.model, self.host.example(ctx))
-        self.records[-1]["removed"] += removed
-        self.records[-1]["achieved_macs"] = macs / self.dense_macs
-        self.records[-1]["params"] = params
+        record["removed"] += done["removed"]
+        record.update({k: v for k, v in done.items() if k not in ("removed", "planned_macs")})
 
     def _remap(self, removed: sel.Plan) -> None:
         """Channel indices after a removal: later channels of the same group move down."""
@@ -240,6 +253,53 @@ class DPM(EventMethod):
         if len(self.finished) < TRACE_LIMIT:
             self.finished.append({"root": s.root, "event": s.event + 1, "outcome": outcome, "steps": s.steps,
                                   "norms": s.norms, "l0": s.l0})
+
+    def check_schedule(self, total_steps: int, steps_per_epoch: int) -> list[str]:
+        """The host's event checks, and: the decay the last event starts (a decay step at the event, then one every
+        `interval` optimizer steps, N in all) must end within training, at step last + (N - 1) * interval <=
+        total_steps; otherwise the structures still decaying at the end are removed at once (forced removal)."""
+        warnings = super().check_schedule(total_steps, steps_per_epoch)
+        n, interval, spe = self.dpm.steps, self.dpm.interval, max(steps_per_epoch, 1)
+        sched = self.recipe.prune.schedule
+
+        def last_step(end: int) -> int:  # the last event's optimizer step for a schedule ending at epoch `end`
+            start = sched.start_epoch
+            end = max(end, start)
+            return round((start + (self.events - 1) * (end - start) / self.events) * spe)
+
+        last = round(self.epochs[-1] * spe)
+        finish = last + (n - 1) * interval
+        if finish <= total_steps:
+            return warnings
+        epochs, room = total_steps // spe, max(total_steps - last, 0)
+        most_steps = 1 + room // interval
+        fixes = [f"prune.dpm.steps {most_steps} or fewer (with interval {interval})" if most_steps > 1 else
+                 f"prune.dpm.steps 1 (with interval {interval} no second decay step fits: removal at the event)"]
+        if n > 1 and room // (n - 1) >= 1:
+            fixes.append(f"prune.dpm.interval {room // (n - 1)} or less (with {n} steps)")
+        elif n > 1:
+            fixes.append(f"prune.dpm.interval cannot help alone: only {room} optimizer steps follow the last event")
+        latest = total_steps - (n - 1) * interval  # the last event must come by this step
+        current_end = self.recipe.schedule_end_epoch()
+        end = next((e for e in range(current_end - 1, sched.start_epoch - 1, -1) if last_step(e) <= latest), None)
+        if end is not None:
+            fixes.append(f"prune.schedule.end_epoch {end} (the last event by step {latest})")
+        elif latest >= 0:
+            fixes.append(f"an earlier schedule (prune.schedule.start_epoch / end_epoch): the last event by optimizer "
+                         f"step {latest}, epoch {latest / spe:.2f}")
+        more = next((e for e in range(epochs + 1, epochs + 100_000)
+                     if last_step(sched.end_epoch if sched.end_epoch is not None else e // 2) + (n - 1) * interval
+                     <= e * spe), None)
+        if more is not None:
+            fixes.append(f"finetune.epochs {more} or more")
+        short = finish - total_steps
+        warnings.append(
+            f"prune.dpm: the decay started by the last event (optimizer step {last}) takes {n} decay steps "
+            f"(prune.dpm.steps), one every {interval} optimizer steps (prune.dpm.interval), so it ends at step "
+            f"{finish}, but training has {total_steps} steps ({epochs} epoch(s) x {spe}): {short} "
+            f"step{'s' if short != 1 else ''} ({short / spe:.1f} epochs) short. The structures still decaying at the "
+            f"end would be removed at once, without the smooth decay. Change one of: {'; '.join(fixes)}.")
+        return warnings
 
     def summary(self) -> dict[str, Any]:
         base = super().summary()

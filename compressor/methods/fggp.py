@@ -1,4 +1,4 @@
-"""FGGP: fixed-rate gradient-first gradual pruning (Zhu, Bezek, Goksel, arXiv 2411.05500). Spec: DESIGN.md 6.3.
+"""FGGP: fixed-rate gradient-first gradual pruning (Zhu, Bezek, Goksel, arXiv 2411.05500). Spec: docs/methods/fggp.md.
 
 Sparsity follows the cubic schedule s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t1 - t0))^3 with an event every
 `interval` iterations in [t0, t1]. At an event, among the still-active candidates, the fixed fraction r with the
@@ -28,7 +28,7 @@ from ..progress import info
 from ..recipe import ImportanceConfig, Recipe
 from . import METHODS
 from .base import PruningMethod
-from .hosts import broadcast_plan
+from .hosts import broadcast_plan, remove_planned
 
 
 def cubic_sparsity(step: int, t0: int, t1: int, s_i: float, s_f: float) -> float:
@@ -44,6 +44,25 @@ def event_steps(t0: int, t1: int, interval: int) -> list[int]:
     """Event iterations: every `interval` from t0, and always t1 (so the final sparsity is reached)."""
     steps = list(range(t0, t1, interval))
     return steps + [t1] if not steps or steps[-1] != t1 else steps
+
+
+def capped_events(steps: list[int], t0: int, t1: int, s_i: float, s_f: float, r: float,
+                  total_steps: int) -> list[tuple[int, float]]:
+    """(step, share of the remaining weights the cubic schedule asks for) of the events within training that ask for
+    more than r: gradient-first selection prunes at most r of the active weights per event, so the sparsity lags the
+    schedule there (the event at t1 then prunes the rest by magnitude). Fractions of weights, floors ignored."""
+    pruned, capped = 0.0, []
+    for step in steps:
+        if step >= total_steps:  # after training: magnitude only, no cap
+            break
+        target = cubic_sparsity(step, t0, t1, s_i, s_f)
+        need = (target - pruned) / (1.0 - pruned)
+        if need > r + 1e-9:
+            capped.append((step, need))
+            pruned = target if step >= t1 else pruned + r * (1.0 - pruned)
+        else:
+            pruned = max(pruned, target)
+    return capped
 
 
 def two_step_select(grad: torch.Tensor, weight: torch.Tensor, active: torch.Tensor, k: int, r: float,
@@ -86,6 +105,7 @@ class FGGP(PruningMethod):
         self.done = 0
         self.records: list[dict[str, Any]] = []
         self.dense_macs: Optional[float] = None
+        self.dense_widths: dict[str, int] = {}  # structured: group widths before any removal (round_to)
         self.t0 = self.t1 = 0
 
     # ------------------------------------------------------------------------------------------ setup
@@ -125,6 +145,53 @@ class FGGP(PruningMethod):
         from ..models import example_inputs
 
         return example_inputs(self.recipe.model).to(ctx.device)
+
+    def check_schedule(self, total_steps: int, steps_per_epoch: int) -> list[str]:
+        """The window t0..t1 (prune.fggp.start / end of training) with an event every `interval` steps, as
+        on_train_start places it: events must fall within training (an event runs before the optimizer step it is
+        scheduled at; later ones run after training, by magnitude, with no fine-tuning after them), at least 2 must
+        raise the sparsity after t0 (else the schedule is one jump), and under gradient-first selection
+        (unstructured) no event may ask for more than grad_fraction of the remaining weights."""
+        cfg = self.cfg
+        t0 = int(cfg.start * total_steps)
+        t1 = max(t0 + 1, int(cfg.end * total_steps))
+        steps = event_steps(t0, t1, cfg.interval)
+        inside = [s for s in steps if s < total_steps]
+        window = (f"window steps {t0}..{t1} of {total_steps} (prune.fggp.start {cfg.start}, end {cfg.end}), an event "
+                  f"every {cfg.interval} steps (prune.fggp.interval)")
+        if not inside:
+            return [f"prune.fggp: none of the {len(steps)} pruning event(s) falls within training ({window}): they all "
+                    "run after the last optimizer step, by weight magnitude only, with no fine-tuning after them; "
+                    "train longer (finetune.epochs)."]
+        warnings = []
+        if len(inside) < len(steps):
+            warnings.append(
+                f"prune.fggp: the last {len(steps) - len(inside)} pruning event(s) fall after the last optimizer step "
+                f"({window}): they run at the end by weight magnitude only, with no fine-tuning after them; lower "
+                "prune.fggp.end below 1.0 or train longer (finetune.epochs).")
+        gradual = [s for s in inside if s > t0]
+        if len(gradual) < 2:
+            most = t1 - t0 - 1  # the largest interval that puts 2 events after t0
+            fix = f"prune.fggp.interval {most} or less" if most >= 1 else "more optimizer steps in the window"
+            warnings.append(
+                f"prune.fggp: only {len(gradual)} event(s) after the window's start raise the sparsity ({window}): the "
+                f"final sparsity is reached in one jump, not gradually; use {fix}, widen prune.fggp.start / end, or "
+                "train longer (finetune.epochs).")
+        elif cfg.granularity == "unstructured" and cfg.selection == "gradient-first":
+            args = (t0, t1, cfg.initial_sparsity, cfg.sparsity, cfg.grad_fraction, total_steps)
+            capped = capped_events(steps, *args)
+            if capped:
+                smooth = next((i for i in range(cfg.interval - 1, 0, -1)
+                               if not capped_events(event_steps(t0, t1, i), *args)), None)
+                fix = f"prune.fggp.interval {smooth} or less" if smooth else "a smaller prune.fggp.interval"
+                step, need = capped[0]
+                warnings.append(
+                    f"prune.fggp: {len(capped)} of the {len(steps)} events ask for more than grad_fraction "
+                    f"{cfg.grad_fraction} of the remaining weights (the first, at step {step}: {need:.0%}), the most "
+                    f"gradient-first selection prunes per event, so the sparsity lags the cubic schedule ({window}) "
+                    f"and the last event prunes the rest by magnitude; use {fix}, widen prune.fggp.start / end, train "
+                    "longer (finetune.epochs), or raise prune.fggp.grad_fraction.")
+        return warnings
 
     # ------------------------------------------------------------------------------------------ hooks
     def after_backward(self, ctx) -> None:
@@ -255,15 +322,11 @@ class FGGP(PruningMethod):
         snap = sel.snapshot(ctx.model, example, self.recipe.model.ignore, self.recipe.model.num_classes,
                             build_scorer(ImportanceConfig(kind="magnitude")))
         excluded = {} if final else self._outside_low_gradient(ctx, snap, example)
-        cons = sel.Constraints(round_to=self.recipe.prune.round_to, max_layer_ratio=self.recipe.prune.max_layer_ratio,
-                               global_ranking=True, excluded=excluded)
+        sel.remember_widths(self.dense_widths, snap)
+        cons = sel.constraints_from(self.recipe, global_ranking=True, excluded=excluded, dense_widths=self.dense_widths)
         plan = broadcast_plan(sel.plan_for_macs(snap, asked * self.dense_macs, cons))
-        removed = sel.remove(ctx.model, example, plan)
-        if removed:
-            ctx.rebuild()
-        macs, params = sel.snapshot_macs(ctx.model, example)
-        self.records.append({"event": len(self.records) + 1, "step": step, "asked_macs": asked, "removed": removed,
-                             "achieved_macs": macs / self.dense_macs, "params": params})
+        done = remove_planned(ctx, example, plan, snap.macs_after(plan) / self.dense_macs, self.dense_macs)
+        self.records.append({"event": len(self.records) + 1, "step": step, "asked_macs": asked, **done})
 
     def _outside_low_gradient(self, ctx, snap: sel.Snapshot, example) -> dict[str, set[int]]:
         """Channels NOT in the r-fraction with the smallest (group-normalised) gradient norm."""
@@ -299,8 +362,9 @@ class FGGP(PruningMethod):
 
     def state_dict(self) -> dict[str, Any]:
         return {"masks": {n: m.cpu() for n, m in self.masks.items()}, "done": self.done, "records": self.records,
-                "dense_macs": self.dense_macs}
+                "dense_macs": self.dense_macs, "dense_widths": self.dense_widths}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.masks = dict(state["masks"])
         self.done, self.records, self.dense_macs = state["done"], state["records"], state["dense_macs"]
+        self.dense_widths = dict(state.get("dense_widths", {}))

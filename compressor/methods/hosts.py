@@ -19,7 +19,7 @@ from torch import nn
 from .. import graph as dg
 from .. import selection as sel
 from ..errors import RecipeError
-from ..hardware import resolve_round_to
+from ..round_to import resolve_round_to
 from ..importance import build_scorer
 from ..models import example_inputs
 from ..progress import info
@@ -51,6 +51,7 @@ class Host:
         self.scorer = build_scorer(host_importance(recipe))
         self.sparse: Optional[tp.pruner.GroupNormPruner] = None
         self.regularised_steps = 0
+        self.dense_widths: dict[str, int] = {}  # group widths of the dense model (round_to after removals)
 
     # -- hooks the executing method forwards
     def after_backward(self, ctx) -> None:
@@ -98,12 +99,13 @@ class Host:
 
     def snapshot(self, ctx) -> sel.Snapshot:
         self.ensure_scores(ctx)
-        return sel.snapshot(ctx.model, self.example(ctx), self.recipe.model.ignore, self.recipe.model.num_classes,
+        snap = sel.snapshot(ctx.model, self.example(ctx), self.recipe.model.ignore, self.recipe.model.num_classes,
                             self.scorer)
+        sel.remember_widths(self.dense_widths, snap)
+        return snap
 
     def constraints(self, **extra) -> sel.Constraints:
-        return sel.Constraints(round_to=self.cfg.round_to, max_layer_ratio=self.cfg.max_layer_ratio,
-                               global_ranking=self.cfg.global_ranking, **extra)
+        return sel.constraints_from(self.recipe, dense_widths=self.dense_widths, **extra)
 
 
 def fraction_at(progress: float, shape: str) -> float:
@@ -135,6 +137,33 @@ class EventMethod(PruningMethod, abc.ABC):
 
     def after_backward(self, ctx) -> None:
         self.host.after_backward(ctx)
+
+    def check_schedule(self, total_steps: int, steps_per_epoch: int) -> list[str]:
+        """Events with no fine-tuning after them (at or after the last optimizer step), and events that fall on
+        the same optimizer step (a schedule window too short for its events: several selections at once).
+        finetune.epochs: 0 (pruning without training, every event at once) is taken as asked."""
+        if total_steps <= 0:
+            return []
+        steps = [round(e * steps_per_epoch) for e in self.epochs]  # as on_train_start places them
+        sched = self.recipe.prune.schedule
+        end = self.recipe.schedule_end_epoch()
+        window = (f"prune.schedule.start_epoch {sched.start_epoch}, end_epoch {end}"
+                  f"{'' if sched.end_epoch is not None else ' (unset: half of finetune.epochs)'}")
+        warnings = []
+        late = [s for s in steps if s >= total_steps]
+        if late:
+            warnings.append(
+                f"prune.schedule: {len(late)} of the {self.events} {self.name} event(s) fall at or after the last of "
+                f"the {total_steps} optimizer steps ({window}), so no fine-tuning follows them; end the schedule "
+                "earlier (prune.schedule.start_epoch / end_epoch) or train longer (finetune.epochs).")
+        distinct = len(set(steps))
+        if distinct < len(steps):
+            warnings.append(
+                f"prune.schedule: the {self.events} {self.name} events fall on only {distinct} distinct optimizer "
+                f"step(s) ({', '.join(map(str, sorted(set(steps))))}; {window}, {steps_per_epoch} steps per epoch), so "
+                "several selections happen at once with no fine-tuning between them; widen the window "
+                "(prune.schedule.end_epoch), lower prune.schedule.events, or train longer (finetune.epochs).")
+        return warnings
 
     def on_train_start(self, ctx) -> None:
         self.steps = [round(e * ctx.steps_per_epoch) for e in self.epochs]
@@ -179,15 +208,35 @@ class EventMethod(PruningMethod, abc.ABC):
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "dense_macs": self.dense_macs, "dense_channels": self.dense_channels,
-                "records": self.records}
+                "records": self.records, "dense_widths": self.host.dense_widths}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.done, self.records = state["done"], state["records"]
         self.dense_macs, self.dense_channels = state["dense_macs"], state["dense_channels"]
+        self.host.dense_widths = dict(state.get("dense_widths", {}))
 
     def summary(self) -> dict[str, Any]:
         return {"method": self.name, "host": self.recipe.prune.host, "events": self.records,
                 "event_epochs": self.epochs}
+
+
+def remove_planned(ctx, example: torch.Tensor, plan: sel.Plan, planned_macs: Optional[float],
+                   dense_macs: float) -> dict[str, Any]:
+    """Remove `plan` from ctx.model, rebuild the optimizer, and measure the result: removed count, achieved MACs
+    and params (fractions of dense MACs), and a note when the MACs torch-pruning left differ from the plan's by
+    more than sel.MISS_TOLERANCE (a coupling the cost model did not see)."""
+    removed = sel.remove(ctx.model, example, plan)
+    if removed:
+        ctx.rebuild()
+    macs, params = sel.snapshot_macs(ctx.model, example)
+    result: dict[str, Any] = {"removed": removed, "achieved_macs": macs / dense_macs, "params": params}
+    if planned_macs is not None:
+        result["planned_macs"] = planned_macs
+        note = sel.plan_mismatch(planned_macs, result["achieved_macs"], removed)
+        if note:
+            result["note"] = note
+            info(f"note: {note}")
+    return result
 
 
 class RemovingMethod(EventMethod):
@@ -195,16 +244,14 @@ class RemovingMethod(EventMethod):
 
     def event(self, ctx, index: int, epoch: float) -> None:
         plan, snap, asked = self.target_plan(ctx, index)
-        removed = sel.remove(ctx.model, self.host.example(ctx), plan)
-        ctx.rebuild()
+        done = remove_planned(ctx, self.host.example(ctx), plan, snap.macs_after(plan) / self.dense_macs,
+                              self.dense_macs)
         self.host.structure_changed()
-        after = sel.snapshot_macs(ctx.model, self.host.example(ctx))
-        record = {"event": index + 1, "epoch": epoch, "step": ctx.step, "selected": removed, "removed": removed,
+        record = {"event": index + 1, "epoch": epoch, "step": ctx.step, "selected": done["removed"], **done,
                   "asked_macs": asked if self.recipe.prune.target.channels is None else None,
-                  "achieved_macs": after[0] / self.dense_macs, "params": after[1],
                   "regularised_steps": self.host.regularised_steps}
         self.records.append(record)
-        info(f"pruning event {index + 1}/{self.events}: removed {removed} channels, MACs "
+        info(f"pruning event {index + 1}/{self.events}: removed {done['removed']} channels, MACs "
              f"{record['achieved_macs']:.3f} of dense")
 
 
@@ -242,16 +289,10 @@ def predict_pruning(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
     example = example_inputs(recipe.model)
     scorer = build_scorer(ImportanceConfig(kind="magnitude"))
     snap = sel.snapshot(work, example, recipe.model.ignore, recipe.model.num_classes, scorer)
-    cons = sel.Constraints(round_to=recipe.prune.round_to, max_layer_ratio=recipe.prune.max_layer_ratio,
-                           global_ranking=recipe.prune.global_ranking)
     target = recipe.prune.target
+    plan = sel.plan_for_target(snap, target, sel.constraints_from(recipe))
     remaining = target.remaining_macs()
-    if remaining is not None:
-        plan = sel.plan_for_macs(snap, remaining * snap.total_macs, cons)
-        asked = f"macs {remaining:.3f}"
-    else:
-        plan = sel.plan_for_channels(snap, target.channels, cons)
-        asked = f"channels {target.channels:.3f} removed"
+    asked = f"macs {remaining:.3f}" if remaining is not None else f"channels {target.channels:.3f} removed"
     sel.remove(work, example, plan)
     macs, params = sel.snapshot_macs(work, example)
     return {"asked": asked, "macs_ratio": macs / snap.total_macs, "params_ratio": params / snap.params,

@@ -1,5 +1,5 @@
 """OCSP: one-cycle structured pruning with a stability-driven structure search (Ghimire et al., arXiv 2501.13439).
-Spec: DESIGN.md 6.4.
+Spec: docs/methods/ocsp.md.
 
 One training run (from scratch or from a checkpoint): each epoch the candidate sub-network for the MAC target is
 recomputed (saliency = mean over group members of sum(w^2)/sqrt(fan), BN gamma^2, optionally weighted by
@@ -24,7 +24,7 @@ from ..progress import info
 from ..recipe import ImportanceConfig, Recipe
 from . import METHODS
 from .base import PruningMethod
-from .hosts import broadcast_plan
+from .hosts import broadcast_plan, remove_planned
 
 
 def jaccard(a: set[int], b: set[int]) -> float:
@@ -62,6 +62,7 @@ class OCSP(PruningMethod):
         self.reg_started: Optional[int] = None
         self.pruned_at: Optional[int] = None
         self.dense_macs: Optional[float] = None
+        self.planned_macs: Optional[float] = None
         self.result: dict[str, Any] = {}
         self._slices: dict[str, list] = {}
 
@@ -77,14 +78,38 @@ class OCSP(PruningMethod):
             weights = cost_weights(snap)
             for cand in snap.candidates:
                 cand.scores = cand.scores * weights[cand.root]
-        cons = sel.Constraints(round_to=self.recipe.prune.round_to, max_layer_ratio=1 - self.cfg.keep_floor,
-                               global_ranking=True)
+        cons = sel.constraints_from(self.recipe, max_layer_ratio=1 - self.cfg.keep_floor, global_ranking=True)
         target = self.recipe.prune.target.remaining_macs() * self.dense_macs
-        return broadcast_plan(sel.plan_for_macs(snap, target, cons)), snap
+        plan = broadcast_plan(sel.plan_for_macs(snap, target, cons))
+        self.planned_macs = snap.macs_after(plan) / self.dense_macs
+        return plan, snap
 
     @staticmethod
     def kept_sets(plan: sel.Plan, snap: sel.Snapshot) -> dict[str, set[int]]:
         return {c.root: set(range(c.width)) - set(plan.get(c.root, ())) for c in snap.candidates}
+
+    def check_schedule(self, total_steps: int, steps_per_epoch: int) -> list[str]:
+        """The smoothed stability indicator first exists after epoch lag + window; a stability-driven prune needs it
+        before latest_prune_epoch (when set) and before the last epoch (so that training continues after it)."""
+        epochs = total_steps // max(steps_per_epoch, 1)
+        first = self.cfg.lag + self.cfg.window
+        latest = self.cfg.latest_prune_epoch
+        indicator = (f"the stability indicator first exists after epoch {first} (prune.ocsp.lag {self.cfg.lag} + "
+                     f"window {self.cfg.window})")
+        if latest is not None and latest < min(first, epochs):
+            return [f"prune.ocsp: latest_prune_epoch {latest} comes before {indicator}: the prune is forced after "
+                    f"epoch {max(latest, 1)} without a stability signal; raise prune.ocsp.latest_prune_epoch to "
+                    f"{first} or more, or lower prune.ocsp.lag / window."]
+        if first >= epochs and (latest is None or latest >= epochs):
+            return [f"prune.ocsp: {indicator}, but training has {epochs} epoch(s) (finetune.epochs): no "
+                    "stability-driven prune can leave epochs to recover, so the last candidate is pruned at the end of "
+                    f"training with no fine-tuning after it; train at least {first + 1} epochs or lower "
+                    "prune.ocsp.lag / window."]
+        if latest is not None and latest >= epochs:
+            return [f"prune.ocsp: latest_prune_epoch {latest} is not before the end of training ({epochs} epochs, "
+                    "finetune.epochs): if the indicator never passes prune.ocsp.threshold, the prune happens at the "
+                    f"end with no fine-tuning after it; lower prune.ocsp.latest_prune_epoch below {epochs}."]
+        return []
 
     # ------------------------------------------------------------------------------------------ hooks
     def on_train_start(self, ctx) -> None:
@@ -131,14 +156,11 @@ class OCSP(PruningMethod):
 
     def prune(self, ctx, epoch: int, forced: bool = False) -> None:
         example = example_inputs(self.recipe.model).to(ctx.device)
-        removed = sel.remove(ctx.model, example, self.plan)
-        ctx.rebuild()
+        done = remove_planned(ctx, example, self.plan, self.planned_macs, self.dense_macs)
         self.pruned_at = epoch
-        macs, params = sel.snapshot_macs(ctx.model, example)
-        self.result = {"epoch": epoch, "removed": removed, "achieved_macs": macs / self.dense_macs, "params": params,
-                       "forced": forced}
-        info(f"OCSP: pruned after epoch {epoch}{' (latest_prune_epoch)' if forced else ' (stable)'}: {removed} "
-             f"channels removed, MACs {macs / self.dense_macs:.3f} of dense")
+        self.result = {"epoch": epoch, **done, "forced": forced}
+        info(f"OCSP: pruned after epoch {epoch}{' (latest_prune_epoch)' if forced else ' (stable)'}: "
+             f"{done['removed']} channels removed, MACs {done['achieved_macs']:.3f} of dense")
 
     def finalize(self, ctx) -> None:
         if self.pruned_at is None:  # never stable within training: prune the last candidate so the target holds
