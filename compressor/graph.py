@@ -75,7 +75,11 @@ class _OpaqueAttention(tp.pruner.function.BasePruningFunc):
 
 
 def _is_attention(module: nn.Module) -> bool:
-    return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
+    """nn.MultiheadAttention, a class named *Attention*, or a layer with `num_heads` and its own projections
+    (EdgeNeXt's XCA, other head-split layers)."""
+    if isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower():
+        return True
+    return hasattr(module, "num_heads") and any(isinstance(c, (nn.Linear, nn.Conv2d)) for c in module.children())
 
 
 def _opaque_attention(model: nn.Module) -> dict[type, tp.pruner.function.BasePruningFunc]:
@@ -92,10 +96,31 @@ def _opaque_attention(model: nn.Module) -> dict[type, tp.pruner.function.BasePru
     return opaque
 
 
+class _WholeGroupNorm(tp.pruner.function.GroupNormPruner):
+    """GroupNorm loses whole groups: torch-pruning slices the channels but keeps num_groups, so a 24-channel,
+    3-group norm left with 16 channels fails at run time (16 is not divisible by 3). The planner removes channels
+    in whole groups (selection.norm_group_classes); this pruner lowers num_groups to match."""
+
+    def prune_out_channels(self, layer: nn.GroupNorm, idxs):
+        per_group = layer.num_channels // layer.num_groups
+        lost = {int(i) // per_group for i in idxs}
+        if len(lost) * per_group != len(set(int(i) for i in idxs)):
+            raise NotPrunableError(f"removing {len(idxs)} channels of a GroupNorm with {layer.num_groups} groups of "
+                                   f"{per_group} would split a group.")
+        super().prune_out_channels(layer, idxs)
+        layer.num_groups -= len(lost)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+
 def trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph of `model` (custom attention layers as leaves)."""
+    """torch-pruning's dependency graph of `model` (custom attention layers as leaves, GroupNorm in whole groups)."""
+    custom: dict[type, tp.pruner.function.BasePruningFunc] = {
+        type(m): _WholeGroupNorm() for m in model.modules() if isinstance(m, nn.GroupNorm)}
+    custom.update(_opaque_attention(model))
     return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                 customized_pruners=_opaque_attention(model))
+                                                 customized_pruners=custom)
 
 
 def build_graph(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> tp.DependencyGraph:
@@ -145,18 +170,44 @@ def attention_layers(model: nn.Module) -> dict[nn.Module, str]:
 
 
 def grouped_convs(model: nn.Module) -> dict[nn.Module, str]:
-    """Grouped convolutions that are not depthwise (1 < groups < in_channels: RegNet, ResNeXt), by name. Removing
-    channels from them would have to keep every group the same size, which torch-pruning's channel indices do not
-    (measured: RegNetX-800MF failed in index_select), so groups that touch them are not pruned."""
+    """Grouped convolutions that are not plain depthwise (RegNet, ResNeXt; depthwise with a channel multiplier),
+    by name. Removing channels from them would have to keep every group the same size, which torch-pruning's
+    channel indices do not (measured: RegNetX-800MF failed in index_select), so groups that touch them are not
+    pruned."""
     return {m: name for name, m in model.named_modules()
-            if isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups < m.in_channels}
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
+            and not (m.groups == m.in_channels == m.out_channels)}  # depthwise with a multiplier is grouped too
 
 
-def _locked(attention: dict[nn.Module, str], grouped: dict[nn.Module, str]) -> dict[nn.Module, str]:
-    """Every module whose channels are never pruned (attention_layers, grouped_convs), with the reason."""
-    reasons = {m: f"part of attention layer {name} (attention widths are not pruned)" for m, name in attention.items()}
+STANDARD_PARAMS = {"weight", "bias"}
+PER_CHANNEL_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def custom_layers(model: nn.Module) -> dict[nn.Module, str]:
+    """Subclasses of conv / linear / norm layers that own parameters or buffers torch-pruning does not know (a
+    weight-standardised conv's `gain`, as in timm's ScaledStdConv2d for NFNets): torch-pruning would slice weight
+    and bias and leave the rest at the old width, so their groups are not pruned."""
+    found = {}
+    for m in model.modules():
+        if not isinstance(m, PER_CHANNEL_TYPES) or type(m).__module__.startswith("torch.nn"):
+            continue
+        extra = sorted({n for n, _ in m.named_parameters(recurse=False)} - STANDARD_PARAMS |
+                       {n for n, b in m.named_buffers(recurse=False) if b is not None and b.ndim > 0} -
+                       {"running_mean", "running_var"})
+        if extra:
+            found[m] = (f"custom layer {type(m).__name__} with tensors torch-pruning does not slice "
+                        f"({', '.join(extra)})")
+    return found
+
+
+def _locked(model: nn.Module) -> dict[nn.Module, str]:
+    """Every module whose channels are never pruned (attention_layers, grouped_convs, custom_layers), with the
+    reason."""
+    reasons = {m: f"part of attention layer {name} (attention widths are not pruned)"
+               for m, name in attention_layers(model).items()}
     reasons.update({m: f"grouped convolution (groups={m.groups}; its groups would have to shrink together)"
-                    for m in grouped})
+                    for m in grouped_convs(model)})
+    reasons.update(custom_layers(model))
     return reasons
 
 
@@ -201,10 +252,53 @@ def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
 
 
 def prunable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
-    """torch-pruning groups whose root is a conv/linear layer, that touch no ignored layer's outputs, no attention
-    layer (see attention_layers) and no grouped convolution (see grouped_convs)."""
-    locked = _locked(attention_layers(graph.model), grouped_convs(graph.model))
-    return [g for g in _all_groups(graph, ignored) if not any(i.dep.target.module in locked for i in g)]
+    """torch-pruning groups whose root is a conv/linear layer, that touch no ignored layer's outputs and no locked
+    layer (see _locked), and whose index mapping can be trusted (see _index_problem). The layers of groups left out
+    for the last reason are kept in graph.rejected_groups ({module: reason}) for `inspect`."""
+    locked = _locked(graph.model)
+    names = module_names(graph.model)
+    kept, rejected = [], {}
+    for group in _all_groups(graph, ignored):
+        lock = next((i.dep.target.module for i in group if i.dep.target.module in locked), None)
+        problem = locked[lock] if lock is not None else _index_problem(graph, group, names)
+        if problem is None:
+            kept.append(group)
+            continue
+        if lock is not None:
+            continue  # unprunable_layers words the locked couplings itself
+        for item in group:
+            module = item.dep.target.module
+            if isinstance(module, nn.Module) and module not in locked and _is_out_handler(item.dep.handler):
+                rejected.setdefault(module, problem)
+    graph.rejected_groups = rejected
+    return kept
+
+
+def _is_out_handler(handler) -> bool:
+    return getattr(handler, "__name__", "").startswith("prune_out")
+
+
+def _index_problem(graph: tp.DependencyGraph, group, names: dict[nn.Module, str]) -> str | None:
+    """Why torch-pruning's channel indices of this group cannot be trusted: an index beyond a member layer's
+    width, or a channel split on the way (torch.split / chunk: forward() splits at sizes that pruning does not
+    update, as in CSPNet's cross-stage halves, so the branches would get the wrong channels)."""
+    root = names.get(group[0].dep.target.module, "?")
+    if any(isinstance(item.dep.target.module, tp.ops._SplitOp) for item in group):
+        return (f"group {root} passes through a channel split (torch.split / chunk) whose sizes forward() computes "
+                "itself; removing channels would hand the branches the wrong ones")
+    for item in group:
+        module = item.dep.target.module
+        pruner = graph.get_pruner_of_module(module) if isinstance(module, nn.Module) else None
+        if pruner is None or not list(module.parameters(recurse=False)):
+            continue
+        width = (pruner.get_out_channels if _is_out_handler(item.dep.handler) else pruner.get_in_channels)(module)
+        if width is None:
+            continue
+        idxs = [int(i) for i in item.idxs]
+        if idxs and (max(idxs) >= width or min(idxs) < 0):
+            return (f"torch-pruning maps the channels of group {root} to index {max(idxs)} of "
+                    f"{names.get(module, '?')}, which has {width} (a split or concatenation it cannot follow)")
+    return None
 
 
 def describe_group(group, names: dict[nn.Module, str]) -> GroupInfo:
@@ -228,7 +322,8 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
     covered = {item.dep.target.module for group in groups for item in group  # outputs pruned by a group (a layer
                if item.dep.handler.__name__.startswith("prune_out")}  # only on a group's input side is fixed)
     attention, grouped = attention_layers(model), grouped_convs(model)
-    locked = _locked(attention, grouped)
+    locked = _locked(model)
+    rejected = getattr(graph, "rejected_groups", {})
     reasons: dict[str, str] = {}
     for module, name in names.items():
         own = list(module.parameters(recurse=False))
@@ -238,6 +333,9 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
             continue
         if module in locked:
             reasons[name] = locked[module]
+            continue
+        if module in rejected:
+            reasons[name] = rejected[module]
             continue
         if module not in graph.module2node:
             reasons[name] = "not used in forward() of the traced model"
@@ -251,6 +349,8 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
                                  "layout; attention widths are not pruned)")
             elif lock in grouped:
                 reasons[name] = f"coupled to grouped convolution {grouped[lock]} (groups={lock.groups})"
+            elif lock is not None:
+                reasons[name] = f"coupled to {names.get(lock, '?')}: {locked[lock]}"
             elif any(m in ignored for m in coupled):
                 reasons[name] = "coupled to an ignored layer"
             else:

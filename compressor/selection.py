@@ -44,6 +44,14 @@ class Candidate:
     def partners(self) -> dict[int, list[int]]:
         return {i: cls for cls in self.classes for i in cls} if self.classes else {}
 
+    @property
+    def unit(self) -> int:
+        """Channels removed together: the class size when every index is in a class of that size, else 1."""
+        sizes = {len(cls) for cls in self.classes or ()}
+        if len(sizes) == 1 and sum(len(cls) for cls in self.classes) == self.width:
+            return sizes.pop()
+        return 1
+
 
 @dataclass
 class Snapshot:
@@ -134,7 +142,8 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
             roots = None if item.root_idxs is None or any(r is None for r in item.root_idxs) else list(item.root_idxs)
             members.append((name, "out" if _is_out(item.dep.handler) else "in", roots, len(item.idxs)))
         root_module = group[0].dep.target.module
-        classes = coupled_classes(graph, root_module, group[0].dep.handler, len(group[0].idxs))
+        classes = merge_classes(coupled_classes(graph, root_module, group[0].dep.handler, len(group[0].idxs)),
+                                norm_group_classes(group))
         if classes:
             for cls in classes:
                 scores[cls] = scores[cls].mean()
@@ -169,6 +178,44 @@ def coupled_classes(graph: tp.DependencyGraph, root: nn.Module, handler, width: 
             seen.update(cls)
             classes.append(cls)
     return classes
+
+
+def norm_group_classes(group) -> Optional[list[list[int]]]:
+    """Root indices of each GroupNorm group in the dependency group: they are removed whole (graph._WholeGroupNorm)."""
+    classes = []
+    for item in group:
+        norm = item.dep.target.module
+        if not isinstance(norm, nn.GroupNorm) or norm.num_groups <= 1 or item.root_idxs is None:
+            continue
+        per_group = norm.num_channels // norm.num_groups
+        by_group: dict[int, list[int]] = {}
+        for idx, root in zip(item.idxs, item.root_idxs):
+            if root is not None:
+                by_group.setdefault(int(idx) // per_group, []).append(int(root))
+        classes += [sorted(set(members)) for members in by_group.values()]
+    return classes or None
+
+
+def merge_classes(*parts: Optional[list[list[int]]]) -> Optional[list[list[int]]]:
+    """Union of overlapping classes (indices coupled by any rule end up in one class)."""
+    parent: dict[int, int] = {}
+
+    def find(i: int) -> int:
+        while parent.setdefault(i, i) != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for part in parts:
+        for cls in part or ():
+            for j in cls[1:]:
+                parent[find(j)] = find(cls[0])
+            find(cls[0])
+    merged: dict[int, list[int]] = {}
+    for i in parent:
+        merged.setdefault(find(i), []).append(i)
+    classes = [sorted(c) for c in merged.values() if len(c) > 1]
+    return sorted(classes) or None
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -225,14 +272,15 @@ def layer_round_to(width: int, cons: Constraints) -> int:
     return max(step, 1)
 
 
-def allowed_removals(width: int, cons: Constraints, root: Optional[str] = None) -> list[int]:
-    """Every channel count a group of `width` channels may lose now: the kept width a multiple of its round_to, or
-    the dense width (a group pruned earlier may not stay at an unaligned width); at most max_layer_ratio of it
-    and at least one channel kept."""
+def allowed_removals(width: int, cons: Constraints, root: Optional[str] = None, unit: int = 1) -> list[int]:
+    """Every channel count a group of `width` channels may lose now: a multiple of `unit` (channels that go
+    together), the kept width a multiple of its round_to, or the dense width (a group pruned earlier may not stay
+    at an unaligned width); at most max_layer_ratio of it and at least one channel kept."""
     dense = cons.dense_widths.get(root, width) if root is not None else width
     cap = min(int(math.floor(width * cons.max_layer_ratio)), width - 1)
     step = layer_round_to(dense, cons)
-    return [n for n in range(0, cap + 1) if (width - n) % step == 0 or (n == 0 and width == dense)]
+    return [n for n in range(0, cap + 1)
+            if n % unit == 0 and ((width - n) % step == 0 or (n == 0 and width == dense))]
 
 
 def allowed_count(cand: Candidate, floor: int, cons: Constraints) -> int:
@@ -243,7 +291,7 @@ def allowed_count(cand: Candidate, floor: int, cons: Constraints) -> int:
 def _count_allowed(cand: Candidate, wanted: int, cons: Constraints, floor: int = 0) -> int:
     """The largest allowed removal count not above `wanted` (kept widths rounded up), but never below `floor`
     (channels already decaying): then the smallest allowed count that covers them."""
-    allowed = allowed_removals(cand.width, cons, cand.root)
+    allowed = allowed_removals(cand.width, cons, cand.root, cand.unit)
     if not allowed:  # no aligned width within max_layer_ratio: keep what is decaying
         return floor
     below = [a for a in allowed if a <= max(wanted, 0)]
@@ -286,7 +334,7 @@ def _refine(snap: Snapshot, plan: Plan, target_macs: float, cons: Constraints) -
         trials = []
         for cand in snap.candidates:
             n = len(best.get(cand.root, ()))
-            allowed = allowed_removals(cand.width, cons, cand.root)
+            allowed = allowed_removals(cand.width, cons, cand.root, cand.unit)
             floor = len(cons.frozen.get(cand.root, ()))
             for m in (min((a for a in allowed if a > n), default=None),
                       max((a for a in allowed if floor <= a < n), default=None)):
@@ -404,8 +452,39 @@ def remove(model: nn.Module, example: torch.Tensor, plan: Plan) -> int:
                     hint=f"Add {root!r} to model.ignore to keep that group whole (`compressor inspect` lists the "
                          "coupled layers), or use FGGP unstructured / 2:4, which does not change shapes.") from exc
             removed += len(idxs)
+        check_forward(model, example, list(plan))
     model.train(was_training)
     return removed
+
+
+def check_forward(model: nn.Module, example: torch.Tensor, roots: list[str]) -> None:
+    """Run the pruned model once; a failure names the layer it failed in (torch-pruning followed a channel mapping
+    this architecture does not have) instead of surfacing later as a traceback in training or export."""
+    names = dg.module_names(model)
+    running: list[nn.Module] = []
+
+    def enter(module, _inputs) -> None:
+        running.append(module)
+
+    def leave(_module, _inputs, _output) -> None:  # a forward hook that returned a value would replace the output
+        running.pop()
+
+    hooks = [m.register_forward_pre_hook(enter) for m in model.modules()]
+    hooks += [m.register_forward_hook(leave) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:  # any op can be the one whose shapes no longer fit
+        where = names.get(running[-1], "?") if running else "?"
+        raise NotPrunableError(
+            f"after removing channels of {', '.join(roots)}, the model fails in layer {where} "
+            f"({type(running[-1]).__name__ if running else '?'}: {type(exc).__name__}: {exc}); torch-pruning did not "
+            "follow this architecture's channel mapping there.",
+            hint=f"Add the layers feeding {where} to model.ignore (`compressor inspect` lists the groups and what "
+                 "each couples), or use FGGP unstructured / 2:4, which does not change shapes.") from exc
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def structure_slices(model: nn.Module, example: torch.Tensor, roots: list[str], *, out_only: bool = True):

@@ -124,3 +124,65 @@ def tiny_ghostnet(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
                          _GhostBlock(16, 48, 32), _GhostBlock(32, 96, 64), _GhostBlock(64, 128, 64),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+
+def tiny_groupnorm(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Convolutions followed by GroupNorm with 3 groups (24 channels in groups of 8), as in timm's EfficientNet-GN."""
+    return nn.Sequential(nn.Conv2d(in_channels, 24, 3, padding=1), nn.GroupNorm(3, 24), nn.ReLU(),
+                         nn.Conv2d(24, 48, 3, padding=1), nn.GroupNorm(3, 48), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, num_classes))
+
+
+class GainConv2d(nn.Conv2d):
+    """A weight-standardised conv with a per-output-channel gain (timm's ScaledStdConv2d, NFNets)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return nn.functional.conv2d(x, w * self.gain, self.bias, self.stride, self.padding)
+
+
+def tiny_ws_conv(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), GainConv2d(16, 32, 3, padding=1),
+                         nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, num_classes))
+
+
+class _CrossStage(nn.Module):
+    """CSPNet's cross-stage split: half the channels go through a block, the other half around it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(width, 2 * width, 1)
+        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.merge = nn.Conv2d(2 * width, width, 1)
+
+    def forward(self, x):
+        a, b = self.expand(x).chunk(2, dim=1)
+        return self.merge(torch.cat([self.block(a), b], 1))
+
+
+def tiny_csp(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), _CrossStage(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, num_classes))
+
+
+class _FixedScale(nn.Module):
+    """Scales channels by a buffer of the layer's original width: a custom block pruning silently breaks."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, width).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def tiny_fixed_scale(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), _FixedScale(16),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, num_classes))

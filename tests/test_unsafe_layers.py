@@ -1,0 +1,94 @@
+"""Layers torch-pruning cannot prune safely are handled (GroupNorm in whole groups) or locked and named by
+`inspect` (weight-standardised convs with a gain, channel splits); anything that still breaks the pruned model is a
+clear error naming the layer (spec: docs/planning.md)."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from compressor import graph as dg
+from compressor import selection as sel
+from compressor.errors import NotPrunableError
+from compressor.importance import build_scorer
+from compressor.inspection import inspect_model
+from compressor.recipe import ImportanceConfig, ModelConfig
+
+from . import helpers_models as hm
+
+EXAMPLE = torch.randn(2, 3, 16, 16)
+CFG = ModelConfig(num_classes=10, in_channels=3, input_shape=[3, 16, 16])
+
+
+def _prune(model: nn.Module, macs: float = 0.6, **cons):
+    snap = sel.snapshot(model, EXAMPLE[:1], [], 10, build_scorer(ImportanceConfig(kind="magnitude")))
+    plan = sel.plan_for_macs(snap, macs * snap.total_macs, sel.Constraints(**cons))
+    work = copy.deepcopy(model).eval()
+    sel.remove(work, EXAMPLE[:1], plan)
+    return snap, plan, work
+
+
+def test_groupnorm_loses_whole_groups_and_keeps_running():
+    model = hm.tiny_groupnorm().eval()
+    snap, plan, work = _prune(model)
+    assert plan, "nothing planned"
+    norms = [m for m in work.modules() if isinstance(m, nn.GroupNorm)]
+    assert [n.num_channels // n.num_groups for n in norms] == [8, 16]  # group sizes kept, fewer groups
+    assert any(n.num_groups < 3 for n in norms)
+    with torch.no_grad():
+        assert work(EXAMPLE).shape == (2, 10)
+    achieved = sel.snapshot_macs(work, EXAMPLE[:1])[0]
+    assert achieved == pytest.approx(snap.macs_after(plan), rel=0.01)  # the planner counted the whole groups
+
+
+def test_groupnorm_group_is_one_class_of_channels():
+    model = hm.tiny_groupnorm().eval()
+    snap = sel.snapshot(model, EXAMPLE[:1], [], 10, build_scorer(ImportanceConfig(kind="magnitude")))
+    first = next(c for c in snap.candidates if c.root == "0")
+    assert first.unit == 8 and sorted(len(c) for c in first.classes) == [8, 8, 8]
+    assert sel.allowed_removals(24, sel.Constraints(max_layer_ratio=0.9), "0", first.unit) == [0, 8, 16]
+
+
+def test_weight_standardised_conv_with_gain_is_locked_and_named():
+    model = hm.tiny_ws_conv().eval()
+    report = inspect_model(model, CFG)
+    assert "gain" in report.unprunable["2"] and "GainConv2d" in report.unprunable["2"]
+    assert "coupled to 2: custom layer GainConv2d" in report.unprunable["0"]
+    assert [g.root for g in report.groups] == ["4"]  # the plain conv after it is still prunable
+    _, plan, work = _prune(model, 0.9)
+    assert set(plan) == {"4"} and work[2].gain.shape[0] == work[2].out_channels == 32
+    with torch.no_grad():
+        assert work(EXAMPLE).shape == (2, 10)
+
+
+def test_channel_split_is_locked_and_named():
+    model = hm.tiny_csp().eval()
+    report = inspect_model(model, CFG)
+    assert "channel split" in report.unprunable["2.expand"]
+    assert all(g.root != "2.expand" for g in report.groups)
+    _, plan, work = _prune(model, 0.8)
+    with torch.no_grad():
+        assert work(EXAMPLE).shape == (2, 10)
+
+
+def test_a_model_broken_by_the_removal_names_the_failing_layer():
+    model = hm.tiny_fixed_scale().eval()
+    with pytest.raises(NotPrunableError) as err:
+        _prune(model, 0.6)
+    message = err.value.render()
+    assert "fails in layer 2 (_FixedScale" in message and "model.ignore" in message
+    assert isinstance(err.value.__cause__, RuntimeError)  # --debug shows the chained cause
+
+
+def test_groups_with_out_of_range_indices_are_rejected():
+    model = hm.tiny_groupnorm().eval()
+    graph = dg.trace(model, EXAMPLE[:1])
+    groups = dg._all_groups(graph, dg.resolve_ignored(model, [], 10))
+    assert dg._index_problem(graph, groups[0], dg.module_names(model)) is None
+    first = groups[0][0]
+    broken = [SimpleNamespace(dep=first.dep, idxs=[*first.idxs[:-1], 999]), *groups[0][1:]]  # a mis-mapped split
+    problem = dg._index_problem(graph, broken, dg.module_names(model))
+    assert problem is not None and "index 999" in problem
