@@ -4,8 +4,9 @@ Which channel multiple runs fastest depends on the runtime, its version and the 
 Xeon pads 13-channel convolutions into its 16-channel blocks, so a 17-wide layer costs as much as a 32-wide one;
 on AVX2 the block is 8), so a fixed rule per instruction set is a guess. Here each candidate multiple is tried on
 the model itself: plan the recipe's final target with magnitude scores on a copy, remove, export, and time every
-candidate round-robin on the recipe's first CPU bench backend at its batch sizes; the fastest (geometric mean of
-the per-batch medians) wins. Under `auto` a group narrower than twice the multiple keeps the largest power of two
+candidate round-robin on the recipe's first CPU bench backend at its batch sizes; the finest multiple within 3% of
+the fastest (geometric mean of the per-batch medians) wins, since a finer multiple leaves the importance ranking
+more freedom. Under `auto` a group narrower than twice the multiple keeps the largest power of two
 it can still lose (a 16-wide layer under 16 keeps multiples of 8), so the multiple never locks a layer whole.
 
 GPU backends keep the static rule of hardware.auto_round_to (a TensorRT engine build per candidate would take
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 CANDIDATES = (1, 4, 8, 16, 32)
 MEASURE_SECONDS = 0.5  # per candidate and batch size, after a 200 ms warm-up
+TIE = 0.03  # candidates this close to the fastest count as equally fast: the finest of them wins (more freedom to
+# keep the important channels, MACs closer to the target)
 STATE_FILE = "round_to.json"
 
 
@@ -119,9 +122,10 @@ def measure_round_to(model: "nn.Module", recipe: "Recipe", candidates: tuple[int
                 runner.close()
     for row in rows:
         row["score_ms"] = math.exp(statistics.mean(math.log(row[f"ms_b{b}"]) for b in cfg.batch_sizes))
-    best = min(rows, key=lambda r: r["score_ms"])
+    fastest = min(r["score_ms"] for r in rows)
+    best = next(r for r in rows if r["score_ms"] <= fastest * (1 + TIE))  # rows ascend: the finest of the fastest
     timings = ", ".join(f"{r['round_to']}: {r['score_ms']:.3f} ms" for r in rows)
-    reason = (f"fastest of {', '.join(str(r['round_to']) for r in rows)} measured on {backend} at batch "
-              f"{', '.join(map(str, cfg.batch_sizes))} for this model at its target ({timings}; geometric mean of "
-              f"median latencies)")
+    reason = (f"the finest multiple within {TIE:.0%} of the fastest among {', '.join(str(r['round_to']) for r in rows)}, "
+              f"measured on {backend} at batch {', '.join(map(str, cfg.batch_sizes))} for this model at its target "
+              f"({timings}; geometric mean of median latencies)")
     return {"value": best["round_to"], "reason": reason, "measured": True, "backend": backend, "rows": rows}

@@ -148,8 +148,9 @@ def test_auto_round_to_measures_the_candidates_on_this_machine():
     assert [r["round_to"] for r in result["rows"]] == [1, 4, 8, 16, 32]  # widest group 64: up to 32
     for row in result["rows"]:
         assert row["ms_b1"] > 0 and row["ms_b4"] > 0 and row["macs"] == pytest.approx(0.5, rel=0.1)
-    fastest = min(result["rows"], key=lambda r: r["score_ms"])
-    assert result["value"] == fastest["round_to"] and "measured on ort-cpu" in result["reason"]
+    fastest = min(r["score_ms"] for r in result["rows"])
+    ties = [r["round_to"] for r in result["rows"] if r["score_ms"] <= fastest * 1.03]
+    assert result["value"] == min(ties) and "measured on ort-cpu" in result["reason"]
 
 
 def test_resolve_round_to_reuses_the_choice_saved_in_the_run(tmp_path):
@@ -160,3 +161,16 @@ def test_resolve_round_to_reuses_the_choice_saved_in_the_run(tmp_path):
     assert note == "prune.round_to auto -> 4: saved."
     fixed = load_recipe("resnet20-fmnist-oneshot", ["prune.round_to=16"])
     assert resolve_round_to(fixed) == (fixed, None) and not fixed.prune._round_to_auto
+
+
+def test_overwrite_measures_again_and_resume_keeps_the_choice(tmp_path):
+    from compressor.pipeline import prepare_run_dir
+
+    recipe = load_recipe("resnet20-fmnist-oneshot", ["prune.round_to=auto"])
+    prepare_run_dir(tmp_path, recipe, resume=False, overwrite=False)
+    for name in ("round_to.json", "report.json"):
+        (tmp_path / name).write_text("{}")
+    prepare_run_dir(tmp_path, recipe, resume=True, overwrite=False)
+    assert (tmp_path / "round_to.json").is_file()  # --resume: the same multiple as the interrupted run
+    prepare_run_dir(tmp_path, recipe, resume=False, overwrite=True)
+    assert not (tmp_path / "round_to.json").exists() and not (tmp_path / "report.json").exists()
