@@ -11,8 +11,6 @@ import functools
 import importlib.metadata
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import BackendUnavailable, UsageError
+from .errors import BackendUnavailable, CompressorError, ModelLoadError, UsageError
 from .onnx_runtime import create_session, require_provider
 from .tensorrt_runtime import nvidia_gpus, require_tensorrt
 from .progress import Tracker, track
@@ -81,6 +79,69 @@ def _model_path(model: Any) -> Path:
     return path
 
 
+ORT_FILE_ERRORS = ("InvalidProtobuf", "NoSuchFile", "InvalidGraph", "InvalidArgument", "NotImplemented")
+ONNX_HINT = "Give an ONNX model written by `compressor export` (or torch.onnx.export); check the path."
+
+
+def _ort_reason(exc: BaseException) -> str:
+    """onnxruntime's message without its `[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from X failed:`."""
+    text = " ".join(str(exc).split())
+    return text.rsplit("failed:", 1)[-1].strip() or type(exc).__name__
+
+
+def _onnx_path(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"model file {str(path)!r} does not exist.")
+    if path.is_dir():
+        raise UsageError(f"{str(path)!r} is a directory, not an ONNX model file.")
+    return path
+
+
+def load_onnx_proto(path: str | Path) -> Any:
+    """The parsed ONNX graph of `path` (without external data), or a CompressorError naming the file (exit 2): missing,
+    a directory, or bytes that are not an ONNX model. None when the onnx package is not installed."""
+    path = _onnx_path(path)
+    try:
+        import onnx
+    except ImportError:
+        return None
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError mostly; whatever the parser raises, the file is not a model it reads
+        raise ModelLoadError(f"{str(path)!r} is not an ONNX model ({type(exc).__name__}: {_ort_reason(exc)}).",
+                             hint=ONNX_HINT) from exc
+    if not proto.HasField("graph") or not proto.graph.node:
+        raise ModelLoadError(f"{str(path)!r} is not an ONNX model (it holds no graph).", hint=ONNX_HINT)
+    return proto
+
+
+def check_onnx_file(path: str | Path) -> Path:
+    """`path` when it holds an ONNX model, else a CompressorError naming it (see load_onnx_proto); without the onnx
+    package only existence is checked and onnxruntime's load decides."""
+    load_onnx_proto(path)
+    return Path(path)
+
+
+def open_onnx_session(path: str | Path, backend: str = "ort-cpu", **options: Any):
+    """onnx_runtime.create_session, with a file onnxruntime cannot load reported as an error naming it (exit 2)
+    instead of onnxruntime's own exception; a session failure on a GPU backend is BackendUnavailable (exit 3)."""
+    path = _onnx_path(path)
+    try:
+        return create_session(path, backend, **options)
+    except CompressorError:
+        raise
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        if type(exc).__name__ in ORT_FILE_ERRORS or backend == "ort-cpu":
+            raise ModelLoadError(f"onnxruntime cannot load {str(path)!r} ({_ort_reason(exc)}); it is not a valid "
+                                 "ONNX model.", hint=ONNX_HINT) from exc
+        raise BackendUnavailable(f"backend {backend}: onnxruntime could not create a session for {str(path)!r} "
+                                 f"({_ort_reason(exc)}).",
+                                 hint="Check the CUDA/cuDNN/TensorRT libraries and the NVIDIA driver.") from exc
+
+
 def _onnx_input_shape(dims: Sequence[Any], batch_size: int, input_shape: Optional[Sequence[int]]) -> list[int]:
     """The ONNX input's shape at `batch_size`: dynamic batch filled in, other dims fixed or from --input-shape."""
     batch_dim, sample_dims = dims[0], list(dims[1:])
@@ -108,8 +169,8 @@ class OrtRunner(Runner):
             raise UsageError(f"backend {backend} runs .onnx files, not {path.name!r}; "
                              "use --backend torch for PyTorch models.")
         self.name, self.input_shape = backend, options.input_shape
-        self.session = create_session(path, backend, threads=options.threads, fp16=options.fp16,
-                                      cache_dir=options.cache_dir, profile_prefix=options.profile_prefix)
+        self.session = open_onnx_session(path, backend, threads=options.threads, fp16=options.fp16,
+                                         cache_dir=options.cache_dir, profile_prefix=options.profile_prefix)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise UsageError(f"{path.name!r} has {len(inputs)} inputs; bench feeds models with exactly one input.")

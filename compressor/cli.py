@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -33,13 +34,20 @@ TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow unpick
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 
 
+INTERNAL_ERROR_EXIT = 1
+
+
 def handles_errors(fn: Callable) -> Callable:
-    """Turn CompressorError into one message on stderr and its exit code (a traceback only with --debug)."""
+    """Turn CompressorError into one message on stderr and its exit code, and anything unexpected into one
+    "internal error" paragraph and exit 1. With --debug both are re-raised: the traceback shows, with the chained
+    cause of a wrapped error."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
+            raise  # typer/click's own exits and usage errors (Exit and Abort are RuntimeErrors)
         except CompressorError as exc:
             if STATE["debug"]:
                 raise
@@ -48,8 +56,26 @@ def handles_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the CLI's safety net: never a bare traceback
+            if STATE["debug"]:
+                raise
+            err.print(f"[bold red]internal error:[/] {escape(internal_error_message(exc))}", markup=True)
+            raise typer.Exit(INTERNAL_ERROR_EXIT) from None
 
     return wrapper
+
+
+def internal_error_message(exc: BaseException) -> str:
+    """One paragraph for an exception compressor did not expect: its type, the first line of its message, and
+    what to do."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else "(no message)"
+    if len(text) > 300:
+        text = text[:297] + "..."
+    more = " (first line of the message)" if len(lines) > 1 else ""
+    return (f"{type(exc).__name__}: {text}{more}. This was not expected and is likely a bug in compressor or a "
+            "library it uses; rerun with --debug for the traceback and report it "
+            "(compressor --debug COMMAND ...).")
 
 
 @app.callback()
@@ -63,8 +89,19 @@ def _load_recipe(recipe: Optional[str], overrides: Optional[list[str]], *, requi
     if recipe is None:
         if required:
             raise UsageError("this command needs --recipe FILE (or the name of a shipped recipe).")
+        if overrides:
+            raise UsageError(f"--set {overrides[0]} needs --recipe: --set overrides a value of the recipe given "
+                             "with --recipe FILE.")
         return None
     return load_recipe(recipe, overrides or [])
+
+
+def _check_json_out(path: Optional[Path]) -> None:
+    """Refuse a --json path that cannot be written before any work is done."""
+    if path is not None:
+        from .rundir import check_output_file
+
+        check_output_file(path, "--json")
 
 
 # ---------------------------------------------------------------------------------------------- recipes
@@ -120,8 +157,11 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="Checkpoint (.pt/.safeten
              json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON.")] = None) -> None:
     """Top-1, top-5 and loss of a model on the recipe's validation data."""
     from .evaluation import evaluate_artifact
+    from .models import check_device
 
     r = _load_recipe(recipe, overrides)
+    check_device(device)
+    _check_json_out(json_out)
     metrics = evaluate_artifact(model, r, trust_checkpoint=trust_checkpoint, device=device)
     out.print(f"{model}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
               f"({metrics['count']} samples of {r.data.kind})")
@@ -143,6 +183,10 @@ def inspect_cmd(checkpoint: Annotated[Optional[str], typer.Argument(help="Checkp
     the TensorRT compatibility of an exported model (runs anywhere, no GPU needed)."""
     if checkpoint is None and onnx_file is None:
         raise UsageError("give a CHECKPOINT to inspect, --onnx FILE, or both.")
+    _check_json_out(json_out)
+    if onnx_file is not None and not onnx_file.is_file():
+        raise UsageError(f"--onnx {onnx_file}: " + ("is a directory, not an ONNX file." if onnx_file.is_dir()
+                                                    else "no such file."))
     result: dict = {}
     if checkpoint is not None:
         from .inspection import inspect_checkpoint, render_inspection
@@ -155,8 +199,6 @@ def inspect_cmd(checkpoint: Annotated[Optional[str], typer.Argument(help="Checkp
         from .inspection import render_compatibility
         from .trt_compat import check_onnx
 
-        if not onnx_file.is_file():
-            raise UsageError(f"--onnx {onnx_file}: no such file.")
         compat = check_onnx(onnx_file)
         render_compatibility(compat, out)
         result["tensorrt_compatibility"] = compat.to_dict()
@@ -177,10 +219,15 @@ def compress_cmd(checkpoint: Annotated[str, typer.Argument(help="Checkpoint file
                  overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in --out.")] = False,
                  trust_checkpoint: TrustOpt = False) -> None:
     """Prune, fine-tune, slim, export, verify and benchmark a model as the recipe says."""
+    from .models import check_device
     from .pipeline import compress
     from .progress import is_main_process
+    from .rundir import check_output_dir
 
     r = _load_recipe(recipe, overrides)
+    check_device(device)
+    if out_dir is not None:
+        check_output_dir(out_dir, "--out")
     report = compress(checkpoint, r, out_dir, device=device, resume=resume, overwrite=overwrite,
                       trust_checkpoint=trust_checkpoint)
     if not is_main_process():
@@ -212,6 +259,10 @@ def export_cmd(model: Annotated[str, typer.Argument(help="Checkpoint, slim model
     from .export import export_model
 
     r = _load_recipe(recipe, overrides, required=False)
+    if out_file is not None:
+        from .rundir import check_output_file
+
+        check_output_file(out_file, "--out", "model.onnx" if fmt == "onnx" else "model.engine")
     trt_options = {"fp16": fp16, "int8_calib": int8_calib, "sparse": sparse,
                    "batch_sizes": parse_ints(batch, "--batch") if batch else None}
     result = export_model(model, r, fmt=fmt, out=out_file, opset=opset, trust_checkpoint=trust_checkpoint,
@@ -247,6 +298,7 @@ def bench_cmd(model: Annotated[str, typer.Argument(help="model.onnx (ort-*), .en
     """Latency percentiles and throughput per backend and batch size; with --baseline, an interleaved A/B speedup."""
     from .bench import default_backend, parse_ints, render_report, run_benchmark
 
+    _check_json_out(json_out)
     backends = [name.strip() for item in backend or [default_backend(model)] for name in item.split(",") if name.strip()]
     report = run_benchmark(model, baseline=baseline, backends=backends, batch_sizes=parse_ints(batch, "--batch"),
                            warmup_ms=warmup_ms, min_runs=min_runs, min_seconds=min_seconds, threads=threads,
@@ -273,6 +325,7 @@ def profile_cmd(model: Annotated[Path, typer.Argument(help="model.onnx to profil
     from .bench import parse_ints
     from .ort_profile import profile_pair, render_profile
 
+    _check_json_out(json_out)
     result = profile_pair(model, baseline, batch, runs=runs, threads=threads,
                           input_shape=parse_ints(input_shape, "--input-shape") if input_shape else None)
     render_profile(result, out, top)

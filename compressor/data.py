@@ -174,7 +174,12 @@ def _imagefolder_dataset(cfg: DataConfig, model_cfg: ModelConfig, split: str, au
                 steps.insert(0, transforms.Grayscale())
             steps += [transforms.ToTensor(), transforms.Normalize(preset["mean"][: model_cfg.in_channels],
                                                                   preset["std"][: model_cfg.in_channels])]
-            return datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+            try:
+                return datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+            except (FileNotFoundError, OSError) as exc:  # a class folder without images, an unreadable folder
+                raise DataError(f"image folder {folder} cannot be used: {exc}",
+                                hint="Every class folder needs at least one image (.jpg, .png, ...); remove empty "
+                                     "class folders or add images.") from exc
     raise _missing(cfg)
 
 
@@ -206,7 +211,7 @@ def _python_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     try:
         factory = getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError) as exc:
-        raise DataError(f"data.factory {cfg.factory!r} cannot be imported: {exc}.") from None
+        raise DataError(f"data.factory {cfg.factory!r} cannot be imported: {exc}.") from exc
     result = factory()
     if not (isinstance(result, tuple) and len(result) == 2):
         raise DataError(f"data.factory {cfg.factory!r} must return (train_dataset, val_dataset), got {type(result).__name__}.")

@@ -15,20 +15,25 @@ from .train import evaluate
 
 def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool = False,
                       device: str = "cpu") -> dict[str, float]:
-    """Top-1/top-5 (percent) and mean cross-entropy of a .pt/.safetensors/slim model or a .onnx file."""
-    _, val_set = build_datasets(recipe.data, recipe.model)
+    """Top-1/top-5 (percent) and mean cross-entropy of a .pt/.safetensors/slim model or a .onnx file. The model is
+    loaded before the data is read, so a bad model file is named first."""
     batch = recipe.data.eval_batch_size or max(recipe.data.batch_size, 256)
     if str(model_ref).endswith(".onnx"):
-        return evaluate_onnx(Path(model_ref), val_set, batch_size=batch)
+        from .bench import open_onnx_session
+
+        session = open_onnx_session(Path(model_ref), "ort-cpu")
+        _, val_set = build_datasets(recipe.data, recipe.model)
+        return evaluate_onnx(Path(model_ref), val_set, batch_size=batch, session=session)
     model = load_model(model_ref, recipe.model, trust_checkpoint=trust_checkpoint)
+    _, val_set = build_datasets(recipe.data, recipe.model)
     return evaluate(model, val_set, batch_size=batch, device=device)
 
 
 def evaluate_onnx(path: Path, dataset, *, batch_size: int = 256, session: Optional[object] = None) -> dict[str, float]:
     """The same metrics as train.evaluate, computed with ONNX Runtime on the CPU."""
-    from .onnx_runtime import create_session
+    from .bench import open_onnx_session
 
-    session = session or create_session(path, "ort-cpu")
+    session = session or open_onnx_session(path, "ort-cpu")
     input_name = session.get_inputs()[0].name
     loss_sum, top1, top5, count = 0.0, 0, 0, 0
     for inputs, targets in make_loader(dataset, batch_size, shuffle=False, workers=0):

@@ -44,28 +44,30 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
                                       do_constant_folding=True)
         except Exception as exc:  # the exporters raise many unrelated types; all mean "this model did not export"
             if _disk_full(exc):
-                raise _disk_error(path) from None
-            raise ExportError(f"ONNX export of the model failed ({type(exc).__name__}: {str(exc).splitlines()[0]}).",
-                              hint="Try export.onnx.dynamo: true, another export.onnx.opset, or check custom ops.") from None
+                raise _disk_error(path) from exc
+            raise ExportError(f"ONNX export of the model failed ({type(exc).__name__}: {_first_line(exc)}).",
+                              hint="Try export.onnx.dynamo: true, another export.onnx.opset, or check custom ops.",
+                              ) from exc
         try:  # from the file: no second serialisation of the whole model, and models over 2 GB check too
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:
-            raise ExportError(f"the exported ONNX fails onnx.checker: {exc}") from None
+            raise ExportError(f"the exported ONNX (opset {cfg.opset}) fails onnx.checker: {' '.join(str(exc).split())}",
+                              hint="Try another export.onnx.opset (17 is the default).") from exc
         external = any(f.name != tmp.name for f in work.iterdir())
-        simplified = False
+        simplified, simplify_note = False, None
         try:
             if external:  # over protobuf's 2 GB: one data file beside the graph; onnxslim needs the model in one proto
                 nodes = consolidate_external_data(tmp)
             else:
                 proto = onnx.load(str(tmp))
                 if cfg.simplify:
-                    proto, simplified = _simplify(proto)
+                    proto, simplified, simplify_note = _simplify(proto)
                     if simplified:
                         onnx.save(proto, str(tmp))
                 nodes = len(proto.graph.node)
         except OSError as exc:
             if _disk_full(exc):
-                raise _disk_error(path) from None
+                raise _disk_error(path) from exc
             raise
         data = data_file(path)
         remove_onnx(path)  # an earlier export here (its data file could be stale or mismatched)
@@ -76,8 +78,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
         os.replace(tmp, path)  # the graph last: a graph file is only there when its data is
     return {"path": str(path), "opset": cfg.opset, "bytes": onnx_bytes(path),
             "external_data": data.name if external else None, "zipped_bytes": zipped_size(path) if zipped else None,
-            "nodes": nodes,
-            "simplified": simplified, "dynamic_batch": cfg.dynamic_batch, "exporter": "dynamo" if cfg.dynamo else "torchscript"}
+            "nodes": nodes, "simplified": simplified, "simplify_note": simplify_note,
+            "dynamic_batch": cfg.dynamic_batch, "exporter": "dynamo" if cfg.dynamo else "torchscript"}
 
 
 PROTO_LIMIT = 2**31  # protobuf's hard limit on one serialised message: larger models keep their tensors outside
@@ -188,18 +190,44 @@ def zipped_size(path: str | Path) -> int:
     return size + len(packer.flush())
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _simplify(proto):
-    """onnxslim when it is installed (the [dev] extra); the graph unchanged otherwise."""
+    """(graph, simplified, note): onnxslim's graph when it is installed and succeeds; otherwise the checked graph
+    unchanged, with a note saying why (onnxslim absent, or the exception it raised)."""
+    from .progress import info
+
     try:
         import onnxslim
-    except ImportError:
-        return proto, False
+    except ImportError as exc:
+        note = f"onnxslim not installed ({_first_line(exc)}): the ONNX model was not simplified (pip install onnxslim)."
+        info(f"note: {note}")
+        return proto, False, note
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return onnxslim.slim(proto), True
-    except Exception:  # onnxslim is an optional optimiser: a failure keeps the checked, unsimplified graph
-        return proto, False
+            return onnxslim.slim(proto), True, None
+    except Exception as exc:  # onnxslim is an optional optimiser: a failure keeps the checked, unsimplified graph
+        note = (f"onnxslim failed while simplifying ({type(exc).__name__}: {_first_line(exc)}); the unsimplified, "
+                "checked ONNX model was kept (set export.onnx.simplify: false to skip onnxslim).")
+        info(f"note: {note}")
+        return proto, False, note
+
+
+def _with_opset(cfg: OnnxConfig, opset: int) -> OnnxConfig:
+    """`cfg` with --opset applied, validated like the recipe's export.onnx.opset (model_copy would not check it)."""
+    from pydantic import ValidationError
+
+    from .errors import UsageError
+
+    try:
+        return OnnxConfig.model_validate({**cfg.model_dump(), "opset": opset})
+    except ValidationError as exc:
+        reason = "; ".join(e["msg"] for e in exc.errors())
+        raise UsageError(f"--opset {opset}: {reason} (the range export.onnx.opset allows).") from exc
 
 
 def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None = None, opset: int | None = None,
@@ -231,9 +259,13 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
     model = load_model(model_ref, model_cfg, trust_checkpoint=trust_checkpoint).cpu().eval()
     onnx_cfg = recipe.export.onnx if recipe is not None else OnnxConfig()
     if opset is not None:
-        onnx_cfg = onnx_cfg.model_copy(update={"opset": opset})
+        onnx_cfg = _with_opset(onnx_cfg, opset)
     base = Path(model_ref)
     target = out or (base / "model.onnx" if base.is_dir() else base.with_suffix(".onnx"))
+    from .rundir import check_output_file
+
+    check_output_file(target, "--out" if out is not None else "the output (next to MODEL; choose one with --out)",
+                      "model.onnx")
     info = export_onnx(model, example_inputs(model_cfg), target, onnx_cfg)
     verify_cfg = recipe.verify if recipe is not None else VerifyConfig()
     if recipe is not None:

@@ -137,7 +137,7 @@ def build_graph(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module
             hint="Check model.input_shape and that forward() takes one tensor and returns tensors; if both are "
                  "right, the model uses an op torch-pruning cannot trace (e.g. ShuffleNet's channel shuffle) and "
                  "cannot be pruned structurally (FGGP unstructured or 2:4 still can).",
-        ) from None
+        ) from exc
     finally:
         model.train(was_training)
     return graph

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import BackendUnavailable, ModelLoadError, UsageError
 from .recipe import ModelConfig
 from .registry import did_you_mean
 from .zoo import ZOO
@@ -88,10 +89,10 @@ def _replace_first_conv(model: nn.Module, in_channels: int, ref: str) -> None:
 def _build_timm(name: str, num_classes: int, in_channels: int) -> nn.Module:
     try:
         import timm
-    except ImportError:
+    except ImportError as exc:
         raise ModelLoadError(
             f"timm:{name} needs timm, which is not installed; install the [timm] extra: pip install -e '.[timm]'"
-        ) from None
+        ) from exc
     if not timm.is_model(name):
         raise ModelLoadError(f"unknown timm model {name!r}{did_you_mean(name, timm.list_models())}.")
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
@@ -107,7 +108,7 @@ def _build_python(target: str, num_classes: int, in_channels: int) -> nn.Module:
         raise ModelLoadError(
             f"cannot import module {module_name!r} for python:{target} ({type(exc).__name__}: {exc}).",
             hint="Put the directory that holds it on PYTHONPATH.",
-        ) from None
+        ) from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelLoadError(f"module {module_name!r} has no callable {attr!r}.")
@@ -115,7 +116,7 @@ def _build_python(target: str, num_classes: int, in_channels: int) -> nn.Module:
     try:
         model = factory(**kwargs)
     except Exception as exc:
-        raise ModelLoadError(f"python:{target} raised {type(exc).__name__}: {exc}") from None
+        raise ModelLoadError(f"python:{target} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"python:{target} returned {type(model).__name__}, not a torch.nn.Module.")
     return model
@@ -138,8 +139,12 @@ def load_model(checkpoint: str | Path, model_cfg: ModelConfig, *, trust_checkpoi
     if isinstance(checkpoint, str) and is_reference(checkpoint) and not path.is_file():
         return build_arch(checkpoint, model_cfg.num_classes, model_cfg.in_channels)
     if not path.exists():
-        hint = f"A model reference takes the form {ACCEPTED_FORMS}." if ":" in str(checkpoint) else None
-        raise ModelLoadError(f"checkpoint {str(path)!r} does not exist.", hint=hint)
+        scheme = re.match(r"([A-Za-z][\w.+-]*):", str(checkpoint))
+        if scheme and len(scheme.group(1)) > 1 and scheme.group(1) not in SCHEMES:  # not a Windows drive letter
+            raise ModelLoadError(f"{str(checkpoint)!r} is neither a checkpoint file nor a model reference: unknown "
+                                 f"scheme {scheme.group(1)!r}{did_you_mean(scheme.group(1), SCHEMES)}.",
+                                 hint=f"A model reference takes the form {ACCEPTED_FORMS}.")
+        raise ModelLoadError(f"checkpoint {str(path)!r} does not exist.")
     if path.is_dir() or path.name == "slim.json":
         from .slim import load_slim
 
@@ -156,7 +161,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
-        raise ModelLoadError(f"{str(path)!r} is not a readable safetensors file ({exc}).") from None
+        raise ModelLoadError(f"{str(path)!r} is not a readable safetensors file ({exc}).") from exc
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -181,10 +186,12 @@ def _torch_load(path: Path, trust_checkpoint: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not str(exc).startswith("Weights only load failed"):
-            raise _corrupt(path, exc) from None
+        # the safe unpickler refuses a class it does not know ("Unsupported global"): a pickled object; any other
+        # refusal (an unknown opcode, truncated data) means the bytes are not a pickle at all
+        if not str(exc).startswith("Weights only load failed") or "Unsupported global" not in str(exc):
+            raise _corrupt(path, exc) from exc
     except Exception as exc:
-        raise _corrupt(path, exc) from None
+        raise _corrupt(path, exc) from exc
     if not trust_checkpoint:
         raise ModelLoadError(
             f"{str(path)!r} holds a pickled Python object (such as a whole nn.Module), not just tensors; "
@@ -198,12 +205,22 @@ def _torch_load(path: Path, trust_checkpoint: bool) -> Any:
         raise ModelLoadError(
             f"{str(path)!r} could not be unpickled ({type(exc).__name__}: {exc}).",
             hint="The classes it was saved with must be importable here; a state_dict avoids this.",
-        ) from None
+        ) from exc
 
 
 def _corrupt(path: Path, exc: Exception) -> ModelLoadError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ModelLoadError(f"{str(path)!r} is not a PyTorch checkpoint ({reason}).")
+    text = str(exc).strip()
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if detail:
+        reason = detail.group(1).strip()
+    elif text.startswith("Weights only load failed"):
+        reason = "unreadable pickle data"
+    else:
+        reason = text.splitlines()[0] if text else type(exc).__name__
+    if len(reason) > 200:
+        reason = reason[:197] + "..."
+    return ModelLoadError(f"{str(path)!r} is not a PyTorch checkpoint ({reason}); the file is damaged or of another "
+                          "kind.", hint="Give a .pt/.pth/.bin state dict, a .safetensors file or a slim model folder.")
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -267,6 +284,27 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
         problems.append(_listing("shape mismatches", list(mismatched.values())))
     if problems:
         raise ModelLoadError(f"the state dict does not fit {arch}: {'; '.join(problems)}.", hint=ARCH_HINT)
+
+
+DEVICE_FORMS = "cpu, cuda or cuda:N"
+
+
+def check_device(device: str) -> str:
+    """`--device` before any work: UsageError for a name other than cpu/cuda/cuda:N, BackendUnavailable (exit 3)
+    when the CUDA GPU asked for is not there. Returns the device string."""
+    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device.strip())
+    if not match:
+        raise UsageError(f"--device {device!r} is not understood; use {DEVICE_FORMS}.")
+    if match.group(1) == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(f"--device {device} was asked for but PyTorch sees no CUDA GPU.",
+                                 hint="Use --device cpu, or install a CUDA build of PyTorch on a GPU machine.")
+    index, count = int(match.group(2) or 0), torch.cuda.device_count()
+    if index >= count:
+        raise BackendUnavailable(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                                 f"cuda:{count - 1}.", hint="Pick one of those, or set CUDA_VISIBLE_DEVICES.")
+    return device
 
 
 def example_inputs(model_cfg: ModelConfig, batch: int = 1) -> torch.Tensor:

@@ -20,9 +20,9 @@ PRIMARY_PROVIDER = {
 def _import_ort():
     try:
         import onnxruntime
-    except ImportError:
+    except ImportError as exc:
         raise BackendUnavailable("onnxruntime is not installed.",
-                                 hint="pip install onnxruntime (or onnxruntime-gpu for the CUDA/TensorRT providers).") from None
+                                 hint="pip install onnxruntime (or onnxruntime-gpu for the CUDA/TensorRT providers).") from exc
     return onnxruntime
 
 

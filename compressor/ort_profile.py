@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from .bench import OrtRunner, RunnerOptions
+from .bench import OrtRunner, RunnerOptions, check_onnx_file
 from .errors import UsageError
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ def profile_onnx(path: str | Path, batch: int = 1, *, runs: int = 30, warmup: in
     if Path(path).suffix != ".onnx":
         raise UsageError(f"compressor profile reads ONNX files, not {Path(path).name!r}; export the model first "
                          "(compressor export MODEL).")
+    check_onnx_file(path)  # before the profiling session: a failed one also logs a confusing line of its own
     shape = None if input_shape is None else tuple(int(d) for d in input_shape)
     with tempfile.TemporaryDirectory(prefix="compressor-profile-") as tmp:
         runner = OrtRunner("ort-cpu", path, RunnerOptions(threads, shape, profile_prefix=str(Path(tmp) / "ort")))

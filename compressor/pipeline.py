@@ -46,13 +46,15 @@ class Timer:
 def prepare_run_dir(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> Path:
     """Create the run directory; refuse to mix runs (a different recipe, or an old run without --resume)."""
     recipe_file = out / "recipe.yaml"
-    if out.exists() and any(out.iterdir()):
+    rundir.check_output_dir(out, "--out")
+    # a run that stopped before its first artifact (bad checkpoint or data) left only recipe.yaml: not a run to keep
+    if out.exists() and any(p.name != recipe_file.name for p in out.iterdir()):
         if resume:
             if recipe_file.is_file() and recipe_file.read_text() != dump_recipe(recipe):
                 raise UsageError(f"--resume: {recipe_file} differs from the recipe given now; resume with the same "
                                  "recipe and --set values, or start a new --out.")
         elif overwrite:
-            for stale in ("report.json", "report.md", rundir.CHECKPOINT):
+            for stale in ("report.json", "report.md", rundir.CHECKPOINT, "round_to.json"):  # round_to.py STATE_FILE
                 (out / stale).unlink(missing_ok=True)
         else:
             raise UsageError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "

@@ -383,11 +383,79 @@ def resolve_recipe_path(ref: Union[str, Path]) -> Path:
     shipped = shipped_recipes()
     if str(ref) in shipped:
         return shipped[str(ref)]
+    if path.is_dir():
+        raise RecipeError(f"recipe {str(ref)!r} is a directory, not a recipe file; give the path of a .yaml file.")
     hint = did_you_mean(path.stem, tuple(shipped))
     raise RecipeError(
         f"recipe {str(ref)!r} not found: it is neither a file nor a shipped recipe{hint}.",
         hint="`compressor recipes list` shows the shipped recipes.",
     )
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping key given twice; `key` is its dotted path in the document, `lines` where it appears (1-based)."""
+
+    def __init__(self, key: str, lines: tuple[int, int], mark: Any) -> None:
+        self.key, self.lines = key, lines
+        super().__init__(None, None, f"duplicated key {key!r} (lines {lines[0]} and {lines[1]})", mark)
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice (plain YAML silently keeps the last one), naming the
+    key's dotted path (`finetune.epochs`) and both lines. Merge keys (`<<: *anchor`) may still be overridden."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._paths: dict[int, str] = {}
+        self._index_paths(node, "")
+        return super().construct_document(node)
+
+    def _index_paths(self, node: yaml.Node, prefix: str) -> None:
+        """Record the dotted path of every mapping node (aliases are visited once)."""
+        stack = [(node, prefix)]
+        while stack:
+            current, where = stack.pop()
+            if id(current) in self._paths:
+                continue
+            if isinstance(current, yaml.MappingNode):
+                self._paths[id(current)] = where
+                for key_node, value_node in current.value:
+                    name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                    stack.append((value_node, f"{where}.{name}" if where else str(name)))
+            elif isinstance(current, yaml.SequenceNode):
+                self._paths[id(current)] = where
+                stack.extend((item, f"{where}.{i}" if where else str(i)) for i, item in enumerate(current.value))
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    prefix = getattr(self, "_paths", {}).get(id(node), "")
+                    raise DuplicateKeyError(f"{prefix}.{key}" if prefix else str(key), (first, line),
+                                            key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_recipe_yaml(text: str) -> Any:
+    """YAML text -> Python data with RecipeLoader (duplicated keys refused). Every recipe YAML goes through this."""
+    return yaml.load(text, Loader=RecipeLoader)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line 3, column 7: expected ',' or ']'` from a PyYAML error, on one line."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = " ".join(filter(None, [getattr(exc, "context", None), getattr(exc, "problem", None)])) or str(exc)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(problem.split())
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -399,7 +467,9 @@ def apply_override(data: dict, assignment: str) -> None:
     if not parts:
         raise RecipeError(f"--set {assignment!r}: the key is empty.")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else None
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"--set {assignment!r}: the key {exc.key!r} appears twice in the value; keep one.") from exc
     except yaml.YAMLError:
         value = raw
     node = data
@@ -464,22 +534,49 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
 
 def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe {source} must be a YAML mapping of sections (name, model, data, prune, ...).")
+        raise RecipeError(f"recipe {source} must be a YAML mapping of sections (name, model, data, prune, ...), "
+                          f"not a {_yaml_kind(data)}.")
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, source)) from None
+        raise RecipeError(format_validation_error(exc, source)) from exc
+
+
+def _yaml_kind(data: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(data),
+                                                                                              type(data).__name__)
+
+
+def read_recipe_file(path: Path) -> Any:
+    """The parsed YAML of a recipe file, or RecipeError naming the file (unreadable, not UTF-8 text, invalid YAML,
+    a duplicated key)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}.") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not a text file (byte {exc.start} is not UTF-8); a recipe is a YAML text "
+                          "file: check the path, or save the file as UTF-8.") from exc
+    try:
+        return parse_recipe_yaml(text)
+    except DuplicateKeyError as exc:
+        first, second = exc.lines
+        where = f"line {first}" if first == second else f"lines {first} and {second}"
+        raise RecipeError(f"recipe {path}: the key {exc.key!r} is given twice ({where}); YAML would silently keep "
+                          "the last one. Keep one of them.") from exc
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML ({_yaml_problem(exc)}).") from exc
 
 
 def load_recipe(ref: Union[str, Path], overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
     """Load, override and validate a recipe file (or a shipped recipe's name)."""
     path = resolve_recipe_path(ref)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    data = read_recipe_file(path)
+    if data is None and not overrides:
+        raise RecipeError(f"recipe {path} is empty; a recipe needs at least `name:` "
+                          "(`compressor recipes show NAME` prints a complete one to start from).")
     data = data if data is not None else {}
     if isinstance(data, dict):
         for assignment in overrides:

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import UsageError
+
 CHECKPOINT = "checkpoints/last.pt"
 
 
@@ -15,16 +17,60 @@ CHECKPOINT = "checkpoints/last.pt"
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on failure removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     os.close(fd)
     try:
         yield Path(tmp)
         publish(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_error(path: Path, exc: OSError) -> UsageError:
+    reason = exc.strerror or str(exc)
+    if path.is_dir():
+        reason = "it is a directory"
+    return UsageError(f"cannot write {path}: {reason}.", hint="Choose another output path.")
+
+
+def _check_ancestors(folder: Path, option: str, target: Path) -> None:
+    """The nearest existing ancestor of `folder` (itself included) must be a writable directory."""
+    for parent in (folder, *folder.parents):
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise UsageError(f"{option} {target}: {parent} is a file, not a folder, so nothing can be written "
+                             "below it; choose another path.")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{option} {target}: the folder {parent} is not writable; choose another path.")
+        return
+
+
+def check_output_file(path: str | Path, option: str, example: str = "result.json") -> None:
+    """Before any work: UsageError naming `option` when `path` cannot be written as a file (it is a directory, or
+    one of its parents is a file or not writable); `example` is the file name suggested inside a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file path, e.g. {path / example}.")
+    _check_ancestors(path.parent, option, path)
+
+
+def check_output_dir(path: str | Path, option: str) -> None:
+    """Before any work: UsageError naming `option` when `path` cannot be a folder to write into (it is a file, or
+    one of its parents is a file or not writable)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file, not a folder; give a new or existing folder for the run.")
+    _check_ancestors(path, option, path)
 
 
 def publish(path: str | Path) -> None:

@@ -122,7 +122,7 @@ def load_slim(path) -> nn.Module:
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{meta_path} is not valid JSON ({exc}).") from None
+        raise ModelLoadError(f"{meta_path} is not valid JSON ({exc}).") from exc
     if meta.get("format") != SLIM_FORMAT:
         raise ModelLoadError(f"{meta_path} has format {meta.get('format')!r}; expected {SLIM_FORMAT}.")
     if not meta.get("arch"):

@@ -205,7 +205,7 @@ def load_checkpoint(path: Path, ctx: TrainContext, method: PruningMethod) -> Non
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a torn or foreign file: say which and how to recover
-        raise ModelLoadError(f"cannot resume from {path}: {exc}.", hint="Delete it to start over.") from None
+        raise ModelLoadError(f"cannot resume from {path}: {exc}.", hint="Delete it to start over.") from exc
     conform_to_state_dict(ctx.model, state["model"])
     ctx.model.load_state_dict(state["model"])
     ctx.model.to(ctx.device)

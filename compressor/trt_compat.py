@@ -160,6 +160,9 @@ def check_model(proto, path: str = "<model>") -> Compatibility:
 
 
 def check_onnx(path: str | Path) -> Compatibility:
-    import onnx
+    """check_model of an ONNX file; a file that is missing or not an ONNX model is a CompressorError naming it."""
+    import onnx  # noqa: F401 - needed here (load_onnx_proto returns None without it)
 
-    return check_model(onnx.load(str(path), load_external_data=False), str(path))
+    from .bench import load_onnx_proto
+
+    return check_model(load_onnx_proto(path), str(path))

@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from compressor.errors import RecipeError
-from compressor.recipe import (Recipe, apply_override, dump_recipe, load_recipe, recipe_from_dict,
-                               shipped_recipes)
+from compressor.recipe import (DuplicateKeyError, Recipe, apply_override, dump_recipe, load_recipe,
+                               parse_recipe_yaml, recipe_from_dict, shipped_recipes)
 
 from .conftest import REPO, run_cli, tiny_recipe
 
@@ -158,3 +158,58 @@ def test_cli_list_and_schema():
 
 def test_recipes_folder_is_the_repository_one():
     assert all(p.parent == REPO / "recipes" for p in shipped_recipes().values())
+
+
+# ---------------------------------------------------------------------------------------------- YAML loading
+def test_duplicated_key_names_dotted_path_and_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: dup\nprune:\n  method: oneshot\n  target:\n    macs: 0.5\n    macs: 0.3\n")
+    with pytest.raises(RecipeError, match=r"'prune.target.macs' is given twice \(lines 5 and 6\)"):
+        load_recipe(path)
+
+
+def test_duplicated_top_level_key_and_inside_a_list(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: a\nname: b\n")
+    with pytest.raises(RecipeError, match=r"'name' is given twice \(lines 1 and 2\)"):
+        load_recipe(path)
+    assert parse_recipe_yaml("a: [{b: 1}, {b: 2}]") == {"a": [{"b": 1}, {"b": 2}]}  # same key, different maps
+    with pytest.raises(DuplicateKeyError) as info:
+        parse_recipe_yaml("a:\n  - {b: 1, b: 2}\n")
+    assert info.value.key == "a.0.b"
+
+
+def test_merge_keys_may_still_be_overridden():
+    data = parse_recipe_yaml("base: &b {lr: 0.1, momentum: 0.9}\nopt:\n  <<: *b\n  lr: 0.2\n")
+    assert data["opt"] == {"lr": 0.2, "momentum": 0.9}
+
+
+def test_duplicated_key_in_a_set_value_is_refused(tmp_path):
+    path = write(tmp_path, tiny_recipe())
+    with pytest.raises(RecipeError, match="'lr' appears twice"):
+        load_recipe(path, ["finetune.optimizer={lr: 0.1, lr: 0.2}"])
+
+
+def test_unreadable_recipe_files_name_the_file(tmp_path):
+    binary = tmp_path / "model.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(RecipeError, match="model.yaml is not a text file"):
+        load_recipe(binary)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("  \n")
+    with pytest.raises(RecipeError, match="empty.yaml is empty"):
+        load_recipe(empty)
+    assert load_recipe(empty, ["name=from-set"]).name == "from-set"  # --set alone may make a recipe
+    with pytest.raises(RecipeError, match="is a directory"):
+        load_recipe(tmp_path)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n")
+    with pytest.raises(RecipeError, match="must be a YAML mapping .* not a list"):
+        load_recipe(listed)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nfinetune:\n  epochs: [1\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml is not valid YAML \(line \d+, column \d+"):
+        load_recipe(path)
