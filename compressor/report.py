@@ -164,7 +164,7 @@ def _round_to_section(r: dict[str, Any]) -> list[str]:
     lines = ["## Channel multiple (prune.round_to)", "",
              f"Kept widths are multiples of {chosen['value']} or the dense width"
              + (" (`auto`: a layer narrower than twice that keeps the largest power of two it can still lose)"
-                if chosen.get("auto") else "") + f". {chosen.get('reason', '')}", ""]
+                if chosen.get("auto") else "") + (f". Chosen: {chosen['reason']}." if chosen.get("reason") else "."), ""]
     rows = chosen.get("rows") or []
     if rows:
         batches = [k for k in rows[0] if k.startswith("ms_b")]
