@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -37,6 +36,19 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")
 INTERNAL_ERROR_EXIT = 1
 
 
+def _typer_exceptions() -> tuple[type[BaseException], ...]:
+    """Typer's own exits and usage errors, which must pass through: typer 0.2x vendors click (typer._click), older
+    versions use the click package."""
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # typer that depends on click
+        from click.exceptions import ClickException
+    return (typer.Exit, typer.Abort, ClickException)
+
+
+PASS_THROUGH = _typer_exceptions()
+
+
 def handles_errors(fn: Callable) -> Callable:
     """Turn CompressorError into one message on stderr and its exit code, and anything unexpected into one
     "internal error" paragraph and exit 1. With --debug both are re-raised: the traceback shows, with the chained
@@ -46,8 +58,8 @@ def handles_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
-            raise  # typer/click's own exits and usage errors (Exit and Abort are RuntimeErrors)
+        except PASS_THROUGH:
+            raise  # typer's own exits and usage errors (Exit and Abort are RuntimeErrors)
         except CompressorError as exc:
             if STATE["debug"]:
                 raise
