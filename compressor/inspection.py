@@ -5,12 +5,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch_pruning as tp
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from . import graph as dg
+from .selection import count_ops
 from .models import example_inputs, load_model
 from .recipe import ModelConfig, Recipe
 
@@ -34,7 +34,7 @@ class Inspection:
 
 def layer_table(model: nn.Module, example: torch.Tensor) -> tuple[int, int, list[dict[str, Any]]]:
     """Total MACs and params, and one row per parametrised leaf layer (name, type, MACs, params)."""
-    macs, params, layer_macs, layer_params = tp.utils.count_ops_and_params(model, example, layer_wise=True)
+    macs, params, layer_macs, layer_params = count_ops(model, example, layer_wise=True)
     rows = []
     for name, module in model.named_modules():
         if not name or list(module.children()) or not any(True for _ in module.parameters(recurse=False)):

@@ -86,13 +86,26 @@ class Snapshot:
         return total
 
 
+def count_ops(model: nn.Module, example: torch.Tensor, layer_wise: bool = False):
+    """torch-pruning's op counter, also for subclasses of the layers it knows: it looks hooks up by exact type, so
+    a conv subclass with its own forward (timm's StdConv2d in BiT ResNets) counted 0 MACs and the MAC targets of
+    such models were computed on the few layers it did count."""
+    from torch_pruning.utils import op_counter
+
+    known = op_counter.MODULES_MAPPING
+    op_counter.CUSTOM_MODULES_MAPPING = {
+        type(m): known[base] for m in model.modules() if type(m) not in known
+        for base in type(m).__mro__[1:] if base in known and isinstance(m, nn.Module)}
+    return tp.utils.count_ops_and_params(model, example, layer_wise=layer_wise)
+
+
 def snapshot_macs(model: nn.Module, example: torch.Tensor) -> tuple[float, int]:
-    """(MACs, params) of the model as it is now, counted by torch-pruning."""
+    """(MACs, params) of the model as it is now, counted by torch-pruning (see count_ops)."""
     was_training = model.training
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        macs, params = tp.utils.count_ops_and_params(model, example)
+        macs, params = count_ops(model, example)
     model.train(was_training)
     return float(macs), int(params)
 
@@ -119,7 +132,7 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        macs, params, per_layer, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
+        macs, params, per_layer, _ = count_ops(model, example, layer_wise=True)
     model.train(was_training)
     ignored = dg.resolve_ignored(model, ignored_patterns, num_classes)
     graph = dg.build_graph(model, example, ignored)
