@@ -102,6 +102,8 @@ class _WholeGroupNorm(tp.pruner.function.GroupNormPruner):
     in whole groups (selection.norm_group_classes); this pruner lowers num_groups to match."""
 
     def prune_out_channels(self, layer: nn.GroupNorm, idxs):
+        if layer.num_groups == 1:  # one group over all channels (PoolFormer's LayerNorm-like norm): any channels go
+            return super().prune_out_channels(layer, idxs)
         per_group = layer.num_channels // layer.num_groups
         lost = {int(i) // per_group for i in idxs}
         if len(lost) * per_group != len(set(int(i) for i in idxs)):

@@ -44,6 +44,16 @@ def test_groupnorm_loses_whole_groups_and_keeps_running():
     assert achieved == pytest.approx(snap.macs_after(plan), rel=0.01)  # the planner counted the whole groups
 
 
+def test_single_group_groupnorm_loses_any_channels():
+    # GroupNorm(1, C) normalises over all channels (PoolFormer): no group to keep whole
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(1, 32), nn.ReLU(), nn.Conv2d(32, 32, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    _, plan, work = _prune(model, 0.7)
+    assert plan and work[1].num_groups == 1 and work[1].num_channels == work[0].out_channels < 32
+    with torch.no_grad():
+        assert work(EXAMPLE).shape == (2, 10)
+
+
 def test_groupnorm_group_is_one_class_of_channels():
     model = hm.tiny_groupnorm().eval()
     snap = sel.snapshot(model, EXAMPLE[:1], [], 10, build_scorer(ImportanceConfig(kind="magnitude")))
