@@ -12,14 +12,10 @@ model with --models NAME --rerun); the table is results/zoo_coverage.md.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from common import RESULTS, informative_init, input_size, parity_cell, parity_fields, table, write_result, zoo_overrides
+from common import (RESULTS, bench_overrides, cell, coverage_parser, coverage_row, input_size, params_cell,
+                    parity_cell, print_row, run_isolated, sweep, table, write_result, zoo_overrides)
 
 STORE = RESULTS / "zoo_coverage.json"
 HEADER = ["model", "input", "groups", "MACs dense", "MACs kept", "params dense → slim", "parity max diff (relative)",
@@ -34,98 +30,29 @@ def gflops(name: str) -> float:
 
 def one(name: str, macs: float, out: Path, bench: bool = True, keep: bool = False) -> dict:
     """Run the whole pipeline on one model (in this process) and return its row fields."""
-    import torch
-
-    from compressor.errors import CompressorError
-    from compressor.inspection import inspect_checkpoint
-    from compressor.pipeline import compress
-    from compressor.recipe import load_recipe
-
-    torch.set_num_threads(2)
     size = input_size(name)
-    overrides = zoo_overrides(name, size, macs) + ["bench.batch_sizes=[1]", "bench.min_runs=10", "bench.min_seconds=2",
-                                                   "bench.warmup_ms=500", "bench.threads=2"]
-    overrides += [] if bench else ["bench.backends=[]"]
-    row = {"model": name, "input": size}
-    start = time.perf_counter()
-    checkpoint, row["redrawn"] = informative_init(name, out / f"{name}.init.pt")
-    try:
-        recipe = load_recipe("resnet50-imagenet-latency", overrides)
-        row["groups"] = len(inspect_checkpoint(checkpoint, recipe).groups)
-        report = compress(checkpoint, recipe, out / name, overwrite=True)
-        row.update(macs_dense=report["dense"]["macs"], macs_kept=report["compressed"]["macs"] / report["dense"]["macs"],
-                   params_dense=report["dense"]["params"], params_slim=report["compressed"]["params"],
-                   **parity_fields(report), status="ok")
-        if not report["target"]["met"]:
-            row["status"] = "ok, target not met"
-        for timing in report["latency"]:
-            row.update(speedup=timing["speedup"], realised=timing["realised_ratio"])
-    except CompressorError as exc:
-        row["status"] = f"{type(exc).__name__}: {exc.render().splitlines()[0]}"
-    except Exception as exc:  # a bug in compressor: recorded, then fixed or turned into a clear error
-        row["status"] = f"CRASH {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-    finally:
-        Path(out / f"{name}.init.pt").unlink(missing_ok=True)
-        if not keep:  # 80 models' ONNX files and weights filled 60 GB: keep the reports only
-            for pattern in ("*.onnx", "*.onnx.data", "*.pt", "*.safetensors"):
-                for artifact in (out / name).glob(pattern):
-                    artifact.unlink()
-    row["seconds"] = round(time.perf_counter() - start, 1)
-    return row
-
-
-def run_isolated(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--one", name, "--macs", str(args.macs), "--out", str(args.out)]
-    cmd += ([] if args.bench else ["--no-bench"]) + (["--keep-artifacts"] if args.keep else [])
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": name, "status": f"timeout after {args.timeout} s", "seconds": args.timeout}
-    lines = [l for l in done.stdout.splitlines() if l.startswith("ROW ")]
-    if not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"model": name, "status": f"process died (exit {done.returncode}): {tail}"[:300]}
-    return json.loads(lines[-1][4:])
+    overrides = zoo_overrides(name, size, macs) + (bench_overrides(threads=2, seconds=2.0) if bench
+                                                   else ["bench.backends=[]"])
+    return coverage_row(name, "torchvision", size, overrides, out, keep, threads=2)
 
 
 def fmt(row: dict) -> list:
-    def get(key, form):
-        return form(row[key]) if key in row else "-"
-    return [row["model"], get("input", str), get("groups", str), get("macs_dense", lambda v: f"{v / 1e9:.2f} G"),
-            get("macs_kept", lambda v: f"{v:.3f}"),
-            f"{row['params_dense'] / 1e6:.1f} M → {row['params_slim'] / 1e6:.1f} M" if "params_slim" in row else "-",
-            parity_cell(row), get("speedup", lambda v: f"x{v:.2f}"),
-            get("realised", lambda v: f"{v:.2f}"), row["status"].replace("|", "/"), get("seconds", str)]
+    return [row["model"], cell(row, "input"), cell(row, "groups"), cell(row, "macs_dense", lambda v: f"{v / 1e9:.2f} G"),
+            cell(row, "macs_kept", lambda v: f"{v:.3f}"), params_cell(row), parity_cell(row),
+            cell(row, "speedup", lambda v: f"x{v:.2f}"), cell(row, "realised", lambda v: f"{v:.2f}"),
+            row["status"].replace("|", "/"), cell(row, "seconds")]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=None)
-    parser.add_argument("--macs", type=float, default=0.7)
-    parser.add_argument("--timeout", type=int, default=900)
-    parser.add_argument("--rerun", action="store_true")
-    parser.add_argument("--no-bench", dest="bench", action="store_false", help="skip latency (a busy machine)")
-    parser.add_argument("--keep-artifacts", dest="keep", action="store_true",
-                        help="keep each run's ONNX files and weights (default: only report.json / report.md)")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=Path("runs/zoo"))
-    args = parser.parse_args()
+    args = coverage_parser(__doc__, Path("runs/zoo"), timeout=900).parse_args()
     if args.one:
-        print("ROW " + json.dumps(one(args.one, args.macs, args.out, args.bench, args.keep)), flush=True)
+        print_row(one(args.one, args.macs, args.out, args.bench, args.keep))
         return
     import torchvision
 
     models = args.models or sorted(torchvision.models.list_models(module=torchvision.models), key=gflops)
-    rows = json.loads(STORE.read_text()) if STORE.is_file() else {}
-    for name in models:
-        if name in rows and not args.rerun:
-            continue
-        rows[name] = run_isolated(name, args)
-        print(fmt(rows[name]), flush=True)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        STORE.write_text(json.dumps(rows, indent=1))
-        write_table(rows, args.macs)  # after every row: a sweep stopped part-way still leaves its table
-    write_table(rows, args.macs)
+    sweep(models, STORE, lambda name: run_isolated(__file__, name, args), lambda rows: write_table(rows, args.macs),
+          rerun=args.rerun, show=fmt)
 
 
 def write_table(rows: dict, macs: float) -> None:
