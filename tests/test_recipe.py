@@ -161,10 +161,15 @@ def test_recipes_folder_is_the_repository_one():
 
 
 # ---------------------------------------------------------------------------------------------- YAML loading
-def test_duplicated_key_names_dotted_path_and_lines(tmp_path):
-    path = tmp_path / "dup.yaml"
-    path.write_text("name: dup\nprune:\n  method: oneshot\n  target:\n    macs: 0.5\n    macs: 0.3\n")
-    with pytest.raises(RecipeError, match=r"'prune.target.macs' is given twice \(lines 5 and 6\)"):
+@pytest.mark.parametrize("text, message", [
+    ("name: dup\nprune:\n  method: oneshot\n  target:\n    macs: 0.5\n    macs: 0.3\n",
+     r"'prune.target.macs' is given twice \(lines 5 and 6\)"),
+    ("name: x\nfinetune:\n  epochs: [1\n", r"bad.yaml is not valid YAML \(line \d+, column \d+"),
+])
+def test_yaml_problems_name_the_key_or_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message):
         load_recipe(path)
 
 
@@ -190,26 +195,21 @@ def test_duplicated_key_in_a_set_value_is_refused(tmp_path):
         load_recipe(path, ["finetune.optimizer={lr: 0.1, lr: 0.2}"])
 
 
-def test_unreadable_recipe_files_name_the_file(tmp_path):
-    binary = tmp_path / "model.yaml"
-    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
-    with pytest.raises(RecipeError, match="model.yaml is not a text file"):
-        load_recipe(binary)
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "model.yaml is not a text file"),
+    (b"  \n", "model.yaml is empty"),
+    (b"- a\n", "must be a YAML mapping .* not a list"),
+])
+def test_unreadable_recipe_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "model.yaml"
+    path.write_bytes(content)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_set_alone_may_make_a_recipe_and_a_directory_is_refused(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("  \n")
-    with pytest.raises(RecipeError, match="empty.yaml is empty"):
-        load_recipe(empty)
-    assert load_recipe(empty, ["name=from-set"]).name == "from-set"  # --set alone may make a recipe
+    assert load_recipe(empty, ["name=from-set"]).name == "from-set"
     with pytest.raises(RecipeError, match="is a directory"):
         load_recipe(tmp_path)
-    listed = tmp_path / "list.yaml"
-    listed.write_text("- a\n")
-    with pytest.raises(RecipeError, match="must be a YAML mapping .* not a list"):
-        load_recipe(listed)
-
-
-def test_invalid_yaml_names_the_line(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("name: x\nfinetune:\n  epochs: [1\n")
-    with pytest.raises(RecipeError, match=r"bad.yaml is not valid YAML \(line \d+, column \d+"):
-        load_recipe(path)
