@@ -161,18 +161,6 @@ def test_recipes_folder_is_the_repository_one():
 
 
 # ---------------------------------------------------------------------------------------------- YAML loading
-@pytest.mark.parametrize("text, message", [
-    ("name: dup\nprune:\n  method: oneshot\n  target:\n    macs: 0.5\n    macs: 0.3\n",
-     r"'prune.target.macs' is given twice \(lines 5 and 6\)"),
-    ("name: x\nfinetune:\n  epochs: [1\n", r"bad.yaml is not valid YAML \(line \d+, column \d+"),
-])
-def test_yaml_problems_name_the_key_or_line(tmp_path, text, message):
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    with pytest.raises(RecipeError, match=message):
-        load_recipe(path)
-
-
 def test_duplicated_top_level_key_and_inside_a_list(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("name: a\nname: b\n")
@@ -196,11 +184,14 @@ def test_duplicated_key_in_a_set_value_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
+    (b"name: dup\nprune:\n  method: oneshot\n  target:\n    macs: 0.5\n    macs: 0.3\n",
+     r"'prune.target.macs' is given twice \(lines 5 and 6\)"),
+    (b"name: x\nfinetune:\n  epochs: [1\n", r"model.yaml is not valid YAML \(line \d+, column \d+"),
     (b"\x89PNG\r\n\x1a\n\x00\x00", "model.yaml is not a text file"),
     (b"  \n", "model.yaml is empty"),
     (b"- a\n", "must be a YAML mapping .* not a list"),
 ])
-def test_unreadable_recipe_files_name_the_file(tmp_path, content, message):
+def test_bad_recipe_files_name_the_file_key_or_line(tmp_path, content, message):
     path = tmp_path / "model.yaml"
     path.write_bytes(content)
     with pytest.raises(RecipeError, match=message):
