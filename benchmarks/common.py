@@ -270,12 +270,14 @@ def coverage_row(name: str, scheme: str, size: int, overrides: list[str], out: P
     try:
         checkpoint, row["redrawn"] = informative_init(name, init, scheme)
         recipe = load_recipe(COVERAGE_RECIPE, overrides)
+        (out / name / "inspect.json").unlink(missing_ok=True)
         inspection = inspect_checkpoint(checkpoint, recipe).to_dict()
+        (out / name).mkdir(parents=True, exist_ok=True)  # kept for the rows compress then refuses, too
+        (out / name / "inspect.json").write_text(json.dumps(inspection, indent=1, default=str))
         row["groups"] = len(inspection["groups"])
         if inspection.get("prediction"):
             row["predicted_macs_kept"] = inspection["prediction"].get("macs_ratio")
         report = compress(checkpoint, recipe, out / name, overwrite=True)
-        (out / name / "inspect.json").write_text(json.dumps(inspection, indent=1, default=str))
         target = report["target"]
         row.update(macs_dense=report["dense"]["macs"], macs_kept=report["compressed"]["macs"] / report["dense"]["macs"],
                    params_dense=report["dense"]["params"], params_slim=report["compressed"]["params"],
