@@ -213,6 +213,8 @@ def _locked(model: nn.Module) -> dict[nn.Module, str]:
     return reasons
 
 
+UNSUPPORTED_HINT = ("This architecture is not supported for structured pruning; use method fggp with granularity "
+                    "unstructured or 2:4, or prune a convolutional model.")
 GROUPING_TIMEOUT_S = 300.0  # ResNet-50 groups in about a second; MaxViT never finishes
 
 
@@ -249,8 +251,13 @@ def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
             f"torch-pruning did not finish grouping the coupled channels of {type(graph.model).__name__} within "
             f"{GROUPING_TIMEOUT_S:g} s: its index mapping does not terminate through this architecture's reshapes "
             "(torchvision's MaxViT block and grid partitions are a known case).",
-            hint="This architecture is not supported for structured pruning; use method fggp with granularity "
-                 "unstructured or 2:4, or prune a convolutional model.") from None
+            hint=UNSUPPORTED_HINT) from None
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, RuntimeError, AttributeError) as exc:
+        raise NotPrunableError(
+            f"torch-pruning failed while grouping the coupled channels of {type(graph.model).__name__} "
+            f"({type(exc).__name__}: {exc}): its index mapping does not follow this architecture's reshapes or "
+            "channel reorderings.",
+            hint=UNSUPPORTED_HINT) from None
 
 
 def prunable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:

@@ -86,15 +86,17 @@ def save_slim(model: nn.Module, out_dir, model_cfg) -> dict[str, str]:
     import json
     from pathlib import Path
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
     from .rundir import atomic_path, save_torch, write_text
 
     out_dir = Path(out_dir)
     model = model.cpu().eval()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
     with atomic_path(out_dir / "weights.safetensors") as tmp:
-        save_file(state, str(tmp))
+        # save_model writes a tensor that several modules share (timm's CoaT reuses one conv) once and records the
+        # other names in the file's metadata; load_slim restores them
+        save_model(model, str(tmp), force_contiguous=True)
     meta = {"format": SLIM_FORMAT, "arch": model_cfg.arch, "num_classes": model_cfg.num_classes,
             "in_channels": model_cfg.in_channels, "input_shape": list(model_cfg.input_shape),
             "widths": layer_widths(model), "shapes": {k: list(v.shape) for k, v in state.items()}}
@@ -108,8 +110,6 @@ def load_slim(path) -> nn.Module:
     """Rebuild a slim model from slim.json (arch + shapes) and weights.safetensors, without unpickling."""
     import json
     from pathlib import Path
-
-    from safetensors.torch import load_file
 
     from .errors import ModelLoadError
     from .models import build_arch, load_state_dict_strict
@@ -132,8 +132,21 @@ def load_slim(path) -> nn.Module:
         raise ModelLoadError(f"{weights} is missing next to {meta_path}.")
     model = build_arch(meta["arch"], meta["num_classes"], meta["in_channels"])
     conform_to_state_dict(model, {k: torch.empty(shape, device="meta") for k, shape in meta["shapes"].items()})
-    load_state_dict_strict(model, load_file(str(weights)), meta["arch"])
+    load_state_dict_strict(model, _read_weights(weights), meta["arch"])
     return model.eval()
+
+
+def _read_weights(path) -> dict:
+    """weights.safetensors as a state dict, with the shared tensors that save_model wrote once (metadata: alias ->
+    stored name) under each of their names again."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        aliases = f.metadata() or {}
+    state.update({alias: state[name] for alias, name in aliases.items() if name in state and alias not in state})
+    return state
 
 
 def read_model_config(path):

@@ -186,3 +186,24 @@ def tiny_fixed_scale(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), _FixedScale(16),
                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(16, num_classes))
+
+
+class _SharedPositional(nn.Module):
+    """Two stages that call the same depthwise conv (timm's CoaT shares its conditional position encoding)."""
+
+    def __init__(self, num_classes: int, in_channels: int):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.cpe = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.blocks = nn.ModuleList([nn.Sequential(self.cpe, nn.ReLU()), nn.Sequential(self.cpe, nn.ReLU())])
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_shared(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return _SharedPositional(num_classes, in_channels)

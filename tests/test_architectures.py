@@ -91,3 +91,37 @@ def test_grouped_convolutions_keep_their_widths_and_the_rest_is_pruned(tmp_path)
     assert report["compressed"]["macs"] < 0.95 * report["dense"]["macs"]
     widths = report["compressed"]["widths"]
     assert all(widths[name] == report["dense"]["widths"][name] for name in grouped.values())
+
+
+def test_grouping_that_fails_inside_torch_pruning_is_a_clear_error(monkeypatch):
+    """timm's GCViT and DeepSeek-ViT raised ZeroDivisionError / IndexError in torch-pruning's index mapping."""
+    from compressor.errors import NotPrunableError
+    from tests.helpers_models import tiny_resnet
+
+    model = tiny_resnet()
+    graph = dg.build_graph(model, torch.randn(1, 3, 32, 32), [])
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("integer division or modulo by zero")
+        yield
+
+    monkeypatch.setattr(graph, "get_all_groups", broken)
+    with pytest.raises(NotPrunableError, match=r"grouping the coupled channels of ResNet \(ZeroDivisionError: "
+                                               r"integer division") as info:
+        dg.prunable_groups(graph, [])
+    assert "fggp" in info.value.hint
+
+
+def test_a_module_shared_by_two_blocks_saves_and_reloads(tmp_path):
+    """timm's CoaT calls one conv from several blocks: safetensors refused the shared tensors (a traceback in the
+    timm sweep); the slim files store it once and the reload has it under every name, still shared."""
+    spec = recipe("tiny_shared") | {"prune": {"method": "oneshot", "target": {"macs": 0.7}, "global": False}}
+    report = compress("python:tests.helpers_models:tiny_shared", recipe_from_dict(spec), tmp_path / "x")
+    assert report["status"] == "ok" and report["parity"]["onnx"]["passed"]
+    slim = load_slim(tmp_path / "x")
+    assert slim.blocks[0][0] is slim.blocks[1][0] is slim.cpe
+    whole = torch.load(tmp_path / "x" / "model.pt", weights_only=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(slim(x), whole(x))
+    assert report["compressed"]["macs"] < report["dense"]["macs"] and slim.stem.out_channels < 16
