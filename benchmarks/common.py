@@ -338,7 +338,7 @@ def failure_fields(exc: BaseException) -> dict[str, Any]:
 
 
 LOCK_KINDS = (("attention", "attention"), ("grouped conv", "grouped convolution"), ("custom layer", "custom layer"),
-              ("custom layer", "no torch-pruning handler"), ("channel split", "channel split"),
+              ("recurrent", "recurrent layer"), ("custom layer", "no torch-pruning handler"), ("channel split", "channel split"),
               ("index mapping", "torch-pruning maps"), ("unused", "not used in forward"),
               ("classifier", "coupled to an ignored layer"), ("input-side only", "only input-side"),
               ("bare parameter", "bare nn.Parameter"))

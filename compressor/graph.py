@@ -2,10 +2,7 @@
 which parametrised layers cannot be pruned and why. We never trace dependencies ourselves."""
 from __future__ import annotations
 
-import contextlib
 import re
-import signal
-import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -15,6 +12,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .errors import NotPrunableError, RecipeError
+from .limits import LimitExceeded, default_memory_growth, limited
 from .registry import did_you_mean
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
@@ -209,6 +207,8 @@ def _locked(model: nn.Module) -> dict[nn.Module, str]:
                for m, name in attention_layers(model).items()}
     reasons.update({m: f"grouped convolution (groups={m.groups}; its groups would have to shrink together)"
                     for m in grouped_convs(model)})
+    reasons.update({m: f"recurrent layer ({type(m).__name__} hidden widths are not pruned)"
+                    for m in model.modules() if isinstance(m, nn.RNNBase)})
     reasons.update(custom_layers(model))
     return reasons
 
@@ -218,41 +218,19 @@ UNSUPPORTED_HINT = ("This architecture is not supported for structured pruning; 
 GROUPING_TIMEOUT_S = 300.0  # ResNet-50 groups in about a second; MaxViT never finishes
 
 
-class _Expired(Exception):
-    """The time limit of _time_limit ran out."""
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float):
-    """Raise _Expired after `seconds` (SIGALRM; only in the main thread of a POSIX process, else no limit)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def expire(signum, frame):
-        raise _Expired()
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
     try:
-        with warnings.catch_warnings(), _time_limit(GROUPING_TIMEOUT_S):
+        with warnings.catch_warnings(), limited(GROUPING_TIMEOUT_S, default_memory_growth()):
             warnings.simplefilter("ignore")
             return list(graph.get_all_groups(ignored_layers=list(ignored), root_module_types=ROOT_TYPES))
-    except _Expired:
+    except LimitExceeded as exc:
         raise NotPrunableError(
-            f"torch-pruning did not finish grouping the coupled channels of {type(graph.model).__name__} within "
-            f"{GROUPING_TIMEOUT_S:g} s: its index mapping does not terminate through this architecture's reshapes "
+            f"torch-pruning did not finish grouping the coupled channels of {type(graph.model).__name__} {exc}: "
+            "its index mapping does not terminate through this architecture's reshapes "
             "(torchvision's MaxViT block and grid partitions are a known case).",
             hint=UNSUPPORTED_HINT) from None
-    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, RuntimeError, AttributeError) as exc:
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, RuntimeError, AttributeError,
+            MemoryError) as exc:
         raise NotPrunableError(
             f"torch-pruning failed while grouping the coupled channels of {type(graph.model).__name__} "
             f"({type(exc).__name__}: {exc}): its index mapping does not follow this architecture's reshapes or "

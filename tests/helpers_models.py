@@ -207,3 +207,24 @@ class _SharedPositional(nn.Module):
 
 def tiny_shared(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return _SharedPositional(num_classes, in_channels)
+
+
+class _TokenLSTM(nn.Module):
+    """A conv stem, a bidirectional batch-first LSTM over the 8x8 tokens (timm's Sequencer), an MLP, a head."""
+
+    def __init__(self, num_classes: int, in_channels: int):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 16, 4, stride=4)
+        self.rnn = nn.LSTM(16, 8, batch_first=True, bidirectional=True)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.rnn(tokens)[0]
+        tokens = tokens + self.mlp(tokens)
+        return self.head(tokens.mean(1))
+
+
+def tiny_lstm(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return _TokenLSTM(num_classes, in_channels)

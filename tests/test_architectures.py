@@ -125,3 +125,50 @@ def test_a_module_shared_by_two_blocks_saves_and_reloads(tmp_path):
     with torch.no_grad():
         assert torch.equal(slim(x), whole(x))
     assert report["compressed"]["macs"] < report["dense"]["macs"] and slim.stem.out_channels < 16
+
+
+def test_grouping_that_eats_memory_is_stopped(monkeypatch):
+    """timm's test_coatnet grew torch-pruning's index lists past 24 GiB until the kernel killed the process."""
+    from compressor.errors import NotPrunableError
+    from tests.helpers_models import tiny_resnet
+
+    model = tiny_resnet()
+    graph = dg.build_graph(model, torch.randn(1, 3, 32, 32), [])
+    hoard = []
+
+    def growing(*args, **kwargs):
+        while True:
+            hoard.append(torch.ones(8 << 20, dtype=torch.uint8))  # 8 MiB, touched
+            yield None
+
+    monkeypatch.setattr(graph, "get_all_groups", growing)
+    monkeypatch.setattr(dg, "default_memory_growth", lambda: 256 << 20)
+    with pytest.raises(NotPrunableError, match=r"of ResNet within 256 MiB of added memory"):
+        dg.prunable_groups(graph, [])
+    assert 256 / 8 <= len(hoard) < 4096 / 8  # stopped soon after the limit, far below the machine's memory
+
+
+def test_recurrent_layers_are_counted_per_token_and_kept(tmp_path):
+    """timm's Sequencer: torch-pruning's RNN counter took the sequence length for the batch and the feature width for
+    the sequence length (73.6 GMACs for an 8 GMAC model), and pruning the LSTM's coupled widths removed 92% of the
+    MACs for a planned 6%. An LSTM is counted as its weight matrices once per token and its widths are kept."""
+    from compressor.selection import count_ops
+    from tests.helpers_models import tiny_lstm
+
+    model = tiny_lstm().eval()
+    x = torch.randn(2, 3, 32, 32)
+    _, _, layer_macs, _ = count_ops(model, x, layer_wise=True)
+    rnn = model.rnn
+    per_token = 2 * (rnn.weight_ih_l0.numel() + rnn.weight_hh_l0.numel())  # two directions
+    assert layer_macs[rnn] == per_token * 2 * 64  # batch 2, 8x8 tokens
+    graph = dg.build_graph(model, x[:1], [model.head])
+    groups = dg.prunable_groups(graph, [model.head])
+    assert not any(item.dep.target.module is rnn for g in groups for item in g)
+    roots = {dg.module_names(model)[g[0].dep.target.module] for g in groups}
+    assert roots == {"mlp.0"}  # the MLP hidden width is still pruned
+    reasons = dg.unprunable_layers(model, graph, groups, [model.head])
+    assert reasons["rnn"] == "recurrent layer (LSTM hidden widths are not pruned)"
+    spec = recipe("tiny_lstm") | {"prune": {"method": "oneshot", "target": {"macs": 0.9}, "global": False}}
+    report = compress("python:tests.helpers_models:tiny_lstm", recipe_from_dict(spec), tmp_path / "x")
+    assert report["status"] == "ok" and report["parity"]["onnx"]["passed"]
+    assert report["compressed"]["macs"] / report["dense"]["macs"] == pytest.approx(0.9, abs=0.02)
