@@ -137,6 +137,10 @@ def test_escaping_structure_is_released_and_backfill_keeps_the_target():
     assert totals["released"] == 1 and totals["backfilled"] >= 1
     trace = [t for t in dpm.summary()["decay_trace"] if t["outcome"] == "released"]
     assert len(trace) == 1 and trace[0]["root"] == pushed["root"]
+    checks = dpm.summary()["sr_checks"]  # [step, n, C_rate, C_len, released]: every SR test, for the distributions
+    escaped = [c for c in checks if c[4]]
+    assert len(escaped) == 1 and escaped[0][2] == pytest.approx(1.0, rel=1e-3)  # (1.5 l0 - 0.75 l0) / 0.75 l0
+    assert all(c[2] <= 0.1 or c[3] is None or c[3] <= 1.0 for c in checks if not c[4])
     # the released structure kept its weights and is still in the model; the MAC target still holds
     macs = snapshot_macs(model, example_inputs(recipe.model))[0]
     dense = dpm.dense_macs

@@ -28,6 +28,7 @@ from . import METHODS
 from .hosts import EventMethod, broadcast_plan, remove_planned
 
 TRACE_LIMIT = 400  # structures whose decay trace is kept for the report
+CHECK_LOG_LIMIT = 20000  # self-rectifying checks kept for the report (C_rate / C_len distributions)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class DPM(EventMethod):
         self.decaying: list[Structure] = []
         self.cooling: dict[tuple[str, int], int] = {}  # (root, idx) -> event index at release
         self.finished: list[dict[str, Any]] = []  # decay traces of removed and released structures
+        self.checks: list[list] = []  # self-rectifying checks: [step, decay step n, C_rate, C_len, released]
         self._slices: dict[str, list] = {}
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -135,7 +137,7 @@ class DPM(EventMethod):
         released, factors = [], {}
         for s in structures:
             now = float(norms[s.root][s.idx])
-            if rectify and s.n > 0 and self._escapes(s, now, norms[s.root], decaying_idx[s.root]):
+            if rectify and s.n > 0 and self._escapes(s, now, norms[s.root], decaying_idx[s.root], ctx.step):
                 released.append(s)
                 s.steps.append(ctx.step)
                 s.norms.append(now)  # the trace ends at the norm it escaped to
@@ -158,15 +160,21 @@ class DPM(EventMethod):
         self.remove_finished(ctx)
         return released
 
-    def _escapes(self, s: Structure, now: float, norms: torch.Tensor, decaying: set[int]) -> bool:
-        escape = now - s.target
-        if escape <= 0 or s.target <= 0:
+    def _escapes(self, s: Structure, now: float, norms: torch.Tensor, decaying: set[int], step: int) -> bool:
+        """The SR test; every check is logged in self.checks (C_rate <= 0: the structure stayed at or under its
+        target; C_len is inf when the group's other structures did not move)."""
+        if s.target <= 0:
             return False
+        escape = now - s.target
         others = [i for i in range(len(norms)) if i not in decaying and i < len(s.ref_norms)]
         moved = torch.tensor([abs(float(norms[i]) - s.ref_norms[i]) for i in others]).mean().item() if others else 0.0
         c_rate = escape / s.target
         c_len = escape / moved if moved > 0 else float("inf")
-        return c_rate > self.dpm.t_rate and c_len > self.dpm.t_len
+        escaped = escape > 0 and c_rate > self.dpm.t_rate and c_len > self.dpm.t_len
+        if len(self.checks) < CHECK_LOG_LIMIT:
+            self.checks.append([step, s.n, round(c_rate, 5), round(c_len, 5) if c_len != float("inf") else None,
+                                escaped])
+        return escaped
 
     def release(self, s: Structure) -> None:
         self.decaying.remove(s)
@@ -304,15 +312,18 @@ class DPM(EventMethod):
     def summary(self) -> dict[str, Any]:
         base = super().summary()
         totals = {k: sum(r.get(k, 0) for r in self.records) for k in ("selected", "released", "backfilled", "removed")}
-        return {**base, "dpm": self.dpm.model_dump(), "totals": totals, "decay_trace": self.finished}
+        return {**base, "dpm": self.dpm.model_dump(), "totals": totals, "decay_trace": self.finished,
+                "sr_checks": self.checks}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "decaying": [asdict(s) for s in self.decaying],
-                "cooling": [[root, idx, ev] for (root, idx), ev in self.cooling.items()], "finished": self.finished}
+                "cooling": [[root, idx, ev] for (root, idx), ev in self.cooling.items()], "finished": self.finished,
+                "checks": self.checks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.decaying = [Structure(**s) for s in state["decaying"]]
         self.cooling = {(root, idx): ev for root, idx, ev in state["cooling"]}
         self.finished = state["finished"]
+        self.checks = list(state.get("checks", []))
         self._slices = {}
