@@ -16,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from compressor.pipeline import compress
-from compressor.recipe import load_recipe
+from compressor.app.pipeline import compress
+from compressor.app.recipe import load_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,7 +67,7 @@ def write_result(name: str, text: str, echo: bool = True) -> Path:
 
 def onnx_speed(dense_onnx: Path, model_onnx: Path, batch: int, threads: int = 2, seconds: float = 2.0) -> dict[str, float]:
     """ORT-CPU p50 (ms) of a dense and a compressed ONNX timed interleaved, for runs benchmarked after the fact."""
-    from compressor.bench import make_runner, measure_interleaved, summarize
+    from compressor.deploy.bench import make_runner, measure_interleaved, summarize
 
     runners = [make_runner("ort-cpu", path, threads) for path in (dense_onnx, model_onnx)]
     times_dense, times = measure_interleaved(*runners, batch, warmup_ms=300, min_runs=100, min_seconds=seconds)
@@ -109,7 +109,7 @@ def informative_init(name: str, path: Path, scheme: str = "torchvision") -> tupl
     models run as `SCHEME:NAME`. Returns the checkpoint to compress and the redrawn layers."""
     import torch
 
-    from compressor.models import build_arch
+    from compressor.models.loading import build_arch
 
     torch.manual_seed(0)
     model = build_arch(f"{scheme}:{name}", 1000, 3)
@@ -259,9 +259,9 @@ def coverage_row(name: str, scheme: str, size: int, overrides: list[str], out: P
     `why` computed from the inspection (inspect.json is kept next to report.json)."""
     import torch
 
-    from compressor.inspection import inspect_checkpoint
-    from compressor.pipeline import compress
-    from compressor.recipe import load_recipe
+    from compressor.app.inspection import inspect_checkpoint
+    from compressor.app.pipeline import compress
+    from compressor.app.recipe import load_recipe
 
     torch.set_num_threads(threads)
     row: dict[str, Any] = {"model": name, "input": size}

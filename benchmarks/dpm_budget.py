@@ -171,9 +171,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS / "dpm_budget")
     parser.add_argument("--runs", type=Path, default=Path("runs/dpm-budget"))
     args = parser.parse_args()
-    from compressor.methods.hosts import HOST_IMPORTANCE
+    from compressor.prune.methods import HOSTS
 
-    plan = [c for c in cells(set(HOST_IMPORTANCE)) if c.phase in args.phase and (not args.only or c.tag in args.only)]
+    plan = [c for c in cells(set(HOSTS.names())) if c.phase in args.phase and (not args.only or c.tag in args.only)]
     if args.list:
         for c in plan:
             print(("done " if (args.results / f"{c.tag}.json").exists() else "todo ") + c.tag)

@@ -16,12 +16,12 @@ import time
 import torch
 
 from common import table, write_result
-from compressor.data import build_datasets
-from compressor.methods import METHODS
-from compressor.methods.base import PruningMethod
-from compressor.models import load_model
-from compressor.recipe import load_recipe
-from compressor.train import fit
+from compressor.train.data import build_datasets
+from compressor.prune.methods import METHODS
+from compressor.prune.methods.base import PruningMethod
+from compressor.models.loading import load_model
+from compressor.app.recipe import load_recipe
+from compressor.train.loop import fit
 
 HOOKS = ("on_train_start", "after_backward", "after_step", "on_epoch_end", "finalize")
 

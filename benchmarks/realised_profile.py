@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common import RESULTS, table, write_result
 
-from compressor.ort_profile import profile_pair
+from compressor.deploy.ort_profile import profile_pair
 
 
 def main() -> None:

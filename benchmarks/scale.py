@@ -26,9 +26,9 @@ GOALS = {"resnet50": (30.0, 3.0), "vit_b_16": (60.0, None)}
 def one(name: str, macs: float, out: Path) -> dict:
     import torch
 
-    from compressor.inspection import inspect_checkpoint
-    from compressor.pipeline import compress
-    from compressor.recipe import load_recipe
+    from compressor.app.inspection import inspect_checkpoint
+    from compressor.app.pipeline import compress
+    from compressor.app.recipe import load_recipe
 
     torch.set_num_threads(2)
     size = input_size(name)

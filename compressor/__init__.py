@@ -13,15 +13,15 @@ __all__ = ["compress", "load_model", "load_recipe", "__version__"]
 
 def __getattr__(name: str):
     if name == "compress":
-        from .pipeline import compress
+        from compressor.app.pipeline import compress
 
         return compress
     if name == "load_model":
-        from .models import load_model
+        from compressor.models.loading import load_model
 
         return load_model
     if name == "load_recipe":
-        from .recipe import load_recipe
+        from compressor.app.recipe import load_recipe
 
         return load_recipe
     raise AttributeError(f"module 'compressor' has no attribute {name!r}")

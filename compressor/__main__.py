@@ -1,5 +1,5 @@
 """`python -m compressor` (also what torchrun launches for distributed runs)."""
-from .cli import main
+from compressor.app.cli import main
 
 if __name__ == "__main__":
     main()

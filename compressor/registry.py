@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Generic, TypeVar
 
-from .errors import CompressorError, UsageError
+from compressor.errors import CompressorError, UsageError
 
 T = TypeVar("T")
 

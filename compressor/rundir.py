@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UsageError
+from compressor.errors import UsageError
 
 CHECKPOINT = "checkpoints/last.pt"
 

@@ -45,7 +45,7 @@ def invoke_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProce
 
     from typer.testing import CliRunner
 
-    from compressor.cli import app
+    from compressor.app.cli import app
 
     argv = [str(a) for a in args]
     result = CliRunner().invoke(app, argv, env={"COLUMNS": "200", **(env or {})})

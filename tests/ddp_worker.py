@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from compressor import rundir, train
-from compressor.data import build_datasets
-from compressor.models import build_arch
-from compressor.recipe import recipe_from_dict
+from compressor import rundir
+
+from compressor.train import loop as train
+from compressor.train.data import build_datasets
+from compressor.models.loading import build_arch
+from compressor.app.recipe import recipe_from_dict
 from tests.conftest import tiny_recipe
 
 
@@ -33,7 +35,7 @@ def main(out_dir: Path, method_name: str = "none") -> None:
     torch.manual_seed(0)
     model = build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels)
     train_set, val_set = build_datasets(recipe.data, recipe.model)
-    from compressor.methods import METHODS
+    from compressor.prune.methods import METHODS
 
     method = METHODS.get(method_name)(recipe) if method_name != "none" else None
     result = train.fit(model, train_set, val_set, recipe.finetune, recipe.data, checkpoint=out_dir / "ckpt.pt",

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from compressor import graph as dg
-from compressor.pipeline import compress
-from compressor.recipe import recipe_from_dict
-from compressor.slim import load_slim
+from compressor.prune import graph as dg
+from compressor.app.pipeline import compress
+from compressor.app.recipe import recipe_from_dict
+from compressor.models.slim import load_slim
 
 FAMILIES = ["tiny_resnet", "tiny_mobilenet", "tiny_vit", "tiny_swin"]
 
@@ -152,7 +152,7 @@ def test_recurrent_layers_are_counted_per_token_and_kept(tmp_path):
     """timm's Sequencer: torch-pruning's RNN counter took the sequence length for the batch and the feature width for
     the sequence length (73.6 GMACs for an 8 GMAC model), and pruning the LSTM's coupled widths removed 92% of the
     MACs for a planned 6%. An LSTM is counted as its weight matrices once per token and its widths are kept."""
-    from compressor.selection import count_ops
+    from compressor.prune.selection import count_ops
     from tests.helpers_models import tiny_lstm
 
     model = tiny_lstm().eval()

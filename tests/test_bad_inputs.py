@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from compressor.errors import RecipeError, UsageError
-from compressor.models import build_arch
+from compressor.models.loading import build_arch
 
 from .conftest import REPO, invoke_cli, run_cli, tiny_recipe
 
@@ -42,7 +42,7 @@ def _ort_trt() -> bool:
 
 
 def _tensorrt() -> bool:
-    from compressor.tensorrt_engine import tensorrt_available
+    from compressor.deploy.tensorrt_engine import tensorrt_available
 
     return tensorrt_available()[0]
 
@@ -112,8 +112,8 @@ def f(tmp_path_factory) -> SimpleNamespace:
     ns.truncated_st = d / "truncated.safetensors"
     ns.truncated_st.write_bytes(good.read_bytes()[:200])
 
-    from compressor.export import export_onnx
-    from compressor.recipe import OnnxConfig
+    from compressor.deploy.export import export_onnx
+    from compressor.deploy.config import OnnxConfig
 
     ns.onnx = d / "ok.onnx"
     export_onnx(model, torch.randn(1, 1, 16, 16), ns.onnx, OnnxConfig(simplify=False))
@@ -369,7 +369,7 @@ def test_debug_keeps_the_cause_of_a_wrapped_checkpoint_error(f):
     from compressor.errors import ModelLoadError
     from typer.testing import CliRunner
 
-    from compressor.cli import app
+    from compressor.app.cli import app
 
     result = CliRunner().invoke(app, ["--debug", "eval", str(f.garbage), "--recipe", str(f.recipe)])
     assert isinstance(result.exception, ModelLoadError) and "garbage.pt" in str(result.exception)
@@ -377,12 +377,12 @@ def test_debug_keeps_the_cause_of_a_wrapped_checkpoint_error(f):
 
 
 def test_unexpected_exception_is_one_paragraph_and_exit_1(f, monkeypatch):
-    import compressor.evaluation
+    import compressor.deploy.evaluation
 
     def boom(*args, **kwargs):
         raise RuntimeError("CUDA kernel went sideways\nsecond line of detail")
 
-    monkeypatch.setattr(compressor.evaluation, "evaluate_artifact", boom)
+    monkeypatch.setattr(compressor.deploy.evaluation, "evaluate_artifact", boom)
     result = invoke_cli("eval", "zoo:resnet20", "--recipe", f.recipe)
     assert result.returncode == 1
     assert "internal error: RuntimeError: CUDA kernel went sideways" in result.stderr
@@ -390,7 +390,7 @@ def test_unexpected_exception_is_one_paragraph_and_exit_1(f, monkeypatch):
     assert "Traceback" not in result.stderr and "second line" not in result.stderr
     from typer.testing import CliRunner
 
-    from compressor.cli import app
+    from compressor.app.cli import app
 
     debug = CliRunner().invoke(app, ["--debug", "eval", "zoo:resnet20", "--recipe", str(f.recipe)])
     assert isinstance(debug.exception, RuntimeError) and "sideways" in str(debug.exception)
@@ -431,8 +431,8 @@ def test_unexpected_exception_through_the_entry_point(tmp_path):
 def test_onnxslim_absent_and_failing_are_told_apart(tmp_path, monkeypatch):
     import onnxslim
 
-    from compressor.export import export_onnx
-    from compressor.recipe import OnnxConfig
+    from compressor.deploy.export import export_onnx
+    from compressor.deploy.config import OnnxConfig
 
     model, example = build_arch("zoo:resnet20", 4, 1), torch.randn(1, 1, 16, 16)
 
@@ -451,8 +451,8 @@ def test_onnxslim_absent_and_failing_are_told_apart(tmp_path, monkeypatch):
 
 
 def test_a_run_folder_that_never_started_is_reused(tmp_path):
-    from compressor.pipeline import prepare_run_dir
-    from compressor.recipe import recipe_from_dict
+    from compressor.app.pipeline import prepare_run_dir
+    from compressor.app.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(_recipe())
     out = tmp_path / "run"
@@ -469,7 +469,7 @@ def test_a_run_folder_that_never_started_is_reused(tmp_path):
 def test_recipe_errors_keep_their_cause(tmp_path):
     path = tmp_path / "bin.yaml"
     path.write_bytes(b"\xff\xfe\xfa")
-    from compressor.recipe import load_recipe
+    from compressor.app.recipe import load_recipe
 
     with pytest.raises(RecipeError) as info:
         load_recipe(path)

@@ -1,4 +1,4 @@
-"""Latency benchmarks (compressor.bench and `compressor bench`): statistics, timing loops, backends, report."""
+"""Latency benchmarks (compressor.deploy.bench and `compressor bench`): statistics, timing loops, backends, report."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from compressor import bench
+from compressor.deploy import bench
 from compressor.errors import UsageError
 
 from .conftest import REPO, run_cli
@@ -217,7 +217,7 @@ def test_gpu_and_driver_come_from_nvidia_smi(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- library and CLI
 def test_onnx_benchmark_does_not_import_torch(onnx_pair):
-    code = ("import sys; from compressor.bench import run_benchmark; "
+    code = ("import sys; from compressor.deploy.bench import run_benchmark; "
             f"r = run_benchmark({str(onnx_pair[0])!r}, baseline=None, backends=['ort-cpu'], batch_sizes=[1], "
             "warmup_ms=0, min_runs=2, min_seconds=0, threads=1); "
             "assert 'torch' not in sys.modules, 'torch imported'; print(r['results'][0]['model']['latency']['count'])")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from compressor.models import build_arch
+from compressor.models.loading import build_arch
 
 from .conftest import REPO, requires_fmnist, run_cli, tiny_recipe
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.data import build_datasets
-from compressor.methods import METHODS
-from compressor.methods.base import PruningMethod
-from compressor.methods.dpm import DPM
-from compressor.models import build_arch, example_inputs
-from compressor.recipe import recipe_from_dict
-from compressor.selection import snapshot_macs
-from compressor.train import fit
+from compressor.train.data import build_datasets
+from compressor.prune.methods import METHODS
+from compressor.prune.methods.base import PruningMethod
+from compressor.prune.methods.dpm import DPM
+from compressor.models.loading import build_arch, example_inputs
+from compressor.app.recipe import recipe_from_dict
+from compressor.prune.selection import snapshot_macs
+from compressor.train.loop import fit
 
 from .conftest import tiny_recipe
 

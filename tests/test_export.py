@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from compressor import export
-from compressor.export import consolidate_external_data, export_onnx, onnx_bytes
-from compressor.recipe import OnnxConfig
+from compressor.deploy import export
+from compressor.deploy.export import consolidate_external_data, export_onnx, onnx_bytes
+from compressor.deploy.config import OnnxConfig
 
 
 def small(seed: int) -> nn.Module:

@@ -10,16 +10,17 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from compressor import onnx_runtime
-from compressor.bench import make_runner, run_benchmark
+from compressor.deploy import onnx_runtime
+from compressor.deploy.bench import make_runner, run_benchmark
 from compressor.errors import BackendUnavailable, ExportError
-from compressor.export import export_onnx
-from compressor.models import build_arch, example_inputs
-from compressor.recipe import OnnxConfig, VerifyConfig, recipe_from_dict, shipped_recipes, load_recipe
-from compressor.tensorrt_engine import engine_settings, parser_errors, settings_from_recipe
-from compressor.tensorrt_runtime import tensorrt_missing
-from compressor.trt_compat import check_model, check_onnx
-from compressor.verify import check
+from compressor.deploy.export import export_onnx
+from compressor.models.loading import build_arch, example_inputs
+from compressor.app.recipe import recipe_from_dict, shipped_recipes, load_recipe
+from compressor.deploy.config import OnnxConfig, VerifyConfig
+from compressor.deploy.tensorrt_engine import engine_settings, parser_errors, settings_from_recipe
+from compressor.deploy.tensorrt_runtime import tensorrt_missing
+from compressor.deploy.trt_compat import check_model, check_onnx
+from compressor.deploy.verify import check
 
 from .conftest import REPO, requires_fmnist, run_cli, tiny_recipe
 
@@ -202,8 +203,8 @@ def test_parity_tolerance_scales_with_the_output_magnitude():
     import numpy as np
 
     from compressor.errors import ParityError
-    from compressor.recipe import VerifyConfig
-    from compressor.verify import compare_outputs
+    from compressor.deploy.config import VerifyConfig
+    from compressor.deploy.verify import compare_outputs
 
     cfg = VerifyConfig(atol=1e-3, rtol=1e-6)
     reference = np.array([[9.6e11, -2.0e11], [1.0e11, 3.0e11]])
@@ -222,8 +223,8 @@ def test_parity_says_when_it_proves_nothing():
     """Untrained torchvision ViTs have a zero-initialised head: every output is 0, any export 'matches'."""
     import numpy as np
 
-    from compressor.recipe import VerifyConfig
-    from compressor.verify import compare_outputs
+    from compressor.deploy.config import VerifyConfig
+    from compressor.deploy.verify import compare_outputs
 
     cfg = VerifyConfig()
     zeros = check(compare_outputs(np.zeros((4, 10)), np.zeros((4, 10))), cfg, "ONNX m.onnx")

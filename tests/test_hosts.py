@@ -4,14 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.data import build_datasets
+from compressor.train.data import build_datasets
 from compressor.errors import RecipeError
-from compressor.methods import METHODS
-from compressor.methods.hosts import event_epochs, fraction_at, host_importance
-from compressor.models import build_arch, example_inputs
-from compressor.recipe import recipe_from_dict
-from compressor.selection import snapshot_macs
-from compressor.train import fit
+from compressor.prune.methods import METHODS
+from compressor.prune.methods import HOSTS as HOST_REGISTRY
+from compressor.prune.methods.hosts import event_epochs, fraction_at
+from compressor.models.loading import build_arch, example_inputs
+from compressor.app.recipe import recipe_from_dict
+from compressor.prune.selection import snapshot_macs
+from compressor.train.loop import fit
 
 from .conftest import tiny_recipe
 
@@ -83,9 +84,9 @@ def test_host_importance_conflict_is_a_recipe_error():
     recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "host": "gate-decorator",
                                                  "importance": {"kind": "magnitude"}}))
     with pytest.raises(RecipeError, match="host gate-decorator ranks by 'gate'"):
-        host_importance(recipe)
+        HOST_REGISTRY.get(recipe.prune.host).importance(recipe)
     recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "host": "taylor"}))
-    assert host_importance(recipe).kind == "taylor"
+    assert HOST_REGISTRY.get(recipe.prune.host).importance(recipe).kind == "taylor"
 
 
 def test_unknown_method_suggests():

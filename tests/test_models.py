@@ -1,4 +1,4 @@
-"""Model references and checkpoint loading (compressor.models)."""
+"""Model references and checkpoint loading (compressor.models.loading)."""
 from __future__ import annotations
 
 import sys
@@ -10,10 +10,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compressor.errors import ModelLoadError
-from compressor.models import build_arch, example_inputs, load_model
-from compressor.selection import snapshot_macs
-from compressor.recipe import ModelConfig
-from compressor.zoo import ZOO
+from compressor.models.loading import build_arch, example_inputs, load_model
+from compressor.prune.selection import snapshot_macs
+from compressor.models.config import ModelConfig
+from compressor.models.zoo import ZOO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

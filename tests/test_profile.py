@@ -10,9 +10,9 @@ import yaml
 from torch import nn
 
 from compressor.errors import RecipeError
-from compressor.hardware import auto_round_to, ort_cpu_block
-from compressor.ort_profile import compare, profile_onnx, summarize_trace
-from compressor.recipe import load_recipe
+from compressor.deploy.hardware import auto_round_to, ort_cpu_block
+from compressor.deploy.ort_profile import compare, profile_onnx, summarize_trace
+from compressor.app.recipe import load_recipe
 
 from .conftest import run_cli, tiny_recipe
 

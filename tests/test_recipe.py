@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from compressor.errors import RecipeError
-from compressor.recipe import (DuplicateKeyError, Recipe, apply_override, dump_recipe, load_recipe,
+from compressor.app.recipe import (DuplicateKeyError, Recipe, apply_override, dump_recipe, load_recipe,
                                parse_recipe_yaml, recipe_from_dict, shipped_recipes)
 
 from .conftest import REPO, run_cli, tiny_recipe

@@ -8,15 +8,16 @@ import json
 import pytest
 import torch
 
-from compressor import selection as sel
-from compressor.data import build_datasets
-from compressor.importance import build_scorer
-from compressor.methods import METHODS
-from compressor.models import build_arch, example_inputs
-from compressor.recipe import ImportanceConfig, load_recipe, recipe_from_dict
-from compressor.round_to import measure_round_to, resolve_round_to
-from compressor.slim import layer_widths
-from compressor.train import fit
+from compressor.prune import selection as sel
+from compressor.train.data import build_datasets
+from compressor.prune.importance import build_scorer
+from compressor.prune.methods import METHODS
+from compressor.models.loading import build_arch, example_inputs
+from compressor.app.recipe import load_recipe, recipe_from_dict
+from compressor.prune.importance import ImportanceConfig
+from compressor.prune.round_to import measure_round_to, resolve_round_to
+from compressor.models.slim import layer_widths
+from compressor.train.loop import fit
 
 from .conftest import tiny_recipe
 from .helpers_models import tiny_ghostnet
@@ -164,7 +165,7 @@ def test_resolve_round_to_reuses_the_choice_saved_in_the_run(tmp_path):
 
 
 def test_overwrite_measures_again_and_resume_keeps_the_choice(tmp_path):
-    from compressor.pipeline import prepare_run_dir
+    from compressor.app.pipeline import prepare_run_dir
 
     recipe = load_recipe("resnet20-fmnist-oneshot", ["prune.round_to=auto"])
     prepare_run_dir(tmp_path, recipe, resume=False, overwrite=False)

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from compressor.data import build_datasets
+from compressor.train.data import build_datasets
 from compressor.errors import RecipeError
-from compressor.methods import METHODS
-from compressor.methods.base import PruningMethod
-from compressor.models import build_arch
-from compressor.recipe import recipe_from_dict
-from compressor.train import check_method_schedule, fit
+from compressor.prune.methods import METHODS
+from compressor.prune.methods.base import PruningMethod
+from compressor.models.loading import build_arch
+from compressor.app.recipe import recipe_from_dict
+from compressor.train.loop import check_method_schedule, fit
 
 from .conftest import tiny_recipe
 
@@ -145,7 +145,7 @@ def test_ocsp_needs_epochs_for_lag_and_window():
 
 def test_compress_records_warnings_in_report_notes_and_strict_stops_before_training(tmp_path):
     from compressor import rundir
-    from compressor.pipeline import compress
+    from compressor.app.pipeline import compress
 
     recipe = recipe_from_dict(tiny_recipe(prune={"method": "dpm", "target": {"macs": 0.5}, "schedule": {"events": 1},
                                                  "dpm": {"steps": 8, "interval": 50}},

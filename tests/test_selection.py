@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from compressor import selection as sel
-from compressor.importance import IMPORTANCES, build_scorer
-from compressor.models import build_arch, example_inputs
-from compressor.recipe import ImportanceConfig, ModelConfig
-from compressor.slim import layer_widths, load_slim, save_slim
+from compressor.prune import selection as sel
+from compressor.prune.importance import IMPORTANCES, build_scorer
+from compressor.models.loading import build_arch, example_inputs
+from compressor.models.config import ModelConfig
+from compressor.prune.importance import ImportanceConfig
+from compressor.models.slim import layer_widths, load_slim, save_slim
 
 CFG = ModelConfig(arch="zoo:resnet20", num_classes=10, in_channels=1, input_shape=[1, 28, 28], ignore=["fc"])
 
@@ -121,7 +122,7 @@ def test_slim_save_and_reload_without_pickle(model, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), reloaded(x))
     assert layer_widths(reloaded) == layer_widths(model)
-    from compressor.models import load_model
+    from compressor.models.loading import load_model
     from compressor.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="--trust-checkpoint"):
@@ -159,7 +160,7 @@ def test_gate_score_is_the_accumulated_bn_taylor_term(model):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         scorer.observe(model)
         expected += (model.layer1[0].bn1.weight * model.layer1[0].bn1.weight.grad).detach()
-    from compressor import graph as dg
+    from compressor.prune import graph as dg
 
     graph = dg.build_graph(model, example_inputs(CFG), [model.fc])
     group = graph.get_pruning_group(model.layer1[0].conv1, graph.get_pruner_of_module(model.layer1[0].conv1).prune_out_channels,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from compressor.data import SUBSET_SEED, build_datasets, sample_batch, subset_indices
-from compressor.recipe import recipe_from_dict
+from compressor.train.data import SUBSET_SEED, build_datasets, sample_batch, subset_indices
+from compressor.app.recipe import recipe_from_dict
 
 from .conftest import tiny_recipe
 
@@ -98,7 +98,7 @@ def test_a_subset_at_least_as_large_as_the_set_is_the_whole_set(count):
 
 def test_calibration_batches_come_from_many_classes():
     """The batches a gradient host scores with before training (ctx.calibration) are a seeded random subset."""
-    from compressor.train import _calibration_batches
+    from compressor.train.loop import _calibration_batches
 
     full, _ = sorted_datasets()
     batches = list(_calibration_batches(full, 16, 4))

@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.data import build_datasets
+from compressor.train.data import build_datasets
 from compressor.errors import TrainingError
-from compressor.methods.base import PruningMethod
-from compressor.models import build_arch
-from compressor.recipe import SchedulerConfig, recipe_from_dict
-from compressor.train import evaluate, fit, lr_factor
+from compressor.prune.methods.base import PruningMethod
+from compressor.models.loading import build_arch
+from compressor.app.recipe import recipe_from_dict
+from compressor.train.config import SchedulerConfig
+from compressor.train.loop import evaluate, fit, lr_factor
 
 from .conftest import REPO, tiny_recipe
 
@@ -143,7 +144,7 @@ def test_rebuild_keeps_schedule_and_follows_new_parameters():
 
 def test_distillation_changes_the_loss_and_trains():
     recipe, model, train, val = setup(finetune={"epochs": 1, "distill": {"enabled": True, "alpha": 0.7}})
-    from compressor.train import dense_teacher, make_loss
+    from compressor.train.loop import dense_teacher, make_loss
 
     teacher = dense_teacher(model)
     x, y = next(iter(torch.utils.data.DataLoader(train, batch_size=16)))
@@ -181,7 +182,7 @@ def test_single_thread_training_avoids_the_onednn_channels_last_crash():
     import subprocess
     import sys
 
-    from compressor.train import onednn_channels_last_safe
+    from compressor.train.loop import onednn_channels_last_safe
 
     risky = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 16, 1, stride=2))
     before = torch.get_num_threads()
@@ -195,9 +196,9 @@ def test_single_thread_training_avoids_the_onednn_channels_last_crash():
         torch.set_num_threads(before)
     script = (
         "import torch; from torch import nn\n"
-        "from compressor.recipe import recipe_from_dict\n"
-        "from compressor.data import build_datasets\n"
-        "from compressor.train import fit\n"
+        "from compressor.app.recipe import recipe_from_dict\n"
+        "from compressor.train.data import build_datasets\n"
+        "from compressor.train.loop import fit\n"
         "from tests.conftest import tiny_recipe\n"
         "r = recipe_from_dict(tiny_recipe(finetune={'epochs': 1}))\n"
         "train, val = build_datasets(r.data, r.model)\n"
@@ -215,8 +216,8 @@ class _GradProbe(PruningMethod):
     """Records what a gradient hook sees: fc.weight.grad per step, and a Taylor scorer's accumulation."""
 
     def __init__(self, rebuild: bool = False) -> None:
-        from compressor.importance import build_scorer
-        from compressor.recipe import ImportanceConfig
+        from compressor.prune.importance import build_scorer
+        from compressor.prune.importance import ImportanceConfig
 
         self.scorer = build_scorer(ImportanceConfig(kind="taylor"))
         self.grads, self.rebuild = [], rebuild
@@ -230,7 +231,7 @@ class _GradProbe(PruningMethod):
 
 def _scaled(monkeypatch, scale: float = 2.0 ** 12):
     """Make fit use a real, enabled float16-style loss scaler on CPU (autocast stays off: only scaling differs)."""
-    import compressor.train as train_mod
+    import compressor.train.loop as train_mod
 
     made = []
 
@@ -291,7 +292,7 @@ def test_overflow_step_is_skipped_by_hooks_and_optimizer(monkeypatch):
 
 
 def test_amp_on_cpu_trains_in_bfloat16_without_a_scaler():
-    from compressor.train import _make_scaler, autocast_dtype
+    from compressor.train.loop import _make_scaler, autocast_dtype
 
     recipe, model, train, val = setup(finetune={"epochs": 1, "amp": True})
     assert autocast_dtype(recipe.finetune, torch.device("cpu")) == torch.bfloat16

@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from compressor import graph as dg
-from compressor import selection as sel
+from compressor.prune import graph as dg
+from compressor.prune import selection as sel
 from compressor.errors import NotPrunableError
-from compressor.importance import build_scorer
-from compressor.inspection import inspect_model
-from compressor.recipe import ImportanceConfig, ModelConfig
+from compressor.prune.importance import build_scorer
+from compressor.app.inspection import inspect_model
+from compressor.models.config import ModelConfig
+from compressor.prune.importance import ImportanceConfig
 
 from . import helpers_models as hm
 

@@ -1,0 +1,131 @@
+"""`compressor inspect`: what a model offers to prune before any time is spent on it."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from compressor.prune import graph as dg
+from compressor.prune.selection import count_ops
+from compressor.models.loading import example_inputs, load_model
+from compressor.app.recipe import Recipe
+from compressor.models.config import ModelConfig
+
+
+@dataclass
+class Inspection:
+    model: str
+    input_shape: list[int]
+    macs: int
+    params: int
+    layers: list[dict[str, Any]]
+    groups: list[dg.GroupInfo]
+    ignored: list[str]
+    unprunable: dict[str, str]
+    prediction: Optional[dict[str, Any]] = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def layer_table(model: nn.Module, example: torch.Tensor) -> tuple[int, int, list[dict[str, Any]]]:
+    """Total MACs and params, and one row per parametrised leaf layer (name, type, MACs, params)."""
+    macs, params, layer_macs, layer_params = count_ops(model, example, layer_wise=True)
+    rows = []
+    for name, module in model.named_modules():
+        if not name or list(module.children()) or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        rows.append({"name": name, "type": type(module).__name__, "macs": int(layer_macs.get(module) or 0),
+                     "params": int(layer_params.get(module) or sum(p.numel() for p in module.parameters(recurse=False)))})
+    return int(macs), int(params), rows
+
+
+def inspect_model(model: nn.Module, model_cfg: ModelConfig, label: str = "model") -> Inspection:
+    """Per-layer costs, prunable groups, ignored and unprunable layers of a model."""
+    model = model.cpu().eval()
+    example = example_inputs(model_cfg)
+    macs, params, rows = layer_table(model, example)
+    ignored = dg.resolve_ignored(model, model_cfg.ignore, model_cfg.num_classes)
+    graph = dg.build_graph(model, example, ignored)
+    groups = dg.prunable_groups(graph, ignored)
+    names = dg.module_names(model)
+    infos = [dg.describe_group(g, names) for g in groups]
+    unprunable = dg.unprunable_layers(model, graph, groups, ignored)
+    notes = []
+    if not groups:
+        notes.append("no prunable group: compress would stop with NotPrunableError")
+    return Inspection(model=label, input_shape=list(model_cfg.input_shape), macs=macs, params=params, layers=rows,
+                      groups=infos, ignored=[names[m] for m in ignored], unprunable=unprunable, notes=notes)
+
+
+def inspect_checkpoint(checkpoint: str, recipe: Optional[Recipe], *, trust_checkpoint: bool = False) -> Inspection:
+    model_cfg = recipe.model if recipe is not None else ModelConfig()
+    model = load_model(checkpoint, model_cfg, trust_checkpoint=trust_checkpoint)
+    report = inspect_model(model, model_cfg, label=str(checkpoint))
+    if recipe is not None and recipe.prune.method != "none":
+        report.prediction = predict_target(model, recipe)
+    return report
+
+
+def predict_target(model: nn.Module, recipe: Recipe) -> Optional[dict[str, Any]]:
+    """What the recipe's target gives on this model (search on a copy), when the pruning hosts are installed."""
+    try:
+        from compressor.prune.methods.hosts import predict_pruning
+    except ImportError:
+        return None
+    return predict_pruning(model, recipe)
+
+
+def _fmt(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def render_inspection(report: Inspection, console: Console, *, show_layers: bool = True) -> None:
+    console.print(f"[bold]{report.model}[/]  input {report.input_shape}  MACs {_fmt(report.macs)}  "
+                  f"params {_fmt(report.params)}")
+    if show_layers:
+        table = Table("layer", "type", "MACs", "% MACs", "params", title="layers")
+        for row in report.layers:
+            table.add_row(row["name"], row["type"], _fmt(row["macs"]), f"{100 * row['macs'] / max(report.macs, 1):.1f}",
+                          _fmt(row["params"]))
+        console.print(table)
+    groups = Table("root layer", "width", "coupled layers", title=f"{len(report.groups)} prunable dependency groups")
+    for g in report.groups:
+        groups.add_row(g.root, str(g.width), ", ".join(g.coupled))
+    console.print(groups)
+    console.print(f"ignored (never pruned): {', '.join(report.ignored) or 'none'}")
+    if report.unprunable:
+        table = Table("layer", "reason", title="layers torch-pruning cannot prune")
+        for name, reason in report.unprunable.items():
+            table.add_row(name, reason)
+        console.print(table)
+    else:
+        console.print("unprunable layers: none")
+    if report.prediction:
+        p = report.prediction
+        console.print(f"recipe target: {p.get('asked')} -> achieved MACs {p.get('macs_ratio', 0):.3f} of dense, "
+                      f"params {p.get('params_ratio', 0):.3f}")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def render_compatibility(compat, console: Console) -> None:
+    """The TensorRT compatibility check of an ONNX file: verdict, op counts and every finding with its node."""
+    from compressor.deploy.trt_compat import TRT_MAJOR
+
+    verdict = "[green]compatible[/]" if compat.compatible else "[red]not compatible[/]"
+    console.print(f"[bold]{compat.path}[/]: opset {compat.opset}, TensorRT {TRT_MAJOR} ONNX parser: {verdict}")
+    console.print("ops: " + ", ".join(f"{op} x{n}" for op, n in sorted(compat.ops.items())))
+    if compat.findings:
+        table = Table("node", "op", "domain", "level", "reason", title="TensorRT findings")
+        for f in compat.findings:
+            table.add_row(f.node, f.op, f.domain, f.level, f.reason)
+        console.print(table)

@@ -1,0 +1,298 @@
+"""The recipe: a YAML file validated completely at load time (pydantic v2, extra="forbid" everywhere).
+
+A typo, a wrong type, a bad enum value or an out-of-range number is a RecipeError naming the dotted field,
+the bad value and what is allowed. `--set a.b=c` overrides are parsed as YAML scalars before validation.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from compressor.config import Strict
+from compressor.deploy.config import BenchConfig, ExportConfig, VerifyConfig
+from compressor.errors import RecipeError
+from compressor.models.config import ModelConfig
+from compressor.prune.methods import METHODS
+from compressor.prune.section import PruneConfig
+from compressor.registry import did_you_mean
+from compressor.train.config import DataConfig, FinetuneConfig
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+class GatesConfig(Strict):
+    max_accuracy_drop: Optional[float] = Field(None, ge=0.0, description="percentage points of top-1")
+    min_speedup: Optional[float] = Field(None, gt=0.0, description="latency speedup on the first bench backend")
+    strict_schedule: bool = Field(False, description="a pruning schedule that cannot run as written within the "
+                                                     "training budget (e.g. a DPM decay that would be forced at the "
+                                                     "end) is a recipe error before training, not a warning")
+
+
+class Recipe(Strict):
+    name: str = Field(..., description="run name; the default output folder is runs/<name>")
+    description: str = ""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names the run folder)")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Recipe":
+        end = self.prune.schedule.end_epoch
+        if end is not None and end > self.finetune.epochs:
+            raise ValueError(
+                f"prune.schedule.end_epoch ({end}) is after finetune.epochs ({self.finetune.epochs}); "
+                "lower it or train longer"
+            )
+        if self.prune.schedule.start_epoch > (end if end is not None else self.finetune.epochs):
+            raise ValueError("prune.schedule.start_epoch is after the schedule's end")
+        if METHODS.get(self.prune.method).needs_training_budget(self.prune) and self.finetune.epochs == 0:
+            raise ValueError(f"method {self.prune.method} prunes during training: finetune.epochs must be at least 1")
+        return self
+
+    def schedule_end_epoch(self) -> int:
+        end = self.prune.schedule.end_epoch
+        return end if end is not None else self.finetune.epochs // 2
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def shipped_recipes() -> dict[str, Path]:
+    """Recipes shipped in the repository's recipes/ folder, by name (file stem)."""
+    if not RECIPES_DIR.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def resolve_recipe_path(ref: Union[str, Path]) -> Path:
+    """A recipe file path, or the name of a shipped recipe."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if str(ref) in shipped:
+        return shipped[str(ref)]
+    if path.is_dir():
+        raise RecipeError(f"recipe {str(ref)!r} is a directory, not a recipe file; give the path of a .yaml file.")
+    hint = did_you_mean(path.stem, tuple(shipped))
+    raise RecipeError(
+        f"recipe {str(ref)!r} not found: it is neither a file nor a shipped recipe{hint}.",
+        hint="`compressor recipes list` shows the shipped recipes.",
+    )
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping key given twice; `key` is its dotted path in the document, `lines` where it appears (1-based)."""
+
+    def __init__(self, key: str, lines: tuple[int, int], mark: Any) -> None:
+        self.key, self.lines = key, lines
+        super().__init__(None, None, f"duplicated key {key!r} (lines {lines[0]} and {lines[1]})", mark)
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice (plain YAML silently keeps the last one), naming the
+    key's dotted path (`finetune.epochs`) and both lines. Merge keys (`<<: *anchor`) may still be overridden."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._paths: dict[int, str] = {}
+        self._index_paths(node, "")
+        return super().construct_document(node)
+
+    def _index_paths(self, node: yaml.Node, prefix: str) -> None:
+        """Record the dotted path of every mapping node (aliases are visited once)."""
+        stack = [(node, prefix)]
+        while stack:
+            current, where = stack.pop()
+            if id(current) in self._paths:
+                continue
+            if isinstance(current, yaml.MappingNode):
+                self._paths[id(current)] = where
+                for key_node, value_node in current.value:
+                    name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                    stack.append((value_node, f"{where}.{name}" if where else str(name)))
+            elif isinstance(current, yaml.SequenceNode):
+                self._paths[id(current)] = where
+                stack.extend((item, f"{where}.{i}" if where else str(i)) for i, item in enumerate(current.value))
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    prefix = getattr(self, "_paths", {}).get(id(node), "")
+                    raise DuplicateKeyError(f"{prefix}.{key}" if prefix else str(key), (first, line),
+                                            key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_recipe_yaml(text: str) -> Any:
+    """YAML text -> Python data with RecipeLoader (duplicated keys refused). Every recipe YAML goes through this."""
+    return yaml.load(text, Loader=RecipeLoader)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line 3, column 7: expected ',' or ']'` from a PyYAML error, on one line."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = " ".join(filter(None, [getattr(exc, "context", None), getattr(exc, "problem", None)])) or str(exc)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(problem.split())
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (typed: 0.5, true, [1, 8])."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected key=value, e.g. --set finetune.epochs=3.")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"--set {assignment!r}: the key is empty.")
+    try:
+        value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else None
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"--set {assignment!r}: the key {exc.key!r} appears twice in the value; keep one.") from exc
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise RecipeError(f"--set {assignment!r}: {where} is a value ({child!r}), not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic model class reached by following `loc` through nested fields (None if not a model)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part) or next(
+            (f for f in current.model_fields.values() if f.alias == part), None
+        )
+        if field is None:
+            return None
+        current = field.annotation
+        args = [a for a in getattr(current, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if args:
+            current = args[0]
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _field_names(model: Optional[type[BaseModel]]) -> list[str]:
+    if model is None:
+        return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: `dotted.field: what is wrong (got X; allowed: ...)`."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(recipe)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            allowed = _field_names(_model_at(Recipe, loc[:-1]))
+            hint = did_you_mean(str(loc[-1]), allowed)
+            lines.append(f"{dotted}: unknown key{hint}; allowed keys: {', '.join(allowed)}")
+        elif kind == "literal_error":
+            expected = err.get("ctx", {}).get("expected", "")
+            hint = did_you_mean(str(err["input"]), re.findall(r"'([^']+)'", expected))
+            lines.append(f"{dotted}: {err['input']!r} is not allowed{hint}; allowed: {expected}")
+        elif kind == "missing":
+            lines.append(f"{dotted}: required but missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else ""
+            lines.append(f"{dotted}: {msg}{got}")
+    return f"invalid recipe {source}:\n  " + "\n  ".join(lines)
+
+
+def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {source} must be a YAML mapping of sections (name, model, data, prune, ...), "
+                          f"not a {_yaml_kind(data)}.")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from exc
+
+
+def _yaml_kind(data: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(data),
+                                                                                              type(data).__name__)
+
+
+def read_recipe_file(path: Path) -> Any:
+    """The parsed YAML of a recipe file, or RecipeError naming the file (unreadable, not UTF-8 text, invalid YAML,
+    a duplicated key)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}.") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not a text file (byte {exc.start} is not UTF-8); a recipe is a YAML text "
+                          "file: check the path, or save the file as UTF-8.") from exc
+    try:
+        return parse_recipe_yaml(text)
+    except DuplicateKeyError as exc:
+        first, second = exc.lines
+        where = f"line {first}" if first == second else f"lines {first} and {second}"
+        raise RecipeError(f"recipe {path}: the key {exc.key!r} is given twice ({where}); YAML would silently keep "
+                          "the last one. Keep one of them.") from exc
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML ({_yaml_problem(exc)}).") from exc
+
+
+def load_recipe(ref: Union[str, Path], overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """Load, override and validate a recipe file (or a shipped recipe's name)."""
+    path = resolve_recipe_path(ref)
+    data = read_recipe_file(path)
+    if data is None and not overrides:
+        raise RecipeError(f"recipe {path} is empty; a recipe needs at least `name:` "
+                          "(`compressor recipes show NAME` prints a complete one to start from).")
+    data = data if data is not None else {}
+    if isinstance(data, dict):
+        for assignment in overrides:
+            apply_override(data, assignment)
+    return recipe_from_dict(data, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe (defaults filled in) as YAML, loadable again with load_recipe."""
+    data = json.loads(recipe.model_dump_json(by_alias=True))
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def recipe_schema() -> dict:
+    return Recipe.model_json_schema(by_alias=True)

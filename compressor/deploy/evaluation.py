@@ -1,0 +1,49 @@
+"""Accuracy of a model artifact (checkpoint, slim model or ONNX file) on a recipe's validation data."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+
+from compressor.train.data import build_datasets, make_loader
+from compressor.models.loading import load_model
+from compressor.train.loop import evaluate
+
+if TYPE_CHECKING:
+    from compressor.app.recipe import Recipe
+
+
+def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool = False,
+                      device: str = "cpu") -> dict[str, float]:
+    """Top-1/top-5 (percent) and mean cross-entropy of a .pt/.safetensors/slim model or a .onnx file. The model is
+    loaded before the data is read, so a bad model file is named first."""
+    batch = recipe.data.eval_batch_size or max(recipe.data.batch_size, 256)
+    if str(model_ref).endswith(".onnx"):
+        from compressor.deploy.bench import open_onnx_session
+
+        session = open_onnx_session(Path(model_ref), "ort-cpu")
+        _, val_set = build_datasets(recipe.data, recipe.model)
+        return evaluate_onnx(Path(model_ref), val_set, batch_size=batch, session=session)
+    model = load_model(model_ref, recipe.model, trust_checkpoint=trust_checkpoint)
+    _, val_set = build_datasets(recipe.data, recipe.model)
+    return evaluate(model, val_set, batch_size=batch, device=device)
+
+
+def evaluate_onnx(path: Path, dataset, *, batch_size: int = 256, session: Optional[object] = None) -> dict[str, float]:
+    """The same metrics as train.evaluate, computed with ONNX Runtime on the CPU."""
+    from compressor.deploy.bench import open_onnx_session
+
+    session = session or open_onnx_session(path, "ort-cpu")
+    input_name = session.get_inputs()[0].name
+    loss_sum, top1, top5, count = 0.0, 0, 0, 0
+    for inputs, targets in make_loader(dataset, batch_size, shuffle=False, workers=0):
+        logits = torch.from_numpy(np.asarray(session.run(None, {input_name: inputs.numpy()})[0])).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        top1 += int((top[:, 0] == targets).sum())
+        top5 += int((top == targets[:, None]).any(1).sum())
+        count += len(targets)
+    count = max(count, 1)
+    return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "count": count}

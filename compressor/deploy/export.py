@@ -1,0 +1,294 @@
+"""Export: ONNX (named I/O, dynamic batch, checker, optional onnxslim). TensorRT engines build from the ONNX."""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.errors import ExportError
+from compressor.deploy.config import OnnxConfig
+from compressor.rundir import publish
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: OnnxConfig, *,
+                zipped: bool = False) -> dict[str, Any]:
+    """Export `model` to `path` (written atomically), check it, and simplify it with onnxslim when asked. `zipped`:
+    also measure the DEFLATE size (what unstructured zeros save; 24 s for ViT-B/16's two files, so only then)."""
+    import onnx
+
+    path = Path(path)
+    model = model.eval()
+    example = example.contiguous()
+    dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if cfg.dynamic_batch else None
+    _check_space(path, _tensor_bytes(model))
+    with _private_dir(path) as work:
+        tmp = work / path.name  # the exporters name external-data files after the graph file and write them beside it
+        try:
+            with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath(False):
+                warnings.simplefilter("ignore")
+                if cfg.dynamo:
+                    batch = torch.export.Dim("batch", min=1) if cfg.dynamic_batch else None
+                    torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                      opset_version=cfg.opset, dynamo=True, external_data=_over_proto_limit(model),
+                                      dynamic_shapes=({0: batch},) if batch is not None else None)
+                else:  # over 2 GB, this exporter writes one file per tensor beside the graph on its own
+                    torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                      opset_version=cfg.opset, dynamo=False, dynamic_axes=dynamic,
+                                      do_constant_folding=True)
+        except Exception as exc:  # the exporters raise many unrelated types; all mean "this model did not export"
+            if _disk_full(exc):
+                raise _disk_error(path) from exc
+            raise ExportError(f"ONNX export of the model failed ({type(exc).__name__}: {_first_line(exc)}).",
+                              hint="Try export.onnx.dynamo: true, another export.onnx.opset, or check custom ops.",
+                              ) from exc
+        try:  # from the file: no second serialisation of the whole model, and models over 2 GB check too
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as exc:
+            raise ExportError(f"the exported ONNX (opset {cfg.opset}) fails onnx.checker: {' '.join(str(exc).split())}",
+                              hint="Try another export.onnx.opset (17 is the default).") from exc
+        external = any(f.name != tmp.name for f in work.iterdir())
+        simplified, simplify_note = False, None
+        try:
+            if external:  # over protobuf's 2 GB: one data file beside the graph; onnxslim needs the model in one proto
+                nodes = consolidate_external_data(tmp)
+            else:
+                proto = onnx.load(str(tmp))
+                if cfg.simplify:
+                    proto, simplified, simplify_note = _simplify(proto)
+                    if simplified:
+                        onnx.save(proto, str(tmp))
+                nodes = len(proto.graph.node)
+        except OSError as exc:
+            if _disk_full(exc):
+                raise _disk_error(path) from exc
+            raise
+        data = data_file(path)
+        remove_onnx(path)  # an earlier export here (its data file could be stale or mismatched)
+        if external:
+            publish(work / data.name)
+            os.replace(work / data.name, data)
+        publish(tmp)
+        os.replace(tmp, path)  # the graph last: a graph file is only there when its data is
+    return {"path": str(path), "opset": cfg.opset, "bytes": onnx_bytes(path),
+            "external_data": data.name if external else None, "zipped_bytes": zipped_size(path) if zipped else None,
+            "nodes": nodes, "simplified": simplified, "simplify_note": simplify_note,
+            "dynamic_batch": cfg.dynamic_batch, "exporter": "dynamo" if cfg.dynamo else "torchscript"}
+
+
+PROTO_LIMIT = 2**31  # protobuf's hard limit on one serialised message: larger models keep their tensors outside
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _over_proto_limit(model: nn.Module) -> bool:
+    return _tensor_bytes(model) > 0.9 * PROTO_LIMIT  # headroom for folded constants
+
+
+def _check_space(path: Path, need: int) -> None:
+    """Refuse before writing when the disk can not hold the model's tensors (plus 10%): a full disk otherwise
+    surfaces as an exporter error deep inside torch."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if free < 1.1 * need:
+        raise ExportError(f"exporting {path} needs about {1.1 * need / 1e9:.2f} GB of disk (the model's tensors), but "
+                          f"{path.parent} has {free / 1e9:.2f} GB free.",
+                          hint="Free disk space or export to another --out directory.")
+
+
+def _disk_full(exc: Exception) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_error(path: Path) -> ExportError:
+    return ExportError(f"the disk filled up while writing {path}; nothing was left there.",
+                       hint="Free disk space or export to another --out directory.")
+
+
+def data_file(path: str | Path) -> Path:
+    """Where the tensors of a model over 2 GB live: `model.onnx.data` beside `model.onnx`."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def onnx_bytes(path: str | Path) -> int:
+    """The size of an ONNX model on disk: the graph file plus its external-data file when it has one."""
+    data = data_file(path)
+    return Path(path).stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def remove_onnx(path: str | Path) -> None:
+    Path(path).unlink(missing_ok=True)
+    data_file(path).unlink(missing_ok=True)
+
+
+def consolidate_external_data(graph: Path) -> int:
+    """Rewrite an external-data model (the TorchScript exporter writes one file per tensor, named after the tensor, so
+    two models in one directory would overwrite each other's weights) as the graph plus one `<graph>.data` file.
+    Returns the node count."""
+    import onnx
+
+    proto = onnx.load(str(graph))  # with the tensors, in memory
+    for part in graph.parent.iterdir():  # onnx appends to an existing data file: start from none
+        if part.name != graph.name:
+            part.unlink()
+    onnx.save_model(proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_file(graph).name)  # tensors under 1 kB (shapes, axes) stay inline for shape inference
+    onnx.checker.check_model(str(graph), full_check=True)
+    return len(proto.graph.node)
+
+
+@contextlib.contextmanager
+def _private_dir(path: Path):
+    """A temporary directory beside `path` (same file system, so the results move in with a rename), removed after."""
+    import shutil
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool):
+    """nn.MultiheadAttention's inference fast path is one fused op (aten::_native_multi_head_attention) that the
+    ONNX exporters cannot translate; exporting through the plain path gives the same function."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def zipped_size(path: str | Path) -> int:
+    """Size of the model (graph and external data) after DEFLATE (zlib level 9): what zeros from unstructured sparsity
+    save on disk. Streamed, so a model over 2 GB is not read into memory at once."""
+    import zlib
+
+    packer, size = zlib.compressobj(9), 0
+    for part in (Path(path), data_file(path)):
+        if part.is_file():
+            with part.open("rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    size += len(packer.compress(chunk))
+    return size + len(packer.flush())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _simplify(proto):
+    """(graph, simplified, note): onnxslim's graph when it is installed and succeeds; otherwise the checked graph
+    unchanged, with a note saying why (onnxslim absent, or the exception it raised)."""
+    from compressor.progress import info
+
+    try:
+        import onnxslim
+    except ImportError as exc:
+        note = f"onnxslim not installed ({_first_line(exc)}): the ONNX model was not simplified (pip install onnxslim)."
+        info(f"note: {note}")
+        return proto, False, note
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return onnxslim.slim(proto), True, None
+    except Exception as exc:  # onnxslim is an optional optimiser: a failure keeps the checked, unsimplified graph
+        note = (f"onnxslim failed while simplifying ({type(exc).__name__}: {_first_line(exc)}); the unsimplified, "
+                "checked ONNX model was kept (set export.onnx.simplify: false to skip onnxslim).")
+        info(f"note: {note}")
+        return proto, False, note
+
+
+def _with_opset(cfg: OnnxConfig, opset: int) -> OnnxConfig:
+    """`cfg` with --opset applied, validated like the recipe's export.onnx.opset (model_copy would not check it)."""
+    from pydantic import ValidationError
+
+    from compressor.errors import UsageError
+
+    try:
+        return OnnxConfig.model_validate({**cfg.model_dump(), "opset": opset})
+    except ValidationError as exc:
+        reason = "; ".join(e["msg"] for e in exc.errors())
+        raise UsageError(f"--opset {opset}: {reason} (the range export.onnx.opset allows).") from exc
+
+
+def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None = None, opset: int | None = None,
+                 trust_checkpoint: bool = False, trt_options: dict | None = None) -> dict[str, Any]:
+    """`compressor export`: load a checkpoint or slim model, export it and verify the export.
+
+    Parity uses the recipe's validation samples when a recipe is given, else seeded random inputs (said so).
+    """
+    from compressor.errors import UsageError
+    from compressor.models.loading import example_inputs, load_model
+    from compressor.deploy.config import OnnxConfig, VerifyConfig
+    from compressor.models.config import ModelConfig
+    from compressor.models.slim import read_model_config
+    from compressor.deploy.verify import verify_onnx
+
+    if fmt not in ("onnx", "tensorrt"):
+        raise UsageError(f"--format {fmt!r}: use onnx or tensorrt.")
+    if fmt == "tensorrt":
+        from compressor.deploy.tensorrt_engine import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            from compressor.errors import BackendUnavailable
+
+            raise BackendUnavailable(f"--format tensorrt needs TensorRT and an NVIDIA GPU, but {why}.",
+                                     hint="Export to ONNX here and build the engine on the target device.")
+        if recipe is None:
+            raise UsageError("--format tensorrt needs --recipe (input shape, batch sizes and calibration data).")
+    model_cfg = recipe.model if recipe is not None else read_model_config(model_ref) or ModelConfig()
+    model = load_model(model_ref, model_cfg, trust_checkpoint=trust_checkpoint).cpu().eval()
+    onnx_cfg = recipe.export.onnx if recipe is not None else OnnxConfig()
+    if opset is not None:
+        onnx_cfg = _with_opset(onnx_cfg, opset)
+    base = Path(model_ref)
+    target = out or (base / "model.onnx" if base.is_dir() else base.with_suffix(".onnx"))
+    from compressor.rundir import check_output_file
+
+    check_output_file(target, "--out" if out is not None else "the output (next to MODEL; choose one with --out)",
+                      "model.onnx")
+    info = export_onnx(model, example_inputs(model_cfg), target, onnx_cfg)
+    verify_cfg = recipe.verify if recipe is not None else VerifyConfig()
+    if recipe is not None:
+        from compressor.train.data import build_datasets, sample_batch
+
+        samples, _ = sample_batch(build_datasets(recipe.data, recipe.model)[1], verify_cfg.samples)
+        source = f"{len(samples)} {recipe.data.kind} validation samples"
+    else:
+        samples = torch.randn(min(verify_cfg.samples, 64), *model_cfg.input_shape, generator=torch.Generator().manual_seed(0))
+        source = f"{len(samples)} random inputs (give --recipe to verify on real data)"
+    try:
+        info["parity"] = {**verify_onnx(model, target, samples, verify_cfg), "source": source}
+    except Exception:
+        remove_onnx(target)  # an export that failed verification is not left looking complete
+        raise
+    if fmt == "tensorrt":
+        from compressor.train.data import build_datasets, sample_batch
+        from compressor.deploy.tensorrt_engine import build_and_verify, settings_from_recipe
+
+        settings = settings_from_recipe(recipe, **(trt_options or {}))
+        calibration = None
+        if settings.calib_samples:
+            calibration = sample_batch(build_datasets(recipe.data, recipe.model)[0], settings.calib_samples)[0]
+        info["tensorrt"] = build_and_verify(model, target, samples, recipe, settings, calibration=calibration)
+    return info

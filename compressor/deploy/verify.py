@@ -1,0 +1,68 @@
+"""Output parity between artifacts (PyTorch vs ONNX Runtime vs TensorRT) on real validation samples."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.errors import ParityError
+from compressor.deploy.config import VerifyConfig
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Max / mean absolute difference and top-1 agreement of two (N, classes) logit arrays."""
+    if reference.shape != candidate.shape:
+        raise ParityError(f"output shapes differ: PyTorch {reference.shape} vs export {candidate.shape}.")
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    agree = float(np.mean(reference.argmax(1) == candidate.argmax(1))) if reference.ndim == 2 else 1.0
+    scale = float(np.abs(reference).max())
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "top1_agreement": agree,
+            "max_abs_reference": scale, "relative_diff": float(diff.max()) / scale if scale > 0 else None,
+            "samples": int(reference.shape[0]),
+            "same_output_for_all": bool(len(reference) > 1 and np.all(reference == reference[:1]))}
+
+
+@torch.no_grad()
+def torch_outputs(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    model = model.eval()
+    return torch.cat([model(inputs[i:i + batch_size]).float() for i in range(0, len(inputs), batch_size)]).cpu().numpy()
+
+
+def batched(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return np.concatenate([np.asarray(run(inputs[i:i + batch_size])) for i in range(0, len(inputs), batch_size)])
+
+
+def check(metrics: dict[str, float], cfg: VerifyConfig, label: str, *, precision: str = "fp32") -> dict[str, Any]:
+    """Attach tolerances and the verdict; ParityError when the export disagrees beyond them."""
+    atol = {"fp32": cfg.atol, "fp16": cfg.fp16_atol, "int8": cfg.int8_atol}[precision]
+    allowed = atol + cfg.rtol * metrics.get("max_abs_reference", 0.0)  # scale: untrained logits reach 1e5-1e12
+    agreement = cfg.min_top1_agreement if precision == "fp32" else cfg.reduced_min_top1_agreement
+    result = {**metrics, "atol": atol, "rtol": cfg.rtol, "allowed_abs_diff": allowed, "min_top1_agreement": agreement,
+              "precision": precision, "artifact": label}
+    result["passed"] = metrics["max_abs_diff"] <= allowed and metrics["top1_agreement"] >= agreement
+    if metrics.get("same_output_for_all"):
+        result["note"] = (f"{label}: the PyTorch model gives the same output for all {metrics['samples']} samples "
+                          "(an untrained model with a zero-initialised head does), so this parity check can not tell a "
+                          "correct export from a wrong one; verify with trained weights.")
+    if not result["passed"]:
+        raise ParityError(
+            f"{label} disagrees with the PyTorch model on {metrics['samples']} validation samples: max abs diff "
+            f"{metrics['max_abs_diff']:.3g} (allowed {allowed:.3g} = atol {atol:g} + rtol {cfg.rtol:g} x max |output| "
+            f"{metrics.get('max_abs_reference', 0.0):.3g}), top-1 agreement {metrics['top1_agreement']:.4f} "
+            f"(required {agreement}).",
+            hint="The export is not written as verified; inspect the model for ops that export differently.")
+    return result
+
+
+def verify_onnx(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor, cfg: VerifyConfig) -> dict[str, Any]:
+    """Run the ONNX file with ONNX Runtime (CPU) on `inputs` and compare with the PyTorch model."""
+    from compressor.deploy.onnx_runtime import create_session
+
+    session = create_session(onnx_path, "ort-cpu")
+    name = session.get_inputs()[0].name
+    reference = torch_outputs(model, inputs)
+    candidate = batched(lambda x: session.run(None, {name: x})[0], inputs.numpy().astype(np.float32))
+    return check(compare_outputs(reference, candidate), cfg, f"ONNX {Path(onnx_path).name}")

@@ -1,0 +1,165 @@
+"""Physical slimming support: reshape a freshly built model to a pruned model's widths, save and reload slim models."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+
+def _resize_tensors(module: nn.Module, prefix: str, state: Mapping[str, torch.Tensor]) -> bool:
+    """Give the module's own parameters and buffers the shapes stored in `state`; True if any changed."""
+    changed = False
+    for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        key = f"{prefix}{name}"
+        if tensor is None or key not in state or state[key].shape == tensor.shape:
+            continue
+        new = torch.empty(state[key].shape, dtype=tensor.dtype, device=tensor.device)
+        if isinstance(tensor, nn.Parameter):
+            setattr(module, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
+        else:
+            module._buffers[name] = new
+        changed = True
+    return changed
+
+
+def _fix_attributes(module: nn.Module) -> None:
+    """Update the width attributes that forward() and repr() read, after the tensors were resized."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        out_ch, in_per_group = module.weight.shape[:2]
+        transposed = module.transposed
+        if transposed:
+            in_per_group, out_ch = out_ch, in_per_group
+        depthwise = module.groups > 1 and module.groups == module.in_channels
+        if depthwise and not transposed and in_per_group == 1:
+            module.groups = out_ch
+        module.out_channels = out_ch * (module.groups if transposed else 1)
+        module.in_channels = in_per_group * (1 if transposed else module.groups)
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        module.num_features = (module.weight if module.weight is not None else module.running_mean).shape[0]
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+        module.num_channels = module.weight.shape[0]
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.shape[0]
+
+
+def conform_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Resize `model`'s layers in place so `state` (from a pruned copy of the same arch) loads strictly.
+
+    Returns the names of the modules that changed width.
+    """
+    changed = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if _resize_tensors(module, prefix, state):
+            _fix_attributes(module)
+            changed.append(name)
+    return changed
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+SLIM_FORMAT = "compressor-slim/1"
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every conv / linear / norm layer, by module name."""
+    widths = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            widths[name] = module.out_channels
+        elif isinstance(module, nn.Linear):
+            widths[name] = module.out_features
+        elif isinstance(module, nn.modules.batchnorm._NormBase):
+            widths[name] = module.num_features
+    return widths
+
+
+def save_slim(model: nn.Module, out_dir, model_cfg) -> dict[str, str]:
+    """Write model.pt (whole module, for torch users), slim.json + weights.safetensors (reload without pickle).
+
+    Every file is written atomically; returns their paths.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_model
+
+    from compressor.rundir import atomic_path, save_torch, write_text
+
+    out_dir = Path(out_dir)
+    model = model.cpu().eval()
+    state = model.state_dict()
+    with atomic_path(out_dir / "weights.safetensors") as tmp:
+        # save_model writes a tensor that several modules share (timm's CoaT reuses one conv) once and records the
+        # other names in the file's metadata; load_slim restores them
+        save_model(model, str(tmp), force_contiguous=True)
+    meta = {"format": SLIM_FORMAT, "arch": model_cfg.arch, "num_classes": model_cfg.num_classes,
+            "in_channels": model_cfg.in_channels, "input_shape": list(model_cfg.input_shape),
+            "widths": layer_widths(model), "shapes": {k: list(v.shape) for k, v in state.items()}}
+    write_text(out_dir / "slim.json", json.dumps(meta, indent=1) + "\n")
+    save_torch(model, out_dir / "model.pt")
+    return {"model_pt": str(out_dir / "model.pt"), "slim_json": str(out_dir / "slim.json"),
+            "weights": str(out_dir / "weights.safetensors")}
+
+
+def load_slim(path) -> nn.Module:
+    """Rebuild a slim model from slim.json (arch + shapes) and weights.safetensors, without unpickling."""
+    import json
+    from pathlib import Path
+
+    from compressor.errors import ModelLoadError
+    from compressor.models.loading import build_arch, load_state_dict_strict
+
+    path = Path(path)
+    meta_path = path / "slim.json" if path.is_dir() else path
+    weights = meta_path.parent / "weights.safetensors"
+    if not meta_path.is_file():
+        raise ModelLoadError(f"{path} is not a slim model: {meta_path} is missing.")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{meta_path} is not valid JSON ({exc}).") from exc
+    if meta.get("format") != SLIM_FORMAT:
+        raise ModelLoadError(f"{meta_path} has format {meta.get('format')!r}; expected {SLIM_FORMAT}.")
+    if not meta.get("arch"):
+        raise ModelLoadError(f"{meta_path} records no architecture reference (the model came from a pickled module).",
+                             hint=f"Load {meta_path.parent / 'model.pt'} with --trust-checkpoint instead.")
+    if not weights.is_file():
+        raise ModelLoadError(f"{weights} is missing next to {meta_path}.")
+    model = build_arch(meta["arch"], meta["num_classes"], meta["in_channels"])
+    conform_to_state_dict(model, {k: torch.empty(shape, device="meta") for k, shape in meta["shapes"].items()})
+    load_state_dict_strict(model, _read_weights(weights), meta["arch"])
+    return model.eval()
+
+
+def _read_weights(path) -> dict:
+    """weights.safetensors as a state dict, with the shared tensors that save_model wrote once (metadata: alias ->
+    stored name) under each of their names again."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        aliases = f.metadata() or {}
+    state.update({alias: state[name] for alias, name in aliases.items() if name in state and alias not in state})
+    return state
+
+
+def read_model_config(path):
+    """The ModelConfig recorded in a slim model's slim.json, or None when `path` is not a slim model."""
+    import json
+    from pathlib import Path
+
+    from compressor.models.config import ModelConfig
+
+    path = Path(path)
+    meta_path = path / "slim.json" if path.is_dir() else path
+    if meta_path.name != "slim.json" or not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    return ModelConfig(arch=meta.get("arch"), num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+                       input_shape=meta["input_shape"])

@@ -1,0 +1,236 @@
+"""What to cut: per-channel importance of a torch-pruning dependency group (higher = more important).
+
+Scorers are separate from the execution (hosts, DPM, FGGP decide how and when). Gradient-based scorers
+accumulate between selection events through `observe()`, called by the training loop after each backward with
+true gradients (unscaled under AMP) and never on an AMP step whose gradients overflowed (see train._train_epoch).
+"""
+from __future__ import annotations
+
+import abc
+from typing import Literal, Optional
+
+import torch
+import torch_pruning as tp
+from pydantic import Field
+from torch import nn
+
+from compressor.config import Strict
+from compressor.errors import RecipeError
+from compressor.registry import Registry
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+class Scorer(abc.ABC):
+    """Per-channel scores of a group (a 1-d tensor of the group's width), not normalised."""
+
+    needs_gradients = False
+
+    def __init__(self, cfg: ImportanceConfig) -> None:
+        self.cfg = cfg
+
+    def observe(self, model: nn.Module) -> None:
+        """Accumulate gradient statistics of the current batch (gradient-based scorers only); the caller passes
+        unscaled, finite gradients."""
+
+    def reset(self) -> None:
+        """Forget accumulated statistics (after a selection event or a structural change)."""
+
+    @property
+    def observed_batches(self) -> int:
+        return 0
+
+    @abc.abstractmethod
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        """Scores of the group's channels, or None when the group has nothing this scorer can rank."""
+
+
+IMPORTANCES: Registry[type[Scorer]] = Registry("importance", RecipeError)
+
+
+@IMPORTANCES.register("magnitude")
+class Magnitude(Scorer):
+    """Group L_p norm of every coupled slice (DepGraph's group magnitude)."""
+
+    def __init__(self, cfg: ImportanceConfig) -> None:
+        super().__init__(cfg)
+        self._tp = tp.importance.GroupMagnitudeImportance(p=cfg.p, group_reduction="mean", normalizer=None)
+
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        return self._tp(group)
+
+
+@IMPORTANCES.register("bn-scale")
+class BNScale(Scorer):
+    """|gamma| of the batch-norm layers in the group (network slimming)."""
+
+    def __init__(self, cfg: ImportanceConfig) -> None:
+        super().__init__(cfg)
+        self._tp = tp.importance.BNScaleImportance(normalizer=None)
+
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        return self._tp(group)
+
+
+@IMPORTANCES.register("random")
+class Random(Scorer):
+    """Uniform random scores (a baseline); reproducible under the run's seed."""
+
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        return torch.rand(len(group[0].idxs))
+
+
+class _Accumulating(Scorer):
+    needs_gradients = True
+
+    def __init__(self, cfg: ImportanceConfig) -> None:
+        super().__init__(cfg)
+        self.sums: dict[nn.Parameter, torch.Tensor] = {}
+        self.batches = 0
+
+    def reset(self) -> None:
+        self.sums, self.batches = {}, 0
+
+    @property
+    def observed_batches(self) -> int:
+        return self.batches
+
+    @abc.abstractmethod
+    def _params(self, model: nn.Module):
+        """The parameters whose w * grad this scorer accumulates."""
+
+    @torch.no_grad()
+    def observe(self, model: nn.Module) -> None:
+        for p in self._params(model):
+            if p.grad is None:
+                continue
+            contribution = (p.detach() * p.grad.detach()).float()
+            previous = self.sums.get(p)
+            self.sums[p] = contribution if previous is None or previous.shape != p.shape else previous + contribution
+        self.batches += 1
+
+
+@IMPORTANCES.register("taylor")
+class Taylor(_Accumulating):
+    """Group first-order Taylor score |sum over batches of w * dL/dw|, summed over each channel's slices."""
+
+    def _params(self, model: nn.Module):
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        width = len(group[0].idxs)
+        total = torch.zeros(width)
+        used = 0
+        for item in group:
+            module = item.dep.target.module
+            for slice_, root in channel_slices(module, item.dep.handler, item.idxs, item.root_idxs, out_only=False):
+                acc = self.sums.get(slice_.param)
+                if acc is None:
+                    continue
+                per_channel = acc.index_select(slice_.dim, torch.as_tensor(slice_.idxs)).abs()
+                per_channel = per_channel.transpose(0, slice_.dim).flatten(1).sum(1) if per_channel.ndim > 1 else per_channel
+                total.scatter_add_(0, torch.as_tensor(root), per_channel.cpu())
+                used += 1
+        return total / used if used else None
+
+
+@IMPORTANCES.register("gate")
+class Gate(_Accumulating):
+    """Gate Decorator: |sum over batches of gamma * dL/dgamma| of the batch-norm scale gates in the group."""
+
+    def _params(self, model: nn.Module):
+        return [m.weight for m in model.modules() if isinstance(m, NORM_TYPES) and m.weight is not None]
+
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        width = len(group[0].idxs)
+        total, used = torch.zeros(width), 0
+        for item in group:
+            module = item.dep.target.module
+            if not isinstance(module, NORM_TYPES) or module.weight not in self.sums:
+                continue
+            acc = self.sums[module.weight]
+            total.scatter_add_(0, torch.as_tensor(item.root_idxs), acc[torch.as_tensor(item.idxs)].abs().cpu())
+            used += 1
+        return total / used if used else None
+
+
+@IMPORTANCES.register("saliency")
+class Saliency(Scorer):
+    """OCSP saliency: mean over group members of sum(w^2) / sqrt(fan) per channel (norm layers: gamma^2).
+
+    Dividing by sqrt(fan) makes scores of layers with different fan-in comparable, so they rank globally raw.
+    """
+
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        width = len(group[0].idxs)
+        total, used = torch.zeros(width), 0
+        with torch.no_grad():
+            for item in group:
+                module = item.dep.target.module
+                pairs = [(sl, roots) for sl, roots in
+                         channel_slices(module, item.dep.handler, item.idxs, item.root_idxs, out_only=False)
+                         if not (isinstance(module, NORM_TYPES) and sl.param is not module.weight)]  # BN: gamma only
+                for sl, roots in pairs:
+                    rows = sl.param.detach().index_select(sl.dim, torch.as_tensor(sl.idxs)).transpose(0, sl.dim)
+                    rows = rows.reshape(len(sl.idxs), -1)
+                    per_row = rows.pow(2).sum(1) / (rows.shape[1] ** 0.5 if rows.shape[1] > 1 else 1.0)
+                    total.scatter_add_(0, torch.as_tensor(roots), per_row.float().cpu())
+                used += bool(pairs)
+        return total / used if used else None
+
+
+def build_scorer(cfg: ImportanceConfig) -> Scorer:
+    return IMPORTANCES.get(cfg.kind)(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- slices
+class Slice:
+    """Rows (`dim`, `idxs`) of one parameter that belong to a structure."""
+
+    __slots__ = ("param", "dim", "idxs", "output")
+
+    def __init__(self, param: torch.Tensor, dim: int, idxs: list[int], output: bool) -> None:
+        self.param, self.dim, self.idxs, self.output = param, dim, idxs, output
+
+
+def _is_out(handler) -> bool:
+    return getattr(handler, "__name__", "").startswith("prune_out")
+
+
+def channel_slices(module: nn.Module, handler, idxs: list[int], root_idxs: list[int], *, out_only: bool):
+    """(Slice, root_idxs) pairs of a group member: producer rows and bias, norm affine, and (unless out_only)
+    consumer input columns. Members whose root_idxs are unknown (None) are skipped."""
+    if root_idxs is None or any(r is None for r in root_idxs):
+        return []
+    is_out = _is_out(handler)
+    pairs = []
+    if isinstance(module, nn.modules.conv._ConvNd):
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        out_dim = 1 if module.transposed else 0
+        if is_out or depthwise:
+            pairs.append((Slice(module.weight, out_dim, idxs, True), root_idxs))
+            if module.bias is not None:
+                pairs.append((Slice(module.bias, 0, idxs, True), root_idxs))
+        elif not out_only and module.groups == 1:
+            pairs.append((Slice(module.weight, 1 - out_dim, idxs, False), root_idxs))
+    elif isinstance(module, nn.Linear):
+        if is_out:
+            pairs.append((Slice(module.weight, 0, idxs, True), root_idxs))
+            if module.bias is not None:
+                pairs.append((Slice(module.bias, 0, idxs, True), root_idxs))
+        elif not out_only:
+            pairs.append((Slice(module.weight, 1, idxs, False), root_idxs))
+    elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+        for param in (module.weight, module.bias):
+            if param is not None and param.ndim == 1:
+                pairs.append((Slice(param, 0, idxs, True), root_idxs))
+    elif isinstance(module, nn.PReLU) and module.weight.numel() > 1:
+        pairs.append((Slice(module.weight, 0, idxs, True), root_idxs))
+    return pairs
+
+
+class ImportanceConfig(Strict):
+    """prune.importance: a registered importance kind (IMPORTANCES) and the norm of magnitude-based kinds."""
+
+    kind: Literal[tuple(IMPORTANCES.names())] = "magnitude"  # type: ignore[valid-type]
+    p: int = Field(2, ge=1, le=2)

@@ -1,0 +1,78 @@
+"""The contract between the training loop and a pruning method: hooks at fixed points, never the loop itself."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from compressor.train.loop import TrainContext
+
+
+class PruningMethod:
+    """No-op base: plain fine-tuning. Subclasses override the hooks they need.
+
+    Hook order per run: on_train_start; per batch: (forward, backward) after_backward, (optimizer.step)
+    after_step; per epoch: on_epoch_end; at the end: finalize. A method that changes the model's structure
+    calls ctx.rebuild() so the optimizer (and the DDP wrapper) follow the new parameters.
+    """
+
+    name = "none"
+    config_section = None  # (recipe key under prune, pydantic model) for a method that takes settings
+
+    def __init__(self, recipe: Any = None) -> None:
+        self.recipe = recipe
+
+    # -- what the pipeline and the recipe check ask of a method (instead of testing its name)
+    @classmethod
+    def keeps_dense_shapes(cls, prune: Any) -> bool:
+        """True when the method removes nothing physically (its zeros stay in dense tensors): no MAC target,
+        and the exported file's zipped size is what shrinks. `prune` is the recipe's prune section."""
+        return cls is PruningMethod
+
+    @classmethod
+    def needs_training_budget(cls, prune: Any) -> bool:
+        """True when the method can only act during training (finetune.epochs must be at least 1)."""
+        return False
+
+    @classmethod
+    def report_section(cls, summary: dict[str, Any]) -> list[str]:
+        """Markdown lines for report.md from this method's summary() (as stored in report.json); [] for none."""
+        return []
+
+    @classmethod
+    def plots(cls, summary: dict[str, Any], out_dir: Any) -> list[str]:
+        """Write this method's figures from its summary() into out_dir; returns their file names."""
+        return []
+
+    def on_train_start(self, ctx: "TrainContext") -> None:
+        """Called once before the first batch (also after a resume)."""
+
+    def check_schedule(self, total_steps: int, steps_per_epoch: int) -> list[str]:
+        """Warnings about this method's schedule in a budget of `total_steps` optimizer steps (`steps_per_epoch`
+        per epoch): one human-readable sentence each, saying what goes wrong, by how much, and which recipe fields
+        to change; [] when the schedule fits (the default). Called once before training (train.check_method_schedule
+        prints them and records them in the report; gates.strict_schedule turns them into a RecipeError)."""
+        return []
+
+    def after_backward(self, ctx: "TrainContext") -> None:
+        """Gradients of the current batch are in .grad (unscaled under AMP); nothing has been applied yet.
+        Not called on AMP steps whose gradients are not finite (the gradient scaler skips those steps too)."""
+
+    def after_step(self, ctx: "TrainContext") -> None:
+        """The optimizer has stepped; ctx.step counts completed optimizer steps."""
+
+    def on_epoch_end(self, ctx: "TrainContext") -> None:
+        """The epoch's training batches are done (validation metrics of the epoch are in ctx.metrics)."""
+
+    def finalize(self, ctx: "TrainContext") -> None:
+        """Training is over: make the final structural decisions (e.g. remove what is left to remove)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (tensors, numbers, strings, lists, dicts) needed to resume this method exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict() returned."""
+
+    def summary(self) -> dict[str, Any]:
+        """What the report shows about this method's run (events, traces)."""
+        return {"method": self.name}

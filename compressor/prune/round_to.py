@@ -1,0 +1,131 @@
+"""`prune.round_to: auto`, decided by measurement on the machine that runs the compression.
+
+Which channel multiple runs fastest depends on the runtime, its version and the CPU (ONNX Runtime 1.32 on an AVX-512
+Xeon pads 13-channel convolutions into its 16-channel blocks, so a 17-wide layer costs as much as a 32-wide one;
+on AVX2 the block is 8), so a fixed rule per instruction set is a guess. Here each candidate multiple is tried on
+the model itself: plan the recipe's final target with magnitude scores on a copy, remove, export, and time every
+candidate round-robin on the recipe's first CPU bench backend at its batch sizes; the finest multiple within 3% of
+the fastest (geometric mean of the per-batch medians) wins, since a finer multiple leaves the importance ranking
+more freedom. Under `auto` a group narrower than twice the multiple keeps the largest power of two
+it can still lose (a 16-wide layer under 16 keeps multiples of 8), so the multiple never locks a layer whole.
+
+GPU backends keep the static rule of hardware.auto_round_to (a TensorRT engine build per candidate would take
+minutes). The choice is saved in the run directory, so --resume and every DDP rank use the same value.
+Spec: docs/planning.md.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from compressor.deploy.hardware import GPU_BACKENDS, auto_round_to
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from compressor.app.recipe import Recipe
+
+CANDIDATES = (1, 4, 8, 16, 32)
+MEASURE_SECONDS = 0.5  # per candidate and batch size, after a 200 ms warm-up
+TIE = 0.03  # candidates this close to the fastest count as equally fast: the finest of them wins (more freedom to
+# keep the important channels, MACs closer to the target)
+STATE_FILE = "round_to.json"
+
+
+def resolve_round_to(recipe: "Recipe", model: Optional["nn.Module"] = None, *,
+                     out: Optional[Path] = None) -> tuple["Recipe", Optional[str]]:
+    """A copy of the recipe with `auto` replaced by a number, and a note saying which and why.
+
+    With a model the number is measured (see the module docstring) and saved to out/round_to.json; a saved choice
+    is reused. Without a model (inspect) the static rule of hardware.auto_round_to gives an estimate."""
+    if recipe.prune.round_to != "auto":
+        return recipe, None
+    saved = out / STATE_FILE if out is not None else None
+    if saved is not None and saved.is_file():
+        result = json.loads(saved.read_text())
+    elif model is None or _backend(recipe) is None:
+        value, reason = auto_round_to(recipe)
+        result = {"value": value, "reason": reason, "measured": False}
+    else:
+        result = _shared(lambda: measure_round_to(model, recipe))
+        if saved is not None:
+            from compressor.rundir import write_json
+
+            write_json(saved, result)
+    resolved = recipe.model_copy(deep=True)
+    resolved.prune.round_to = int(result["value"])
+    resolved.prune._round_to_auto = True
+    return resolved, f"prune.round_to auto -> {result['value']}: {result['reason']}."
+
+
+def _backend(recipe: "Recipe") -> Optional[str]:
+    """The runtime the measurement uses: the first CPU bench backend (ort-cpu when none is listed), None for GPUs."""
+    backends = list(recipe.bench.backends)
+    if any(b in GPU_BACKENDS for b in backends) or recipe.export.tensorrt.enabled is True:
+        return None
+    return next((b for b in backends if b in ("ort-cpu", "torch")), "ort-cpu")
+
+
+def _shared(measure) -> dict[str, Any]:
+    """Under DDP rank 0 measures and every rank adopts its result (timings differ between processes)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return measure()
+    box = [measure() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def measure_round_to(model: "nn.Module", recipe: "Recipe", candidates: tuple[int, ...] = CANDIDATES) -> dict[str, Any]:
+    """Time the recipe's target at every candidate multiple; {value, reason, measured, backend, rows}."""
+    from compressor.prune import selection as sel
+    from compressor.deploy.bench import make_runner, measure_round_robin
+    from compressor.deploy.export import export_onnx
+    from compressor.prune.importance import build_scorer
+    from compressor.models.loading import example_inputs
+    from compressor.prune.importance import ImportanceConfig
+
+    backend = _backend(recipe) or "ort-cpu"
+    example = example_inputs(recipe.model)
+    base = copy.deepcopy(model).cpu().eval()
+    snap = sel.snapshot(base, example, recipe.model.ignore, recipe.model.num_classes,
+                        build_scorer(ImportanceConfig(kind="magnitude")))
+    widest = max(c.width for c in snap.candidates)
+    tried = [c for c in candidates if c == 1 or c <= widest // 2]
+    cfg = recipe.bench
+    rows, runners = [], []
+    with tempfile.TemporaryDirectory(prefix="compressor-round-to-") as tmp:
+        try:
+            for step in tried:
+                cons = sel.constraints_from(recipe, round_to=step, clamp=True)
+                work = copy.deepcopy(base)
+                sel.remove(work, example, sel.plan_for_target(snap, recipe.prune.target, cons))
+                rows.append({"round_to": step, "macs": sel.snapshot_macs(work, example)[0] / snap.total_macs})
+                artifact: Any = work
+                if backend != "torch":
+                    artifact = Path(tmp) / f"round_to_{step}.onnx"
+                    onnx_cfg = recipe.export.onnx.model_copy(update={"simplify": False, "dynamo": False})
+                    export_onnx(work, example, artifact, onnx_cfg)
+                runners.append(make_runner(backend, artifact, cfg.threads, list(recipe.model.input_shape)))
+            for batch in cfg.batch_sizes:
+                times = measure_round_robin(runners, batch, 200.0, 10, MEASURE_SECONDS)
+                for row, own in zip(rows, times):
+                    row[f"ms_b{batch}"] = statistics.median(own) * 1e3
+        finally:
+            for runner in runners:
+                runner.close()
+    for row in rows:
+        row["score_ms"] = math.exp(statistics.mean(math.log(row[f"ms_b{b}"]) for b in cfg.batch_sizes))
+    fastest = min(r["score_ms"] for r in rows)
+    best = next(r for r in rows if r["score_ms"] <= fastest * (1 + TIE))  # rows ascend: the finest of the fastest
+    timings = ", ".join(f"{r['round_to']}: {r['score_ms']:.3f} ms" for r in rows)
+    reason = (f"the finest multiple within {TIE:.0%} of the fastest among {', '.join(str(r['round_to']) for r in rows)}, "
+              f"measured on {backend} at batch {', '.join(map(str, cfg.batch_sizes))} for this model at its target "
+              f"({timings}; geometric mean of median latencies)")
+    return {"value": best["round_to"], "reason": reason, "measured": True, "backend": backend, "rows": rows}

@@ -1,0 +1,95 @@
+"""The recipe's data and finetune sections."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from compressor.config import Strict
+
+
+class SyntheticConfig(Strict):
+    train_size: int = Field(512, gt=0)
+    val_size: int = Field(256, gt=0)
+    seed: int = 0
+
+
+DataKind = Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "python"]
+
+
+class DataConfig(Strict):
+    kind: DataKind = "synthetic"
+    root: Optional[Path] = Field(None, description="default search: ./data, $COMPRESSOR_DATA, /usr/share/datasets")
+    download: bool = False
+    factory: Optional[str] = Field(None, description="for kind: python, 'pkg.mod:build' -> (train, val) datasets")
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: Optional[int] = Field(None, gt=0)
+    workers: int = Field(0, ge=0)
+    train_subset: Optional[int] = Field(None, gt=0, description="a seeded random N training samples (fixed seed "
+                                        "compressor.train.data.SUBSET_SEED: the same samples on every machine, DDP rank "
+                                        "and resume); all of them when N >= the set's size")
+    val_subset: Optional[int] = Field(None, gt=0, description="a seeded random N validation samples (fixed seed, as "
+                                      "train_subset); all of them when N >= the set's size")
+    augment: bool = True
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @model_validator(mode="after")
+    def _factory(self) -> "DataConfig":
+        if self.kind == "python" and not self.factory:
+            raise ValueError("kind: python needs data.factory: 'pkg.module:build'")
+        if self.factory and not re.fullmatch(r"[\w.]+:[\w]+", self.factory):
+            raise ValueError(f"factory {self.factory!r} must look like 'pkg.module:function'")
+        return self
+
+
+class OptimizerConfig(Strict):
+    kind: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    nesterov: bool = True
+    betas: list[float] = Field([0.9, 0.999])
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("must be two numbers in [0, 1)")
+        return v
+
+
+class SchedulerConfig(Strict):
+    kind: Literal["cosine", "multistep", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    milestones: list[float] = Field([0.5, 0.75], description="multistep: fractions of training in (0,1)")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < m < 1.0 for m in v) or v != sorted(v):
+            raise ValueError("must be increasing fractions of training in (0, 1)")
+        return v
+
+
+class DistillConfig(Strict):
+    enabled: bool = False
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    temperature: float = Field(4.0, gt=0.0)
+
+
+class FinetuneConfig(Strict):
+    epochs: int = Field(10, ge=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    amp: bool = Field(False, description="mixed precision: float16 autocast with a gradient scaler on CUDA (gradients "
+                                         "are unscaled before pruning hooks; overflow steps are skipped), bfloat16 "
+                                         "autocast on CPU (fast only on CPUs with native bf16, e.g. AMX or "
+                                         "AVX512-BF16; elsewhere it can be slower than float32)")
+    grad_clip: Optional[float] = Field(None, gt=0.0)
+    seed: int = 0

@@ -1,0 +1,419 @@
+"""One training loop for fine-tuning and one-cycle training, with named hook points for pruning methods.
+
+DDP-aware (torchrun: gloo on CPU, nccl on CUDA; rank 0 writes), resumable per epoch with the same result as
+an uninterrupted run: every epoch re-seeds the data order and augmentation from (seed, epoch).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from compressor import rundir
+from compressor.train.data import make_loader, subset_indices
+from compressor.errors import ModelLoadError, RecipeError, TrainingError
+from compressor.prune.methods.base import PruningMethod
+from compressor.progress import info, is_main_process, track
+from compressor.train.config import DataConfig, FinetuneConfig, SchedulerConfig
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def init_distributed(device: str) -> tuple[int, int]:
+    """Join the process group when launched by torchrun; returns (rank, world_size)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (identity without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def average_buffers(model: nn.Module) -> None:
+    """Average floating-point buffers (BN running statistics) over ranks so every rank holds the same model."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(dist.get_world_size())
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def lr_factor(cfg: SchedulerConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate after `step` completed optimizer steps."""
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+    floor = cfg.min_lr_ratio
+    if cfg.kind == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.kind == "multistep":
+        return cfg.gamma ** sum(step / max(1, total_steps) >= m for m in cfg.milestones)
+    if cfg.kind == "onecycle":
+        peak = 0.3
+        if progress < peak:
+            return 0.04 + 0.96 * 0.5 * (1 - math.cos(math.pi * progress / peak))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (progress - peak) / (1 - peak)))
+    return 1.0
+
+
+def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; no weight decay on biases and norm parameters (1-d tensors)."""
+    opt = cfg.optimizer
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if opt.kind == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas))
+
+
+# ---------------------------------------------------------------------------------------------- context
+@dataclass
+class TrainContext:
+    """What hooks see and may change. `model` is the bare module; `module` is what runs forward (maybe DDP)."""
+
+    model: nn.Module
+    cfg: FinetuneConfig
+    device: torch.device
+    steps_per_epoch: int
+    total_steps: int
+    rank: int = 0
+    world: int = 1
+    epoch: int = 0
+    step: int = 0
+    module: Optional[nn.Module] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+    inputs: Optional[torch.Tensor] = None
+    targets: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    loss_fn: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    channels_last: bool = False
+    calibration: Optional[Callable[[int], Any]] = None  # n -> n batches of a seeded random training subset
+
+    def rebuild(self) -> None:
+        """Call after a structural change: new optimizer over the current parameters, DDP re-wrapped.
+
+        The LR schedule continues from ctx.step (it is a function of the step, not optimizer state).
+        """
+        if self.channels_last and not onednn_channels_last_safe(self.model):  # the removal made a crashing shape
+            self.channels_last = False
+            self.model.to(memory_format=torch.contiguous_format)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.set_lr()
+        self.module = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.module = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def set_lr(self) -> float:
+        factor = lr_factor(self.cfg.scheduler, self.step, self.total_steps, self.steps_per_epoch)
+        lr = self.cfg.optimizer.lr * factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu",
+             rank: int = 0, world: int = 1, description: str = "eval") -> dict[str, float]:
+    """Top-1, top-5 (percent) and mean cross-entropy over the dataset; sharded over ranks under DDP."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
+    loader = make_loader(shard, batch_size, shuffle=False, workers=0)
+    sums = torch.zeros(4, dtype=torch.float64)
+    with track(description, len(loader)) as bar:
+        for inputs, targets in loader:
+            if inputs.ndim == 4 and prefers_channels_last(model, device):
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            inputs, targets = inputs.to(device), targets.to(device)
+            logits = model(inputs).float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            sums += torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(),
+                                  (top[:, 0] == targets).sum().item(),
+                                  (top == targets[:, None]).any(1).sum().item(), len(targets)], dtype=torch.float64)
+            bar.advance()
+    model.train(was_training)
+    loss, top1, top5, count = all_reduce_sum(sums).tolist()
+    count = max(count, 1.0)
+    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "count": int(count)}
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def make_loss(cfg: FinetuneConfig, teacher: Optional[nn.Module]):
+    """Cross-entropy with label smoothing, blended with KL distillation from `teacher` when enabled."""
+
+    def loss_fn(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = module(inputs)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+        if teacher is not None and cfg.distill.enabled:
+            with torch.no_grad():
+                soft = teacher(inputs).float()
+            t, a = cfg.distill.temperature, cfg.distill.alpha
+            kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(soft / t, 1), log_target=True,
+                          reduction="batchmean") * t * t
+            loss = (1 - a) * loss + a * kd
+        return loss
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, ctx: TrainContext, method: PruningMethod) -> None:
+    if not is_main_process():
+        return
+    rundir.save_torch({"epoch": ctx.epoch, "step": ctx.step, "model": ctx.model.state_dict(),
+                       "optimizer": ctx.optimizer.state_dict(), "method": method.state_dict(),
+                       "history": ctx.history}, path)
+
+
+def load_checkpoint(path: Path, ctx: TrainContext, method: PruningMethod) -> None:
+    from compressor.models.slim import conform_to_state_dict
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: say which and how to recover
+        raise ModelLoadError(f"cannot resume from {path}: {exc}.", hint="Delete it to start over.") from exc
+    conform_to_state_dict(ctx.model, state["model"])
+    ctx.model.load_state_dict(state["model"])
+    ctx.model.to(ctx.device)
+    ctx.epoch, ctx.step, ctx.history = state["epoch"] + 1, state["step"], state["history"]
+    method.load_state_dict(state["method"])
+    ctx.rebuild()
+    ctx.optimizer.load_state_dict(state["optimizer"])
+
+
+# ---------------------------------------------------------------------------------------------- fit
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]
+    final: dict[str, float]
+    seconds: float
+    resumed_from: Optional[int] = None
+
+
+def _seed_epoch(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneConfig, data_cfg: DataConfig, *,
+        method: Optional[PruningMethod] = None, teacher: Optional[nn.Module] = None,
+        checkpoint: Optional[Path] = None, resume: bool = False, device: str = "cpu",
+        evaluate_every_epoch: bool = True) -> FitResult:
+    """Train `model` in place for cfg.epochs, calling the method's hooks; returns the per-epoch history."""
+    method = method or PruningMethod()
+    rank, world = init_distributed(device)
+    dev = torch.device(device if not device.startswith("cuda") or world == 1 else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    model.to(dev).train()
+    if teacher is not None:
+        teacher.to(dev).eval()
+    torch.manual_seed(cfg.seed)
+    check_method_schedule(method, len(train_set), cfg, data_cfg, world=world)
+    steps_per_epoch = _batches_per_epoch(len(train_set), data_cfg.batch_size, world)
+    ctx = TrainContext(model=model, cfg=cfg, device=dev, steps_per_epoch=steps_per_epoch,
+                       total_steps=steps_per_epoch * cfg.epochs, rank=rank, world=world,
+                       loss_fn=make_loss(cfg, teacher), channels_last=prefers_channels_last(model, dev))
+    ctx.calibration = lambda n: _calibration_batches(train_set, data_cfg.batch_size, n)
+    ctx.rebuild()
+    resumed_from = None
+    if resume and checkpoint is not None and checkpoint.is_file():
+        load_checkpoint(checkpoint, ctx, method)
+        resumed_from = ctx.epoch
+        info(f"resumed after epoch {ctx.epoch - 1} (step {ctx.step})")
+    amp_dtype = autocast_dtype(cfg, dev)
+    scaler = _make_scaler(amp_dtype)
+    method.on_train_start(ctx)
+    start = time.perf_counter()
+    eval_batch = data_cfg.eval_batch_size or max(data_cfg.batch_size, 256)
+    while ctx.epoch < cfg.epochs:
+        epoch_start = time.perf_counter()
+        torch.manual_seed(_seed_epoch(cfg.seed, ctx.epoch))
+        loader = make_loader(train_set, data_cfg.batch_size, shuffle=True, workers=data_cfg.workers,
+                             seed=_seed_epoch(cfg.seed, ctx.epoch), rank=rank, world=world)
+        if world > 1:
+            loader.sampler.set_epoch(ctx.epoch)
+        train_stats = _train_epoch(ctx, loader, method, scaler, amp_dtype)
+        average_buffers(model)
+        ctx.metrics = dict(train_stats)
+        if evaluate_every_epoch or ctx.epoch == cfg.epochs - 1:
+            val = evaluate(model, val_set, batch_size=eval_batch, device=dev, rank=rank, world=world,
+                           description=f"epoch {ctx.epoch + 1} eval")
+            ctx.metrics.update({f"val_{k}": v for k, v in val.items() if k != "count"})
+        method.on_epoch_end(ctx)
+        ctx.metrics.update({"epoch": ctx.epoch + 1, "seconds": time.perf_counter() - epoch_start,
+                            "params": sum(p.numel() for p in model.parameters())})
+        ctx.history.append(dict(ctx.metrics))
+        _log_epoch(ctx)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, ctx, method)
+        ctx.epoch += 1
+    method.finalize(ctx)
+    final = ctx.history[-1] if ctx.history else {}
+    return FitResult(history=ctx.history, final=final, seconds=time.perf_counter() - start, resumed_from=resumed_from)
+
+
+def check_method_schedule(method: PruningMethod, train_size: int, cfg: FinetuneConfig, data_cfg: DataConfig, *,
+                          world: Optional[int] = None) -> list[str]:
+    """The method's schedule warnings for this training budget (`PruningMethod.check_schedule`), each printed once
+    as "warning: ..."; raises RecipeError (exit 2) instead when the method's recipe sets gates.strict_schedule.
+
+    `compress` calls it before `fit` to record the warnings in the report's notes; `fit` calls it again and stays
+    quiet when the same method was already checked for the same budget (a fresh process after --resume warns again).
+    """
+    world = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = _batches_per_epoch(train_size, data_cfg.batch_size, world)
+    budget = (steps_per_epoch * cfg.epochs, steps_per_epoch)
+    checked = getattr(method, "_checked_schedule", None)
+    if checked is not None and checked[0] == budget:
+        return list(checked[1])
+    warnings = list(method.check_schedule(*budget))
+    recipe = getattr(method, "recipe", None)
+    if warnings and getattr(getattr(recipe, "gates", None), "strict_schedule", False):
+        raise RecipeError(f"the {method.name} schedule does not fit the training budget ({budget[0]} optimizer "
+                          f"steps, {budget[1]} per epoch):\n  " + "\n  ".join(warnings),
+                          hint="Change the fields named above, or set gates.strict_schedule: false to train anyway.")
+    for warning in warnings:
+        info(f"warning: {warning}")
+    method._checked_schedule = (budget, warnings)
+    return warnings
+
+
+def autocast_dtype(cfg: FinetuneConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of finetune.amp: float16 (with a gradient scaler) on CUDA, bfloat16 (no scaler: its
+    exponent range is float32's) on CPU, None when AMP is off or the device has no AMP mode here."""
+    if not cfg.amp:
+        return None
+    return {"cuda": torch.float16, "cpu": torch.bfloat16}.get(device.type)
+
+
+def _make_scaler(amp_dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
+    """A loss scaler for float16 autocast (CUDA); a disabled one (a pass-through) otherwise."""
+    return torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+
+def _calibration_batches(train_set: Dataset, batch_size: int, n: int):
+    """n unshuffled batches of a seeded random subset of the training set (not its first n batches: a class-sorted
+    dataset would give one class); the same batches on every rank and in every run."""
+    chosen = Subset(train_set, subset_indices(len(train_set), n * batch_size))
+    return itertools.islice(make_loader(chosen, batch_size, shuffle=False, workers=0), n)
+
+
+def _grads_finite(model: nn.Module) -> bool:
+    """Whether every gradient is finite (one device sync)."""
+    flags = [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """On CPU, oneDNN convolutions run several times faster on channels-last tensors."""
+    return (device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+            and onednn_channels_last_safe(model))
+
+
+def onednn_channels_last_safe(model: nn.Module) -> bool:
+    """False where torch 2.14's oneDNN corrupts the heap: the backward of a channels-last strided 1x1 convolution
+    with fewer than 8 input channels on a single intra-op thread ("double free or corruption", measured with
+    OMP_NUM_THREADS=1; 8+ input channels or 2 threads are fine). Pruning can create such a layer (a ResNet
+    shortcut fed by a 4-channel stage), so this is checked again after every structural change."""
+    if torch.get_num_threads() > 1:
+        return True
+    return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 8
+                   for m in model.modules())
+
+
+def _batches_per_epoch(size: int, batch_size: int, world: int) -> int:
+    if world > 1:
+        return max(1, (size // world) // batch_size + (1 if (size // world) % batch_size else 0))
+    return max(1, math.ceil(size / batch_size))
+
+
+def _train_epoch(ctx: TrainContext, loader, method: PruningMethod, scaler: torch.amp.GradScaler,
+                 amp_dtype: Optional[torch.dtype]) -> dict[str, float]:
+    """One epoch. Under a (float16) gradient scaler the gradients are unscaled before the hooks, so methods and
+    clipping see true gradients; on steps whose gradients overflowed the hooks are skipped (nothing is observed)
+    and the scaler skips the optimizer step. Without a scaler the order is: backward, hooks, clip, step."""
+    total_loss, seen = 0.0, 0
+    with track(f"epoch {ctx.epoch + 1}/{ctx.cfg.epochs}", len(loader)) as bar:
+        for inputs, targets in loader:
+            if ctx.channels_last and inputs.ndim == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            ctx.inputs, ctx.targets = inputs.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
+            ctx.set_lr()
+            ctx.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=ctx.device.type, dtype=amp_dtype or torch.float16,
+                                enabled=amp_dtype is not None):
+                ctx.loss = ctx.loss_fn(ctx.module, ctx.inputs, ctx.targets)
+            if not torch.isfinite(ctx.loss):
+                raise TrainingError(
+                    f"the training loss became {ctx.loss.item()} at epoch {ctx.epoch + 1}, step {ctx.step + 1}.",
+                    hint="Lower finetune.optimizer.lr, set finetune.grad_clip (e.g. 5.0), or check the data "
+                    "normalisation.",
+                )
+            scaler.scale(ctx.loss).backward()
+            optimizer, finite = ctx.optimizer, True
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)  # hooks (gradient scorers, regularisers) and clipping see true gradients
+                finite = _grads_finite(ctx.model)  # an overflow: the scaler skips this step, the hooks skip it too
+            if finite:
+                method.after_backward(ctx)
+            if ctx.cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg.grad_clip)
+            if ctx.optimizer is optimizer:
+                scaler.step(optimizer)
+            else:  # a hook removed structures and rebuilt the optimizer: its gradients are already unscaled
+                ctx.optimizer.step()
+            scaler.update()
+            ctx.step += 1
+            method.after_step(ctx)
+            total_loss += ctx.loss.item() * len(targets)
+            seen += len(targets)
+            bar.advance(status=f"loss {total_loss / seen:.4f}")
+    sums = all_reduce_sum(torch.tensor([total_loss, float(seen)], dtype=torch.float64)).tolist()
+    return {"train_loss": sums[0] / max(sums[1], 1.0), "lr": ctx.optimizer.param_groups[0]["lr"]}
+
+
+def _log_epoch(ctx: TrainContext) -> None:
+    m = ctx.metrics
+    val = f" val top1 {m['val_top1']:.2f}% loss {m['val_loss']:.4f}" if "val_top1" in m else ""
+    info(f"epoch {m['epoch']}/{ctx.cfg.epochs}: train loss {m['train_loss']:.4f}{val} lr {m['lr']:.5f} "
+         f"({m['seconds']:.1f}s)")
+
+
+def dense_teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of the dense model for distillation."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
