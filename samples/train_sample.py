@@ -12,10 +12,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from compressor.data import build_datasets
-from compressor.models import build_arch
-from compressor.recipe import recipe_from_dict
-from compressor.train import fit
+from compressor.train.data import build_datasets
+from compressor.models.loading import build_arch
+from compressor.app.recipe import recipe_from_dict
+from compressor.train.loop import fit
 
 
 def main() -> None:
