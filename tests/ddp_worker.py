@@ -16,9 +16,10 @@ from compressor.train.data import build_datasets
 from compressor.models.loading import build_arch
 from compressor.app.recipe import recipe_from_dict
 from tests.conftest import tiny_recipe
+from tests.method_settings import invariant_recipe
 
 
-def main(out_dir: Path, method_name: str = "none") -> None:
+def main(out_dir: Path, method_name: str = "none", mode: str = "") -> None:
     writes = []
     original = rundir.save_torch
 
@@ -27,24 +28,28 @@ def main(out_dir: Path, method_name: str = "none") -> None:
         return original(obj, path)
 
     rundir.save_torch = recording_save
-    prune = {"method": method_name}
-    if method_name == "dpm":  # thresholds at zero: any escape releases, so releases and backfills happen
-        prune.update(target={"macs": 0.5}, schedule={"events": 2, "end_epoch": 1},
-                     dpm={"steps": 3, "interval": 1, "t_rate": 0.0, "t_len": 0.0})
-    recipe = recipe_from_dict(tiny_recipe(finetune={"epochs": 2}, prune=prune))
+    if mode == "invariant":  # the recipe of test_method_invariants.py
+        recipe = recipe_from_dict(invariant_recipe(method_name))
+    else:
+        prune = {"method": method_name}
+        if method_name == "dpm":  # thresholds at zero: any escape releases, so releases and backfills happen
+            prune.update(target={"macs": 0.5}, schedule={"events": 2, "end_epoch": 1},
+                         dpm={"steps": 3, "interval": 1, "t_rate": 0.0, "t_len": 0.0})
+        recipe = recipe_from_dict(tiny_recipe(finetune={"epochs": 2}, prune=prune))
     torch.manual_seed(0)
     model = build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels)
     train_set, val_set = build_datasets(recipe.data, recipe.model)
     from compressor.prune.methods import METHODS
 
-    method = METHODS.get(method_name)(recipe) if method_name != "none" else None
+    method = METHODS.get(method_name)(recipe) if method_name != "none" or mode else None
     result = train.fit(model, train_set, val_set, recipe.finetune, recipe.data, checkpoint=out_dir / "ckpt.pt",
                        method=method)
     digest = hashlib.sha256(b"".join(t.detach().contiguous().numpy().tobytes()
                                      for t in model.state_dict().values())).hexdigest()
     facts = {"rank": dist.get_rank(), "world": dist.get_world_size(), "digest": digest, "writes": writes,
              "val_top1": result.final["val_top1"],
-             "decisions": method.summary() if method is not None else None}
+             "decisions": method.summary() if method is not None else None,
+             "widths": {n: list(p.shape) for n, p in model.state_dict().items()}}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, facts)
     if dist.get_rank() == 0:

@@ -167,3 +167,19 @@ def test_gate_score_is_the_accumulated_bn_taylor_term(model):
                                     list(range(16)))
     assert torch.allclose(scorer(group), expected.abs(), atol=1e-7)
     assert scorer.observed_batches == 2
+
+
+def test_max_layer_ratio_holds_against_the_dense_width_over_events():
+    # FGGP structured shrank a 64-wide group to 10 over several events: the cap applied to the current width
+    cons = sel.Constraints(max_layer_ratio=0.5, dense_widths={"a": 64})
+    assert max(sel.allowed_removals(40, cons, "a")) == 8  # 32 of the dense 64 stay, whatever happened before
+    assert sel.allowed_removals(32, cons, "a") == [0]
+
+
+def test_a_removal_count_needs_enough_channels_outside_the_excluded_ones():
+    # FGGP excludes channels outside its low-gradient fraction: planning 24 of 20 choosable channels removed 20
+    # and left an unaligned width (44 of 64 with round_to 8)
+    cons = sel.Constraints(round_to=8, max_layer_ratio=0.8, excluded={"a": set(range(20, 64))})
+    cand = sel.Candidate(root="a", width=64, scores=torch.ones(64), members=[])
+    assert sel._count_allowed(cand, 24, cons) == 16
+    assert len(sel._choose(cand, 16, cons)) == 16

@@ -9,11 +9,11 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from compressor.prune import graph as dg
-from compressor.prune.selection import count_ops
-from compressor.models.loading import example_inputs, load_model
 from compressor.app.recipe import Recipe
 from compressor.models.config import ModelConfig
+from compressor.models.loading import example_inputs, load_model
+from compressor.prune.selection import count_ops
+from compressor.prune import graph as dg
 
 
 @dataclass

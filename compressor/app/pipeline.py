@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
-from compressor import rundir
-from compressor.train.data import build_datasets, sample_batch
-from compressor.errors import BackendUnavailable, GateError, ParityError, UsageError
+from compressor.app.recipe import Recipe, dump_recipe, load_recipe
 from compressor.deploy.evaluation import evaluate_onnx
 from compressor.deploy.export import export_onnx
-from compressor.prune.round_to import resolve_round_to
-from compressor.prune.methods import METHODS
-from compressor.models.loading import example_inputs, load_model
-from compressor.progress import info
-from compressor.app.recipe import Recipe, dump_recipe, load_recipe
-from compressor.prune.selection import MISS_TOLERANCE, relative_miss, snapshot_macs
-from compressor.models.slim import layer_widths, save_slim
-from compressor.train.loop import dense_teacher, evaluate, fit
+from compressor.deploy.trt_compat import check_onnx
 from compressor.deploy.verify import verify_onnx
+from compressor.errors import BackendUnavailable, GateError, ParityError, UsageError
+from compressor.models.loading import example_inputs, load_model
+from compressor.models.slim import layer_widths, save_slim
+from compressor.progress import info
+from compressor.prune.methods import METHODS, PruningMethod
+from compressor.prune.round_to import resolve_round_to
+from compressor.prune.selection import MISS_TOLERANCE, relative_miss, snapshot_macs
+from compressor.train.data import build_datasets, sample_batch
+from compressor.train.loop import check_method_schedule, dense_teacher, evaluate, fit
+from compressor import rundir
 
 
 class Timer:
@@ -88,10 +90,195 @@ def preflight(recipe: Recipe, device: str) -> list[str]:
     return notes
 
 
+@dataclass
+class Measured:
+    """Accuracy and size of one model (dense or compressed) as the report states them."""
+
+    metrics: dict[str, float]
+    macs: float
+    params: int
+    widths: dict[str, int]
+
+
+@dataclass
+class RunState:
+    """Everything one compress run knows, filled in stage by stage (see STAGES)."""
+
+    checkpoint: str
+    recipe: Recipe
+    out: Path
+    device: str
+    resume: bool
+    trust_checkpoint: bool
+    timer: Timer = field(default_factory=Timer)
+    notes: list[str] = field(default_factory=list)
+    model: Optional[nn.Module] = None
+    train_set: Any = None
+    val_set: Any = None
+    round_note: Optional[str] = None
+    dense_model: Optional[nn.Module] = None  # a copy of the dense model, for export and the interleaved bench
+    dense: Optional[Measured] = None
+    method: Optional[PruningMethod] = None
+    training: Any = None
+    compressed: Optional[Measured] = None
+    samples: Any = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def example(self) -> torch.Tensor:
+        return example_inputs(self.recipe.model)
+
+    @property
+    def eval_batch(self) -> int:
+        return self.recipe.data.eval_batch_size or max(self.recipe.data.batch_size, 256)
+
+    @property
+    def method_class(self) -> type[PruningMethod]:
+        return METHODS.get(self.recipe.prune.method)
+
+
+def load_inputs(state: RunState) -> None:
+    """The model and the datasets; then round_to: auto measured on this machine (round_to.json in the run)."""
+    with state.timer("load"):
+        state.model = load_model(state.checkpoint, state.recipe.model, trust_checkpoint=state.trust_checkpoint)
+        state.train_set, state.val_set = build_datasets(state.recipe.data, state.recipe.model)
+    with state.timer("round_to"):  # recipe.yaml in the run keeps `auto` as written; the choice is in round_to.json
+        state.recipe, state.round_note = resolve_round_to(state.recipe, state.model, out=state.out)
+    if state.round_note:
+        state.notes.append(state.round_note)
+        info(state.round_note)
+
+
+def measure_dense(state: RunState) -> None:
+    info(f"[1/6] dense baseline: evaluating {state.checkpoint} on {len(state.val_set)} {state.recipe.data.kind} "
+         "samples")
+    with state.timer("dense_eval"):
+        state.dense = _measure(state, state.model, device=state.device)
+        state.dense_model = _copy_for_bench(state.model)
+    d = state.dense
+    info(f"      top-1 {d.metrics['top1']:.2f}%, {d.macs / 1e6:.1f} M MACs, {d.params / 1e3:.1f} K params")
+
+
+def prune_and_finetune(state: RunState) -> None:
+    recipe = state.recipe
+    info(f"[2/6] pruning with {recipe.prune.method} (host {recipe.prune.host}) and fine-tuning "
+         f"{recipe.finetune.epochs} epochs")
+    state.method = state.method_class(recipe)
+    teacher = dense_teacher(state.model) if recipe.finetune.distill.enabled else None
+    # schedule warnings (printed, noted in the report), or a RecipeError when gates.strict_schedule
+    state.notes += check_method_schedule(state.method, len(state.train_set), recipe.finetune, recipe.data)
+    with state.timer("prune_finetune"):
+        state.training = fit(state.model, state.train_set, state.val_set, recipe.finetune, recipe.data,
+                             method=state.method, teacher=teacher, checkpoint=state.out / rundir.CHECKPOINT,
+                             resume=state.resume, device=state.device)
+    state.model = state.model.cpu().eval().to(memory_format=torch.contiguous_format)
+
+
+def measure_compressed(state: RunState) -> None:
+    info("[3/6] evaluating the compressed model")
+    with state.timer("eval"):
+        state.compressed = _measure(state, state.model)
+    c, d = state.compressed, state.dense
+    info(f"      top-1 {c.metrics['top1']:.2f}% ({c.metrics['top1'] - d.metrics['top1']:+.2f} pp), "
+         f"MACs {c.macs / d.macs:.3f} of dense, params {c.params / d.params:.3f}")
+
+
+def save_and_export(state: RunState) -> None:
+    """The slim model, model.onnx and dense.onnx; then the report's body (method, target, training, exports)."""
+    info("[4/6] saving the slim model and exporting to ONNX")
+    recipe, out, example = state.recipe, state.out, state.example
+    zipped = state.method_class.keeps_dense_shapes(recipe.prune)  # zeros in dense tensors: the zipped size matters
+    with state.timer("export"):
+        artifacts = save_slim(state.model, out, recipe.model)
+        onnx_info = export_onnx(state.model, example, out / "model.onnx", recipe.export.onnx, zipped=zipped)
+        dense_onnx = export_onnx(state.dense_model, example, out / "dense.onnx", recipe.export.onnx, zipped=zipped)
+    state.samples, _ = sample_batch(state.val_set, recipe.verify.samples)
+    d, c = state.dense, state.compressed
+    state.report = {
+        "status": "running", "recipe": json.loads(recipe.model_dump_json(by_alias=True)),
+        "checkpoint": str(state.checkpoint), "run_dir": str(out), "notes": state.notes,
+        "dense": {**d.metrics, "macs": d.macs, "params": d.params, "onnx_bytes": dense_onnx["bytes"],
+                  "onnx_zipped_bytes": dense_onnx["zipped_bytes"], "widths": d.widths},
+        "compressed": {**c.metrics, "macs": c.macs, "params": c.params, "onnx_bytes": onnx_info["bytes"],
+                       "onnx_zipped_bytes": onnx_info["zipped_bytes"], "widths": c.widths},
+        "target": _target_summary(state, c.macs / d.macs),
+        "round_to": _round_to_summary(recipe, out, state.round_note),
+        "method": state.method.summary(),
+        "training": {"history": state.training.history, "seconds": state.training.seconds,
+                     "resumed_from": state.training.resumed_from},
+        "exports": {"onnx": onnx_info, "dense_onnx": dense_onnx},
+        "artifacts": {**artifacts, "onnx": str(out / "model.onnx")},
+    }
+    for event in state.report["method"].get("events", []):
+        if event.get("note"):
+            state.notes.append(f"pruning event {event.get('event', '?')}: {event['note']}")
+    if state.report["target"]["met"] is False:
+        state.notes.append(_target_missed(recipe, state.report["target"]))
+        info(f"      note: {state.notes[-1]}")
+
+
+def verify_exports(state: RunState) -> None:
+    """ONNX parity on real samples (ParityError after writing the report), then the TensorRT engine if any."""
+    info("[5/6] verifying the export against PyTorch")
+    report, out = state.report, state.out
+    try:
+        with state.timer("verify"):
+            report["parity"] = {"onnx": verify_onnx(state.model, out / "model.onnx", state.samples,
+                                                    state.recipe.verify)}
+            report["compressed"]["onnx_top1"] = evaluate_onnx(out / "model.onnx", state.val_set,
+                                                              batch_size=state.eval_batch)["top1"]
+        if "note" in report["parity"]["onnx"]:
+            state.notes.append(report["parity"]["onnx"]["note"])
+            info(f"      note: {state.notes[-1]}")
+    except ParityError as exc:
+        report["status"] = "failed: parity"
+        report["parity"] = {"onnx": {"passed": False, "error": exc.render()}}
+        _finish(report, out, state.timer)
+        raise
+    report["exports"]["tensorrt_compatibility"] = check_onnx(out / "model.onnx").to_dict()
+    report["exports"]["tensorrt"] = _tensorrt_step(state.recipe, out, state.model, state.samples, state.train_set)
+    if report["exports"]["tensorrt"].get("parity"):
+        report["parity"]["tensorrt"] = report["exports"]["tensorrt"]["parity"]
+
+
+def measure_latency(state: RunState) -> None:
+    recipe, report = state.recipe, state.report
+    if recipe.bench.backends:
+        info(f"[6/6] measuring latency ({', '.join(recipe.bench.backends)}; batch {recipe.bench.batch_sizes}), "
+             "dense and compressed interleaved")
+    else:
+        info("[6/6] latency: skipped (bench.backends is empty)")
+    with state.timer("bench"):
+        report["latency"], report["environment"] = _bench(recipe, state.out, state.dense_model, state.model,
+                                                          state.compressed.macs, state.dense.macs)
+        if "ort-cpu" in recipe.bench.backends:
+            report["ort_cpu_layout"] = _layout_check(recipe, state.out)
+            for finding in report["ort_cpu_layout"]["findings"]:
+                info(f"      note: {finding}")
+
+
+def check_gates(state: RunState) -> None:
+    """Write the report; GateError (exit 1) afterwards when a gate failed."""
+    report = state.report
+    report["gates"] = evaluate_gates(state.recipe, report)
+    failed = [g for g in report["gates"] if not g["passed"]]
+    report["status"] = "failed: gates" if failed else "ok"
+    _finish(report, state.out, state.timer)
+    if failed:
+        raise GateError("; ".join(f"{g['name']} {g['value']:.3f} vs limit {g['limit']}" for g in failed) +
+                        f". The report is in {state.out}/report.md.")
+
+
+# every rank runs the stages up to measure_compressed (DDP training); the main process alone runs the rest
+TRAINING_STAGES = (load_inputs, measure_dense, prune_and_finetune, measure_compressed)
+MAIN_STAGES = (save_and_export, verify_exports, measure_latency, check_gates)
+
+
 def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optional[str | Path] = None, *,
              device: str = "cpu", resume: bool = False, overwrite: bool = False, trust_checkpoint: bool = False,
              overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Run the whole chain and return the report (also written to out_dir/report.json).
+    """Run the whole chain (TRAINING_STAGES, then MAIN_STAGES) and return the report (also written to
+    out_dir/report.json).
 
     Raises GateError (exit 1) after writing the report when a recipe gate fails, ParityError (exit 1) when an
     export disagrees with PyTorch.
@@ -99,124 +286,35 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
-    timer = Timer()
     notes = preflight(recipe, device)
     out = prepare_run_dir(out, recipe, resume=resume, overwrite=overwrite)
-    is_main = rundir_is_main()
-    with timer("load"):
-        model = load_model(checkpoint, recipe.model, trust_checkpoint=trust_checkpoint)
-        train_set, val_set = build_datasets(recipe.data, recipe.model)
-    with timer("round_to"):  # recipe.yaml in the run keeps `auto` as written; the choice is in round_to.json
-        recipe, round_note = resolve_round_to(recipe, model, out=out)
-    if round_note:
-        notes.append(round_note)
-        info(round_note)
-    example = example_inputs(recipe.model)
-    eval_batch = recipe.data.eval_batch_size or max(recipe.data.batch_size, 256)
-
-    info(f"[1/6] dense baseline: evaluating {checkpoint} on {len(val_set)} {recipe.data.kind} samples")
-    with timer("dense_eval"):
-        dense_metrics = evaluate(model, val_set, batch_size=eval_batch, device=device)
-        dense_macs, dense_params = snapshot_macs(model.cpu(), example)
-        dense_widths = layer_widths(model)
-        dense = _copy_for_bench(model)
-    info(f"      top-1 {dense_metrics['top1']:.2f}%, {dense_macs / 1e6:.1f} M MACs, {dense_params / 1e3:.1f} K params")
-
-    info(f"[2/6] pruning with {recipe.prune.method} (host {recipe.prune.host}) and fine-tuning "
-         f"{recipe.finetune.epochs} epochs")
-    method = METHODS.get(recipe.prune.method)(recipe)
-    teacher = dense_teacher(model) if recipe.finetune.distill.enabled else None
-    from compressor.train.loop import check_method_schedule  # warnings (printed, noted in the report), or a RecipeError when strict
-
-    notes += check_method_schedule(method, len(train_set), recipe.finetune, recipe.data)
-    with timer("prune_finetune"):
-        result = fit(model, train_set, val_set, recipe.finetune, recipe.data, method=method, teacher=teacher,
-                     checkpoint=out / rundir.CHECKPOINT, resume=resume, device=device)
-    model = model.cpu().eval().to(memory_format=torch.contiguous_format)
-
-    info("[3/6] evaluating the compressed model")
-    with timer("eval"):
-        metrics = evaluate(model, val_set, batch_size=eval_batch)
-        macs, params = snapshot_macs(model, example)
-    if not is_main:
+    state = RunState(checkpoint=str(checkpoint), recipe=recipe, out=out, device=device, resume=resume,
+                     trust_checkpoint=trust_checkpoint, notes=notes)
+    for stage in TRAINING_STAGES:
+        stage(state)
+    if not rundir_is_main():
         return {}
-    info(f"      top-1 {metrics['top1']:.2f}% ({metrics['top1'] - dense_metrics['top1']:+.2f} pp), "
-         f"MACs {macs / dense_macs:.3f} of dense, params {params / dense_params:.3f}")
+    for stage in MAIN_STAGES:
+        stage(state)
+    return state.report
 
-    info("[4/6] saving the slim model and exporting to ONNX")
-    with timer("export"):
-        artifacts = save_slim(model, out, recipe.model)
-        sparse = "sparsity" in method.summary()  # unstructured / 2:4 zeros: the file size that matters is zipped
-        onnx_info = export_onnx(model, example, out / "model.onnx", recipe.export.onnx, zipped=sparse)
-        dense_onnx = export_onnx(dense, example, out / "dense.onnx", recipe.export.onnx, zipped=sparse)
-    samples, _ = sample_batch(val_set, recipe.verify.samples)
 
-    report: dict[str, Any] = {
-        "status": "running", "recipe": json.loads(recipe.model_dump_json(by_alias=True)), "checkpoint": str(checkpoint),
-        "run_dir": str(out), "notes": notes,
-        "dense": {**dense_metrics, "macs": dense_macs, "params": dense_params, "onnx_bytes": dense_onnx["bytes"],
-                  "onnx_zipped_bytes": dense_onnx["zipped_bytes"], "widths": dense_widths},
-        "compressed": {**metrics, "macs": macs, "params": params, "onnx_bytes": onnx_info["bytes"],
-                       "onnx_zipped_bytes": onnx_info["zipped_bytes"], "widths": layer_widths(model)},
-        "target": _target_summary(recipe, macs / dense_macs),
-        "round_to": _round_to_summary(recipe, out, round_note),
-        "method": method.summary(),
-        "training": {"history": result.history, "seconds": result.seconds, "resumed_from": result.resumed_from},
-        "exports": {"onnx": onnx_info, "dense_onnx": dense_onnx},
-        "artifacts": {**artifacts, "onnx": str(out / "model.onnx")},
-    }
-    for event in report["method"].get("events", []):
-        if event.get("note"):
-            notes.append(f"pruning event {event.get('event', '?')}: {event['note']}")
-    if report["target"]["met"] is False:
-        notes.append(_target_missed(recipe, report["target"]))
-        info(f"      note: {notes[-1]}")
-    info("[5/6] verifying the export against PyTorch")
-    try:
-        with timer("verify"):
-            report["parity"] = {"onnx": verify_onnx(model, out / "model.onnx", samples, recipe.verify)}
-            report["compressed"]["onnx_top1"] = evaluate_onnx(out / "model.onnx", val_set, batch_size=eval_batch)["top1"]
-        if "note" in report["parity"]["onnx"]:
-            notes.append(report["parity"]["onnx"]["note"])
-            info(f"      note: {notes[-1]}")
-    except ParityError as exc:
-        report["status"] = "failed: parity"
-        report["parity"] = {"onnx": {"passed": False, "error": exc.render()}}
-        _finish(report, out, timer)
-        raise
-    from compressor.deploy.trt_compat import check_onnx
+def _measure(state: RunState, model: nn.Module, device: str = "cpu") -> Measured:
+    metrics = evaluate(model, state.val_set, batch_size=state.eval_batch, device=device)
+    macs, params = snapshot_macs(model.cpu(), state.example)
+    return Measured(metrics=metrics, macs=macs, params=params, widths=layer_widths(model))
 
-    report["exports"]["tensorrt_compatibility"] = check_onnx(out / "model.onnx").to_dict()
-    report["exports"]["tensorrt"] = _tensorrt_step(recipe, out, model, samples, train_set)
-    if report["exports"]["tensorrt"].get("parity"):
-        report["parity"]["tensorrt"] = report["exports"]["tensorrt"]["parity"]
 
-    if recipe.bench.backends:
-        info(f"[6/6] measuring latency ({', '.join(recipe.bench.backends)}; batch {recipe.bench.batch_sizes}), "
-             "dense and compressed interleaved")
-    else:
-        info("[6/6] latency: skipped (bench.backends is empty)")
-    with timer("bench"):
-        report["latency"], report["environment"] = _bench(recipe, out, dense, model, macs, dense_macs)
-        if "ort-cpu" in recipe.bench.backends:
-            from compressor.deploy.ort_profile import ROUND_TO_ADVICE, layout_check
+def _layout_check(recipe: Recipe, out: Path) -> dict[str, Any]:
+    """How many convolutions ORT-CPU runs in its blocked layout, dense vs compressed, with advice on round_to."""
+    from compressor.deploy.ort_profile import ROUND_TO_ADVICE, layout_check
 
-            advice = ROUND_TO_ADVICE if not recipe.prune.round_to else (
-                f"this run kept multiples of {recipe.prune.round_to} (prune.round_to"
-                f"{' auto' if recipe.prune._round_to_auto else ''}; narrower layers smaller ones under auto): compare "
-                "other multiples with --set prune.round_to=N and `compressor profile`")
-            report["ort_cpu_layout"] = layout_check(out / "dense.onnx", out / "model.onnx", threads=recipe.bench.threads,
-                                                    input_shape=list(recipe.model.input_shape), advice=advice)
-            for finding in report["ort_cpu_layout"]["findings"]:
-                info(f"      note: {finding}")
-    report["gates"] = evaluate_gates(recipe, report)
-    failed = [g for g in report["gates"] if not g["passed"]]
-    report["status"] = "failed: gates" if failed else "ok"
-    _finish(report, out, timer)
-    if failed:
-        raise GateError("; ".join(f"{g['name']} {g['value']:.3f} vs limit {g['limit']}" for g in failed) +
-                        f". The report is in {out}/report.md.")
-    return report
+    advice = ROUND_TO_ADVICE if not recipe.prune.round_to else (
+        f"this run kept multiples of {recipe.prune.round_to} (prune.round_to"
+        f"{' auto' if recipe.prune._round_to_auto else ''}; narrower layers smaller ones under auto): compare "
+        "other multiples with --set prune.round_to=N and `compressor profile`")
+    return layout_check(out / "dense.onnx", out / "model.onnx", threads=recipe.bench.threads,
+                        input_shape=list(recipe.model.input_shape), advice=advice)
 
 
 def rundir_is_main() -> bool:
@@ -231,9 +329,10 @@ def _copy_for_bench(model):
     return copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
 
 
-def _target_summary(recipe: Recipe, achieved: float) -> dict[str, Any]:
+def _target_summary(state: RunState, achieved: float) -> dict[str, Any]:
+    recipe = state.recipe
     target = recipe.prune.target
-    if recipe.prune.method == "none" or (recipe.prune.method == "fggp" and recipe.prune.fggp.granularity != "structured"):
+    if state.method_class.keeps_dense_shapes(recipe.prune):
         return {"asked": None, "asked_macs_ratio": None, "achieved_macs_ratio": achieved,
                 "achieved_mac_speedup": 1 / achieved if achieved > 0 else None, "met": None}
     asked = target.remaining_macs()

@@ -4,10 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from compressor.markdown import table
 from compressor import rundir
 
-PLOTS = {"widths": "plot_widths.png", "training": "plot_training.png", "latency": "plot_latency.png",
-         "decay": "plot_decay.png", "stability": "plot_stability.png"}
+
+def method_class(r: dict[str, Any]):
+    """The registered method class of a report (its report section and figures)."""
+    from compressor.prune.methods import METHODS
+
+    return METHODS.get(r["recipe"]["prune"]["method"])
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -28,12 +33,6 @@ def _kb(n: float | None) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines + [""]
-
-
 def render_markdown(r: dict[str, Any]) -> str:
     recipe, dense, comp = r["recipe"], r["dense"], r["compressed"]
     lines = [f"# compressor report: {recipe['name']}", "",
@@ -42,7 +41,7 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"{recipe['finetune']['epochs']} fine-tune epochs on `{recipe['data']['kind']}`.", ""]
     lines += ["## Accuracy and size", ""]
     onnx_top1 = f"{comp['onnx_top1']:.2f}" if "onnx_top1" in comp else "-"
-    lines += _table(["", "top-1 %", "top-5 %", "loss", "MACs", "params", "ONNX file", "ONNX zipped"], [
+    lines += table(["", "top-1 %", "top-5 %", "loss", "MACs", "params", "ONNX file", "ONNX zipped"], [
         ["dense", f"{dense['top1']:.2f}", f"{dense['top5']:.2f}", f"{dense['loss']:.4f}", _m(dense["macs"]),
          _m(dense["params"]), _kb(dense["onnx_bytes"]), _kb(dense["onnx_zipped_bytes"])],
         ["compressed", f"{comp['top1']:.2f}", f"{comp['top5']:.2f}", f"{comp['loss']:.4f}", _m(comp["macs"]),
@@ -60,10 +59,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         asked = f"{t['asked_macs_ratio']:.3f}"
     lines += [f"MAC target: asked {asked} of dense, achieved {t['achieved_macs_ratio']:.3f} "
               f"(MAC speedup x{t['achieved_mac_speedup']:.2f}). ONNX Runtime top-1 of the exported model: {onnx_top1}.", ""]
-    lines += _sparsity_section(r) + _stability_section(r) + _latency_section(r) + _parity_section(r) + _events_section(r) + _round_to_section(r) + _widths_section(r) + _training_section(r)
+    lines += method_class(r).report_section(r.get("method") or {})
+    lines += _latency_section(r) + _parity_section(r) + _round_to_section(r) + _widths_section(r)
+    lines += _training_section(r)
     if r.get("gates"):
         lines += ["## Gates", ""]
-        lines += _table(["gate", "value", "limit", "passed"],
+        lines += table(["gate", "value", "limit", "passed"],
                         [[g["name"], f"{g['value']:.3f}", g["limit"], "yes" if g["passed"] else "**no**"] for g in r["gates"]])
     if r.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
@@ -75,38 +76,13 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _sparsity_section(r: dict[str, Any]) -> list[str]:
-    method = r.get("method") or {}
-    sparsity = method.get("sparsity")
-    if not sparsity:
-        return []
-    lines = ["## Sparsity", "", f"Overall sparsity of the pruned layers: **{sparsity['overall']:.3f}** "
-             f"({method.get('granularity')}, selection {method.get('selection')}). {method.get('note', '')}", ""]
-    return lines + _table(["layer", "sparsity"], [[n, f"{v:.3f}"] for n, v in sparsity["per_layer"].items()])
-
-
-def _stability_section(r: dict[str, Any]) -> list[str]:
-    method = r.get("method") or {}
-    curve = method.get("stability")
-    if curve is None:
-        return []
-    saved = method.get("time_saved_s")
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = ["## One-cycle structure search (OCSP)", "",
-             f"Regularisation started after epoch {method.get('reg_started') or '-'}; pruned after epoch "
-             f"{method.get('pruned_at')}. Training time saved versus training dense for the whole run (from the "
-             f"measured epoch times): {'-' if saved is None else f'{saved:.0f} s'}.", ""]
-    return lines + _table(["epoch", "stability (raw)", "stability (smoothed)", "reg"],
-                          [[h["epoch"], fmt(h["raw"]), fmt(h["smoothed"]), f"{h['reg']:g}"] for h in curve])
-
-
 def _latency_section(r: dict[str, Any]) -> list[str]:
     rows = r.get("latency") or []
     if not rows:
         return []
     mac_red = r["dense"]["macs"] / r["compressed"]["macs"]
     lines = ["## Latency (dense and compressed measured interleaved)", ""]
-    lines += _table(["backend", "batch", "dense p50 ms", "compressed p50 ms", "compressed p90 ms", "throughput /s",
+    lines += table(["backend", "batch", "dense p50 ms", "compressed p50 ms", "compressed p90 ms", "throughput /s",
                      "speedup", "MAC reduction", "realised ratio"],
                     [[x["backend"], x["batch_size"], f"{x['dense']['p50']:.3f}", f"{x['compressed']['p50']:.3f}",
                       f"{x['compressed']['p90']:.3f}", f"{x['compressed']['throughput']:.1f}", f"x{x['speedup']:.2f}",
@@ -132,7 +108,7 @@ def _parity_section(r: dict[str, Any]) -> list[str]:
              "yes" if p.get("passed") else "**no**"] for name, p in parity.items()]
     trt = (r.get("exports") or {}).get("tensorrt") or {}
     lines = ["## Export parity (real validation samples)", ""]
-    lines += _table(["artifact", "precision", "samples", "max abs diff", "mean abs diff", "top-1 agreement",
+    lines += table(["artifact", "precision", "samples", "max abs diff", "mean abs diff", "top-1 agreement",
                      "allowed diff (atol + rtol x max |output|)", "passed"], rows)
     if trt.get("status") in ("skipped", "disabled"):
         lines += [f"TensorRT engine: {trt['status']}{': ' + trt['reason'] if trt.get('reason') else ''}.", ""]
@@ -142,19 +118,9 @@ def _parity_section(r: dict[str, Any]) -> list[str]:
         lines += [f"Static TensorRT {compat['tensorrt_major']} compatibility of model.onnx (opset {compat['opset']}): "
                   f"{verdict}.", ""]
         if compat["findings"]:
-            lines += _table(["node", "op", "level", "reason"],
+            lines += table(["node", "op", "level", "reason"],
                             [[f["node"], f["op"], f["level"], f["reason"]] for f in compat["findings"]])
     return lines
-
-
-def _events_section(r: dict[str, Any]) -> list[str]:
-    events = (r.get("method") or {}).get("events") or []
-    if not events:
-        return []
-    keys = [k for k in ("event", "epoch", "step", "selected", "released", "backfilled", "removed", "forced",
-                        "asked_macs", "planned_macs", "achieved_macs", "params") if any(k in e for e in events)]
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
-    return ["## Pruning events", ""] + _table(keys, [[fmt(e.get(k)) for k in keys] for e in events])
 
 
 def _round_to_section(r: dict[str, Any]) -> list[str]:
@@ -168,7 +134,7 @@ def _round_to_section(r: dict[str, Any]) -> list[str]:
     rows = chosen.get("rows") or []
     if rows:
         batches = [k for k in rows[0] if k.startswith("ms_b")]
-        lines += _table(["round_to", "MACs kept", *[f"ms batch {k[4:]}" for k in batches], "score ms"],
+        lines += table(["round_to", "MACs kept", *[f"ms batch {k[4:]}" for k in batches], "score ms"],
                         [[row["round_to"], f"{row['macs']:.3f}", *[f"{row[k]:.3f}" for k in batches],
                           f"{row['score_ms']:.3f}"] for row in rows])
     return lines
@@ -178,7 +144,7 @@ def _widths_section(r: dict[str, Any]) -> list[str]:
     before, after = r["dense"].get("widths") or {}, r["compressed"].get("widths") or {}
     rows = [[name, w, after.get(name, "-"), f"{after.get(name, 0) / w:.2f}"] for name, w in before.items()
             if "norm" not in name.lower() and not name.split(".")[-1].startswith("bn")]
-    return ["## Per-layer widths", ""] + _table(["layer", "dense", "compressed", "kept"], rows)
+    return ["## Per-layer widths", ""] + table(["layer", "dense", "compressed", "kept"], rows)
 
 
 def _training_section(r: dict[str, Any]) -> list[str]:
@@ -187,7 +153,7 @@ def _training_section(r: dict[str, Any]) -> list[str]:
         return []
     rows = [[h["epoch"], f"{h['train_loss']:.4f}", f"{h.get('val_top1', float('nan')):.2f}", f"{h['lr']:.5f}",
              h.get("params", "-"), f"{h['seconds']:.1f}"] for h in history]
-    return ["## Fine-tuning", ""] + _table(["epoch", "train loss", "val top-1 %", "lr", "params", "seconds"], rows)
+    return ["## Fine-tuning", ""] + table(["epoch", "train loss", "val top-1 %", "lr", "params", "seconds"], rows)
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -197,13 +163,14 @@ def write_plots(r: dict[str, Any], out: Path) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    figures = {name: draw(plt, r) for name, draw in (("widths", _plot_widths), ("training", _plot_training),
+                                                     ("latency", _plot_latency))}
+    figures.update(method_class(r).figures(r.get("method") or {}, plt))
     written = {}
-    for name, draw in (("widths", _plot_widths), ("training", _plot_training), ("latency", _plot_latency),
-                       ("decay", _plot_decay), ("stability", _plot_stability)):
-        fig = draw(plt, r)
+    for name, fig in figures.items():
         if fig is None:
             continue
-        path = out / PLOTS[name]
+        path = out / f"plot_{name}.png"
         with rundir.atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -260,41 +227,4 @@ def _plot_latency(plt, r):
         ax.set_ylabel("ms")
     fig.suptitle("Latency distributions (dense and compressed interleaved)", y=1.03)
     fig.tight_layout()
-    return fig
-
-
-def _plot_stability(plt, r):
-    method = r.get("method") or {}
-    curve = method.get("stability") or []
-    if not curve:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style in (("raw", "o:"), ("smoothed", "s-")):
-        points = [(h["epoch"], h[key]) for h in curve if h[key] is not None]
-        if points:
-            ax.plot(*zip(*points), style, label=f"stability ({key})")
-    ax.axhline(method.get("ocsp", {}).get("threshold", 0.999), color="grey", ls="--", lw=1, label="threshold")
-    if method.get("reg_started"):
-        ax.axvline(method["reg_started"], color="#e67e22", ls=":", label="regularisation starts")
-    if method.get("pruned_at"):
-        ax.axvline(method["pruned_at"], color="#e74c3c", ls="-", lw=1, label="pruned")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("mean Jaccard of kept channels")
-    ax.set_title("OCSP stability indicator")
-    ax.legend(fontsize=8)
-    return fig
-
-
-def _plot_decay(plt, r):
-    trace = (r.get("method") or {}).get("decay_trace") or []
-    if not trace:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for series in trace:
-        style = "-" if series.get("outcome") == "removed" else "--"
-        color = "#2e86de" if series.get("outcome") == "removed" else "#e74c3c"
-        ax.plot(series["steps"], series["norms"], style, color=color, lw=0.8, alpha=0.7)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("structure norm ||x_s||")
-    ax.set_title("DPM decay (solid: removed, dashed: released)")
     return fig

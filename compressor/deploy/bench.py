@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from compressor.errors import BackendUnavailable, CompressorError, ModelLoadError, UsageError
 from compressor.deploy.onnx_runtime import create_session, require_provider
 from compressor.deploy.tensorrt_runtime import nvidia_gpus, require_tensorrt
+from compressor.errors import BackendUnavailable, CompressorError, ModelLoadError, UsageError
 from compressor.progress import Tracker, track
 from compressor.registry import Registry
 

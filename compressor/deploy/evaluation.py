@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
-from compressor.train.data import build_datasets, make_loader
 from compressor.models.loading import load_model
+from compressor.train.data import build_datasets, make_loader
 from compressor.train.loop import evaluate
 
 if TYPE_CHECKING:

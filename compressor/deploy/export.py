@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.errors import ExportError
 from compressor.deploy.config import OnnxConfig
+from compressor.errors import ExportError
 from compressor.rundir import publish
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"

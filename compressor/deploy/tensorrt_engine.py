@@ -13,9 +13,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from compressor.deploy.tensorrt_runtime import require_tensorrt, tensorrt_missing
 from compressor.errors import ExportError
 from compressor.rundir import atomic_path, write_json, write_text
-from compressor.deploy.tensorrt_runtime import require_tensorrt, tensorrt_missing
 
 
 def tensorrt_available() -> tuple[bool, str]:

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.errors import ParityError
 from compressor.deploy.config import VerifyConfig
+from compressor.errors import ParityError
 
 
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:

@@ -19,8 +19,8 @@ from torch import nn
 
 from compressor.errors import BackendUnavailable, ModelLoadError, UsageError
 from compressor.models.config import ModelConfig
-from compressor.registry import did_you_mean
 from compressor.models.zoo import ZOO
+from compressor.registry import did_you_mean
 
 SCHEMES = ("zoo", "torchvision", "timm", "python")
 ACCEPTED_FORMS = "zoo:NAME, torchvision:NAME, timm:NAME or python:pkg.module:factory"

@@ -18,9 +18,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compressor.prune import graph as dg
 from compressor.errors import NotPrunableError
 from compressor.prune.importance import Scorer, _is_out
+from compressor.prune import graph as dg
 
 Plan = dict[str, list[int]]
 
@@ -302,9 +302,9 @@ def layer_round_to(width: int, cons: Constraints) -> int:
 def allowed_removals(width: int, cons: Constraints, root: Optional[str] = None, unit: int = 1) -> list[int]:
     """Every channel count a group of `width` channels may lose now: a multiple of `unit` (channels that go
     together), the kept width a multiple of its round_to, or the dense width (a group pruned earlier may not stay
-    at an unaligned width); at most max_layer_ratio of it and at least one channel kept."""
+    at an unaligned width); at least (1 - max_layer_ratio) of the dense width kept over all events, and one channel."""
     dense = cons.dense_widths.get(root, width) if root is not None else width
-    cap = min(int(math.floor(width * cons.max_layer_ratio)), width - 1)
+    cap = min(width - int(math.ceil(dense * (1 - cons.max_layer_ratio) - 1e-9)), width - 1)
     step = layer_round_to(dense, cons)
     return [n for n in range(0, cap + 1)
             if n % unit == 0 and ((width - n) % step == 0 or (n == 0 and width == dense))]
@@ -318,8 +318,9 @@ def allowed_count(cand: Candidate, floor: int, cons: Constraints) -> int:
 def _count_allowed(cand: Candidate, wanted: int, cons: Constraints, floor: int = 0) -> int:
     """The largest allowed removal count not above `wanted` (kept widths rounded up), but never below `floor`
     (channels already decaying): then the smallest allowed count that covers them."""
-    allowed = allowed_removals(cand.width, cons, cand.root, cand.unit)
-    if not allowed:  # no aligned width within max_layer_ratio: keep what is decaying
+    blocked = len(cons.excluded.get(cand.root, set()) - cons.frozen.get(cand.root, set()))
+    allowed = [a for a in allowed_removals(cand.width, cons, cand.root, cand.unit) if a <= cand.width - blocked]
+    if not allowed:  # no aligned width within max_layer_ratio (and the channels not excluded): keep what is decaying
         return floor
     below = [a for a in allowed if a <= max(wanted, 0)]
     n = max(below) if below else min(allowed)

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from compressor import rundir
-from compressor.train.data import make_loader, subset_indices
 from compressor.errors import ModelLoadError, RecipeError, TrainingError
-from compressor.prune.methods.base import PruningMethod
 from compressor.progress import info, is_main_process, track
+from compressor.prune.methods.base import PruningMethod
 from compressor.train.config import DataConfig, FinetuneConfig, SchedulerConfig
+from compressor.train.data import make_loader, subset_indices
+from compressor import rundir
 
 
 # ---------------------------------------------------------------------------------------------- distributed

@@ -2,9 +2,9 @@
 registry.HOSTS; importing this package registers them all."""
 from __future__ import annotations
 
-from compressor.prune.methods import dpm, fggp, hosts, ocsp  # noqa: F401  (register themselves)
 from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.registry import HOSTS, METHODS
+from compressor.prune.methods import dpm, fggp, hosts, ocsp  # noqa: F401  (register themselves)
 
 METHODS.register("none")(PruningMethod)
 

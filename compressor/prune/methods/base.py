@@ -3,8 +3,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from compressor.markdown import number, table
+
 if TYPE_CHECKING:
     from compressor.train.loop import TrainContext
+
+EVENT_COLUMNS = ("event", "epoch", "step", "selected", "released", "backfilled", "removed", "forced", "asked_macs",
+                 "planned_macs", "achieved_macs", "params")
 
 
 class PruningMethod:
@@ -35,13 +40,18 @@ class PruningMethod:
 
     @classmethod
     def report_section(cls, summary: dict[str, Any]) -> list[str]:
-        """Markdown lines for report.md from this method's summary() (as stored in report.json); [] for none."""
-        return []
+        """Markdown lines for report.md from this method's summary() (as stored in report.json). The base renders
+        the pruning events (summary["events"]) that every removing method records; subclasses add their own."""
+        events = summary.get("events") or []
+        if not events:
+            return []
+        keys = [k for k in EVENT_COLUMNS if any(k in e for e in events)]
+        return ["## Pruning events", ""] + table(keys, [[number(e.get(k)) for k in keys] for e in events])
 
     @classmethod
-    def plots(cls, summary: dict[str, Any], out_dir: Any) -> list[str]:
-        """Write this method's figures from its summary() into out_dir; returns their file names."""
-        return []
+    def figures(cls, summary: dict[str, Any], plt: Any) -> dict[str, Any]:
+        """{name: matplotlib figure} drawn from this method's summary(); written as plot_<name>.png."""
+        return {}
 
     def on_train_start(self, ctx: "TrainContext") -> None:
         """Called once before the first batch (also after a resume)."""

@@ -24,16 +24,15 @@ import torch
 
 from compressor.config import Strict
 from compressor.progress import info
-from compressor.prune import selection as sel
 from compressor.prune.methods.hosts import EventMethod, broadcast_plan, remove_planned
 from compressor.prune.methods.registry import METHODS
+from compressor.prune import selection as sel
 
 if TYPE_CHECKING:
     from compressor.app.recipe import Recipe
 
 TRACE_LIMIT = 400  # structures whose decay trace is kept for the report
 CHECK_LOG_LIMIT = 20000  # self-rectifying checks kept for the report (C_rate / C_len distributions)
-
 
 
 class DPMConfig(Strict):
@@ -46,7 +45,6 @@ class DPMConfig(Strict):
     cooldown: int = Field(1, ge=0, description="events a released structure is not selected again")
     norm_scope: Literal["out", "group"] = "out"
     momentum: Literal["keep", "reset"] = Field("keep", description="optimizer momentum of decaying slices")
-
 
 
 @dataclass
@@ -69,6 +67,50 @@ class Structure:
 class DPM(EventMethod):
     name = "dpm"
     config_section = ("dpm", DPMConfig)
+
+    @classmethod
+    def report_section(cls, summary: dict[str, Any]) -> list[str]:
+        lines = super().report_section(summary)
+        checks = summary.get("sr_checks") or []
+        if checks:
+            released = sum(1 for c in checks if c[4])
+            lines += ["## DPM self-rectifying", "",
+                      f"{len(checks)} checks of decaying structures, {released} released (C_rate > t_rate "
+                      f"{summary['dpm']['t_rate']} and C_len > t_len {summary['dpm']['t_len']}); "
+                      "plot_sr_checks.png shows every check.", ""]
+        return lines
+
+    @classmethod
+    def figures(cls, summary: dict[str, Any], plt: Any) -> dict[str, Any]:
+        figures = {}
+        trace = summary.get("decay_trace") or []
+        if trace:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for series in trace:
+                removed = series.get("outcome") == "removed"
+                ax.plot(series["steps"], series["norms"], "-" if removed else "--",
+                        color="#2e86de" if removed else "#e74c3c", lw=0.8, alpha=0.7)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("structure norm ||x_s||")
+            ax.set_title("DPM decay (solid: removed, dashed: released)")
+            figures["decay"] = fig
+        checks = [c for c in summary.get("sr_checks") or [] if c[3] is not None]
+        if checks:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for escaped, color, label in ((False, "#2e86de", "kept decaying"), (True, "#e74c3c", "released")):
+                points = [(c[2], c[3]) for c in checks if bool(c[4]) == escaped]
+                if points:
+                    ax.scatter(*zip(*points), s=6, color=color, alpha=0.5, label=label)
+            ax.axvline(summary["dpm"]["t_rate"], color="grey", ls="--", lw=1)
+            ax.axhline(summary["dpm"]["t_len"], color="grey", ls="--", lw=1)
+            ax.set_xscale("symlog", linthresh=0.01)
+            ax.set_yscale("symlog", linthresh=0.1)
+            ax.set_xlabel("C_rate = escape / target norm")
+            ax.set_ylabel("C_len = escape / mean move of the group")
+            ax.set_title("DPM self-rectifying checks (dashed: t_rate, t_len)")
+            ax.legend(fontsize=8)
+            figures["sr_checks"] = fig
+        return figures
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe, events=recipe.prune.schedule.events)

@@ -23,14 +23,15 @@ import torch
 
 from compressor.config import Strict
 from compressor.errors import RecipeError
+from compressor.markdown import table
 from compressor.progress import info
-from compressor.prune import graph as dg
-from compressor.prune import selection as sel
 from compressor.prune.importance import ImportanceConfig
 from compressor.prune.importance import build_scorer
 from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.hosts import broadcast_plan, remove_planned
 from compressor.prune.methods.registry import METHODS
+from compressor.prune import graph as dg
+from compressor.prune import selection as sel
 
 if TYPE_CHECKING:
     from compressor.app.recipe import Recipe
@@ -54,7 +55,6 @@ class FGGPConfig(Strict):
         if self.initial_sparsity >= self.sparsity:
             raise ValueError(f"initial_sparsity ({self.initial_sparsity}) must be below sparsity ({self.sparsity})")
         return self
-
 
 
 def cubic_sparsity(step: int, t0: int, t1: int, s_i: float, s_f: float) -> float:
@@ -122,6 +122,25 @@ def _input_groups(weight: torch.Tensor) -> torch.Tensor:
 class FGGP(PruningMethod):
     name = "fggp"
     config_section = ("fggp", FGGPConfig)
+
+    @classmethod
+    def keeps_dense_shapes(cls, prune) -> bool:
+        return prune.fggp.granularity != "structured"  # unstructured and 2:4 zeros stay in dense tensors
+
+    @classmethod
+    def needs_training_budget(cls, prune) -> bool:
+        return prune.fggp.granularity != "structured"  # gradual pruning happens between optimizer steps
+
+    @classmethod
+    def report_section(cls, summary: dict[str, Any]) -> list[str]:
+        sparsity = summary.get("sparsity")
+        lines = []
+        if sparsity:
+            lines = ["## Sparsity", "", f"Overall sparsity of the pruned layers: **{sparsity['overall']:.3f}** "
+                     f"({summary.get('granularity')}, selection {summary.get('selection')}). "
+                     f"{summary.get('note', '')}", ""]
+            lines += table(["layer", "sparsity"], [[n, f"{v:.3f}"] for n, v in sparsity["per_layer"].items()])
+        return lines + super().report_section(summary)
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

@@ -21,13 +21,13 @@ from compressor.config import Strict
 from compressor.errors import RecipeError
 from compressor.models.loading import example_inputs
 from compressor.progress import info
-from compressor.prune import graph as dg
-from compressor.prune import selection as sel
 from compressor.prune.importance import ImportanceConfig
 from compressor.prune.importance import build_scorer
 from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.registry import HOSTS, METHODS
 from compressor.prune.round_to import resolve_round_to
+from compressor.prune import graph as dg
+from compressor.prune import selection as sel
 
 if TYPE_CHECKING:
     from compressor.app.recipe import Recipe

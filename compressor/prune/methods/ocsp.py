@@ -19,14 +19,15 @@ import torch
 
 from compressor.config import Strict
 from compressor.errors import RecipeError
+from compressor.markdown import number, table
 from compressor.models.loading import example_inputs
 from compressor.progress import info
-from compressor.prune import selection as sel
 from compressor.prune.importance import ImportanceConfig
 from compressor.prune.importance import build_scorer
 from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.hosts import broadcast_plan, remove_planned
 from compressor.prune.methods.registry import METHODS
+from compressor.prune import selection as sel
 
 if TYPE_CHECKING:
     from compressor.app.recipe import Recipe
@@ -45,7 +46,6 @@ class OCSPConfig(Strict):
     plateau_epochs: int = Field(2, ge=1)
     latest_prune_epoch: Optional[int] = Field(None, ge=0)
     tolerance: float = Field(5e-4, gt=0.0)
-
 
 
 def jaccard(a: set[int], b: set[int]) -> float:
@@ -71,6 +71,41 @@ def cost_weights(snap: sel.Snapshot) -> dict[str, float]:
 class OCSP(PruningMethod):
     name = "ocsp"
     config_section = ("ocsp", OCSPConfig)
+
+    @classmethod
+    def report_section(cls, summary: dict[str, Any]) -> list[str]:
+        curve = summary.get("stability")
+        if curve is None:
+            return super().report_section(summary)
+        saved = summary.get("time_saved_s")
+        lines = ["## One-cycle structure search (OCSP)", "",
+                 f"Regularisation started after epoch {summary.get('reg_started') or '-'}; pruned after epoch "
+                 f"{summary.get('pruned_at')}. Training time saved versus training dense for the whole run (from the "
+                 f"measured epoch times): {'-' if saved is None else f'{saved:.0f} s'}.", ""]
+        lines += table(["epoch", "stability (raw)", "stability (smoothed)", "reg"],
+                       [[h["epoch"], number(h["raw"], 4), number(h["smoothed"], 4), f"{h['reg']:g}"] for h in curve])
+        return lines + super().report_section(summary)
+
+    @classmethod
+    def figures(cls, summary: dict[str, Any], plt: Any) -> dict[str, Any]:
+        curve = summary.get("stability") or []
+        if not curve:
+            return {}
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, style in (("raw", "o:"), ("smoothed", "s-")):
+            points = [(h["epoch"], h[key]) for h in curve if h[key] is not None]
+            if points:
+                ax.plot(*zip(*points), style, label=f"stability ({key})")
+        ax.axhline(summary.get("ocsp", {}).get("threshold", 0.999), color="grey", ls="--", lw=1, label="threshold")
+        if summary.get("reg_started"):
+            ax.axvline(summary["reg_started"], color="#e67e22", ls=":", label="regularisation starts")
+        if summary.get("pruned_at"):
+            ax.axvline(summary["pruned_at"], color="#e74c3c", ls="-", lw=1, label="pruned")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean Jaccard of kept channels")
+        ax.set_title("OCSP stability indicator")
+        ax.legend(fontsize=8)
+        return {"stability": fig}
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

@@ -1,0 +1,90 @@
+"""Every registered pruning method through the same invariants (METHODS.names(): a new method is covered when it
+registers): the MAC target met, widths on round_to, resume equal to an uninterrupted run, two DDP ranks taking the
+same decisions, and the slim model reloading to the trained one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.app.recipe import recipe_from_dict
+from compressor.models.loading import build_arch, example_inputs
+from compressor.models.slim import layer_widths, load_slim, save_slim
+from compressor.prune import selection as sel
+from compressor.prune.methods import METHODS
+from compressor.train.data import build_datasets
+from compressor.train.loop import fit
+from tests.method_settings import ROUND, invariant_recipe
+from tests.test_ddp import launch
+
+
+def _model(recipe):
+    torch.manual_seed(0)
+    return build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels)
+
+
+def _interrupted_at(method, epoch: int):
+    """The method, raising KeyboardInterrupt (a crash or Ctrl-C) after its first step of `epoch`."""
+    inner = method.after_step
+
+    def after_step(ctx):
+        inner(ctx)
+        if ctx.epoch == epoch:
+            raise KeyboardInterrupt
+
+    method.after_step = after_step
+    return method
+
+
+def _decisions(summary: dict) -> dict:
+    """A method's summary without wall-clock measurements (OCSP's time_saved_s)."""
+    return {k: v for k, v in summary.items() if not k.endswith("_s")}
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_invariants(name, tmp_path):
+    recipe = recipe_from_dict(invariant_recipe(name))
+    cls = METHODS.get(name)
+    train, val = build_datasets(recipe.data, recipe.model)
+    example = example_inputs(recipe.model)
+
+    model = _model(recipe)
+    dense_widths, dense_macs = layer_widths(model), sel.snapshot_macs(model, example)[0]
+    method = cls(recipe)
+    fit(model, train, val, recipe.finetune, recipe.data, method=method, checkpoint=tmp_path / "a.pt")
+    widths, macs = layer_widths(model), sel.snapshot_macs(model, example)[0]
+
+    # the MAC target, and widths on multiples of round_to
+    changed = {n: w for n, w in widths.items() if w != dense_widths[n]}
+    if cls.keeps_dense_shapes(recipe.prune):
+        assert not changed and macs == dense_macs
+    else:
+        assert macs / dense_macs == pytest.approx(0.5, rel=sel.MISS_TOLERANCE)
+        assert changed and all(w % ROUND == 0 for w in changed.values()), {n: w for n, w in changed.items() if w % ROUND}
+
+    # resume after an interruption in epoch 2 equals the uninterrupted run (weights and decisions)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(recipe), train, val, recipe.finetune, recipe.data, method=_interrupted_at(cls(recipe), 1),
+            checkpoint=tmp_path / "b.pt")
+    resumed_model, resumed = _model(recipe), cls(recipe)
+    result = fit(resumed_model, train, val, recipe.finetune, recipe.data, method=resumed,
+                 checkpoint=tmp_path / "b.pt", resume=True)
+    assert result.resumed_from == 1
+    assert _decisions(resumed.summary()) == _decisions(method.summary())
+    for (key, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), key
+
+    # the slim files reload to the trained model, without pickle
+    save_slim(model, tmp_path / "slim", recipe.model)
+    reloaded = load_slim(tmp_path / "slim")
+    for (key, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), key
+    x = torch.randn(3, *recipe.model.input_shape)
+    with torch.no_grad():  # the trained model's convs are channels-last (training's layout): same values, other sums
+        assert torch.allclose(model.eval()(x), reloaded(x), rtol=0, atol=1e-5)
+
+    # two DDP ranks take identical decisions and end with identical weights
+    ranks = launch(tmp_path / "ddp", name, "invariant") if (tmp_path / "ddp").mkdir() is None else None
+    assert _decisions(ranks[0]["decisions"]) == _decisions(ranks[1]["decisions"])
+    assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["widths"] == ranks[1]["widths"]
+    if not cls.keeps_dense_shapes(recipe.prune):
+        assert ranks[0]["widths"] != {n: list(p.shape) for n, p in _model(recipe).state_dict().items()}
