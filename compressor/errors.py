@@ -5,8 +5,7 @@ from __future__ import annotations
 class CompressorError(Exception):
     """Base of every error the CLI turns into a message and an exit code."""
 
-    exit_code = 2
-    title = "error"
+    exit_code, title = 2, "error"
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         self.message = message.strip()
@@ -44,26 +43,22 @@ class UsageError(CompressorError):
 class TrainingError(CompressorError):
     """Training diverged (NaN/inf loss) or could not continue."""
 
-    exit_code = 1
-    title = "training stopped"
+    exit_code, title = 1, "training stopped"
 
 
 class ParityError(CompressorError):
     """An export's outputs disagree with the PyTorch model beyond the recipe's tolerance."""
 
-    exit_code = 1
-    title = "parity check failed"
+    exit_code, title = 1, "parity check failed"
 
 
 class GateError(CompressorError):
     """A recipe gate (accuracy, speed, parity) failed; the report is written before this is raised."""
 
-    exit_code = 1
-    title = "gate failed"
+    exit_code, title = 1, "gate failed"
 
 
 class BackendUnavailable(CompressorError):
     """The runtime, GPU or library needed for a request is not present on this machine."""
 
-    exit_code = 3
-    title = "backend unavailable"
+    exit_code, title = 3, "backend unavailable"

@@ -28,6 +28,8 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
+            if isinstance(obj, type) and "name" not in vars(obj):
+                obj.name = name  # a registered class knows the name it is registered under
             return obj
 
         return decorate

@@ -19,7 +19,7 @@ from tests.conftest import tiny_recipe
 from tests.method_settings import invariant_recipe
 
 
-def main(out_dir: Path, method_name: str = "none", mode: str = "") -> None:
+def main(out_dir: Path, method_name: str = "none", mode: str = "", *extra: str) -> None:
     writes = []
     original = rundir.save_torch
 
@@ -29,7 +29,7 @@ def main(out_dir: Path, method_name: str = "none", mode: str = "") -> None:
 
     rundir.save_torch = recording_save
     if mode == "invariant":  # the recipe of test_method_invariants.py
-        recipe = recipe_from_dict(invariant_recipe(method_name))
+        recipe = recipe_from_dict(invariant_recipe(method_name, *extra))
     else:
         prune = {"method": method_name}
         if method_name == "dpm":  # thresholds at zero: any escape releases, so releases and backfills happen

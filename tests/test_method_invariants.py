@@ -1,5 +1,5 @@
-"""Every registered pruning method through the same invariants (METHODS.names(): a new method is covered when it
-registers): the MAC target met, widths on round_to, resume equal to an uninterrupted run, two DDP ranks taking the
+"""Every registered pruning method, and DPM around every registered host, through the same invariants (a new
+method or host is covered when it registers): the MAC target met, widths on round_to, resume equal to an uninterrupted run, two DDP ranks taking the
 same decisions, and the slim model reloading to the trained one."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from compressor.app.recipe import recipe_from_dict
 from compressor.models.loading import build_arch, example_inputs
 from compressor.models.slim import layer_widths, load_slim, save_slim
 from compressor.prune import selection as sel
-from compressor.prune.methods import METHODS
+from compressor.prune.methods import HOSTS, METHODS
 from compressor.train.data import build_datasets
 from compressor.train.loop import fit
 from tests.method_settings import ROUND, invariant_recipe
@@ -40,9 +40,12 @@ def _decisions(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if not k.endswith("_s")}
 
 
-@pytest.mark.parametrize("name", METHODS.names())
-def test_method_invariants(name, tmp_path):
-    recipe = recipe_from_dict(invariant_recipe(name))
+CASES = [(name, "depgraph") for name in METHODS.names()] + [("dpm", h) for h in HOSTS.names() if h != "depgraph"]
+
+
+@pytest.mark.parametrize("name, host", CASES)
+def test_method_invariants(name, host, tmp_path):
+    recipe = recipe_from_dict(invariant_recipe(name, host))
     cls = METHODS.get(name)
     train, val = build_datasets(recipe.data, recipe.model)
     example = example_inputs(recipe.model)
@@ -83,7 +86,8 @@ def test_method_invariants(name, tmp_path):
         assert torch.allclose(model.eval()(x), reloaded(x), rtol=0, atol=1e-5)
 
     # two DDP ranks take identical decisions and end with identical weights
-    ranks = launch(tmp_path / "ddp", name, "invariant") if (tmp_path / "ddp").mkdir() is None else None
+    (tmp_path / "ddp").mkdir()
+    ranks = launch(tmp_path / "ddp", name, "invariant", host)
     assert _decisions(ranks[0]["decisions"]) == _decisions(ranks[1]["decisions"])
     assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["widths"] == ranks[1]["widths"]
     if not cls.keeps_dense_shapes(recipe.prune):

@@ -1,11 +1,15 @@
-"""Pruning methods (prune.method) and hosts (prune.host). Each module registers its classes in registry.METHODS /
-registry.HOSTS; importing this package registers them all."""
+"""Pruning methods (prune.method) and hosts (prune.host). Every module of this package is imported here, and each
+registers its classes in registry.METHODS / registry.HOSTS: a new method or host is one new module."""
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.registry import HOSTS, METHODS
-from compressor.prune.methods import dpm, fggp, hosts, ocsp  # noqa: F401  (register themselves)
 
 METHODS.register("none")(PruningMethod)
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["HOSTS", "METHODS", "PruningMethod"]

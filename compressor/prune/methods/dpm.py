@@ -65,7 +65,6 @@ class Structure:
 
 @METHODS.register("dpm")
 class DPM(EventMethod):
-    name = "dpm"
     config_section = ("dpm", DPMConfig)
 
     @classmethod

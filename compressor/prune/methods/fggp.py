@@ -120,7 +120,6 @@ def _input_groups(weight: torch.Tensor) -> torch.Tensor:
 
 @METHODS.register("fggp")
 class FGGP(PruningMethod):
-    name = "fggp"
     config_section = ("fggp", FGGPConfig)
 
     @classmethod

@@ -73,9 +73,27 @@ class Host:
         if self.scorer.needs_gradients:
             self.scorer.observe(ctx.model)
 
+    def after_step(self, ctx) -> None:
+        """The optimizer has stepped (hosts that act on the weights during training: otov2)."""
+
+    def check_schedule(self, event_steps: list[int], total_steps: int) -> list[str]:
+        """Warnings about the executing method's event steps for this host (see PruningMethod.check_schedule)."""
+        return []
+
     def structure_changed(self) -> None:
         """Parameters were replaced: accumulated scores are stale."""
         self.scorer.reset()
+
+    def summary(self) -> dict[str, Any]:
+        """What the report shows of the host's own work during training ({} for most hosts)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data to resume the host exactly (beyond the dense widths the method saves)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict() returned."""
 
     # -- planning
     def example(self, ctx) -> torch.Tensor:
@@ -115,7 +133,6 @@ class SparseLearningHost(Host):
     """depgraph-sl: group sparse learning (torch-pruning's GroupNormPruner regularisation on every step) before
     each selection."""
 
-    name = "depgraph-sl"
     config_section = ("sparse_learning", SparseLearningConfig)
 
     def __init__(self, recipe: Recipe) -> None:
@@ -137,19 +154,23 @@ class SparseLearningHost(Host):
     def _sparse_pruner(self, ctx) -> tp.pruner.GroupNormPruner:
         cfg = self.cfg.sparse_learning
         ignored = dg.resolve_ignored(ctx.model, self.recipe.model.ignore, self.recipe.model.num_classes)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return tp.pruner.GroupNormPruner(
-                ctx.model, self.example(ctx), importance=tp.importance.GroupMagnitudeImportance(p=2), reg=cfg.reg,
-                alpha=2 ** cfg.alpha, ignored_layers=ignored, in_channel_groups={}, out_channel_groups={},
-                num_heads={}, channel_groups={}, pruning_ratio=0.5)
+        was_training = ctx.model.training
+        ctx.model.eval()  # tracing in train mode would move the BatchNorm statistics (a resumed run would differ)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return tp.pruner.GroupNormPruner(
+                    ctx.model, self.example(ctx), importance=tp.importance.GroupMagnitudeImportance(p=2),
+                    reg=cfg.reg, alpha=2 ** cfg.alpha, ignored_layers=ignored, in_channel_groups={},
+                    out_channel_groups={}, num_heads={}, channel_groups={}, pruning_ratio=0.5)
+        finally:
+            ctx.model.train(was_training)
 
 
 @HOSTS.register("gate-decorator")
 class GateDecoratorHost(Host):
     """gate-decorator: Taylor score of the batch-norm gates, accumulated between events."""
 
-    name = "gate-decorator"
     fixed_importance = "gate"
 
 
@@ -157,7 +178,6 @@ class GateDecoratorHost(Host):
 class TaylorHost(Host):
     """taylor: group Taylor score, accumulated between events."""
 
-    name = "taylor"
     fixed_importance = "taylor"
 
 
@@ -214,6 +234,7 @@ class EventMethod(PruningMethod, abc.ABC):
                 f"prune.schedule: {len(late)} of the {self.events} {self.name} event(s) fall at or after the last of "
                 f"the {total_steps} optimizer steps ({window}), so no fine-tuning follows them; end the schedule "
                 "earlier (prune.schedule.start_epoch / end_epoch) or train longer (finetune.epochs).")
+        warnings += self.host.check_schedule(steps, total_steps)
         distinct = len(set(steps))
         if distinct < len(steps):
             warnings.append(
@@ -228,6 +249,7 @@ class EventMethod(PruningMethod, abc.ABC):
         self._run_due(ctx)
 
     def after_step(self, ctx) -> None:
+        self.host.after_step(ctx)
         self._run_due(ctx)
 
     def finalize(self, ctx) -> None:
@@ -266,16 +288,18 @@ class EventMethod(PruningMethod, abc.ABC):
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "dense_macs": self.dense_macs, "dense_channels": self.dense_channels,
-                "records": self.records, "dense_widths": self.host.dense_widths}
+                "records": self.records, "dense_widths": self.host.dense_widths, "host": self.host.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.done, self.records = state["done"], state["records"]
         self.dense_macs, self.dense_channels = state["dense_macs"], state["dense_channels"]
         self.host.dense_widths = dict(state.get("dense_widths", {}))
+        self.host.load_state_dict(state.get("host", {}))
 
     def summary(self) -> dict[str, Any]:
+        host = self.host.summary()
         return {"method": self.name, "host": self.recipe.prune.host, "events": self.records,
-                "event_epochs": self.epochs}
+                "event_epochs": self.epochs, **({"host_state": host} if host else {})}
 
 
 def remove_planned(ctx, example: torch.Tensor, plan: sel.Plan, planned_macs: Optional[float],
@@ -315,7 +339,6 @@ class RemovingMethod(EventMethod):
 
 @METHODS.register("oneshot")
 class OneShot(RemovingMethod):
-    name = "oneshot"
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe, events=1)
@@ -323,7 +346,6 @@ class OneShot(RemovingMethod):
 
 @METHODS.register("iterative")
 class Iterative(RemovingMethod):
-    name = "iterative"
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe, events=recipe.prune.schedule.events)

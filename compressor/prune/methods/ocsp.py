@@ -69,7 +69,6 @@ def cost_weights(snap: sel.Snapshot) -> dict[str, float]:
 
 @METHODS.register("ocsp")
 class OCSP(PruningMethod):
-    name = "ocsp"
     config_section = ("ocsp", OCSPConfig)
 
     @classmethod
