@@ -8,8 +8,8 @@ Phases, in the order they run (plan: about 4 CPU hours on 2 cores; never two tor
   budget  seed 0, depgraph, macs 0.5: single-step and DPM-SP+SR at the base budget, each with and without
           distillation from the dense model; tells whether the best drop falls below 0.5 pp and whether
           distillation helps.
-  main    seeds 0, 1, 2, macs 0.5: hosts depgraph and otov2 (when the host exists), single-step vs DPM-SP+SR,
-          plus DPM-SP alone where SR released anything.
+  main    seeds 0, 1, 2, macs 0.5: hosts depgraph and otov2, single-step vs DPM-SP+SR (seed by seed). otov2 runs
+          HSPG (prune.otov2 defaults: lmbda 0.5) for 2 epochs before its event (schedule start_epoch 2).
   other   seed 0: gate-decorator at macs 0.5, depgraph at macs 0.33 (single-step and DPM-SP+SR).
 
 Base budget: 15 fine-tune epochs on 20k training images (seeded subset), batch 128, SGD lr 0.01 cosine: 2,345
@@ -69,14 +69,16 @@ class Cell:
                f"finetune.distill.enabled={'true' if self.distill else 'false'}", *extra]
         if self.host == "gate-decorator":
             out.append("prune.importance={kind: gate}")
+        if self.host == "otov2":  # HSPG needs training before the removal: 2 epochs, then the event (or DPM's decay)
+            out += ["prune.schedule.start_epoch=2", "prune.schedule.end_epoch=3"]
         return out
 
 
 def cells(hosts_available: set[str]) -> list[Cell]:
     budget = [Cell("budget", "depgraph", 0.5, v, distill=kd) for kd in (False, True)
               for v in ("single-step", "DPM-SP+SR")]
-    main = [Cell("main", h, 0.5, v, seed=s) for h in ("depgraph", "otov2") if h in hosts_available
-            for v in ("single-step", "DPM-SP+SR") for s in (0, 1, 2)]
+    main = [Cell("main", h, 0.5, v, seed=s) for s in (0, 1, 2) for h in ("depgraph", "otov2") if h in hosts_available
+            for v in ("single-step", "DPM-SP+SR")]
     other = [Cell("other", "depgraph", 0.5, "DPM-SP")]
     other += [Cell("other", "gate-decorator", 0.5, v) for v in ("single-step", "DPM-SP+SR")]
     other += [Cell("other", "depgraph", 0.33, v) for v in ("single-step", "DPM-SP+SR")]
