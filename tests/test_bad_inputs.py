@@ -377,12 +377,12 @@ def test_debug_keeps_the_cause_of_a_wrapped_checkpoint_error(f):
 
 
 def test_unexpected_exception_is_one_paragraph_and_exit_1(f, monkeypatch):
-    import compressor.deploy.evaluation
+    import compressor.app.evaluation
 
     def boom(*args, **kwargs):
         raise RuntimeError("CUDA kernel went sideways\nsecond line of detail")
 
-    monkeypatch.setattr(compressor.deploy.evaluation, "evaluate_artifact", boom)
+    monkeypatch.setattr(compressor.app.evaluation, "evaluate_artifact", boom)
     result = invoke_cli("eval", "zoo:resnet20", "--recipe", f.recipe)
     assert result.returncode == 1
     assert "internal error: RuntimeError: CUDA kernel went sideways" in result.stderr

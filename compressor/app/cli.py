@@ -168,7 +168,7 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="Checkpoint (.pt/.safeten
              device: DeviceOpt = "cpu",
              json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON.")] = None) -> None:
     """Top-1, top-5 and loss of a model on the recipe's validation data."""
-    from compressor.deploy.evaluation import evaluate_artifact
+    from compressor.app.evaluation import evaluate_artifact
     from compressor.models.loading import check_device
 
     r = _load_recipe(recipe, overrides)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from compressor.app.recipe import Recipe, dump_recipe, load_recipe
-from compressor.deploy.evaluation import evaluate_onnx
+from compressor.app.evaluation import evaluate_onnx
 from compressor.deploy.export import export_onnx
 from compressor.deploy.trt_compat import check_onnx
 from compressor.deploy.verify import verify_onnx
