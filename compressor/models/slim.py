@@ -6,6 +6,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from compressor.models.layers import is_depthwise
+
 
 def _resize_tensors(module: nn.Module, prefix: str, state: Mapping[str, torch.Tensor]) -> bool:
     """Give the module's own parameters and buffers the shapes stored in `state`; True if any changed."""
@@ -30,8 +32,7 @@ def _fix_attributes(module: nn.Module) -> None:
         transposed = module.transposed
         if transposed:
             in_per_group, out_ch = out_ch, in_per_group
-        depthwise = module.groups > 1 and module.groups == module.in_channels
-        if depthwise and not transposed and in_per_group == 1:
+        if is_depthwise(module) and not transposed and in_per_group == 1:
             module.groups = out_ch
         module.out_channels = out_ch * (module.groups if transposed else 1)
         module.in_channels = in_per_group * (1 if transposed else module.groups)

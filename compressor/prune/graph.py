@@ -2,6 +2,7 @@
 which parametrised layers cannot be pruned and why. We never trace dependencies ourselves."""
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compressor.errors import NotPrunableError, RecipeError
+from compressor.models.layers import is_depthwise
 from compressor.prune.limits import LimitExceeded, default_memory_growth, limited
 from compressor.registry import did_you_mean
 
@@ -123,13 +125,24 @@ def trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
                                                  customized_pruners=custom)
 
 
-def build_graph(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> tp.DependencyGraph:
-    """Trace the model once with torch-pruning; NotPrunableError when the model cannot be traced."""
+@contextlib.contextmanager
+def quiet_eval(model: nn.Module):
+    """Eval mode (BatchNorm statistics do not move) with warnings silenced, for tracing and counting; the model's
+    mode is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def build_graph(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]) -> tp.DependencyGraph:
+    """Trace the model once with torch-pruning; NotPrunableError when the model cannot be traced."""
+    try:
+        with quiet_eval(model):
             graph = trace(model, example)
     except Exception as exc:  # torch-pruning raises bare exceptions of many kinds on untraceable models
         raise NotPrunableError(
@@ -138,8 +151,6 @@ def build_graph(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module
                  "right, the model uses an op torch-pruning cannot trace (e.g. ShuffleNet's channel shuffle) and "
                  "cannot be pruned structurally (FGGP unstructured or 2:4 still can).",
         ) from exc
-    finally:
-        model.train(was_training)
     return graph
 
 
@@ -176,7 +187,7 @@ def grouped_convs(model: nn.Module) -> dict[nn.Module, str]:
     pruned."""
     return {m: name for name, m in model.named_modules()
             if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
-            and not (m.groups == m.in_channels == m.out_channels)}  # depthwise with a multiplier is grouped too
+            and not is_depthwise(m, with_multiplier=False)}  # depthwise with a multiplier is grouped too
 
 
 STANDARD_PARAMS = {"weight", "bias"}
@@ -255,13 +266,14 @@ def prunable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list
             continue  # unprunable_layers words the locked couplings itself
         for item in group:
             module = item.dep.target.module
-            if isinstance(module, nn.Module) and module not in locked and _is_out_handler(item.dep.handler):
+            if isinstance(module, nn.Module) and module not in locked and is_out_handler(item.dep.handler):
                 rejected.setdefault(module, problem)
     graph.rejected_groups = rejected
     return kept
 
 
-def _is_out_handler(handler) -> bool:
+def is_out_handler(handler) -> bool:
+    """Whether a torch-pruning handler removes output channels (prune_out_channels of any layer kind)."""
     return getattr(handler, "__name__", "").startswith("prune_out")
 
 
@@ -278,7 +290,7 @@ def _index_problem(graph: tp.DependencyGraph, group, names: dict[nn.Module, str]
         pruner = graph.get_pruner_of_module(module) if isinstance(module, nn.Module) else None
         if pruner is None or not list(module.parameters(recurse=False)):
             continue
-        width = (pruner.get_out_channels if _is_out_handler(item.dep.handler) else pruner.get_in_channels)(module)
+        width = (pruner.get_out_channels if is_out_handler(item.dep.handler) else pruner.get_in_channels)(module)
         if width is None:
             continue
         idxs = [int(i) for i in item.idxs]

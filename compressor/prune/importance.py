@@ -16,6 +16,8 @@ from torch import nn
 
 from compressor.config import Strict
 from compressor.errors import RecipeError
+from compressor.models.layers import is_depthwise
+from compressor.prune.graph import is_out_handler
 from compressor.registry import Registry
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -193,19 +195,15 @@ class Slice:
         self.param, self.dim, self.idxs, self.output = param, dim, idxs, output
 
 
-def _is_out(handler) -> bool:
-    return getattr(handler, "__name__", "").startswith("prune_out")
-
-
 def channel_slices(module: nn.Module, handler, idxs: list[int], root_idxs: list[int], *, out_only: bool):
     """(Slice, root_idxs) pairs of a group member: producer rows and bias, norm affine, and (unless out_only)
     consumer input columns. Members whose root_idxs are unknown (None) are skipped."""
     if root_idxs is None or any(r is None for r in root_idxs):
         return []
-    is_out = _is_out(handler)
+    is_out = is_out_handler(handler)
     pairs = []
     if isinstance(module, nn.modules.conv._ConvNd):
-        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        depthwise = is_depthwise(module, with_multiplier=False)
         out_dim = 1 if module.transposed else 0
         if is_out or depthwise:
             pairs.append((Slice(module.weight, out_dim, idxs, True), root_idxs))

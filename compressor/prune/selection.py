@@ -10,7 +10,6 @@ across graph rebuilds (torch-pruning groups do not survive a prune).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,7 +18,8 @@ import torch_pruning as tp
 from torch import nn
 
 from compressor.errors import NotPrunableError
-from compressor.prune.importance import Scorer, _is_out
+from compressor.models.layers import is_depthwise
+from compressor.prune.importance import Scorer
 from compressor.prune import graph as dg
 
 Plan = dict[str, list[int]]
@@ -115,19 +115,14 @@ def _rnn_macs(module: nn.RNNBase, inputs, output) -> None:
 
 def snapshot_macs(model: nn.Module, example: torch.Tensor) -> tuple[float, int]:
     """(MACs, params) of the model as it is now, counted by torch-pruning (see count_ops)."""
-    was_training = model.training
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with dg.quiet_eval(model):
         macs, params = count_ops(model, example)
-    model.train(was_training)
     return float(macs), int(params)
 
 
 def _dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
     if isinstance(module, nn.modules.conv._ConvNd):
-        depthwise = module.groups > 1 and module.groups == module.in_channels
-        return module.out_channels, module.in_channels, depthwise
+        return module.out_channels, module.in_channels, is_depthwise(module)
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features, False
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -142,12 +137,8 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
     With normalize (the default) each group's scores are divided by their mean, so global ranking compares
     channels within their group's scale; scorers that are already comparable across layers pass False.
     """
-    was_training = model.training
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with dg.quiet_eval(model):
         macs, params, per_layer, _ = count_ops(model, example, layer_wise=True)
-    model.train(was_training)
     ignored = dg.resolve_ignored(model, ignored_patterns, num_classes)
     graph = dg.build_graph(model, example, ignored)
     groups = dg.prunable_groups(graph, ignored)
@@ -167,7 +158,7 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
             if name is None:
                 continue
             roots = None if item.root_idxs is None or any(r is None for r in item.root_idxs) else list(item.root_idxs)
-            members.append((name, "out" if _is_out(item.dep.handler) else "in", roots, len(item.idxs)))
+            members.append((name, "out" if dg.is_out_handler(item.dep.handler) else "in", roots, len(item.idxs)))
         root_module = group[0].dep.target.module
         classes = merge_classes(coupled_classes(graph, root_module, group[0].dep.handler, len(group[0].idxs)),
                                 norm_group_classes(group))
@@ -193,7 +184,7 @@ def coupled_classes(graph: tp.DependencyGraph, root: nn.Module, handler, width: 
     then is every index probed."""
     def partners(i: int) -> list[int]:
         group = graph.get_pruning_group(root, handler, [i])
-        return sorted({int(idx) for item in group if item.dep.target.module is root and _is_out(item.dep.handler)
+        return sorted({int(idx) for item in group if item.dep.target.module is root and dg.is_out_handler(item.dep.handler)
                        for idx in item.idxs} | {i})
 
     if width < 2 or all(partners(i) == [i] for i in {0, width // 2, width - 1}):
@@ -459,10 +450,7 @@ def remove(model: nn.Module, example: torch.Tensor, plan: Plan) -> int:
     plan = {root: idxs for root, idxs in plan.items() if idxs}
     if not plan:
         return 0
-    was_training = model.training
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with dg.quiet_eval(model):
         graph = dg.trace(model, example)
         removed = 0
         for root, idxs in plan.items():
@@ -481,7 +469,6 @@ def remove(model: nn.Module, example: torch.Tensor, plan: Plan) -> int:
                          "coupled layers), or use FGGP unstructured / 2:4, which does not change shapes.") from exc
             removed += len(idxs)
         check_forward(model, example, list(plan))
-    model.train(was_training)
     return removed
 
 
@@ -524,12 +511,8 @@ def structure_slices(model: nn.Module, example: torch.Tensor, roots: list[str], 
     """
     from compressor.prune.importance import channel_slices
 
-    was_training = model.training
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with dg.quiet_eval(model):
         graph = dg.trace(model, example)
-    model.train(was_training)
     result = {}
     for root in roots:
         module = model.get_submodule(root)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TYPE_CHECKING
 
-from pydantic import Field, model_validator
+from pydantic import Field
 import torch
 
 from compressor.config import Strict

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import abc
 import copy
-import warnings
 from typing import Any, Optional, TYPE_CHECKING
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 import torch
 import torch_pruning as tp
@@ -154,17 +153,11 @@ class SparseLearningHost(Host):
     def _sparse_pruner(self, ctx) -> tp.pruner.GroupNormPruner:
         cfg = self.cfg.sparse_learning
         ignored = dg.resolve_ignored(ctx.model, self.recipe.model.ignore, self.recipe.model.num_classes)
-        was_training = ctx.model.training
-        ctx.model.eval()  # tracing in train mode would move the BatchNorm statistics (a resumed run would differ)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return tp.pruner.GroupNormPruner(
-                    ctx.model, self.example(ctx), importance=tp.importance.GroupMagnitudeImportance(p=2),
-                    reg=cfg.reg, alpha=2 ** cfg.alpha, ignored_layers=ignored, in_channel_groups={},
-                    out_channel_groups={}, num_heads={}, channel_groups={}, pruning_ratio=0.5)
-        finally:
-            ctx.model.train(was_training)
+        with dg.quiet_eval(ctx.model):  # tracing in train mode would move the BatchNorm statistics (resume differed)
+            return tp.pruner.GroupNormPruner(
+                ctx.model, self.example(ctx), importance=tp.importance.GroupMagnitudeImportance(p=2), reg=cfg.reg,
+                alpha=2 ** cfg.alpha, ignored_layers=ignored, in_channel_groups={}, out_channel_groups={},
+                num_heads={}, channel_groups={}, pruning_ratio=0.5)
 
 
 @HOSTS.register("gate-decorator")

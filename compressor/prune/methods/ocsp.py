@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, TYPE_CHECKING, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field
 import torch
 
 from compressor.config import Strict
