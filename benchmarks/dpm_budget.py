@@ -160,8 +160,54 @@ def write_table(results: Path) -> str:
             "released / selected: DPM structures released by self-rectifying / selected, over the cell's seeds.\n\n"
             + table(["host", "macs", "variant", "budget", "seeds", "top-1 %", "drop pp", "MACs kept",
                      "released / selected", "CPU"], lines))
+    dpm_runs = [r for r in rows if r["sr"]["checks"]]
+    if dpm_runs:
+        text += ("\n## Self-rectifying at this budget\n\nEvery SR check of a decaying structure (one per structure and "
+                 "decay step after the first): C_rate = escape / target norm, C_len = escape / mean move of the group's "
+                 "other channels; released when C_rate > t_rate (0.1) and C_len > t_len (1.0). Quartiles (min, 25%, "
+                 "median, 75%, max); dpm_budget_sr.png plots them.\n\n")
+        text += table(["run", "checks", "released", "releases per decay step n (checks)", "C_rate quartiles",
+                       "C_len quartiles"],
+                      [[r["tag"], r["sr"]["checks"], r["totals"].get("released", 0),
+                        ", ".join(f"n={n}: {v[1]} ({v[0]})" for n, v in sorted(
+                            r["sr"]["checks_and_releases_per_decay_step"].items(), key=lambda kv: int(kv[0]))),
+                        " / ".join(f"{q:.3g}" for q in r["sr"]["c_rate_quartiles"]),
+                        " / ".join(f"{q:.3g}" for q in r["sr"]["c_len_quartiles"])] for r in dpm_runs])
+        plot_sr(dpm_runs, RESULTS / "dpm_budget_sr.png")
     (RESULTS / "dpm_budget.md").write_text(text)
     return text
+
+
+def plot_sr(runs: list[dict], path: Path) -> None:
+    """C_rate against C_len of every SR check (released in red) and releases per decay step, one row per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.6 * len(runs)), squeeze=False)
+    for (scatter, bars), r in zip(axes, runs):
+        checks = [c for c in r["sr_checks"] if c[3] is not None]
+        for released, color in ((False, "#2e86de"), (True, "#e74c3c")):
+            pts = [(c[2], c[3]) for c in checks if bool(c[4]) == released]
+            if pts:
+                scatter.scatter(*zip(*pts), s=5, alpha=0.4, color=color,
+                                label=f"{'released' if released else 'kept decaying'} ({len(pts)})")
+        scatter.axvline(0.1, color="grey", ls="--", lw=1)
+        scatter.axhline(1.0, color="grey", ls="--", lw=1)
+        scatter.set_xscale("symlog", linthresh=0.01)
+        scatter.set_yscale("symlog", linthresh=0.1)
+        scatter.set_xlabel("C_rate")
+        scatter.set_ylabel("C_len")
+        scatter.set_title(r["tag"], fontsize=9)
+        scatter.legend(fontsize=7)
+        steps = sorted(r["sr"]["checks_and_releases_per_decay_step"].items(), key=lambda kv: int(kv[0]))
+        bars.bar([int(n) for n, _ in steps], [v[1] for _, v in steps], color="#e74c3c")
+        bars.set_xlabel("decay step n at the check")
+        bars.set_ylabel("structures released")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
