@@ -347,6 +347,34 @@ def profile_cmd(model: Annotated[Path, typer.Argument(help="model.onnx to profil
         write_json(json_out, result)
 
 
+@app.command("latency-table")
+@handles_errors
+def latency_table_cmd(model: Annotated[Path, typer.Argument(help="model.onnx (the dense export) to measure layer by layer.")],
+                      out_path: Annotated[Path, typer.Option("--out", help="Where to write the table (JSON).")] = Path("lut.json"),
+                      backend: Annotated[str, typer.Option("--backend", help="ort-cpu|ort-cuda|ort-trt: the runtime of the target device.")] = "ort-cpu",
+                      batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma separated.")] = "1,8",
+                      step: Annotated[int, typer.Option("--step", min=1, help="Kept widths measured: every multiple of this, and the full width.")] = 8,
+                      threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Intra-op CPU threads (default: the runtime's).")] = None,
+                      warmup_ms: Annotated[float, typer.Option("--warmup-ms", min=0, help="Warm-up time per probe and batch size.")] = 100.0,
+                      min_runs: Annotated[int, typer.Option("--min-runs", min=1, help="Timed runs per width at least.")] = 20) -> None:
+    """Latency of every prunable layer at the widths pruning can give it, measured in the target runtime (no torch
+    needed: probe graphs are built with onnx from MODEL). The table names the model file, runtime, batch sizes,
+    versions and CPU it was measured for."""
+    from compressor.deploy.bench import parse_ints
+    from compressor.deploy.latency_table import measure_table, write_table
+    from compressor.rundir import check_output_file
+
+    check_output_file(out_path, "--out", "lut.json")
+
+    def progress(done: int, total: int, name: str) -> None:
+        out.print(f"[{done}/{total}] {name}")
+
+    table = measure_table(model, backend, parse_ints(batch, "--batch"), step=step, threads=threads,
+                          warmup_ms=warmup_ms, min_runs=min_runs, progress=progress)
+    write_table(table, out_path)
+    out.print(f"{len(table['layers'])} layers, batch {batch}, {backend}: {out_path}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -1,0 +1,212 @@
+"""Per-layer latency tables measured in the target runtime, without torch (runs on an edge device that has only
+onnxruntime, onnx and numpy). Spec: docs/latency-table.md.
+
+For every convolution and fully connected layer of an exported model (Conv, Gemm, and MatMul with a constant
+weight), a one-node probe graph is built with onnx at the layer's own input shape, attributes and batch, for each
+output width the table samples, and timed with bench's statistics: every width of one layer runs in turn (round
+robin) after a warm-up, so machine noise hits all widths of a layer alike. The table records what its numbers
+depend on (model hash and input shape, runtime, versions, CPU, threads, batch) so that a compress run can refuse a
+table measured for something else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from compressor.errors import UsageError
+
+FORMAT = "compressor-latency-table/1"
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer whose output width pruning changes: its node, input shape without the batch axis, weight shape and
+    attributes (Conv: kernel_shape, strides, pads, dilations, group)."""
+
+    name: str
+    op: str
+    input_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    attributes: dict[str, Any]
+
+    @property
+    def width(self) -> int:
+        """Output channels (Conv) or features (Gemm / MatMul)."""
+        if self.op == "Conv":
+            return self.weight_shape[0]
+        if self.op == "Gemm" and self.attributes.get("transB", 0):
+            return self.weight_shape[0]
+        return self.weight_shape[-1]
+
+    @property
+    def depthwise(self) -> bool:
+        group = int(self.attributes.get("group", 1))
+        return self.op == "Conv" and group > 1 and group == self.input_shape[0]
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file (with its external data file next to it, if any), identifying the model a table is for."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    for part in (path, path.with_name(path.name + ".data")):
+        if part.is_file():
+            with open(part, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prunable_layers(model: Any) -> list[Layer]:
+    """The Conv / Gemm / MatMul nodes with a constant weight and a known input shape (onnx shape inference)."""
+    import onnx
+    from onnx import numpy_helper, shape_inference
+
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+    weights = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    for node in model.graph.node:  # weights folded into Constant nodes by some exporters
+        if node.op_type == "Constant" and node.attribute:
+            weights[node.output[0]] = tuple(numpy_helper.to_array(node.attribute[0].t).shape)
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        shape = shapes.get(node.input[0])
+        if not shape or any(d <= 0 for d in shape[1:]):
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        weight = weights[node.input[1]]
+        if node.op_type == "MatMul" and len(weight) != 2:
+            continue
+        layers.append(Layer(node.name or node.output[0], node.op_type, tuple(shape[1:]), weight, attributes))
+    return layers
+
+
+def probe_graph(layer: Layer, width: int, seed: int = 0) -> Any:
+    """A one-node ONNX model computing `layer` with `width` output channels (a depthwise conv also takes `width`
+    input channels: its channels are pruned together), random weights, a free batch axis."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    in_shape = list(layer.input_shape)
+    attributes = dict(layer.attributes)
+    inits = []
+    if layer.op == "Conv":
+        if layer.depthwise:
+            in_shape[0] = width
+            attributes["group"] = width
+        w = rng.standard_normal((width, *layer.weight_shape[1:])).astype(np.float32)
+        inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(width, np.float32), "B")]
+        node = helper.make_node("Conv", ["X", "W", "B"], ["Y"], **attributes)
+    elif layer.op == "Gemm":
+        shape = (width, layer.weight_shape[1]) if attributes.get("transB", 0) else (layer.weight_shape[0], width)
+        inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), "W"),
+                 numpy_helper.from_array(np.zeros(width, np.float32), "B")]
+        node = helper.make_node("Gemm", ["X", "W", "B"], ["Y"], **attributes)
+    else:
+        inits = [numpy_helper.from_array(rng.standard_normal((layer.weight_shape[0], width)).astype(np.float32), "W")]
+        node = helper.make_node("MatMul", ["X", "W"], ["Y"])
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", *in_shape])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="compressor-probe")
+
+
+def sample_widths(width: int, step: int) -> list[int]:
+    """The kept widths a table measures for a layer of `width`: every multiple of `step` below it, and the width."""
+    return sorted({w for w in range(step, width, step)} | {width})
+
+
+def measure_table(model_path: str | Path, backend: str = "ort-cpu", batches: Sequence[int] = (1,), *, step: int = 8,
+                  threads: Optional[int] = None, warmup_ms: float = 100.0, min_runs: int = 20,
+                  min_seconds: float = 0.05, layers: Optional[Sequence[str]] = None,
+                  progress: Any = None) -> dict[str, Any]:
+    """The latency table of `model_path` on `backend` (an ONNX Runtime backend) at each batch size."""
+    from compressor.deploy.bench import environment, load_onnx_proto, make_runner, measure_round_robin, summarize
+
+    if not backend.startswith("ort-"):
+        raise UsageError(f"--backend {backend}: latency tables are measured with ONNX Runtime probe graphs "
+                         "(ort-cpu, ort-cuda or ort-trt).")
+    model = load_onnx_proto(model_path)
+    if model is None:
+        raise UsageError("latency tables need the onnx package to build their probe graphs: pip install onnx.")
+    found = prunable_layers(model)
+    if layers:
+        found = [layer for layer in found if layer.name in set(layers)]
+    if not found:
+        raise UsageError(f"{model_path}: no Conv, Gemm or MatMul layer with a constant weight and a known input "
+                         "shape (export with a fixed input size, e.g. `compressor export`).")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="compressor-lut-") as tmp:
+        for index, layer in enumerate(found):
+            widths = sample_widths(layer.width, step)
+            paths = []
+            for w in widths:
+                path = Path(tmp) / f"probe-{index}-{w}.onnx"
+                path.write_bytes(probe_graph(layer, w).SerializeToString())
+                paths.append(path)
+            ms: dict[str, list[float]] = {}
+            for batch in batches:
+                runners = [make_runner(backend, p, threads, _probe_input(layer, w)) for p, w in zip(paths, widths)]
+                times = measure_round_robin(runners, batch, warmup_ms, min_runs, min_seconds)
+                ms[str(batch)] = [summarize(t, batch).p50 for t in times]
+                for runner in runners:
+                    runner.close()
+            rows.append({**asdict(layer), "width": layer.width, "depthwise": layer.depthwise, "widths": widths,
+                         "p50_ms": ms})
+            if progress is not None:
+                progress(index + 1, len(found), layer.name)
+    return {"format": FORMAT, "model": {"path": str(model_path), "sha256": file_digest(model_path)},
+            "backend": backend, "batches": [int(b) for b in batches], "step": step, "threads": threads,
+            "environment": environment(threads=threads), "layers": rows}
+
+
+def _probe_input(layer: Layer, width: int) -> tuple[int, ...]:
+    shape = list(layer.input_shape)
+    if layer.depthwise:
+        shape[0] = width
+    return tuple(shape)
+
+
+def write_table(table: dict[str, Any], out: str | Path) -> Path:
+    from compressor.rundir import write_text
+
+    out = Path(out)
+    write_text(out, json.dumps(table, indent=1) + "\n")
+    return out
+
+
+def read_table(path: str | Path, *, model_path: str | Path, backend: str, batch: int) -> dict[str, Any]:
+    """A table for exactly this model (file hash), runtime and batch; UsageError (exit 2) naming what differs."""
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--latency-table {path}: not a readable latency table ({type(exc).__name__}: {exc}).",
+                         hint="Make one with `compressor latency-table MODEL.onnx --out lut.json`.") from None
+    if not isinstance(table, dict) or table.get("format") != FORMAT:
+        raise UsageError(f"--latency-table {path}: format {table.get('format') if isinstance(table, dict) else None!r}"
+                         f", expected {FORMAT!r}.", hint="Measure it again with this version of compressor.")
+    problems = []
+    digest = file_digest(model_path)
+    if table["model"]["sha256"] != digest:
+        problems.append(f"it was measured for another model ({table['model']['path']}, sha256 "
+                        f"{table['model']['sha256'][:12]}; this one is {digest[:12]})")
+    if table["backend"] != backend:
+        problems.append(f"its runtime is {table['backend']}, the target is {backend}")
+    if str(batch) not in {str(b) for b in table["batches"]}:
+        problems.append(f"it has batch {', '.join(map(str, table['batches']))}, the target is batch {batch}")
+    if problems:
+        raise UsageError(f"--latency-table {path}: " + "; ".join(problems) + ".",
+                         hint=f"Measure a table for this model: `compressor latency-table {model_path} --backend "
+                              f"{backend} --batch {batch}` (on the target device).")
+    return table

@@ -1,0 +1,94 @@
+"""Per-layer latency tables: probe graphs built with onnx, timed in ONNX Runtime, without torch."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from compressor.deploy.latency_table import Layer, probe_graph, prunable_layers, read_table, sample_widths
+from compressor.errors import UsageError
+
+from .conftest import REPO
+
+
+def _export(tmp_path, model, shape=(3, 16, 16)):
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model.eval(), torch.randn(1, *shape), str(path), input_names=["input"], output_names=["out"],
+                      dynamic_axes={"input": {0: "batch"}, "out": {0: "batch"}}, dynamo=False)
+    return path
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 24, 3, stride=2, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                         nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.ReLU(), nn.Conv2d(24, 16, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+def test_layers_are_found_with_their_input_shapes_and_attributes(tmp_path):
+    import onnx
+
+    layers = prunable_layers(onnx.load(str(_export(tmp_path, _net()))))
+    assert [(layer.op, layer.input_shape, layer.width, layer.depthwise) for layer in layers] == [
+        ("Conv", (3, 16, 16), 24, False), ("Conv", (24, 8, 8), 24, True), ("Conv", (24, 8, 8), 16, False),
+        ("Gemm", (16,), 5, False)]
+    assert layers[0].attributes["strides"] == [2, 2]
+
+
+@pytest.mark.parametrize("layer, width, out_shape", [
+    (Layer("c", "Conv", (3, 16, 16), (24, 3, 3, 3), {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [2, 2]}),
+     8, (2, 8, 8, 8)),
+    (Layer("d", "Conv", (24, 8, 8), (24, 1, 3, 3), {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "group": 24}),
+     16, (2, 16, 8, 8)),
+    (Layer("g", "Gemm", (16,), (5, 16), {"transB": 1}), 3, (2, 3)),
+    (Layer("m", "MatMul", (7, 32), (32, 64), {}), 40, (2, 7, 40)),
+])
+def test_a_probe_computes_the_layer_at_the_asked_width(layer, width, out_shape):
+    session = ort.InferenceSession(probe_graph(layer, width).SerializeToString(), providers=["CPUExecutionProvider"])
+    shape = list(layer.input_shape)
+    if layer.depthwise:
+        shape[0] = width  # a depthwise layer's channels go with its inputs
+    (y,) = session.run(None, {"X": np.ones((2, *shape), np.float32)})
+    assert y.shape == out_shape
+
+
+def test_sampled_widths():
+    assert sample_widths(24, 8) == [8, 16, 24]
+    assert sample_widths(20, 8) == [8, 16, 20]
+    assert sample_widths(5, 8) == [5]
+
+
+def test_the_table_is_measured_without_torch_and_refuses_other_models(tmp_path):
+    model = _export(tmp_path, _net())
+    out = tmp_path / "lut.json"
+    code = ("import sys; sys.modules['torch'] = None\n"  # as on an edge device: importing torch fails
+            "from compressor.app.cli import main; sys.argv = ['compressor', 'latency-table', sys.argv[1], '--out', "
+            "sys.argv[2], '--batch', '1,2', '--min-runs', '3', '--warmup-ms', '1', '--threads', '1']; main()")
+    result = subprocess.run([sys.executable, "-c", code, str(model), str(out)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = json.loads(out.read_text())
+    assert table["backend"] == "ort-cpu" and table["batches"] == [1, 2] and table["threads"] == 1
+    assert table["environment"]["onnxruntime_version"] == ort.__version__ and table["environment"]["cpu"]
+    rows = table["layers"]
+    assert [r["widths"] for r in rows] == [[8, 16, 24], [8, 16, 24], [8, 16], [5]]
+    assert all(len(r["p50_ms"][b]) == len(r["widths"]) and min(r["p50_ms"][b]) > 0 for r in rows for b in ("1", "2"))
+
+    assert read_table(out, model_path=model, backend="ort-cpu", batch=2)["layers"] == rows
+    (tmp_path / "o").mkdir()
+    other = _export(tmp_path / "o", _net()[:3].append(nn.Flatten()))
+    with pytest.raises(UsageError, match="measured for another model") as info:
+        read_table(out, model_path=other, backend="ort-cpu", batch=1)
+    assert info.value.exit_code == 2 and "compressor latency-table" in info.value.hint
+    with pytest.raises(UsageError, match="its runtime is ort-cpu, the target is ort-cuda; it has batch 1, 2, the "
+                                         "target is batch 8"):
+        read_table(out, model_path=model, backend="ort-cuda", batch=8)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UsageError, match="not a readable latency table"):
+        read_table(tmp_path / "bad.json", model_path=model, backend="ort-cpu", batch=1)
