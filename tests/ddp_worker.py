@@ -54,6 +54,7 @@ def main(out_dir: Path, method_name: str = "none", mode: str = "", *extra: str) 
     dist.all_gather_object(gathered, facts)
     if dist.get_rank() == 0:
         (out_dir / "ranks.json").write_text(json.dumps(gathered))
+    dist.barrier()  # both ranks done communicating: gloo aborted a rank that tore down mid-exchange (CI, once)
     dist.destroy_process_group()
 
 

@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from compressor.deploy import bench
+from compressor.deploy import bench, runners
 from compressor.errors import UsageError
 
 from .conftest import REPO, run_cli
@@ -69,7 +69,7 @@ class FakeClock:
         return self.now
 
 
-class FakeRunner(bench.Runner):
+class FakeRunner(runners.Runner):
     """Each run advances the fake clock by STEP and appends its name to a shared log."""
 
     def __init__(self, name: str, clock: FakeClock, log: list[str]) -> None:
@@ -154,7 +154,7 @@ def test_ort_runner_fills_the_dynamic_batch(onnx_pair):
     runner.prepare(3)
     (feed,) = runner.feed.values()
     assert feed.shape == (3, 3, 8, 8) and feed.dtype == np.float32
-    assert np.array_equal(feed, bench.random_input((3, 3, 8, 8)))  # seeded: the baseline gets the same data
+    assert np.array_equal(feed, runners.random_input((3, 3, 8, 8)))  # seeded: the baseline gets the same data
     runner.run_once()
     runner.close()
 

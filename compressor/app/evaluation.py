@@ -21,7 +21,7 @@ def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool 
     loaded before the data is read, so a bad model file is named first."""
     batch = recipe.data.eval_batch_size or max(recipe.data.batch_size, 256)
     if str(model_ref).endswith(".onnx"):
-        from compressor.deploy.bench import open_onnx_session
+        from compressor.deploy.runners import open_onnx_session
 
         session = open_onnx_session(Path(model_ref), "ort-cpu")
         _, val_set = build_datasets(recipe.data, recipe.model)
@@ -33,7 +33,7 @@ def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool 
 
 def evaluate_onnx(path: Path, dataset, *, batch_size: int = 256, session: Optional[object] = None) -> dict[str, float]:
     """The same metrics as train.evaluate, computed with ONNX Runtime on the CPU."""
-    from compressor.deploy.bench import open_onnx_session
+    from compressor.deploy.runners import open_onnx_session
 
     session = session or open_onnx_session(path, "ort-cpu")
     input_name = session.get_inputs()[0].name

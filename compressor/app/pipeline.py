@@ -72,7 +72,7 @@ def preflight(recipe: Recipe, device: str) -> list[str]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendUnavailable(f"--device {device} was asked for but PyTorch sees no CUDA GPU.",
                                  hint="Use --device cpu, or install a CUDA build of PyTorch on a GPU machine.")
-    from compressor.deploy.bench import check_backend
+    from compressor.deploy.runners import check_backend
 
     for backend in recipe.bench.backends:
         check_backend(backend)

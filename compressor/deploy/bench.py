@@ -1,13 +1,12 @@
-"""Latency benchmarks: backend runners, statistics, interleaved A/B timing, batch sweeps, environment capture.
+"""Latency benchmarks: statistics, interleaved A/B timing, batch sweeps, environment capture (the backends are in
+compressor/deploy/backends, their contract in runners.py).
 
 No torch import here outside the `torch` backend: benchmarking an .onnx or TensorRT file works on a device
 that has only numpy and onnxruntime (or tensorrt) installed.
 """
 from __future__ import annotations
 
-import abc
 import contextlib
-import functools
 import importlib.metadata
 import os
 import platform
@@ -15,285 +14,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from compressor.deploy.onnx_runtime import create_session, require_provider
-from compressor.deploy.tensorrt_runtime import nvidia_gpus, require_tensorrt
-from compressor.errors import BackendUnavailable, CompressorError, ModelLoadError, UsageError
+import compressor.deploy.backends  # noqa: F401  (registers every backend in BACKENDS)
+from compressor.deploy.runners import BACKENDS, ENGINE_SUFFIXES, ONNX_SUFFIXES, SEED, Runner, RunnerOptions
+from compressor.deploy.tensorrt_runtime import nvidia_gpus
+from compressor.errors import UsageError
 from compressor.progress import Tracker, track
-from compressor.registry import Registry
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-SEED = 0
-ONNX_SUFFIXES = (".onnx",)
-ENGINE_SUFFIXES = (".engine", ".plan")
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-
-
-class Runner(abc.ABC):
-    """Runs one model on one backend: `prepare(batch)` builds the input, `run_once()` is what gets timed."""
-
-    name = "runner"
-
-    @abc.abstractmethod
-    def prepare(self, batch_size: int) -> None:
-        """Build the input for `batch_size` (and whatever buffers it needs)."""
-
-    @abc.abstractmethod
-    def run_once(self) -> None:
-        """One inference on the prepared input."""
-
-    def close(self) -> None:
-        """Release the session or restore global settings; the runner is not used afterwards."""
-
-
-@dataclass(frozen=True)
-class RunnerOptions:
-    """Settings every runner is built with; a backend ignores those that do not concern it."""
-
-    threads: Optional[int] = None
-    input_shape: Optional[tuple[int, ...]] = None
-    trust_checkpoint: bool = False
-    fp16: bool = False  # ort-trt: let the TensorRT provider use FP16 kernels
-    cache_dir: Optional[Path] = None  # ort-trt: engine cache folder (reused across runs)
-    profile_prefix: Optional[str] = None  # ort-*: record per-node kernel times with onnxruntime's profiler
-
-
-BACKENDS: Registry[Callable[[Any, RunnerOptions], Runner]] = Registry("backend")
-
-
-def random_input(shape: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
-    """The seeded input every runner times, so a model and its baseline see identical data."""
-    return np.random.default_rng(SEED).standard_normal(tuple(shape)).astype(dtype)
-
-
-def _model_path(model: Any) -> Path:
-    """The model's file, or UsageError naming it when it does not exist."""
-    path = Path(model)
-    if not path.exists():
-        raise UsageError(f"model file {str(path)!r} does not exist.")
-    return path
-
-
-ORT_FILE_ERRORS = ("InvalidProtobuf", "NoSuchFile", "InvalidGraph", "InvalidArgument", "NotImplemented")
-ONNX_HINT = "Give an ONNX model written by `compressor export` (or torch.onnx.export); check the path."
-
-
-def _ort_reason(exc: BaseException) -> str:
-    """onnxruntime's message without its `[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from X failed:`."""
-    text = " ".join(str(exc).split())
-    return text.rsplit("failed:", 1)[-1].strip() or type(exc).__name__
-
-
-def _onnx_path(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"model file {str(path)!r} does not exist.")
-    if path.is_dir():
-        raise UsageError(f"{str(path)!r} is a directory, not an ONNX model file.")
-    return path
-
-
-def load_onnx_proto(path: str | Path) -> Any:
-    """The parsed ONNX graph of `path` (without external data), or a CompressorError naming the file (exit 2): missing,
-    a directory, or bytes that are not an ONNX model. None when the onnx package is not installed."""
-    path = _onnx_path(path)
-    try:
-        import onnx
-    except ImportError:
-        return None
-    try:
-        proto = onnx.load_model(str(path), load_external_data=False)
-    except Exception as exc:  # DecodeError mostly; whatever the parser raises, the file is not a model it reads
-        raise ModelLoadError(f"{str(path)!r} is not an ONNX model ({type(exc).__name__}: {_ort_reason(exc)}).",
-                             hint=ONNX_HINT) from exc
-    if not proto.HasField("graph") or not proto.graph.node:
-        raise ModelLoadError(f"{str(path)!r} is not an ONNX model (it holds no graph).", hint=ONNX_HINT)
-    return proto
-
-
-def check_onnx_file(path: str | Path) -> Path:
-    """`path` when it holds an ONNX model, else a CompressorError naming it (see load_onnx_proto); without the onnx
-    package only existence is checked and onnxruntime's load decides."""
-    load_onnx_proto(path)
-    return Path(path)
-
-
-def open_onnx_session(path: str | Path, backend: str = "ort-cpu", **options: Any):
-    """onnx_runtime.create_session, with a file onnxruntime cannot load reported as an error naming it (exit 2)
-    instead of onnxruntime's own exception; a session failure on a GPU backend is BackendUnavailable (exit 3)."""
-    path = _onnx_path(path)
-    try:
-        return create_session(path, backend, **options)
-    except CompressorError:
-        raise
-    except Exception as exc:
-        if not type(exc).__module__.startswith("onnxruntime"):
-            raise
-        if type(exc).__name__ in ORT_FILE_ERRORS or backend == "ort-cpu":
-            raise ModelLoadError(f"onnxruntime cannot load {str(path)!r} ({_ort_reason(exc)}); it is not a valid "
-                                 "ONNX model.", hint=ONNX_HINT) from exc
-        raise BackendUnavailable(f"backend {backend}: onnxruntime could not create a session for {str(path)!r} "
-                                 f"({_ort_reason(exc)}).",
-                                 hint="Check the CUDA/cuDNN/TensorRT libraries and the NVIDIA driver.") from exc
-
-
-def _onnx_input_shape(dims: Sequence[Any], batch_size: int, input_shape: Optional[Sequence[int]]) -> list[int]:
-    """The ONNX input's shape at `batch_size`: dynamic batch filled in, other dims fixed or from --input-shape."""
-    batch_dim, sample_dims = dims[0], list(dims[1:])
-    if isinstance(batch_dim, int) and batch_dim != batch_size:
-        raise UsageError(f"the ONNX model has a fixed batch size of {batch_dim}; it cannot run batch {batch_size}. "
-                         "Export it with a dynamic batch axis.")
-    if input_shape is not None:
-        if len(input_shape) != len(sample_dims) or any(isinstance(d, int) and d != given
-                                                       for d, given in zip(sample_dims, input_shape)):
-            raise UsageError(f"--input-shape {','.join(map(str, input_shape))} does not fit the ONNX input {dims} "
-                             "(batch axis first, not part of --input-shape).")
-        return [batch_size, *input_shape]
-    if not all(isinstance(d, int) and d > 0 for d in sample_dims):
-        raise UsageError(f"the ONNX input {dims} has dynamic dims besides the batch; "
-                         "give --input-shape, e.g. 3,224,224.")
-    return [batch_size, *sample_dims]
-
-
-class OrtRunner(Runner):
-    """An ONNX Runtime session on exactly the provider its backend names (ort-cpu, ort-cuda, ort-trt)."""
-
-    def __init__(self, backend: str, model: Any, options: RunnerOptions) -> None:
-        path = _model_path(model)
-        if path.suffix not in ONNX_SUFFIXES:
-            raise UsageError(f"backend {backend} runs .onnx files, not {path.name!r}; "
-                             "use --backend torch for PyTorch models.")
-        self.name, self.input_shape = backend, options.input_shape
-        self.session = open_onnx_session(path, backend, threads=options.threads, fp16=options.fp16,
-                                         cache_dir=options.cache_dir, profile_prefix=options.profile_prefix)
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise UsageError(f"{path.name!r} has {len(inputs)} inputs; bench feeds models with exactly one input.")
-        self.input = inputs[0]
-        if self.input.type not in ORT_DTYPES:
-            raise UsageError(f"{path.name!r} takes {self.input.type}; bench feeds float inputs only.")
-        self.feed: dict[str, np.ndarray] = {}
-
-    def prepare(self, batch_size: int) -> None:
-        shape = _onnx_input_shape(self.input.shape, batch_size, self.input_shape)
-        self.feed = {self.input.name: random_input(shape, ORT_DTYPES[self.input.type])}
-
-    def run_once(self) -> None:
-        self.session.run(None, self.feed)
-
-    def close(self) -> None:
-        self.session = None
-
-
-for _backend in ("ort-cpu", "ort-cuda", "ort-trt"):
-    BACKENDS.register(_backend)(functools.partial(OrtRunner, _backend))
-
-
-@BACKENDS.register("tensorrt")
-class TensorRTRunner(Runner):
-    """A native TensorRT engine (.engine/.plan): host latency per run (H2D + compute + D2H, like trtexec's
-    latency), with the GPU compute time of each run in `gpu_ms`. No torch import."""
-
-    name = "tensorrt"
-
-    def __init__(self, model: Any, options: RunnerOptions) -> None:
-        from compressor.deploy.tensorrt_runtime import TrtEngine
-
-        require_tensorrt()  # a missing runtime or GPU is the first thing to report (exit 3)
-        path = _model_path(model)
-        if path.suffix not in ENGINE_SUFFIXES:
-            raise UsageError(f"backend tensorrt runs serialized engines (.engine, .plan), not {path.name!r}; build one "
-                             "with `compressor export MODEL --format tensorrt`, or use --backend ort-trt for .onnx.")
-        self.engine = TrtEngine(path)
-        self.input_shape = options.input_shape
-        self.gpu_ms = self.engine.gpu_ms
-
-    def prepare(self, batch_size: int) -> None:
-        sample = self.input_shape or tuple(self.engine.input_shape()[1:])
-        if any(int(d) <= 0 for d in sample):
-            raise UsageError("the engine's input has dynamic dims besides the batch; give --input-shape C,H,W.")
-        self.engine.prepare(random_input([batch_size, *sample]))
-
-    def run_once(self) -> None:
-        self.engine.run()
-
-    def close(self) -> None:
-        self.engine.close()
-
-
-@BACKENDS.register("torch")
-class TorchRunner(Runner):
-    """Eager PyTorch on the CPU under inference_mode, with `threads` intra-op threads while it lives.
-
-    A given nn.Module is put in eval mode while benchmarked and back in its former mode on close().
-    """
-
-    name = "torch"
-
-    def __init__(self, model: Any, options: RunnerOptions) -> None:
-        import torch
-
-        self.module = _load_torch_model(model, options)
-        self.was_training = self.module.training
-        self.module.eval()
-        self.input_shape = list(options.input_shape)
-        self.previous_threads = torch.get_num_threads()
-        if options.threads:
-            torch.set_num_threads(options.threads)
-        self.example = None
-
-    def prepare(self, batch_size: int) -> None:
-        import torch
-
-        self.example = torch.from_numpy(random_input([batch_size, *self.input_shape]))
-
-    def run_once(self) -> None:
-        import torch
-
-        with torch.inference_mode():
-            self.module(self.example)
-
-    def close(self) -> None:
-        import torch
-
-        torch.set_num_threads(self.previous_threads)
-        self.module.train(self.was_training)
-
-
-def _load_torch_model(model: Any, options: RunnerOptions):
-    """An nn.Module as given, or loaded from a checkpoint or slim folder via compressor.models.loading."""
-    from torch import nn
-
-    given = isinstance(model, nn.Module)
-    if not given and _model_path(model).suffix in ONNX_SUFFIXES + ENGINE_SUFFIXES:
-        raise UsageError("the torch backend runs PyTorch models (.pt, slim folder); give an .onnx to an ort-* backend.")
-    input_shape = options.input_shape
-    if input_shape is None:
-        raise UsageError("the torch backend needs the input shape of one sample: --input-shape C,H,W.")
-    if given:
-        return model
-    if len(input_shape) != 3:
-        raise UsageError(f"--input-shape must be C,H,W for the torch backend, not {','.join(map(str, input_shape))}.")
-    from compressor.models.loading import load_model
-    from compressor.models.config import ModelConfig
-
-    return load_model(model, ModelConfig(arch=None, input_shape=list(input_shape), in_channels=input_shape[0]),
-                      trust_checkpoint=options.trust_checkpoint)
-
-
-def check_backend(backend: str) -> None:
-    """Fail now (BackendUnavailable, exit 3) when `backend` cannot run on this machine, before any long work."""
-    BACKENDS.get(backend)
-    if backend.startswith("ort-"):
-        require_provider(backend)
-    elif backend == "tensorrt":
-        require_tensorrt()
-
 
 def make_runner(backend: str, model: Any, threads: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
                 *, trust_checkpoint: bool = False, fp16: bool = False, cache_dir: Optional[Path] = None) -> Runner:

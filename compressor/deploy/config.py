@@ -6,7 +6,8 @@ from typing import Literal, Optional, Union
 from pydantic import Field, field_validator
 
 from compressor.config import Strict
-from compressor.deploy.bench import BACKENDS
+import compressor.deploy.backends  # noqa: F401  (registers the backends)
+from compressor.deploy.runners import BACKENDS
 
 
 class OnnxConfig(Strict):

@@ -16,10 +16,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from compressor.deploy.runners import gpu_backends
+
 if TYPE_CHECKING:
     from compressor.app.recipe import Recipe
 
-GPU_BACKENDS = ("ort-cuda", "ort-trt", "tensorrt")
 
 
 @lru_cache(maxsize=1)
@@ -49,10 +50,10 @@ def auto_round_to(recipe: "Recipe", flags: frozenset[str] | None = None, machine
     backends = set(recipe.bench.backends)
     trt = recipe.export.tensorrt
     choices: list[tuple[int, str]] = []
-    if "ort-cpu" in backends or not backends & set(GPU_BACKENDS):
+    if "ort-cpu" in backends or not backends & gpu_backends():
         block = ort_cpu_block(flags, machine)
         choices.append((block, f"ONNX Runtime CPU runs convolutions in blocks of {block} channels on this CPU"))
-    if backends & set(GPU_BACKENDS) or trt.enabled is True:
+    if backends & gpu_backends() or trt.enabled is True:
         if trt.int8:
             choices.append((32, "TensorRT INT8 tensor-core kernels use channel blocks of 32"))
         else:

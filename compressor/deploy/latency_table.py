@@ -131,7 +131,8 @@ def measure_table(model_path: str | Path, backend: str = "ort-cpu", batches: Seq
                   min_seconds: float = 0.05, layers: Optional[Sequence[str]] = None,
                   progress: Any = None) -> dict[str, Any]:
     """The latency table of `model_path` on `backend` (an ONNX Runtime backend) at each batch size."""
-    from compressor.deploy.bench import environment, load_onnx_proto, make_runner, measure_round_robin, summarize
+    from compressor.deploy.bench import environment, make_runner, measure_round_robin, summarize
+    from compressor.deploy.runners import load_onnx_proto
 
     if not backend.startswith("ort-"):
         raise UsageError(f"--backend {backend}: latency tables are measured with ONNX Runtime probe graphs "

@@ -15,7 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from compressor.deploy.bench import OrtRunner, RunnerOptions, check_onnx_file
+
+from compressor.deploy.runners import BACKENDS, RunnerOptions, check_onnx_file
 from compressor.errors import UsageError
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def profile_onnx(path: str | Path, batch: int = 1, *, runs: int = 30, warmup: in
     check_onnx_file(path)  # before the profiling session: a failed one also logs a confusing line of its own
     shape = None if input_shape is None else tuple(int(d) for d in input_shape)
     with tempfile.TemporaryDirectory(prefix="compressor-profile-") as tmp:
-        runner = OrtRunner("ort-cpu", path, RunnerOptions(threads, shape, profile_prefix=str(Path(tmp) / "ort")))
+        runner = BACKENDS.get("ort-cpu")(path, RunnerOptions(threads, shape, profile_prefix=str(Path(tmp) / "ort")))
         runner.prepare(batch)
         for _ in range(warmup + runs):
             runner.run_once()

@@ -163,6 +163,6 @@ def check_onnx(path: str | Path) -> Compatibility:
     """check_model of an ONNX file; a file that is missing or not an ONNX model is a CompressorError naming it."""
     import onnx  # noqa: F401 - needed here (load_onnx_proto returns None without it)
 
-    from compressor.deploy.bench import load_onnx_proto
+    from compressor.deploy.runners import load_onnx_proto
 
     return check_model(load_onnx_proto(path), str(path))

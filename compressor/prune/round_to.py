@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from compressor.deploy.hardware import GPU_BACKENDS, auto_round_to
+from compressor.deploy.hardware import auto_round_to
+from compressor.deploy.runners import gpu_backends
 
 if TYPE_CHECKING:
     from torch import nn
@@ -66,7 +67,7 @@ def resolve_round_to(recipe: "Recipe", model: Optional["nn.Module"] = None, *,
 def _backend(recipe: "Recipe") -> Optional[str]:
     """The runtime the measurement uses: the first CPU bench backend (ort-cpu when none is listed), None for GPUs."""
     backends = list(recipe.bench.backends)
-    if any(b in GPU_BACKENDS for b in backends) or recipe.export.tensorrt.enabled is True:
+    if set(backends) & gpu_backends() or recipe.export.tensorrt.enabled is True:
         return None
     return next((b for b in backends if b in ("ort-cpu", "torch")), "ort-cpu")
 

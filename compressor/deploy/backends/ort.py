@@ -1,0 +1,53 @@
+"""ONNX Runtime backends: ort-cpu, ort-cuda and ort-trt, each on exactly the provider it names."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from compressor.deploy.onnx_runtime import require_provider
+from compressor.deploy.runners import (BACKENDS, ONNX_SUFFIXES, ORT_DTYPES, Runner, RunnerOptions, _model_path,
+                                       _onnx_input_shape, open_onnx_session, random_input)
+from compressor.errors import UsageError
+
+
+class OrtRunner(Runner):
+    """An ONNX Runtime session on exactly the provider its backend names (ort-cpu, ort-cuda, ort-trt)."""
+
+    backend = "ort-cpu"
+
+    @classmethod
+    def require(cls) -> None:
+        require_provider(cls.backend)
+
+    def __init__(self, model: Any, options: RunnerOptions) -> None:
+        backend = self.backend
+        path = _model_path(model)
+        if path.suffix not in ONNX_SUFFIXES:
+            raise UsageError(f"backend {backend} runs .onnx files, not {path.name!r}; "
+                             "use --backend torch for PyTorch models.")
+        self.name, self.input_shape = backend, options.input_shape
+        self.session = open_onnx_session(path, backend, threads=options.threads, fp16=options.fp16,
+                                         cache_dir=options.cache_dir, profile_prefix=options.profile_prefix)
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise UsageError(f"{path.name!r} has {len(inputs)} inputs; bench feeds models with exactly one input.")
+        self.input = inputs[0]
+        if self.input.type not in ORT_DTYPES:
+            raise UsageError(f"{path.name!r} takes {self.input.type}; bench feeds float inputs only.")
+        self.feed: dict[str, np.ndarray] = {}
+
+    def prepare(self, batch_size: int) -> None:
+        shape = _onnx_input_shape(self.input.shape, batch_size, self.input_shape)
+        self.feed = {self.input.name: random_input(shape, ORT_DTYPES[self.input.type])}
+
+    def run_once(self) -> None:
+        self.session.run(None, self.feed)
+
+    def close(self) -> None:
+        self.session = None
+
+
+for _backend in ("ort-cpu", "ort-cuda", "ort-trt"):
+    BACKENDS.register(_backend)(type(f"OrtRunner[{_backend}]", (OrtRunner,),
+                                     {"backend": _backend, "gpu": _backend != "ort-cpu"}))
