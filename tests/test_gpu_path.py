@@ -24,7 +24,16 @@ from compressor.deploy.verify import check
 
 from .conftest import REPO, requires_fmnist, run_cli, tiny_recipe
 
-NO_GPU = bool(tensorrt_missing())
+NO_GPU = bool(tensorrt_missing())  # no GPU, tensorrt or cuda-python: the native TensorRT path cannot run
+
+
+def _ort_provider(name: str) -> bool:
+    """onnxruntime offers this provider and an NVIDIA GPU is present (onnxruntime-gpu lists CUDA without a GPU)."""
+    import onnxruntime
+
+    from compressor.deploy.tensorrt_runtime import nvidia_gpus
+
+    return name in onnxruntime.get_available_providers() and bool(nvidia_gpus())
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +45,10 @@ def tiny_onnx(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------- no GPU here
-@pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
 @pytest.mark.parametrize("backend, named", [("ort-cuda", "CUDAExecutionProvider"), ("ort-trt", "TensorrtExecutionProvider")])
 def test_ort_gpu_backends_are_unavailable_with_a_clear_reason(tiny_onnx, backend, named):
+    if _ort_provider(named):  # gated on the provider itself: onnxruntime-gpu without tensorrt still has CUDA
+        pytest.skip(f"this machine runs {named}")
     with pytest.raises(BackendUnavailable) as info:
         make_runner(backend, tiny_onnx)
     assert info.value.exit_code == 3 and named in str(info.value) and "[gpu]" in str(info.value)
@@ -189,7 +199,7 @@ def test_engine_for_the_sample_builds_matches_pytorch_and_benchmarks(tmp_path, p
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(NO_GPU, reason="needs an NVIDIA GPU with onnxruntime-gpu")
+@pytest.mark.skipif(not _ort_provider("CUDAExecutionProvider"), reason="needs an NVIDIA GPU with onnxruntime-gpu")
 def test_ort_cuda_really_runs_on_the_gpu(tiny_onnx):
     session = onnx_runtime.create_session(tiny_onnx, "ort-cuda")
     assert session.get_providers()[0] == "CUDAExecutionProvider"
@@ -235,3 +245,89 @@ def test_parity_says_when_it_proves_nothing():
     varied = np.array([[1e-14, -2e-14], [3e-14, 0.0]])  # tiny but input-dependent (untrained EfficientNet): informative
     result = check(compare_outputs(varied, varied + 3e-21), cfg, "ONNX m.onnx")
     assert "note" not in result and result["relative_diff"] == pytest.approx(1e-7, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- review fixes (no GPU)
+def test_calibration_batches_never_come_out_empty():
+    from compressor.deploy.tensorrt_engine import calibration_batches
+
+    samples = np.zeros((20, 1, 4, 4), np.float32)
+    assert [len(b) for b in calibration_batches(samples, 8)] == [8, 8]  # the 4 left over do not fill a batch
+    assert [len(b) for b in calibration_batches(samples[:5], 8)] == [5]  # fewer than opt: one batch (was: none)
+    assert calibration_batches(samples[:0], 8) == []
+
+
+def test_a_calibration_cache_is_only_read_for_its_own_model_and_samples(tmp_path):
+    from compressor.deploy.tensorrt_engine import calibration_cache_path
+
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    a.write_bytes(b"model a")
+    b.write_bytes(b"model b")
+    samples = [np.ones((2, 3), np.float32)]
+    engine = tmp_path / "model.engine"
+    first = calibration_cache_path(engine, a, samples)
+    assert first == calibration_cache_path(engine, a, [s.copy() for s in samples]) and first.parent == tmp_path
+    assert first != calibration_cache_path(engine, b, samples)
+    assert first != calibration_cache_path(engine, a, [samples[0] * 2])
+    assert first.name.startswith("model.calib-") and first.suffix == ".cache"
+
+
+def test_engine_parity_infers_within_the_profile(monkeypatch, tmp_path):
+    """verify_engine inferred 256 samples at batch 32 against a profile whose max is 8 (every shipped recipe)."""
+    from compressor.deploy import tensorrt_engine, tensorrt_runtime
+
+    seen = []
+
+    class FakeEngine:
+        def __init__(self, path):
+            pass
+
+        def infer(self, inputs, batch_size=32):
+            seen.append(batch_size)
+            if batch_size > 8:
+                raise RuntimeError("set_input_shape: batch outside the optimisation profile")
+            return inputs.reshape(len(inputs), -1)[:, :4]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tensorrt_runtime, "TrtEngine", FakeEngine)
+    inputs = np.random.default_rng(0).standard_normal((40, 1, 2, 2)).astype(np.float32)
+    result = tensorrt_engine.verify_engine(tmp_path / "m.engine", inputs.reshape(40, -1)[:, :4], inputs, VerifyConfig(),
+                                           "fp16", max_batch=8)
+    assert seen == [8] and result["passed"]
+
+
+def test_both_onnxruntime_wheels_installed_is_named_with_the_fix(monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(onnx_runtime, "installed", lambda name: name in ("onnxruntime", "onnxruntime-gpu"))
+    with pytest.raises(BackendUnavailable, match="both onnxruntime and onnxruntime-gpu are installed") as info:
+        onnx_runtime.require_provider("ort-cuda")
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in info.value.hint
+    monkeypatch.setattr(onnx_runtime, "installed", lambda name: name == "onnxruntime")
+    with pytest.raises(BackendUnavailable, match="offers only CPUExecutionProvider") as info:
+        onnx_runtime.require_provider("ort-cuda")
+    assert "[gpu]" in info.value.hint
+
+
+def test_gpu_libraries_are_loaded_before_the_session(tiny_onnx, monkeypatch):
+    import onnxruntime
+
+    calls = []
+    real_session = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda *a, **k: calls.append("preload_dlls"), raising=False)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    def session(path, sess_options=None, providers=None):
+        calls.append("session")
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    with pytest.raises(BackendUnavailable):  # no GPU here: the session falls back and that is refused
+        onnx_runtime.create_session(tiny_onnx, "ort-cuda")
+    assert calls == ["preload_dlls", "session"]
+    calls.clear()
+    onnx_runtime.create_session(tiny_onnx, "ort-cpu")
+    assert calls == ["session"]  # nothing to load for the CPU

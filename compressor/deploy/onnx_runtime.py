@@ -50,12 +50,54 @@ def require_provider(backend: str):
         provider_chain(backend)  # raises the UsageError naming the allowed backends
     available = ort.get_available_providers()
     if wanted not in available:
+        both = [d for d in ("onnxruntime", "onnxruntime-gpu") if installed(d)]
+        if len(both) == 2:  # one package directory, two wheels: whichever installed last decides the providers
+            raise BackendUnavailable(
+                f"backend {backend} needs onnxruntime's {wanted}, but both onnxruntime and onnxruntime-gpu are "
+                f"installed; they share one package directory, and the CPU-only files won ({', '.join(available)}).",
+                hint="Keep only the GPU build: pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+                     "onnxruntime-gpu (the [gpu] extra does this order for you only in a fresh environment).")
         raise BackendUnavailable(
             f"backend {backend} needs onnxruntime's {wanted}, but this onnxruntime "
             f"({ort.__version__}) offers only {', '.join(available)}.",
             hint="Install the [gpu] extra (onnxruntime-gpu, tensorrt) on a machine with an NVIDIA GPU and driver.",
         )
     return ort
+
+
+def installed(distribution: str) -> bool:
+    """Whether a pip distribution is installed (without importing it)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def load_gpu_libraries(ort, backend: str) -> list[str]:
+    """Load what the CUDA and TensorRT providers link against before a session is made: onnxruntime's
+    preload_dlls() (CUDA and cuDNN from the nvidia-* wheels, onnxruntime-gpu >= 1.21) and, for ort-trt, the
+    tensorrt package's libraries (importing it loads libnvinfer). Returns what was loaded; failures are left to
+    the session check, which names the provider that did not start."""
+    loaded = []
+    if backend == "ort-cpu":
+        return loaded
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+            loaded.append("onnxruntime.preload_dlls")
+        except Exception:  # noqa: BLE001 - a library that does not load shows up as a provider that did not start
+            pass
+    if backend == "ort-trt":
+        try:
+            import tensorrt  # noqa: F401
+            loaded.append("tensorrt")
+        except Exception:  # noqa: BLE001 - same: the session check reports the missing TensorRT provider
+            pass
+    return loaded
 
 
 def create_session(path: str | Path, backend: str = "ort-cpu", *, threads: Optional[int] = None,
@@ -73,6 +115,7 @@ def create_session(path: str | Path, backend: str = "ort-cpu", *, threads: Optio
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    load_gpu_libraries(ort, backend)
     session = ort.InferenceSession(str(path), sess_options=options,
                                    providers=provider_chain(backend, fp16=fp16, cache_dir=cache_dir))
     got = session.get_providers()

@@ -6,6 +6,7 @@ without a GPU. The build writes the engine, the build log and the builder's per-
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -111,7 +112,32 @@ def _calibrator(trt, batches: list[np.ndarray], cache: Path):
         def write_calibration_cache(self, data) -> None:
             cache.write_bytes(bytes(data))
 
+        def free(self) -> None:
+            """Release the device buffer (after the build; the calibrator is not used again)."""
+            if self.device is not None:
+                _check(cudart.cudaFree(self.device))
+                self.device = None
+
     return EntropyCalibrator()
+
+
+def calibration_batches(calibration: np.ndarray, opt_batch: int) -> list[np.ndarray]:
+    """Calibration input cut into batches of the profile's opt size, or into one batch of all samples when there
+    are fewer (a calibration batch may be anything within the profile; an empty list crashed the build). Samples
+    that do not fill a last batch are left out."""
+    if not len(calibration):
+        return []
+    batch = max(1, min(int(opt_batch), len(calibration)))
+    return [calibration[i:i + batch] for i in range(0, len(calibration) - batch + 1, batch)]
+
+
+def calibration_cache_path(engine_path: Path, onnx_path: Path, batches: list[np.ndarray]) -> Path:
+    """The calibration cache of exactly this model and these samples: its name carries a hash of both, so a
+    cache written for another model or other samples is never read back (it was, silently)."""
+    digest = hashlib.sha256(Path(onnx_path).read_bytes())
+    for b in batches:
+        digest.update(np.ascontiguousarray(b, dtype=np.float32).tobytes())
+    return engine_path.with_name(f"{engine_path.stem}.calib-{digest.hexdigest()[:16]}.cache")
 
 
 def build_engine(onnx_path: str | Path, settings: EngineSettings, engine_path: str | Path,
@@ -147,11 +173,15 @@ def build_engine(onnx_path: str | Path, settings: EngineSettings, engine_path: s
     if "INT8" in settings.flags:
         if calibration is None or not len(calibration):
             raise ExportError("INT8 needs calibration samples from the recipe's data (--int8-calib N).")
-        batch = settings.opt_shape[0]
-        chunks = [calibration[i:i + batch] for i in range(0, len(calibration) - batch + 1, batch)]
-        config.int8_calibrator = _calibrator(trt, chunks, engine_path.with_suffix(".calib.cache"))
+        chunks = calibration_batches(calibration, settings.opt_shape[0])
+        calibrator = _calibrator(trt, chunks, calibration_cache_path(engine_path, Path(onnx_path), chunks))
+        config.int8_calibrator = calibrator
         config.set_calibration_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
+    try:
+        serialized = builder.build_serialized_network(network, config)
+    finally:
+        if "INT8" in settings.flags:
+            calibrator.free()
     write_text(engine_path.with_suffix(".build.log"), "\n".join(log) + "\n")
     if serialized is None:
         errors = [line for line in log if line.startswith(("[ERROR]", "[INTERNAL_ERROR]"))]
@@ -167,14 +197,16 @@ def build_engine(onnx_path: str | Path, settings: EngineSettings, engine_path: s
             "layers": str(engine_path.with_suffix(".layers.json"))}
 
 
-def verify_engine(engine_path: str | Path, reference: np.ndarray, inputs: np.ndarray, recipe_verify, precision: str):
-    """Engine outputs vs the PyTorch outputs with the tolerance of the engine's precision."""
+def verify_engine(engine_path: str | Path, reference: np.ndarray, inputs: np.ndarray, recipe_verify, precision: str,
+                  max_batch: int):
+    """Engine outputs vs the PyTorch outputs with the tolerance of the engine's precision, inferred in batches the
+    engine's optimisation profile accepts (at most `max_batch`; it inferred at 32 and failed on profiles up to 8)."""
     from compressor.deploy.tensorrt_runtime import TrtEngine
     from compressor.deploy.verify import check, compare_outputs
 
     engine = TrtEngine(engine_path)
     try:
-        outputs = engine.infer(inputs.astype(np.float32))
+        outputs = engine.infer(inputs.astype(np.float32), batch_size=max_batch)
     finally:
         engine.close()
     return check(compare_outputs(reference, outputs), recipe_verify, f"TensorRT {Path(engine_path).name}",
@@ -192,5 +224,6 @@ def build_and_verify(model, onnx_path: Path, samples, recipe, settings: Optional
     engine_path = Path(onnx_path).with_suffix(".engine")
     calib = calibration.numpy().astype(np.float32) if calibration is not None else None
     info = build_engine(onnx_path, settings, engine_path, calibration=calib)
-    info["parity"] = verify_engine(engine_path, torch_outputs(model, samples), inputs, recipe.verify, settings.precision)
+    info["parity"] = verify_engine(engine_path, torch_outputs(model, samples), inputs, recipe.verify, settings.precision,
+                                   max_batch=settings.max_shape[0])
     return info
