@@ -173,9 +173,32 @@ def write_table(results: Path) -> str:
                             r["sr"]["checks_and_releases_per_decay_step"].items(), key=lambda kv: int(kv[0]))),
                         " / ".join(f"{q:.3g}" for q in r["sr"]["c_rate_quartiles"]),
                         " / ".join(f"{q:.3g}" for q in r["sr"]["c_len_quartiles"])] for r in dpm_runs])
+        text += ("\n## Would other thresholds release earlier?\n\nThe logged checks of every SR run above, counted "
+                 "again under other thresholds (first order: a release changes what follows, which this does not "
+                 "replay). `step` measures C_rate against one decay step L0 / N instead of the current target "
+                 "L0 (1 - n / N), i.e. C_rate x (N - n).\n\n")
+        text += table(["C_rate basis", "t_rate", "t_len", "would release at decay step n (count)"],
+                      [[basis, t_rate, t_len, ", ".join(f"n={n}: {c}" for n, c in sweep) or "none"]
+                       for basis, t_rate, t_len, sweep in threshold_sweep(dpm_runs)])
         plot_sr(dpm_runs, RESULTS / "dpm_budget_sr.png")
     (RESULTS / "dpm_budget.md").write_text(text)
     return text
+
+
+def threshold_sweep(runs: list[dict], steps: int = 8) -> list[tuple]:
+    """Per (basis, t_rate, t_len): how many logged checks would pass, by decay step n."""
+    out = []
+    for basis in ("target", "step"):
+        for t_rate in (0.02, 0.05, 0.1, 0.2, 0.5):
+            for t_len in ((0.5, 1.0, 2.0) if basis == "target" else (1.0,)):
+                counts: dict[int, int] = {}
+                for r in runs:
+                    for _, n, c_rate, c_len, _ in r["sr_checks"]:
+                        rate = c_rate * (steps - n) if basis == "step" else c_rate
+                        if rate > t_rate and (c_len is None or c_len > t_len):
+                            counts[n] = counts.get(n, 0) + 1
+                out.append((basis, t_rate, t_len, sorted(counts.items())))
+    return out
 
 
 def plot_sr(runs: list[dict], path: Path) -> None:
