@@ -157,7 +157,53 @@ def test_settings_from_recipe_and_cli_overrides():
     s = settings_from_recipe(recipe)
     assert s.flags == ("FP16", "INT8") and s.calib_samples == 64 and s.max_shape == (16, 1, 16, 16)
     s = settings_from_recipe(recipe, fp16=False, int8_calib=0, sparse=True, batch_sizes=[2])
-    assert s.flags == ("SPARSE_WEIGHTS",) and s.min_shape == (2, 1, 16, 16) and s.precision == "fp32"
+    assert s.flags == ("SPARSE_WEIGHTS",) and s.min_shape == (1, 1, 16, 16) and s.precision == "fp32"
+
+
+@pytest.mark.parametrize("bench, samples", [([1, 8], 256), ([8, 32], 100), ([4], 5), ([2, 16, 64], 1000)])
+def test_the_profile_covers_every_batch_verify_and_bench_use(bench, samples):
+    """verify_engine infers in chunks of the profile's max and a remainder; bench times each bench batch size."""
+    from compressor.deploy.tensorrt_engine import inference_batches, profile_covers
+
+    s = engine_settings([1, 28, 28], bench)
+    used = inference_batches(samples, s.max_shape[0])
+    assert sum(used) == samples and max(used) == min(samples, max(bench))
+    assert profile_covers(s, used) and profile_covers(s, bench)
+    assert not profile_covers(s, [max(bench) + 1])
+
+
+class FakeTrt:
+    """The parts of the tensorrt module the pure build helpers read: TensorRT 10 has the precision flags,
+    TensorRT 11 does not (its STRONGLY_TYPED flag stays, ignored)."""
+
+    def __init__(self, version: str) -> None:
+        import enum
+
+        self.__version__ = version
+        members = {"SPARSE_WEIGHTS": 3, **({"FP16": 0, "INT8": 1} if version.startswith("10") else {})}
+        self.BuilderFlag = enum.Enum("BuilderFlag", members)
+        self.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1})
+
+
+@pytest.mark.parametrize("version", ["10.13.0", "11.0.0"])
+def test_quantized_onnx_builds_strongly_typed_without_precision_flags(version):
+    from compressor.deploy.tensorrt_engine import check_builder_flags, network_flags
+
+    trt = FakeTrt(version)
+    recipe = recipe_from_dict(tiny_recipe(export={"tensorrt": {"fp16": True, "int8": True, "calib_samples": 64},
+                                                  "quantize": {"mode": "int8"}}))
+    s = settings_from_recipe(recipe, quantized="int8")
+    assert s.flags == () and s.strongly_typed and s.precision == "int8" and s.calib_samples == 0
+    assert network_flags(trt, s) == 1 << 1
+    check_builder_flags(trt, s)  # nothing to miss on either version
+    legacy = settings_from_recipe(recipe)
+    assert network_flags(trt, legacy) == 0 and legacy.flags == ("FP16", "INT8")
+    if version.startswith("11"):
+        with pytest.raises(ExportError) as err:
+            check_builder_flags(trt, legacy)
+        assert "no FP16, INT8 builder flag" in err.value.render() and "export.quantize.mode" in err.value.render()
+    else:
+        check_builder_flags(trt, legacy)
 
 
 def test_parser_errors_name_nodes():

@@ -265,11 +265,17 @@ def export_cmd(model: Annotated[str, typer.Argument(help="Checkpoint, slim model
                int8_calib: Annotated[Optional[int], typer.Option("--int8-calib", min=0, help="TensorRT: INT8 with an entropy calibrator over N training samples.")] = None,
                sparse: Annotated[Optional[bool], typer.Option("--sparse/--no-sparse", help="TensorRT: SPARSE_WEIGHTS for 2:4-sparse models.")] = None,
                batch: Annotated[Optional[str], typer.Option("--batch", help="TensorRT: batch sizes the optimisation profile covers, e.g. 1,8,32.")] = None,
+               quantize: Annotated[Optional[str], typer.Option("--quantize", help="none|int8|fp16|auto: also write MODEL.int8.onnx / .fp16.onnx (needs --recipe; sets export.quantize.mode).")] = None,
                trust_checkpoint: TrustOpt = False) -> None:
     """Export to ONNX (verified against PyTorch on the recipe's validation samples) or a TensorRT engine."""
     from compressor.deploy.bench import parse_ints
-    from compressor.deploy.export import export_model
+    from compressor.app.exporting import export_model
 
+    if quantize is not None:
+        if recipe is None:
+            raise UsageError("--quantize needs --recipe (calibration samples from its training data, accuracy on "
+                             "its validation data).")
+        overrides = [*(overrides or []), _quantize_override(quantize)]
     r = _load_recipe(recipe, overrides, required=False)
     if out_file is not None:
         from compressor.rundir import check_output_file
@@ -285,10 +291,22 @@ def export_cmd(model: Annotated[str, typer.Argument(help="Checkpoint, slim model
               f"({parity.get('source', '')})")
     if parity.get("note"):
         out.print(f"note: {parity['note']}")
+    if "quantized" in result:
+        q = result["quantized"]
+        out.print(f"wrote {q['path']} ({q['mode']}, {q['bytes'] / 1024:.1f} KiB): top-1 {q['top1']:.2f}%, top-1 "
+                  f"agreement {q['parity']['top1_agreement']:.4f} with PyTorch, layers in float: "
+                  f"{', '.join(q.get('float_layers') or []) or 'none'}")
     if "tensorrt" in result:
         engine = result["tensorrt"]
         out.print(f"wrote {engine['path']} ({engine['settings']['precision']}); parity max abs diff "
                   f"{engine['parity']['max_abs_diff']:.2e} (atol {engine['parity']['atol']})")
+
+
+def _quantize_override(mode: str) -> str:
+    """--quantize as a --set value (validated with the recipe like any other)."""
+    if mode not in ("none", "int8", "fp16", "auto"):
+        raise UsageError(f"--quantize {mode!r}: use none, int8, fp16 or auto.")
+    return "export.quantize=auto" if mode == "auto" else f"export.quantize.mode={mode}"
 
 
 # ---------------------------------------------------------------------------------------------- bench

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from compressor.config import Strict
 import compressor.deploy.backends  # noqa: F401  (registers the backends)
@@ -26,9 +26,57 @@ class TensorRTConfig(Strict):
     workspace_gb: float = Field(4.0, gt=0.0)
 
 
+class CalibrationConfig(Strict):
+    samples: int = Field(512, gt=0, description="training samples (seeded draw) the activation ranges come from")
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+
+
+class QATConfig(Strict):
+    """Quantization-aware fine-tuning before int8 (compressor/train/qat.py)."""
+
+    enabled: Union[bool, Literal["auto"]] = Field(
+        "auto", description="auto: only when post-training int8 misses gates.max_accuracy_drop; true: always")
+    epochs: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0.0, description="constant learning rate of the QAT epochs (finetune.optimizer's kind)")
+
+
+class QuantizeConfig(Strict):
+    """export.quantize: a quantized copy of model.onnx (model.int8.onnx, static QDQ; or model.fp16.onnx). The
+    shorthands `quantize: int8`, `quantize: fp16` and `quantize: auto` (int8, exclude: auto) are accepted."""
+
+    mode: Literal["none", "int8", "fp16"] = "none"
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    per_channel: bool = Field(True, description="int8: one weight scale per output channel")
+    exclude: Union[Literal["auto"], list[str]] = Field(
+        default_factory=list, description="layers kept in float: module names (layer3.0.conv1), ONNX node names or "
+                                          "re: patterns; auto: by measured sensitivity until gates.max_accuracy_drop "
+                                          "holds")
+    activations: Literal["auto", "uint8", "int8"] = Field(
+        "auto", description="int8 activation type; auto: uint8 for CPU backends, int8 (symmetric) for GPU ones")
+    reduce_range: Union[bool, Literal["auto"]] = Field(
+        "auto", description="7-bit weights; auto: on x86 CPUs without VNNI (onnxruntime's advice against "
+                            "saturation), off elsewhere")
+    max_auto_steps: int = Field(6, gt=0, description="exclude: auto re-quantizes at most this many times")
+    qat: QATConfig = Field(default_factory=QATConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        if isinstance(v, str):
+            if v == "auto":
+                return {"mode": "int8", "exclude": "auto"}
+            return {"mode": v}
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
 class ExportConfig(Strict):
     onnx: OnnxConfig = Field(default_factory=OnnxConfig)
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
 
 
 class VerifyConfig(Strict):
@@ -39,6 +87,10 @@ class VerifyConfig(Strict):
     fp16_atol: float = Field(5e-2, gt=0.0, description="max abs diff allowed for an FP16 TensorRT engine")
     int8_atol: float = Field(0.5, gt=0.0, description="max abs diff allowed for an INT8 TensorRT engine")
     reduced_min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0, description="top-1 agreement for FP16/INT8")
+    int8_rtol: float = Field(0.25, gt=0.0, description="quantized INT8 ONNX: max abs diff allowed as a fraction of "
+                                                        "max |fp32 output|")
+    fp16_rtol: float = Field(0.01, gt=0.0, description="FP16 ONNX: max abs diff allowed as a fraction of max |output|")
+    int8_min_top1_agreement: float = Field(0.97, ge=0.0, le=1.0, description="quantized INT8 ONNX vs fp32")
     min_top1_agreement: float = Field(0.999, ge=0.0, le=1.0)
 
 

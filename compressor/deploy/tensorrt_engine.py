@@ -1,8 +1,13 @@
-"""TensorRT engine builds from the exported ONNX (TensorRT 10 Python API; the [gpu] extra pins tensorrt>=10.3,<11
-because TensorRT 11 removed the FP16/INT8 builder flags and the INT8 calibrators this module uses).
+"""TensorRT engine builds from the exported ONNX (TensorRT 10 and 11 Python API).
 
-The build configuration (profile shapes, flags, workspace) is a pure function of the recipe and CLI options, tested
-without a GPU. The build writes the engine, the build log and the builder's per-layer information next to the ONNX.
+Two ways to reduced precision. Explicit (TensorRT 10 and 11): the engine is built from the quantized ONNX that
+export.quantize wrote (model.int8.onnx in QDQ form, or model.fp16.onnx) as a strongly typed network, so the
+precision of every layer is the ONNX file's. Implicit (TensorRT 10 only; deprecated there and removed in 11): the
+FP16 / INT8 builder flags with an entropy calibrator over training samples.
+
+The build configuration (profile shapes, flags, network flags, workspace) is a pure function of the recipe and CLI
+options, tested without a GPU. The build writes the engine, the build log and the builder's per-layer information
+next to the ONNX.
 """
 from __future__ import annotations
 
@@ -37,38 +42,75 @@ class EngineSettings:
     workspace_bytes: int
     calib_samples: int = 0
     precision: str = "fp32"  # the lowest precision allowed: fp32, fp16 or int8 (sets parity tolerances)
+    strongly_typed: bool = False  # built from a quantized ONNX: precisions come from the file, no precision flags
 
 
 def engine_settings(input_shape: Sequence[int], batch_sizes: Sequence[int], *, fp16: bool = False,
                     int8_calib: int = 0, sparse: bool = False, workspace_gb: float = 4.0,
-                    input_name: str = "input") -> EngineSettings:
-    """Profile over the batch sizes (min, median as opt, max) and the builder flags for the precision options."""
+                    input_name: str = "input", quantized: Optional[str] = None) -> EngineSettings:
+    """Profile over the batch sizes (min 1, median as opt, max) and the builder flags for the precision options.
+    The profile starts at batch 1 so that every batch verify_engine infers (the last one holds the remainder) and
+    every bench batch lies inside it. `quantized` ("int8" / "fp16"): the ONNX is export.quantize's file, built
+    strongly typed with no precision flags (fp16 / int8_calib are then ignored)."""
     if not batch_sizes or any(b <= 0 for b in batch_sizes):
         raise ExportError(f"TensorRT batch sizes must be positive, got {list(batch_sizes)}.")
     batches = sorted(set(int(b) for b in batch_sizes))
     sample = tuple(int(d) for d in input_shape)
     flags = []
-    if fp16:
+    if fp16 and not quantized:
         flags.append("FP16")
-    if int8_calib:
+    if int8_calib and not quantized:
         flags.append("INT8")
     if sparse:
         flags.append("SPARSE_WEIGHTS")
-    precision = "int8" if int8_calib else "fp16" if fp16 else "fp32"
-    return EngineSettings(input_name=input_name, min_shape=(batches[0], *sample),
+    precision = quantized or ("int8" if int8_calib else "fp16" if fp16 else "fp32")
+    return EngineSettings(input_name=input_name, min_shape=(1, *sample),
                           opt_shape=(batches[(len(batches) - 1) // 2], *sample), max_shape=(batches[-1], *sample),
                           flags=tuple(flags), workspace_bytes=int(workspace_gb * (1 << 30)),
-                          calib_samples=int(int8_calib), precision=precision)
+                          calib_samples=0 if quantized else int(int8_calib), precision=precision,
+                          strongly_typed=bool(quantized))
+
+
+def profile_covers(settings: EngineSettings, batches: Sequence[int]) -> bool:
+    """Whether every batch size lies within the optimisation profile."""
+    return all(settings.min_shape[0] <= b <= settings.max_shape[0] for b in batches)
+
+
+def inference_batches(count: int, max_batch: int) -> list[int]:
+    """The batch sizes TrtEngine.infer runs `count` samples in (chunks of `max_batch`, then the remainder)."""
+    return [min(max_batch, count - i) for i in range(0, count, max_batch)]
+
+
+def network_flags(trt, settings: EngineSettings) -> int:
+    """create_network()'s flags: STRONGLY_TYPED for a quantized ONNX (TensorRT 11 is always strongly typed and
+    keeps the flag for compatibility)."""
+    if not settings.strongly_typed:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def check_builder_flags(trt, settings: EngineSettings) -> None:
+    """ExportError when the settings need builder flags this TensorRT does not have (11 removed FP16 and INT8)."""
+    missing = [f for f in settings.flags if not hasattr(trt.BuilderFlag, f)]
+    if missing:
+        raise ExportError(
+            f"TensorRT {getattr(trt, '__version__', '?')} has no {', '.join(missing)} builder flag (TensorRT 11 "
+            "removed the implicit-precision flags and the INT8 calibrators).",
+            hint="Quantize the ONNX instead: export.quantize.mode: int8 (or fp16); the engine is then built from "
+                 "model.int8.onnx / model.fp16.onnx as a strongly typed network.")
 
 
 def settings_from_recipe(recipe, *, fp16: Optional[bool] = None, int8_calib: Optional[int] = None,
-                         sparse: Optional[bool] = None, batch_sizes: Optional[Sequence[int]] = None) -> EngineSettings:
-    """Recipe export.tensorrt values, each overridable from the CLI; batches default to the bench batch sizes."""
+                         sparse: Optional[bool] = None, batch_sizes: Optional[Sequence[int]] = None,
+                         quantized: Optional[str] = None) -> EngineSettings:
+    """Recipe export.tensorrt values, each overridable from the CLI; batches default to the bench batch sizes.
+    `quantized`: the engine is built from export.quantize's file of that mode."""
     cfg = recipe.export.tensorrt
     calib = int8_calib if int8_calib is not None else (cfg.calib_samples if cfg.int8 else 0)
     return engine_settings(recipe.model.input_shape, batch_sizes or recipe.bench.batch_sizes,
                            fp16=cfg.fp16 if fp16 is None else fp16, int8_calib=calib,
-                           sparse=cfg.sparse if sparse is None else sparse, workspace_gb=cfg.workspace_gb)
+                           sparse=cfg.sparse if sparse is None else sparse, workspace_gb=cfg.workspace_gb,
+                           quantized=quantized)
 
 
 def parser_errors(parser) -> list[str]:
@@ -157,8 +199,9 @@ def build_engine(onnx_path: str | Path, settings: EngineSettings, engine_path: s
             log.append(f"[{severity.name}] {msg}")
 
     logger = Logger()
+    check_builder_flags(trt, settings)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10 networks are always explicit-batch
+    network = builder.create_network(network_flags(trt, settings))  # always explicit-batch since TensorRT 10
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         raise ExportError(f"the TensorRT ONNX parser rejected {onnx_path}: " + "; ".join(parser_errors(parser)))

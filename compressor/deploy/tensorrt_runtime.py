@@ -1,6 +1,6 @@
 """Native TensorRT inference without torch: deserialize an engine, set input shapes, device buffers through
 cuda-python, one CUDA stream, CUDA-event timing. Runs on a Jetson or GPU box with only tensorrt, cuda-python
-and numpy installed. Written against TensorRT 10 (the [gpu] extra pins tensorrt>=10.3,<11) and cuda-python 12/13.
+and numpy installed. Written against TensorRT 10 and 11 (the [gpu] extra takes tensorrt>=10.3,<12) and cuda-python 12/13.
 """
 from __future__ import annotations
 

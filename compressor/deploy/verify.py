@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -35,12 +35,17 @@ def batched(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_s
     return np.concatenate([np.asarray(run(inputs[i:i + batch_size])) for i in range(0, len(inputs), batch_size)])
 
 
-def check(metrics: dict[str, float], cfg: VerifyConfig, label: str, *, precision: str = "fp32") -> dict[str, Any]:
-    """Attach tolerances and the verdict; ParityError when the export disagrees beyond them."""
-    atol = {"fp32": cfg.atol, "fp16": cfg.fp16_atol, "int8": cfg.int8_atol}[precision]
-    allowed = atol + cfg.rtol * metrics.get("max_abs_reference", 0.0)  # scale: untrained logits reach 1e5-1e12
-    agreement = cfg.min_top1_agreement if precision == "fp32" else cfg.reduced_min_top1_agreement
-    result = {**metrics, "atol": atol, "rtol": cfg.rtol, "allowed_abs_diff": allowed, "min_top1_agreement": agreement,
+def check(metrics: dict[str, float], cfg: VerifyConfig, label: str, *, precision: str = "fp32",
+          atol: Optional[float] = None, rtol: Optional[float] = None,
+          min_agreement: Optional[float] = None) -> dict[str, Any]:
+    """Attach tolerances and the verdict; ParityError when the export disagrees beyond them. The tolerances are
+    the recipe's for `precision` unless given (quantized ONNX files pass their own relative ones)."""
+    atol = {"fp32": cfg.atol, "fp16": cfg.fp16_atol, "int8": cfg.int8_atol}[precision] if atol is None else atol
+    rtol = cfg.rtol if rtol is None else rtol
+    allowed = atol + rtol * metrics.get("max_abs_reference", 0.0)  # scale: untrained logits reach 1e5-1e12
+    agreement = min_agreement if min_agreement is not None else (
+        cfg.min_top1_agreement if precision == "fp32" else cfg.reduced_min_top1_agreement)
+    result = {**metrics, "atol": atol, "rtol": rtol, "allowed_abs_diff": allowed, "min_top1_agreement": agreement,
               "precision": precision, "artifact": label}
     result["passed"] = metrics["max_abs_diff"] <= allowed and metrics["top1_agreement"] >= agreement
     if metrics.get("same_output_for_all"):
@@ -50,7 +55,7 @@ def check(metrics: dict[str, float], cfg: VerifyConfig, label: str, *, precision
     if not result["passed"]:
         raise ParityError(
             f"{label} disagrees with the PyTorch model on {metrics['samples']} validation samples: max abs diff "
-            f"{metrics['max_abs_diff']:.3g} (allowed {allowed:.3g} = atol {atol:g} + rtol {cfg.rtol:g} x max |output| "
+            f"{metrics['max_abs_diff']:.3g} (allowed {allowed:.3g} = atol {atol:g} + rtol {rtol:g} x max |output| "
             f"{metrics.get('max_abs_reference', 0.0):.3g}), top-1 agreement {metrics['top1_agreement']:.4f} "
             f"(required {agreement}).",
             hint="The export is not written as verified; inspect the model for ops that export differently.")

@@ -1,0 +1,95 @@
+"""`compressor export`: load a checkpoint or slim model, export it to ONNX, verify it on the recipe's validation
+samples, quantize it as export.quantize asks, and build a TensorRT engine when asked."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.deploy.config import OnnxConfig
+from compressor.deploy.export import export_onnx, remove_onnx
+
+
+def _with_opset(cfg: OnnxConfig, opset: int) -> OnnxConfig:
+    """`cfg` with --opset applied, validated like the recipe's export.onnx.opset (model_copy would not check it)."""
+    from pydantic import ValidationError
+
+    from compressor.errors import UsageError
+
+    try:
+        return OnnxConfig.model_validate({**cfg.model_dump(), "opset": opset})
+    except ValidationError as exc:
+        reason = "; ".join(e["msg"] for e in exc.errors())
+        raise UsageError(f"--opset {opset}: {reason} (the range export.onnx.opset allows).") from exc
+
+
+def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None = None, opset: int | None = None,
+                 trust_checkpoint: bool = False, trt_options: dict | None = None) -> dict[str, Any]:
+    """`compressor export`: load a checkpoint or slim model, export it and verify the export.
+
+    Parity uses the recipe's validation samples when a recipe is given, else seeded random inputs (said so).
+    """
+    from compressor.errors import UsageError
+    from compressor.models.loading import example_inputs, load_model
+    from compressor.deploy.config import OnnxConfig, VerifyConfig
+    from compressor.models.config import ModelConfig
+    from compressor.models.slim import read_model_config
+    from compressor.deploy.verify import verify_onnx
+
+    if fmt not in ("onnx", "tensorrt"):
+        raise UsageError(f"--format {fmt!r}: use onnx or tensorrt.")
+    if fmt == "tensorrt":
+        from compressor.deploy.tensorrt_engine import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            from compressor.errors import BackendUnavailable
+
+            raise BackendUnavailable(f"--format tensorrt needs TensorRT and an NVIDIA GPU, but {why}.",
+                                     hint="Export to ONNX here and build the engine on the target device.")
+        if recipe is None:
+            raise UsageError("--format tensorrt needs --recipe (input shape, batch sizes and calibration data).")
+    model_cfg = recipe.model if recipe is not None else read_model_config(model_ref) or ModelConfig()
+    model = load_model(model_ref, model_cfg, trust_checkpoint=trust_checkpoint).cpu().eval()
+    onnx_cfg = recipe.export.onnx if recipe is not None else OnnxConfig()
+    if opset is not None:
+        onnx_cfg = _with_opset(onnx_cfg, opset)
+    base = Path(model_ref)
+    target = out or (base / "model.onnx" if base.is_dir() else base.with_suffix(".onnx"))
+    from compressor.rundir import check_output_file
+
+    check_output_file(target, "--out" if out is not None else "the output (next to MODEL; choose one with --out)",
+                      "model.onnx")
+    info = export_onnx(model, example_inputs(model_cfg), target, onnx_cfg)
+    verify_cfg = recipe.verify if recipe is not None else VerifyConfig()
+    if recipe is not None:
+        from compressor.train.data import build_datasets, sample_batch
+
+        samples, _ = sample_batch(build_datasets(recipe.data, recipe.model)[1], verify_cfg.samples)
+        source = f"{len(samples)} {recipe.data.kind} validation samples"
+    else:
+        samples = torch.randn(min(verify_cfg.samples, 64), *model_cfg.input_shape, generator=torch.Generator().manual_seed(0))
+        source = f"{len(samples)} random inputs (give --recipe to verify on real data)"
+    try:
+        info["parity"] = {**verify_onnx(model, target, samples, verify_cfg), "source": source}
+    except Exception:
+        remove_onnx(target)  # an export that failed verification is not left looking complete
+        raise
+    quantized = recipe.export.quantize.mode if recipe is not None and recipe.export.quantize.enabled else None
+    engine_source = target
+    if quantized:
+        from compressor.app.quantization import quantize_for_export
+
+        info["quantized"] = quantize_for_export(model, target, recipe, samples)
+        engine_source = Path(info["quantized"]["path"])
+    if fmt == "tensorrt":
+        from compressor.train.data import build_datasets, sample_batch
+        from compressor.deploy.tensorrt_engine import build_and_verify, settings_from_recipe
+
+        settings = settings_from_recipe(recipe, **(trt_options or {}), quantized=quantized)
+        calibration = None
+        if settings.calib_samples:
+            calibration = sample_batch(build_datasets(recipe.data, recipe.model)[0], settings.calib_samples)[0]
+        info["tensorrt"] = build_and_verify(model, engine_source, samples, recipe, settings, calibration=calibration)
+    return info
