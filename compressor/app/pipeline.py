@@ -21,6 +21,7 @@ from compressor.models.loading import example_inputs, load_model
 from compressor.models.slim import layer_widths, save_slim
 from compressor.progress import info
 from compressor.prune.methods import METHODS, PruningMethod
+from compressor.prune.latency_target import resolve_latency_target
 from compressor.prune.round_to import resolve_round_to
 from compressor.prune.selection import MISS_TOLERANCE, relative_miss, snapshot_macs
 from compressor.train.data import build_datasets, sample_batch
@@ -56,7 +57,7 @@ def prepare_run_dir(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool)
                 raise UsageError(f"--resume: {recipe_file} differs from the recipe given now; resume with the same "
                                  "recipe and --set values, or start a new --out.")
         elif overwrite:
-            for stale in ("report.json", "report.md", rundir.CHECKPOINT, "round_to.json"):  # round_to.py STATE_FILE
+            for stale in ("report.json", "report.md", rundir.CHECKPOINT, "round_to.json", "latency_target.json"):
                 (out / stale).unlink(missing_ok=True)
         else:
             raise UsageError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
@@ -116,6 +117,7 @@ class RunState:
     train_set: Any = None
     val_set: Any = None
     round_note: Optional[str] = None
+    latency_target: Optional[dict[str, Any]] = None  # the measure-prune loop of a latency target
     dense_model: Optional[nn.Module] = None  # a copy of the dense model, for export and the interleaved bench
     dense: Optional[Measured] = None
     method: Optional[PruningMethod] = None
@@ -147,6 +149,16 @@ def load_inputs(state: RunState) -> None:
     if state.round_note:
         state.notes.append(state.round_note)
         info(state.round_note)
+    with state.timer("latency_target"):  # after round_to: the loop plans with the resolved multiple
+        state.recipe, state.latency_target = resolve_latency_target(state.recipe, state.model, out=state.out)
+    if state.latency_target:
+        t = state.latency_target
+        note = (f"latency target x{t['asked_speedup']:.2f} on {t['backend']} batch {t['batch']}: planned to "
+                f"{t['macs']:.3f} of the dense MACs, measured x{t['measured_speedup']:.2f} before fine-tuning "
+                f"after {len(t['tries'])} tries" + ("" if t["met"] else
+                f" (not within {t['tolerance']:.0%}: the planner's granularity or the runtime allows no closer)"))
+        state.notes.append(note)
+        info(note)
 
 
 def measure_dense(state: RunState) -> None:
@@ -236,9 +248,59 @@ def verify_exports(state: RunState) -> None:
         _finish(report, out, state.timer)
         raise
     report["exports"]["tensorrt_compatibility"] = check_onnx(out / "model.onnx").to_dict()
-    report["exports"]["tensorrt"] = _tensorrt_step(state.recipe, out, state.model, state.samples, state.train_set)
+
+
+def build_engine(state: RunState) -> None:
+    """The TensorRT engine (where TensorRT and a GPU are): from the quantized ONNX when export.quantize made one
+    (strongly typed), else from model.onnx with the recipe's precision flags."""
+    report = state.report
+    report["exports"]["tensorrt"] = _tensorrt_step(state.recipe, state.out, state.model, state.samples,
+                                                   state.train_set)
     if report["exports"]["tensorrt"].get("parity"):
         report["parity"]["tensorrt"] = report["exports"]["tensorrt"]["parity"]
+
+
+def quantize_export(state: RunState) -> None:
+    """export.quantize: model.int8.onnx or model.fp16.onnx beside model.onnx, checked against PyTorch with the
+    precision's tolerance and evaluated on the whole validation set; int8 with quantization-aware fine-tuning
+    when post-training int8 misses the accuracy gate (app/quantization.py)."""
+    cfg = state.recipe.export.quantize
+    if not cfg.enabled:
+        return
+    from compressor.app.quantization import needs_qat, quantize_after_qat, quantize_model
+    from compressor.deploy.verify import torch_outputs
+
+    info(f"      quantizing model.onnx to {cfg.mode}")
+    report, out = state.report, state.out
+    calibration = sample_batch(state.train_set, cfg.calibration.samples)[0].numpy() if cfg.mode == "int8" else None
+
+    def evaluate(path: Path) -> float:
+        return evaluate_onnx(path, state.val_set, batch_size=state.eval_batch)["top1"]
+
+    try:
+        with state.timer("quantize"):
+            report["quantized"] = quantize_model(
+                out / "model.onnx", state.recipe, calibration=calibration,
+                reference=torch_outputs(state.model, state.samples), samples=state.samples.numpy(),
+                evaluate=evaluate, baseline_top1=state.dense.metrics["top1"])
+        if needs_qat(state.recipe, report["quantized"], state.dense.metrics["top1"]):
+            with state.timer("qat"):
+                report["quantized"] = quantize_after_qat(
+                    state.model, out / "model.int8.onnx", state.recipe, train_set=state.train_set,
+                    val_set=state.val_set, samples=state.samples, ptq=report["quantized"], evaluate=evaluate,
+                    device=state.device)
+    except ParityError as exc:
+        report["status"] = "failed: parity"
+        report["parity"][cfg.mode] = {"passed": False, "error": exc.render()}
+        _finish(report, out, state.timer)
+        raise
+    q = report["quantized"]
+    report["parity"][cfg.mode] = q["parity"]
+    report["artifacts"][cfg.mode] = q["path"]
+    info(f"      {cfg.mode} ONNX: top-1 {q['top1']:.2f}% (fp32 {report['compressed']['onnx_top1']:.2f}%), "
+         f"top-1 agreement {q['parity']['top1_agreement']:.4f}, {len(q.get('float_layers', []))} layers in float"
+         + (f", after {q['qat']['epochs']} QAT epoch(s) (post-training {q['qat']['post_training_top1']:.2f}%)"
+            if q.get("qat") else ""))
 
 
 def measure_latency(state: RunState) -> None:
@@ -251,6 +313,8 @@ def measure_latency(state: RunState) -> None:
     with state.timer("bench"):
         report["latency"], report["environment"] = _bench(recipe, state.out, state.dense_model, state.model,
                                                           state.compressed.macs, state.dense.macs)
+        if state.latency_target:
+            report["target"]["latency"] = _latency_result(state.latency_target, report["latency"])
         if "ort-cpu" in recipe.bench.backends:
             report["ort_cpu_layout"] = _layout_check(recipe, state.out)
             for finding in report["ort_cpu_layout"]["findings"]:
@@ -271,7 +335,7 @@ def check_gates(state: RunState) -> None:
 
 # every rank runs the stages up to measure_compressed (DDP training); the main process alone runs the rest
 TRAINING_STAGES = (load_inputs, measure_dense, prune_and_finetune, measure_compressed)
-MAIN_STAGES = (save_and_export, verify_exports, measure_latency, check_gates)
+MAIN_STAGES = (save_and_export, verify_exports, quantize_export, build_engine, measure_latency, check_gates)
 
 
 def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optional[str | Path] = None, *,
@@ -336,9 +400,20 @@ def _target_summary(state: RunState, achieved: float) -> dict[str, Any]:
         return {"asked": None, "asked_macs_ratio": None, "achieved_macs_ratio": achieved,
                 "achieved_mac_speedup": 1 / achieved if achieved > 0 else None, "met": None}
     asked = target.remaining_macs()
-    return {"asked": target.model_dump(exclude_none=True), "asked_macs_ratio": asked, "achieved_macs_ratio": achieved,
+    written = recipe.prune._latency_target or target  # a latency target as the recipe says it, not its MAC plan
+    return {"asked": written.model_dump(exclude_none=True), "asked_macs_ratio": asked, "achieved_macs_ratio": achieved,
             "achieved_mac_speedup": 1 / achieved if achieved > 0 else None, "tolerance": MISS_TOLERANCE,
             "met": None if asked is None else abs(relative_miss(achieved, asked)) <= MISS_TOLERANCE}
+
+
+def _latency_result(loop: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The latency target: the loop before fine-tuning, and the speedup the final bench measured."""
+    from compressor.prune.latency_target import TOLERANCE
+
+    row = next((r for r in rows if r["backend"] == loop["backend"] and r["batch_size"] == loop["batch"]), None)
+    final = row["speedup"] if row else None
+    return {**loop, "final_speedup": final,
+            "final_met": None if final is None else abs(final / loop["asked_speedup"] - 1) <= TOLERANCE}
 
 
 def _round_to_summary(recipe: Recipe, out: Path, note: Optional[str]) -> dict[str, Any]:
@@ -371,33 +446,46 @@ def _tensorrt_step(recipe: Recipe, out: Path, model, samples, train_set) -> dict
     ok, why = tensorrt_available()
     if not ok:
         return {"status": "skipped", "reason": why}
-    settings = settings_from_recipe(recipe)
+    quantized = recipe.export.quantize.mode if recipe.export.quantize.enabled else None
+    settings = settings_from_recipe(recipe, quantized=quantized)
     calibration = sample_batch(train_set, settings.calib_samples)[0] if settings.calib_samples else None
-    return build_and_verify(model, out / "model.onnx", samples, recipe, settings, calibration=calibration)
+    onnx_path = out / (f"model.{quantized}.onnx" if quantized else "model.onnx")
+    return build_and_verify(model, onnx_path, samples, recipe, settings, calibration=calibration)
 
 
 def _bench(recipe: Recipe, out: Path, dense, model, macs: float, dense_macs: float):
-    from compressor.deploy.bench import environment, make_runner, measure_interleaved, summarize
+    """Dense and compressed (and the quantized ONNX, on ONNX Runtime backends) timed round robin per backend and
+    batch size, so that machine noise hits all alike."""
+    from compressor.deploy.bench import environment, make_runner, measure_round_robin, summarize
 
     cfg = recipe.bench
+    quant = recipe.export.quantize.mode if recipe.export.quantize.enabled else None
     rows = []
     for backend in cfg.backends:
-        artifact_dense = dense if backend == "torch" else out / "dense.onnx"
-        artifact = model if backend == "torch" else out / "model.onnx"
-        runner_dense = make_runner(backend, artifact_dense, cfg.threads, list(recipe.model.input_shape))
-        runner = make_runner(backend, artifact, cfg.threads, list(recipe.model.input_shape))
-        for batch in cfg.batch_sizes:
-            times_dense, times = measure_interleaved(runner_dense, runner, batch, cfg.warmup_ms, cfg.min_runs,
-                                                     cfg.min_seconds)
-            dense_stats, stats = summarize(times_dense, batch), summarize(times, batch)
-            speedup = dense_stats.p50 / stats.p50
-            rows.append({"backend": backend, "batch_size": batch, "dense": asdict(dense_stats),
-                         "compressed": asdict(stats), "speedup": speedup,
-                         "realised_ratio": speedup / (dense_macs / macs),
-                         "dense_ms": [t * 1e3 for t in times_dense], "compressed_ms": [t * 1e3 for t in times]})
-            info(f"      {backend} batch {batch}: {dense_stats.p50:.3f} -> {stats.p50:.3f} ms (x{speedup:.2f})")
-        runner_dense.close()
-        runner.close()
+        artifacts = [dense, model] if backend == "torch" else [out / "dense.onnx", out / "model.onnx"]
+        if quant and backend != "torch":
+            artifacts.append(out / f"model.{quant}.onnx")
+        runners = [make_runner(backend, a, cfg.threads, list(recipe.model.input_shape)) for a in artifacts]
+        try:
+            for batch in cfg.batch_sizes:
+                times = measure_round_robin(runners, batch, cfg.warmup_ms, cfg.min_runs, cfg.min_seconds)
+                stats = [summarize(t, batch) for t in times]
+                speedup = stats[0].p50 / stats[1].p50
+                row = {"backend": backend, "batch_size": batch, "dense": asdict(stats[0]),
+                       "compressed": asdict(stats[1]), "speedup": speedup,
+                       "realised_ratio": speedup / (dense_macs / macs),
+                       "dense_ms": [t * 1e3 for t in times[0]], "compressed_ms": [t * 1e3 for t in times[1]]}
+                line = f"      {backend} batch {batch}: {stats[0].p50:.3f} -> {stats[1].p50:.3f} ms (x{speedup:.2f})"
+                if len(stats) == 3:
+                    row.update(quantized=asdict(stats[2]), quantized_mode=quant,
+                               quantized_speedup=stats[0].p50 / stats[2].p50,
+                               quantized_ms=[t * 1e3 for t in times[2]])
+                    line += f", {quant} {stats[2].p50:.3f} ms (x{row['quantized_speedup']:.2f})"
+                rows.append(row)
+                info(line)
+        finally:
+            for runner in reversed(runners):
+                runner.close()
     return rows, environment(threads=cfg.threads)
 
 
@@ -408,6 +496,11 @@ def evaluate_gates(recipe: Recipe, report: dict[str, Any]) -> list[dict[str, Any
         drop = report["dense"]["top1"] - report["compressed"]["top1"]
         gates.append({"name": "max_accuracy_drop", "value": drop, "limit": g.max_accuracy_drop,
                       "passed": drop <= g.max_accuracy_drop})
+    quantized = report.get("quantized")
+    if g.max_accuracy_drop is not None and quantized:
+        drop = report["dense"]["top1"] - quantized["top1"]
+        gates.append({"name": f"max_accuracy_drop ({quantized['mode']} ONNX)", "value": drop,
+                      "limit": g.max_accuracy_drop, "passed": drop <= g.max_accuracy_drop})
     if g.min_speedup is not None and report.get("latency"):
         first = report["latency"][0]
         gates.append({"name": f"min_speedup ({first['backend']}, batch {first['batch_size']})",

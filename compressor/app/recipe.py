@@ -64,6 +64,22 @@ class Recipe(Strict):
             raise ValueError("prune.schedule.start_epoch is after the schedule's end")
         if METHODS.get(self.prune.method).needs_training_budget(self.prune) and self.finetune.epochs == 0:
             raise ValueError(f"method {self.prune.method} prunes during training: finetune.epochs must be at least 1")
+        target = self.prune.target
+        if target.is_latency:
+            if not self.bench.backends:
+                raise ValueError("prune.target is a latency target, measured on a bench backend, but bench.backends "
+                                 "is empty; list the runtime to measure on (e.g. bench.backends: [ort-cpu])")
+            if target.backend is not None and target.backend not in self.bench.backends:
+                raise ValueError(f"prune.target.backend {target.backend!r} is not in bench.backends "
+                                 f"{list(self.bench.backends)}; add it there so the result is measured on it too")
+            if target.batch is not None and target.batch not in self.bench.batch_sizes:
+                raise ValueError(f"prune.target.batch {target.batch} is not in bench.batch_sizes "
+                                 f"{list(self.bench.batch_sizes)}; add it there so the result is measured at it too")
+        if self.export.quantize.exclude == "auto" and self.gates.max_accuracy_drop is None:
+            raise ValueError("export.quantize.exclude: auto keeps layers in float until gates.max_accuracy_drop holds; "
+                             "set gates.max_accuracy_drop (percentage points of top-1 from the dense model)")
+        if self.export.quantize.exclude == "auto" and self.export.quantize.mode != "int8":
+            raise ValueError("export.quantize.exclude: auto measures int8 sensitivity; use it with mode: int8")
         return self
 
     def schedule_end_epoch(self) -> int:

@@ -60,7 +60,9 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += [f"MAC target: asked {asked} of dense, achieved {t['achieved_macs_ratio']:.3f} "
               f"(MAC speedup x{t['achieved_mac_speedup']:.2f}). ONNX Runtime top-1 of the exported model: {onnx_top1}.", ""]
     lines += method_class(r).report_section(r.get("method") or {})
-    lines += _latency_section(r) + _parity_section(r) + _round_to_section(r) + _widths_section(r)
+    lines += _latency_target_section(r)
+    lines += _latency_section(r) + _deployment_section(r) + _parity_section(r) + _round_to_section(r)
+    lines += _widths_section(r)
     lines += _training_section(r)
     if r.get("gates"):
         lines += ["## Gates", ""]
@@ -96,6 +98,72 @@ def _latency_section(r: dict[str, Any]) -> list[str]:
         lines += [f"ONNX Runtime CPU runs {count('compressed')} convolutions of the compressed model in its fast NCHWc "
                   f"layout (dense: {count('dense')}); `compressor profile model.onnx --baseline dense.onnx` shows "
                   "where the time goes."] + [f"- {f}" for f in layout["findings"]] + [""]
+    return lines
+
+
+def _latency_target_section(r: dict[str, Any]) -> list[str]:
+    t = (r.get("target") or {}).get("latency")
+    if not t:
+        return []
+    final = "not measured" if t.get("final_speedup") is None else (
+        f"x{t['final_speedup']:.2f} ({'within' if t['final_met'] else '**not** within'} {t['tolerance']:.0%})")
+    lines = [f"## Latency target: x{t['asked_speedup']:.2f} on {t['backend']} batch {t['batch']}", "",
+             f"Measured before fine-tuning (magnitude plan on a copy, dense and pruned interleaved), the MAC fraction "
+             f"was moved until the speedup was within {t['tolerance']:.0%}; the run then planned to "
+             f"{t['macs']:.3f} of the dense MACs. After fine-tuning the bench measured {final}.", ""]
+    lines += table(["try", "MACs asked", "MACs", "dense ms", "pruned ms", "speedup"],
+                    [[i + 1, f"{x['asked_macs']:.3f}", f"{x['macs']:.3f}", f"{x['dense_ms']:.3f}",
+                      f"{x['pruned_ms']:.3f}", f"x{x['speedup']:.2f}"] for i, x in enumerate(t["tries"])])
+    return lines
+
+
+def _deployment_section(r: dict[str, Any]) -> list[str]:
+    """Dense fp32, pruned fp32 and the quantized file side by side: accuracy on the whole validation set and
+    latency from the same round-robin bench."""
+    q = r.get("quantized")
+    if not q:
+        return []
+    dense, comp = r["dense"], r["compressed"]
+    timed = [x for x in r.get("latency") or [] if "quantized" in x]
+    heads = [f"{x['backend']} b{x['batch_size']} ms (speedup)" for x in timed]
+
+    def cells(key: str) -> list[str]:
+        return [f"{x[key]['p50']:.3f} (x{x['dense']['p50'] / x[key]['p50']:.2f})" for x in timed]
+
+    rows = [["dense fp32", f"{dense['top1']:.2f}", "", _kb(dense["onnx_bytes"]), *cells("dense")],
+            ["pruned fp32", f"{comp.get('onnx_top1', comp['top1']):.2f}",
+             f"{comp.get('onnx_top1', comp['top1']) - dense['top1']:+.2f}", _kb(comp["onnx_bytes"]),
+             *cells("compressed")],
+            [f"pruned {q['mode']}", f"{q['top1']:.2f}", f"{q['top1'] - dense['top1']:+.2f}", _kb(q["bytes"]),
+             *cells("quantized")]]
+    lines = [f"## Deployment: dense, pruned and pruned {q['mode']}", ""]
+    lines += table(["model", "top-1 % (ONNX Runtime, whole val set)", "vs dense pp", "file", *heads], rows)
+    settings = q.get("settings") or {}
+    if settings:
+        lines += [f"INT8: static QDQ, {settings['calibration']} calibration on {settings['calibration_samples']} "
+                  f"training samples, per-channel weights {settings['per_channel']}, {settings['activations']} "
+                  f"activations, reduce_range {settings['reduce_range']} ({settings['why']}).", ""]
+    p = q["parity"]
+    lines += [f"Parity vs the fp32 PyTorch model on {p['samples']} validation samples: top-1 agreement "
+              f"{p['top1_agreement']:.4f} (required {p['min_top1_agreement']}), max abs diff {p['max_abs_diff']:.3g} "
+              f"(allowed {p['rtol']:g} x max |output| = {p['allowed_abs_diff']:.3g}). Layers kept in float: "
+              f"{', '.join(q.get('float_layers') or []) or 'none'}.", ""]
+    if q.get("qat"):
+        t = q["qat"]
+        lines += [f"Quantization-aware fine-tuning: post-training int8 gave {t['post_training_top1']:.2f}%; "
+                  f"{t['epochs']} epoch(s) with {t['fake_quantized_layers']} layers fake-quantized (lr {t['lr']:g}) "
+                  f"gave {q['top1']:.2f}%. The int8 file comes from the QAT weights; model.onnx and the slim model "
+                  "are the fp32 pruned model.", ""]
+    if q.get("auto_tries"):
+        lines += ["`exclude: auto` (the most harmful layers first, by the sensitivity scan):", ""]
+        lines += table(["float layers", "top-1 %", "drop from dense pp"],
+                        [[len(t["excluded"]), f"{t['top1']:.2f}",
+                          "-" if t["drop_pp"] is None else f"{t['drop_pp']:+.2f}"] for t in q["auto_tries"]])
+    if q.get("sensitivity"):
+        lines += ["Most sensitive layers (each quantized alone; agreement with fp32):", ""]
+        lines += table(["layer", "top-1 agreement", "max diff / max |output|"],
+                        [[s["module"] or s["node"], f"{s['top1_agreement']:.4f}", f"{s['relative_diff']:.3g}"]
+                         for s in q["sensitivity"][:5]])
     return lines
 
 
@@ -221,8 +289,9 @@ def _plot_latency(plt, r):
         return None
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.6), squeeze=False)
     for ax, row in zip(axes[0], rows):
-        ax.boxplot([row["dense_ms"], row["compressed_ms"]], showfliers=False)
-        ax.set_xticks([1, 2], ["dense", "compressed"])
+        series = [row["dense_ms"], row["compressed_ms"]] + ([row["quantized_ms"]] if "quantized_ms" in row else [])
+        ax.boxplot(series, showfliers=False)
+        ax.set_xticks(range(1, len(series) + 1), ["dense", "compressed", row.get("quantized_mode", "")][:len(series)])
         ax.set_title(f"{row['backend']} batch {row['batch_size']}\nx{row['speedup']:.2f}", fontsize=9)
         ax.set_ylabel("ms")
     fig.suptitle("Latency distributions (dense and compressed interleaved)", y=1.03)

@@ -12,20 +12,43 @@ class TargetConfig(Strict):
     macs: Optional[float] = Field(None, gt=0.0, lt=1.0, description="remaining fraction of dense MACs")
     speedup: Optional[float] = Field(None, gt=1.0, description="dense MACs / pruned MACs")
     channels: Optional[float] = Field(None, gt=0.0, lt=1.0, description="fraction of prunable channels removed")
+    latency: Optional[float] = Field(None, gt=0.0, lt=1.0, description="measured latency as a fraction of the dense "
+                                                                       "model's, on `backend` at `batch`")
+    latency_speedup: Optional[float] = Field(None, gt=1.0, description="measured dense latency / pruned latency")
+    backend: Optional[str] = Field(None, description="latency targets: the bench backend measured (default: the "
+                                                     "first of bench.backends)")
+    batch: Optional[int] = Field(None, gt=0, description="latency targets: the batch size measured (default: the "
+                                                         "first of bench.batch_sizes)")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "TargetConfig":
-        given = [k for k in ("macs", "speedup", "channels") if getattr(self, k) is not None]
+        given = [k for k in ("macs", "speedup", "channels", "latency", "latency_speedup") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of macs, speedup, channels (got {', '.join(given) or 'none'})")
+            raise ValueError("give exactly one of macs, speedup, channels, latency, latency_speedup "
+                             f"(got {', '.join(given) or 'none'})")
+        if not self.is_latency and (self.backend is not None or self.batch is not None):
+            raise ValueError("backend and batch belong to a latency target (latency or latency_speedup)")
         return self
 
+    @property
+    def is_latency(self) -> bool:
+        return self.latency is not None or self.latency_speedup is not None
+
+    def asked_latency_speedup(self) -> Optional[float]:
+        """Dense latency / pruned latency asked by a latency target (None for other targets)."""
+        if self.latency_speedup is not None:
+            return self.latency_speedup
+        return 1.0 / self.latency if self.latency is not None else None
+
     def remaining_macs(self) -> Optional[float]:
-        """The remaining MAC fraction asked for, or None for a channel-ratio target."""
+        """The remaining MAC fraction asked for, or None for a channel-ratio target. A latency target counts as
+        1 / speedup MACs until compress has measured which MAC fraction gives that speedup (prune/latency_target.py)."""
         if self.macs is not None:
             return self.macs
         if self.speedup is not None:
             return 1.0 / self.speedup
+        if self.is_latency:
+            return 1.0 / self.asked_latency_speedup()
         return None
 
 

@@ -86,17 +86,12 @@ def _shared(measure) -> dict[str, Any]:
 def measure_round_to(model: "nn.Module", recipe: "Recipe", candidates: tuple[int, ...] = CANDIDATES) -> dict[str, Any]:
     """Time the recipe's target at every candidate multiple; {value, reason, measured, backend, rows}."""
     from compressor.prune import selection as sel
-    from compressor.deploy.bench import make_runner, measure_round_robin
-    from compressor.deploy.export import export_onnx
-    from compressor.prune.importance import build_scorer
+    from compressor.deploy.bench import measure_round_robin
     from compressor.models.loading import example_inputs
-    from compressor.prune.importance import ImportanceConfig
 
     backend = _backend(recipe) or "ort-cpu"
     example = example_inputs(recipe.model)
-    base = copy.deepcopy(model).cpu().eval()
-    snap = sel.snapshot(base, example, recipe.model.ignore, recipe.model.num_classes,
-                        build_scorer(ImportanceConfig(kind="magnitude")))
+    base, snap = magnitude_snapshot(model, recipe)
     widest = max(c.width for c in snap.candidates)
     tried = [c for c in candidates if c == 1 or c <= widest // 2]
     cfg = recipe.bench
@@ -108,12 +103,7 @@ def measure_round_to(model: "nn.Module", recipe: "Recipe", candidates: tuple[int
                 work = copy.deepcopy(base)
                 sel.remove(work, example, sel.plan_for_target(snap, recipe.prune.target, cons))
                 rows.append({"round_to": step, "macs": sel.snapshot_macs(work, example)[0] / snap.total_macs})
-                artifact: Any = work
-                if backend != "torch":
-                    artifact = Path(tmp) / f"round_to_{step}.onnx"
-                    onnx_cfg = recipe.export.onnx.model_copy(update={"simplify": False, "dynamo": False})
-                    export_onnx(work, example, artifact, onnx_cfg)
-                runners.append(make_runner(backend, artifact, cfg.threads, list(recipe.model.input_shape)))
+                runners.append(timing_runner(work, recipe, backend, Path(tmp) / f"round_to_{step}.onnx"))
             for batch in cfg.batch_sizes:
                 times = measure_round_robin(runners, batch, 200.0, 10, MEASURE_SECONDS)
                 for row, own in zip(rows, times):
@@ -130,3 +120,31 @@ def measure_round_to(model: "nn.Module", recipe: "Recipe", candidates: tuple[int
               f"measured on {backend} at batch {', '.join(map(str, cfg.batch_sizes))} for this model at its target "
               f"({timings}; geometric mean of median latencies)")
     return {"value": best["round_to"], "reason": reason, "measured": True, "backend": backend, "rows": rows}
+
+
+def magnitude_snapshot(model: "nn.Module", recipe: "Recipe"):
+    """An eval-mode copy of the model and its planning snapshot with magnitude scores (what the measurements of
+    round_to and latency targets plan on: the method's own scores need training)."""
+    from compressor.models.loading import example_inputs
+    from compressor.prune import selection as sel
+    from compressor.prune.importance import ImportanceConfig, build_scorer
+
+    base = copy.deepcopy(model).cpu().eval()
+    snap = sel.snapshot(base, example_inputs(recipe.model), recipe.model.ignore, recipe.model.num_classes,
+                        build_scorer(ImportanceConfig(kind="magnitude")))
+    return base, snap
+
+
+def timing_runner(model: "nn.Module", recipe: "Recipe", backend: str, onnx_path: Path):
+    """A bench runner for `model` on `backend`: the module itself for torch, else its ONNX export at `onnx_path`
+    (unsimplified: this is for timing)."""
+    from compressor.deploy.bench import make_runner
+    from compressor.deploy.export import export_onnx
+    from compressor.models.loading import example_inputs
+
+    artifact: Any = model
+    if backend != "torch":
+        onnx_cfg = recipe.export.onnx.model_copy(update={"simplify": False, "dynamo": False})
+        export_onnx(model, example_inputs(recipe.model), onnx_path, onnx_cfg)
+        artifact = onnx_path
+    return make_runner(backend, artifact, recipe.bench.threads, list(recipe.model.input_shape))

@@ -29,6 +29,8 @@ class PruneBase(Strict):
     max_layer_ratio: float = Field(0.8, gt=0.0, le=1.0)
     # set by round_to.resolve_round_to when round_to was `auto` (narrow groups may keep a smaller power of two)
     _round_to_auto: bool = PrivateAttr(False)
+    # set by latency_target.resolve_latency_target: the latency target the measured MAC target came from
+    _latency_target: Optional[TargetConfig] = PrivateAttr(None)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @field_validator("round_to", mode="before")

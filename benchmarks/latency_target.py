@@ -1,0 +1,107 @@
+"""Prune to a measured latency: torchvision models at their own input size, pruned to a latency speedup on ONNX
+Runtime CPU without fine-tuning (synthetic data), side by side with the MAC target 1/S that a user would
+otherwise have asked for.
+
+    python benchmarks/latency_target.py [--models resnet18 ...] [--speedups 1.5 2 3] [--batches 1 8] [--list]
+
+Each cell (model, asked speedup S, batch) is one `compress` with `prune.target: {latency_speedup: S, batch: B}`:
+its measure-prune loop (prune/latency_target.py) starts at the MAC target 1/S (magnitude plan, the same planner),
+so the loop's first try is the MAC-targeted model, measured in the same process; the final row is the speedup the
+bench measured on the compressed model (dense and pruned interleaved). A cell counts as met when that final
+speedup is within 5% of S. One JSON per finished cell in benchmarks/results/latency_target/ (a later run resumes);
+benchmarks/results/latency_target.md is rewritten from them after every cell.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from common import RESULTS, informative_init, input_size, table, write_result, zoo_overrides
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
+STORE = RESULTS / "latency_target"
+
+
+def tag(model: str, speedup: float, batch: int) -> str:
+    return f"{model}-x{speedup:g}-b{batch}"
+
+
+def run_cell(model: str, speedup: float, batch: int, args: argparse.Namespace) -> dict:
+    from compressor.app.pipeline import compress
+    from compressor.app.recipe import load_recipe
+
+    checkpoint, _ = informative_init(model, args.out / f"{model}.init.pt")
+    overrides = zoo_overrides(model, input_size(model), 0.5) + [
+        f"prune.target={{latency_speedup: {speedup}, batch: {batch}}}", f"bench.batch_sizes=[{batch}]",
+        "bench.backends=[ort-cpu]", f"bench.threads={args.threads}", "bench.min_runs=20", "bench.min_seconds=2",
+        "bench.warmup_ms=500", "export.onnx.simplify=false"]
+    start = time.perf_counter()
+    report = compress(checkpoint, load_recipe("resnet50-imagenet-latency", overrides), args.out / tag(model, speedup, batch),
+                      overwrite=True)
+    t = report["target"]["latency"]
+    first = t["tries"][0]
+    return {"model": model, "asked": speedup, "batch": batch, "tries": t["tries"], "planned_macs": t["macs"],
+            "loop_speedup": t["measured_speedup"], "final_speedup": t["final_speedup"], "final_met": t["final_met"],
+            "macs_kept": report["compressed"]["macs"] / report["dense"]["macs"],
+            "mac_target": {"macs": first["macs"], "speedup": first["speedup"],
+                           "realised_ratio": first["speedup"] * first["macs"]},
+            "dense_ms": report["latency"][0]["dense"]["p50"], "pruned_ms": report["latency"][0]["compressed"]["p50"],
+            "loop_seconds": report["timings_s"].get("latency_target"), "wall_s": time.perf_counter() - start,
+            "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def render() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(STORE.glob("*.json"))]
+    rows.sort(key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 99, r["batch"], r["asked"]))
+    met = sum(1 for r in rows if r["final_met"])
+    lines = [[r["model"], r["batch"], f"x{r['asked']:g}", f"{r['mac_target']['macs']:.3f}",
+              f"x{r['mac_target']['speedup']:.2f} ({r['mac_target']['realised_ratio']:.2f})",
+              f"{r['macs_kept']:.3f}", len(r["tries"]), f"x{r['loop_speedup']:.2f}",
+              f"x{r['final_speedup']:.2f}", "yes" if r["final_met"] else "**no**",
+              f"{r['dense_ms']:.2f} / {r['pruned_ms']:.2f}", f"{r['loop_seconds']:.0f}"] for r in rows]
+    return ("# Latency targets on ONNX Runtime CPU\n\n`python benchmarks/latency_target.py`: torchvision models at their "
+            "own input size, no fine-tuning (synthetic data), `prune.target: {latency_speedup: S, batch: B}` on "
+            f"ort-cpu with 2 threads. {met} of {len(rows)} cells within 5% of the asked speedup.\n\n"
+            "MAC target 1/S: the loop's first try (the plan a `macs: 1/S` recipe gets), its measured speedup and "
+            "realised ratio (speedup x MACs kept). Latency target: the MAC fraction the loop settled on, its tries, "
+            "the speedup it measured, and the speedup the final bench measured on the compressed model (dense and "
+            "pruned interleaved, p50).\n\n"
+            + table(["model", "batch", "asked", "MAC target 1/S: MACs", "its speedup (realised)",
+                     "latency target: MACs", "tries", "loop speedup", "final speedup", "within 5%",
+                     "dense / pruned ms", "loop s"], lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0, 3.0])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-latency-target"))
+    args = parser.parse_args()
+    STORE.mkdir(parents=True, exist_ok=True)
+    for model in args.models:
+        for batch in args.batches:
+            for speedup in args.speedups:
+                path = STORE / f"{tag(model, speedup, batch)}.json"
+                if args.list:
+                    print(("done " if path.exists() else "todo ") + path.stem)
+                    continue
+                if path.exists():
+                    continue
+                row = run_cell(model, speedup, batch, args)
+                path.write_text(json.dumps(row, indent=1) + "\n")
+                print(f"{path.stem}: MACs {row['macs_kept']:.3f}, loop x{row['loop_speedup']:.2f}, final "
+                      f"x{row['final_speedup']:.2f} ({'met' if row['final_met'] else 'missed'})", flush=True)
+                write_result("latency_target.md", render(), echo=False)
+    if not args.list:
+        write_result("latency_target.md", render())
+
+
+if __name__ == "__main__":
+    main()

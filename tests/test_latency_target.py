@@ -1,0 +1,114 @@
+"""prune.target latency / latency_speedup: the target's validation, the next-try rule of the measure-prune loop,
+the loop converging on a runtime whose speedup follows the MACs with a realised exponent, and compress end to end
+(the loop saved, reused on resume, the final speedup measured)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from compressor.app.recipe import recipe_from_dict
+from compressor.errors import RecipeError
+from compressor.prune import latency_target as lt
+from compressor.prune.config import TargetConfig
+from tests.conftest import tiny_recipe
+
+
+def test_latency_targets_validate_and_count_as_mac_guesses():
+    t = TargetConfig(latency=0.5)
+    assert t.is_latency and t.asked_latency_speedup() == 2.0 and t.remaining_macs() == 0.5
+    assert TargetConfig(latency_speedup=3.0, backend="ort-cpu", batch=8).remaining_macs() == pytest.approx(1 / 3)
+    assert TargetConfig(macs=0.4).asked_latency_speedup() is None
+    with pytest.raises(ValueError, match="exactly one of"):
+        TargetConfig(latency=0.5, macs=0.5)
+    with pytest.raises(ValueError, match="belong to a latency target"):
+        TargetConfig(macs=0.5, batch=8)
+
+
+@pytest.mark.parametrize("target, bench, field", [
+    ({"latency_speedup": 2.0, "backend": "torch"}, {"backends": ["ort-cpu"]}, "prune.target.backend 'torch'"),
+    ({"latency_speedup": 2.0, "batch": 4}, {"batch_sizes": [1, 8]}, "prune.target.batch 4"),
+    ({"latency": 0.5}, {"backends": []}, "bench.backends is empty"),
+])
+def test_latency_targets_must_be_measured_where_the_bench_measures(target, bench, field):
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": target}, bench=bench))
+    assert field in err.value.render() and err.value.exit_code == 2
+
+
+def test_next_macs_from_one_point_uses_its_realised_exponent():
+    r = math.log(1.5) / math.log(2)  # x1.5 measured at half the MACs
+    assert lt.next_macs([(0.5, 1.5)], 2.0) == pytest.approx(2.0 ** (-1 / r))
+
+
+def test_next_macs_interpolates_between_the_bracketing_points():
+    pts = [(0.5, 1.5), (0.25, 2.6), (0.6, 1.3)]
+    (m1, s1), (m2, s2) = (0.5, 1.5), (0.25, 2.6)  # the bracket around x2, not the nearest two
+    expected = math.exp(math.log(m1) + (math.log(m2) - math.log(m1)) / (math.log(s2) - math.log(s1))
+                        * (math.log(2.0) - math.log(s1)))
+    assert lt.next_macs(pts, 2.0) == pytest.approx(expected) and 0.25 < expected < 0.5
+
+
+def test_next_macs_stays_in_range_when_nothing_is_faster():
+    assert lt.next_macs([(0.5, 0.9)], 3.0) == 0.25  # not faster when pruned: remove twice as much
+    assert lt.next_macs([(0.03, 0.9)], 3.0) == lt.MAC_RANGE[0]
+    assert lt.MAC_RANGE[0] <= lt.next_macs([(0.3, 1.0), (0.2, 1.0)], 2.0) <= lt.MAC_RANGE[1]
+
+
+class FakeRunner:
+    def __init__(self, macs: float) -> None:
+        self.macs = macs
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_loop_converges_on_a_runtime_with_a_realised_exponent(monkeypatch):
+    """Latency ~ MACs^0.6 (a runtime that turns 60% of the MAC reduction into time, in log terms): x2 needs
+    about 0.315 of the MACs, not 0.5; the loop finds it within its tolerance."""
+    from compressor.deploy import bench
+    from compressor.models.loading import example_inputs
+    from compressor.prune import round_to, selection as sel
+
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"latency_speedup": 2.0}},
+                                          bench={"backends": ["ort-cpu"]}))
+    example = example_inputs(recipe.model)
+    dense_macs = []
+
+    def fake_runner(model, recipe, backend, path):
+        macs = sel.snapshot_macs(model, example)[0]
+        dense_macs.append(macs) if not dense_macs else None
+        return FakeRunner(macs / dense_macs[0])
+
+    def fake_timing(runners, batch, *args):
+        return [[1e-3 * r.macs ** 0.6] * 5 for r in runners]
+
+    monkeypatch.setattr(round_to, "timing_runner", fake_runner)
+    monkeypatch.setattr(bench, "measure_round_robin", fake_timing)
+    from compressor.models.loading import build_arch
+
+    record = lt.measure_latency_target(build_arch("zoo:resnet20", 4, 1), recipe)
+    assert record["met"] and abs(record["measured_speedup"] / 2.0 - 1) <= lt.TOLERANCE
+    assert 1 < len(record["tries"]) <= lt.MAX_TRIES and record["tries"][0]["asked_macs"] == 0.5
+    assert record["tries"][0]["speedup"] == pytest.approx(record["tries"][0]["macs"] ** -0.6)
+    assert record["achieved_macs"] == pytest.approx(0.5 ** (1 / 0.6), abs=0.05)
+    resolved = lt.with_mac_target(recipe, record["macs"])
+    assert resolved.prune.target.macs == record["macs"] and resolved.prune._latency_target.latency_speedup == 2.0
+
+
+def test_compress_to_a_latency_target_saves_the_loop_and_measures_the_result(tmp_path):
+    from compressor.app.pipeline import compress
+
+    r = recipe_from_dict(tiny_recipe(
+        prune={"method": "oneshot", "target": {"latency_speedup": 1.3}}, finetune={"epochs": 1},
+        bench={"backends": ["ort-cpu"], "batch_sizes": [8], "min_runs": 10, "min_seconds": 0.2, "warmup_ms": 50}))
+    report = compress("zoo:resnet20", r, tmp_path / "run")
+    t = report["target"]["latency"]
+    saved = json.loads((tmp_path / "run" / lt.STATE_FILE).read_text())
+    assert saved["macs"] == t["macs"] and (t["backend"], t["batch"]) == ("ort-cpu", 8)
+    assert 1 <= len(t["tries"]) <= lt.MAX_TRIES and t["final_speedup"] == report["latency"][0]["speedup"]
+    assert report["target"]["asked"] == {"latency_speedup": 1.3}
+    assert report["target"]["asked_macs_ratio"] == pytest.approx(t["macs"])
+    assert abs(report["compressed"]["macs"] / report["dense"]["macs"] - t["achieved_macs"]) < 0.02
+    assert "## Latency target: x1.30 on ort-cpu batch 8" in (tmp_path / "run" / "report.md").read_text()
