@@ -29,7 +29,10 @@ def overrides(name: str, macs: float, threads: int, samples: int) -> list[str]:
         "export.quantize.mode=int8", f"export.quantize.calibration.samples={samples}",
         f"data.synthetic.train_size={samples}", f"data.synthetic.val_size={samples}", f"verify.samples={samples}",
         "bench.backends=[ort-cpu]", "bench.batch_sizes=[1, 8]", f"bench.threads={threads}", "bench.min_runs=20",
-        "bench.min_seconds=3", "bench.warmup_ms=1000", "gates.max_accuracy_drop=null"]
+        "bench.min_seconds=3", "bench.warmup_ms=1000", "gates.max_accuracy_drop=null",
+        # random weights on noise inputs: a few classes win every sample, or the logits are ~1e-14 (EfficientNet),
+        # so argmax agreement is recorded but not required; the relative diff is the check that means something
+        "verify.int8_min_top1_agreement=0"]
 
 
 def one(name: str, args: argparse.Namespace) -> dict:
@@ -48,6 +51,7 @@ def one(name: str, args: argparse.Namespace) -> dict:
     row.update(macs_kept=report["compressed"]["macs"] / report["dense"]["macs"],
                int8_agreement=parity.get("top1_agreement"), int8_relative_diff=parity.get("relative_diff"),
                int8_passed=parity.get("passed", False), settings=q.get("settings"),
+               distinct_top1=parity.get("distinct_top1"), max_abs_output=parity.get("max_abs_reference"),
                fp32_relative_diff=report["parity"]["onnx"].get("relative_diff"),
                bytes={"dense": report["dense"]["onnx_bytes"], "pruned": report["compressed"]["onnx_bytes"],
                       "int8": q.get("bytes")})
@@ -69,7 +73,8 @@ def render(rows: dict) -> str:
 
     lines = [[r["model"], f"{r['macs_kept']:.3f}", f"{r['int8_agreement']:.3f}" if r["int8_agreement"] is not None
               else "-", f"{r['int8_relative_diff']:.3f}" if r["int8_relative_diff"] is not None else "-",
-              "yes" if r["int8_passed"] else "**no**", ms(r, 1), ms(r, 8),
+              "yes" if r["int8_passed"] else "**no**", r.get("distinct_top1", "-"),
+              f"{r['max_abs_output']:.2g}" if r.get("max_abs_output") is not None else "-", ms(r, 1), ms(r, 8),
               f"{r['bytes']['dense'] / 2**20:.1f} / {r['bytes']['pruned'] / 2**20:.1f} / "
               f"{(r['bytes']['int8'] or 0) / 2**20:.1f}", r["machine"]] for r in rows.values()]
     return ("# Prune, then quantize (ONNX Runtime CPU)\n\n`python benchmarks/quantize.py`: torchvision models at their "
@@ -77,8 +82,12 @@ def render(rows: dict) -> str:
             "then int8 (static QDQ, per-channel, minmax calibration on the synthetic samples). p50 latency in ms of "
             "dense fp32 / pruned fp32 / pruned int8, timed round robin in one process (speedup vs dense fp32). "
             "Parity: the int8 file against the fp32 PyTorch model on the validation samples (top-1 agreement; max abs "
-            "diff / max |output|; the recipe's tolerance is 0.97 and 0.25).\n\n"
+            "diff / max |output|, required at most verify.int8_rtol). With random weights on noise inputs the "
+            "fp32 model predicts only a few classes (column: distinct classes over the samples) and EfficientNet's "
+            "logits are ~1e-14, so top-1 agreement is recorded but not required here (int8_min_top1_agreement 0); "
+            "on trained models the default 0.97 applies.\n\n"
             + table(["model", "MACs kept", "int8 top-1 agreement", "int8 max diff (relative)", "parity passed",
+                     "distinct classes", "max abs output",
                      "batch 1 ms: dense / pruned / int8", "batch 8 ms: dense / pruned / int8",
                      "ONNX MiB dense / pruned / int8", "CPU"], lines))
 

@@ -285,3 +285,15 @@ def test_qat_runs_when_post_training_int8_misses_the_gate(tmp_path, monkeypatch)
     assert q["path"].endswith("model.int8.onnx") and (tmp_path / "run" / "model.int8.onnx").is_file()
     assert report["parity"]["int8"]["passed"]
     assert "Quantization-aware fine-tuning: post-training int8 gave 0.00%" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_parity_says_when_every_sample_predicts_one_class():
+    from compressor.deploy.verify import check, compare_outputs
+
+    r = recipe(mode="int8")
+    ref = np.tile(np.array([[3.0, 1.0, 0.0]]), (8, 1)) + np.linspace(0, 0.1, 8)[:, None]  # class 0 always wins
+    result = check(compare_outputs(ref, ref + 0.01), r.verify, "INT8 ONNX m.onnx", precision="int8", atol=0.0,
+                   rtol=0.25)
+    assert result["passed"] and result["distinct_top1"] == 1 and "same class for all 8 samples" in result["note"]
+    varied = np.eye(3)[[0, 1, 2, 0]] * 2.0
+    assert "note" not in check(compare_outputs(varied, varied), r.verify, "x", precision="int8", atol=0.0, rtol=0.25)
