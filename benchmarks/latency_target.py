@@ -36,7 +36,7 @@ def run_cell(model: str, speedup: float, batch: int, args: argparse.Namespace) -
     checkpoint, _ = informative_init(model, args.out / f"{model}.init.pt")
     overrides = zoo_overrides(model, input_size(model), 0.5) + [
         f"prune.target={{latency_speedup: {speedup}, batch: {batch}}}", f"bench.batch_sizes=[{batch}]",
-        "bench.backends=[ort-cpu]", f"bench.threads={args.threads}", "bench.min_runs=20", "bench.min_seconds=2",
+        "bench.backends=[ort-cpu]", f"bench.threads={args.threads}", "bench.min_runs=20", "bench.min_seconds=3",
         "bench.warmup_ms=500", "export.onnx.simplify=false"]
     start = time.perf_counter()
     report = compress(checkpoint, load_recipe("resnet50-imagenet-latency", overrides), args.out / tag(model, speedup, batch),

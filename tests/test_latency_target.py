@@ -112,3 +112,27 @@ def test_compress_to_a_latency_target_saves_the_loop_and_measures_the_result(tmp
     assert report["target"]["asked_macs_ratio"] == pytest.approx(t["macs"])
     assert abs(report["compressed"]["macs"] / report["dense"]["macs"] - t["achieved_macs"]) < 0.02
     assert "## Latency target: x1.30 on ort-cpu batch 8" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_inspect_says_a_latency_target_is_estimated_until_compress_measures_it():
+    from compressor.models.loading import build_arch
+    from compressor.prune.methods.hosts import predict_pruning
+
+    r = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"latency_speedup": 2.0}}))
+    p = predict_pruning(build_arch("zoo:resnet20", 4, 1), r)
+    assert p["asked"].startswith("latency speedup x2.00 (estimated as macs 0.500")
+    assert p["macs_ratio"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_repeated_secant_bisects_the_bracket_instead(monkeypatch):
+    """Speedup is a noisy step function of the widths: when the secant proposes a fraction already tried, the next
+    try is the log-midpoint of the tightest bracket (0.457 too slow, 0.416 fast enough), and with no untried
+    fraction inside the bracket the loop stops."""
+    pts = [(0.5, 1.73), (0.416, 2.54), (0.457, 1.88)]
+    monkeypatch.setattr(lt, "next_macs", lambda points, asked: 0.457)
+    assert lt.next_try(pts, 2.0) == pytest.approx(math.sqrt(0.457 * 0.416))
+    assert lt.next_try([(0.457, 1.9), (0.4565, 2.1)], 2.0) is None  # bracket narrower than the resolution
+    assert lt.next_try([(0.457, 1.88), (0.5, 1.7)], 2.0) is None  # nothing fast enough yet: no bracket
+    assert lt.next_try([(0.4, 1.9), (0.457, 2.1)], 2.0) is None  # contradicting measurements: keep the best
+    monkeypatch.setattr(lt, "next_macs", lambda points, asked: 0.43)
+    assert lt.next_try(pts, 2.0) == 0.43  # an untried proposal is taken as it is

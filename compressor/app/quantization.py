@@ -183,7 +183,7 @@ def quantize_after_qat(model, out: Path, recipe: "Recipe", *, train_set, val_set
         "scheduler": recipe.finetune.scheduler.model_copy(update={"kind": "constant", "warmup_epochs": 0.0})})
     info(f"      post-training int8 top-1 {ptq['top1']:.2f}%: quantization-aware fine-tuning for "
          f"{cfg.qat.epochs} epoch(s) at lr {cfg.qat.lr:g}, {len(state.modules)} layers fake-quantized")
-    history = fit(student, train_set, val_set, finetune, recipe.data, device=device).history
+    history = fit(student, train_set, val_set, finetune, recipe.data, device=device, alone=True).history
     qat.detach(student, state)
     student = student.cpu().eval()
     with tempfile.TemporaryDirectory(prefix="compressor-qat-") as work:

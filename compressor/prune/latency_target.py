@@ -7,7 +7,9 @@ plan a MAC fraction m with magnitude scores on a copy of the model, remove, expo
 the dense model on the target's backend and batch; then move m until the measured speedup is within 5% of S. The
 speedup is modelled locally as S(m) = m^(-r): the first try at m = 1/S measures r, later tries interpolate
 between the two nearest measured points in log space (secant), bounded to MAX_TRIES measurements; a try that
-was not faster than dense halves m. The chosen m
+was not faster than dense halves m. The measured speedup is a noisy step function of the widths (a layout or kernel
+change at some width), so when the secant lands on a fraction already tried the loop bisects the tightest bracket
+instead, and it ends when no untried fraction is left between the two. The chosen m
 becomes the run's MAC target, so oneshot, iterative, DPM (release and backfill included), FGGP structured and
 OCSP all plan to it; after fine-tuning the report measures the speedup again and says whether the target held.
 
@@ -29,8 +31,10 @@ if TYPE_CHECKING:
     from compressor.app.recipe import Recipe
 
 TOLERANCE = 0.05  # a measured speedup within 5% of the asked one ends the loop
-MAX_TRIES = 6
-MEASURE_SECONDS = 1.0  # per model and try, after a 300 ms warm-up, dense and pruned interleaved
+MAX_TRIES = 8
+MEASURE_SECONDS = 2.0  # per model and try, after a 300 ms warm-up, dense and pruned interleaved (at least 10 runs):
+# two separate measurements of the same pair differed by up to 10% at 1 s on a shared 2-core machine
+MIN_RUNS = 10
 STATE_FILE = "latency_target.json"
 MAC_RANGE = (0.02, 0.98)
 
@@ -70,6 +74,24 @@ def next_macs(points: list[tuple[float, float]], asked: float) -> float:
             slope = (math.log(m2) - math.log(m1)) / (math.log(s2) - math.log(s1))
             guess = math.exp(math.log(m1) + slope * (log_s - math.log(s1)))
     return min(MAC_RANGE[1], max(MAC_RANGE[0], guess))
+
+
+def next_try(points: list[tuple[float, float]], asked: float, *, resolution: float = 2e-3) -> Optional[float]:
+    """next_macs, or, when that was tried already (speedup is a step function of the widths, and noisy), the
+    log-midpoint of the tightest bracket around the asked speedup; None when no untried fraction is left."""
+    tried = [m for m, _ in points]
+    following = next_macs(points, asked)
+    if all(abs(following - m) >= resolution for m in tried):
+        return following
+    slower = [m for m, s in points if s < asked]  # not fast enough: more MACs than the answer
+    faster = [m for m, s in points if s >= asked]
+    if not slower or not faster:
+        return None
+    high, low = min(slower), max(faster)  # the answer lies between (speedup falls as the MACs grow)
+    if high <= low:
+        return None  # the measurements contradict each other (noise or a step): keep the best of them
+    middle = math.sqrt(high * low)
+    return middle if all(abs(middle - m) >= resolution for m in tried) else None
 
 
 def resolve_latency_target(recipe: "Recipe", model: "nn.Module", *,
@@ -128,7 +150,8 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe") -> dict[str, An
                 achieved = sel.snapshot_macs(work, example)[0] / snap.total_macs
                 pruned = timing_runner(work, recipe, backend, Path(tmp) / f"try{i}.onnx")
                 try:
-                    t_dense, t_pruned = measure_round_robin([dense, pruned], batch, 300.0, 20, MEASURE_SECONDS)
+                    t_dense, t_pruned = measure_round_robin([dense, pruned], batch, 300.0, MIN_RUNS,
+                                                            MEASURE_SECONDS)
                 finally:
                     pruned.close()
                 dense_ms, pruned_ms = statistics.median(t_dense) * 1e3, statistics.median(t_pruned) * 1e3
@@ -139,9 +162,9 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe") -> dict[str, An
                      f"{dense_ms:.3f} / {pruned_ms:.3f} ms (x{speedup:.2f})")
                 if abs(speedup / asked - 1) <= TOLERANCE:
                     break
-                following = next_macs([(t["macs"], t["speedup"]) for t in tries], asked)
-                if any(abs(following - t["asked_macs"]) < 1e-3 for t in tries):
-                    break  # the planner's granularity gives nothing new
+                following = next_try([(t["asked_macs"], t["speedup"]) for t in tries], asked)
+                if following is None:
+                    break  # the bracket is narrower than the planner's granularity: nothing new to try
                 macs = following
         finally:
             dense.close()

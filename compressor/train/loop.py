@@ -40,20 +40,20 @@ def init_distributed(device: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (identity without a process group)."""
+def all_reduce_sum(tensor: torch.Tensor, world: int = 0) -> torch.Tensor:
+    """Sum a tensor over ranks (identity without a process group, or when the caller runs alone: world 1)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world != 1 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def average_buffers(model: nn.Module) -> None:
+def average_buffers(model: nn.Module, world: int = 0) -> None:
     """Average floating-point buffers (BN running statistics) over ranks so every rank holds the same model."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if world == 1 or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
     for buffer in model.buffers():
         if buffer.is_floating_point():
@@ -166,7 +166,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
                                   (top == targets[:, None]).any(1).sum().item(), len(targets)], dtype=torch.float64)
             bar.advance()
     model.train(was_training)
-    loss, top1, top5, count = all_reduce_sum(sums).tolist()
+    loss, top1, top5, count = all_reduce_sum(sums, world).tolist()
     count = max(count, 1.0)
     return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "count": int(count)}
 
@@ -231,10 +231,12 @@ def _seed_epoch(seed: int, epoch: int) -> int:
 def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneConfig, data_cfg: DataConfig, *,
         method: Optional[PruningMethod] = None, teacher: Optional[nn.Module] = None,
         checkpoint: Optional[Path] = None, resume: bool = False, device: str = "cpu",
-        evaluate_every_epoch: bool = True) -> FitResult:
-    """Train `model` in place for cfg.epochs, calling the method's hooks; returns the per-epoch history."""
+        evaluate_every_epoch: bool = True, alone: bool = False) -> FitResult:
+    """Train `model` in place for cfg.epochs, calling the method's hooks; returns the per-epoch history.
+    `alone`: this process trains by itself even under torchrun (QAT runs on the main process after the DDP stages:
+    no collective may wait for ranks that have finished)."""
     method = method or PruningMethod()
-    rank, world = init_distributed(device)
+    rank, world = (0, 1) if alone else init_distributed(device)
     dev = torch.device(device if not device.startswith("cuda") or world == 1 else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     model.to(dev).train()
     if teacher is not None:
@@ -265,7 +267,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
         if world > 1:
             loader.sampler.set_epoch(ctx.epoch)
         train_stats = _train_epoch(ctx, loader, method, scaler, amp_dtype)
-        average_buffers(model)
+        average_buffers(model, world)
         ctx.metrics = dict(train_stats)
         if evaluate_every_epoch or ctx.epoch == cfg.epochs - 1:
             val = evaluate(model, val_set, batch_size=eval_batch, device=dev, rank=rank, world=world,
@@ -400,7 +402,7 @@ def _train_epoch(ctx: TrainContext, loader, method: PruningMethod, scaler: torch
             total_loss += ctx.loss.item() * len(targets)
             seen += len(targets)
             bar.advance(status=f"loss {total_loss / seen:.4f}")
-    sums = all_reduce_sum(torch.tensor([total_loss, float(seen)], dtype=torch.float64)).tolist()
+    sums = all_reduce_sum(torch.tensor([total_loss, float(seen)], dtype=torch.float64), ctx.world).tolist()
     return {"train_loss": sums[0] / max(sums[1], 1.0), "lr": ctx.optimizer.param_groups[0]["lr"]}
 
 
