@@ -69,7 +69,7 @@ def onnx_speed(dense_onnx: Path, model_onnx: Path, batch: int, threads: int = 2,
     """ORT-CPU p50 (ms) of a dense and a compressed ONNX timed interleaved, for runs benchmarked after the fact."""
     from compressor.deploy.bench import make_runner, measure_interleaved, summarize
 
-    runners = [make_runner("ort-cpu", path, threads) for path in (dense_onnx, model_onnx)]
+    runners = [make_runner("ort-cpu", path, threads, interleaved=True) for path in (dense_onnx, model_onnx)]
     times_dense, times = measure_interleaved(*runners, batch, warmup_ms=300, min_runs=100, min_seconds=seconds)
     for runner in runners:
         runner.close()

@@ -291,3 +291,31 @@ def test_cli_torch_backend_on_onnx_exits_2(onnx_pair):
     result = run_cli("bench", onnx_pair[0], "--backend", "torch", "--input-shape", "3,8,8", *FAST)
     assert result.returncode == 2
     assert "the torch backend runs PyTorch models" in result.stderr
+
+
+def _spinning(runner) -> str:
+    try:
+        return runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    except Exception:  # noqa: BLE001 - onnxruntime raises for a key never set: its default, spinning on
+        return "default"
+
+
+def test_runners_timed_in_turn_do_not_spin(onnx_pair, monkeypatch):
+    """An idle session's spinning threads take the cores from the one being timed; runners made for interleaved
+    timing (the baseline bench, compress, round_to, latency targets, latency tables) turn spinning off."""
+    model, baseline = onnx_pair
+    assert _spinning(bench.make_runner("ort-cpu", model)) == "default"  # one model alone: onnxruntime's default
+    assert _spinning(bench.make_runner("ort-cpu", model, interleaved=True)) == "0"
+    seen = []
+    real = bench.make_runner
+
+    def recording(*args, **kwargs):
+        runner = real(*args, **kwargs)
+        seen.append(_spinning(runner))
+        return runner
+
+    monkeypatch.setattr(bench, "make_runner", recording)
+    for other in (baseline, None):
+        bench.run_benchmark(model, baseline=other, backends=["ort-cpu"], batch_sizes=[1], warmup_ms=0, min_runs=2,
+                            min_seconds=0, threads=1)
+    assert seen == ["0", "0", "default"]  # model and baseline in turn, then the model alone

@@ -321,3 +321,16 @@ def test_qat_under_torchrun_runs_on_the_main_process_alone(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["quantized"]["qat"]["epochs"] == 1 and report["parity"]["int8"]["passed"]
+
+
+def test_models_over_two_gigabytes_are_refused_with_the_reason(exported, tmp_path):
+    import shutil
+
+    big = tmp_path / "big.onnx"
+    shutil.copy(exported["path"], big)
+    (tmp_path / "big.onnx.data").write_bytes(b"\0")
+    from compressor.errors import ExportError
+
+    with pytest.raises(ExportError) as err:
+        Int8Quantizer(big, exported["calibration"])
+    assert "2 GB" in err.value.render() and "big.onnx.data" in err.value.render()

@@ -465,7 +465,8 @@ def _bench(recipe: Recipe, out: Path, dense, model, macs: float, dense_macs: flo
         artifacts = [dense, model] if backend == "torch" else [out / "dense.onnx", out / "model.onnx"]
         if quant and backend != "torch":
             artifacts.append(out / f"model.{quant}.onnx")
-        runners = [make_runner(backend, a, cfg.threads, list(recipe.model.input_shape)) for a in artifacts]
+        runners = [make_runner(backend, a, cfg.threads, list(recipe.model.input_shape), interleaved=True)
+                   for a in artifacts]
         try:
             for batch in cfg.batch_sizes:
                 times = measure_round_robin(runners, batch, cfg.warmup_ms, cfg.min_runs, cfg.min_seconds)

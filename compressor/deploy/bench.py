@@ -28,10 +28,13 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 def make_runner(backend: str, model: Any, threads: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
-                *, trust_checkpoint: bool = False, fp16: bool = False, cache_dir: Optional[Path] = None) -> Runner:
-    """A runner for `model` (a path, or an nn.Module for the torch backend) on `backend`."""
+                *, trust_checkpoint: bool = False, fp16: bool = False, cache_dir: Optional[Path] = None,
+                interleaved: bool = False) -> Runner:
+    """A runner for `model` (a path, or an nn.Module for the torch backend) on `backend`. `interleaved`: it will be
+    timed in turn with other runners, so its idle threads must not spin (see onnx_runtime.create_session)."""
     shape = None if input_shape is None else tuple(int(d) for d in input_shape)
-    return BACKENDS.get(backend)(model, RunnerOptions(threads, shape, trust_checkpoint, fp16, cache_dir))
+    return BACKENDS.get(backend)(model, RunnerOptions(threads, shape, trust_checkpoint, fp16, cache_dir,
+                                                      spinning=not interleaved))
 
 
 def gpu_compute(runner: Runner, runs: int, batch: int) -> Optional[dict[str, Any]]:
@@ -198,7 +201,7 @@ def _bench_backend(backend: str, model: Any, baseline: Any, settings: dict[str, 
         for artifact in (model, baseline) if baseline is not None else (model,):
             runners.append(make_runner(backend, artifact, settings["threads"], settings["input_shape"],
                                        trust_checkpoint=settings["trust_checkpoint"], fp16=settings["fp16"],
-                                       cache_dir=settings["cache_dir"]))
+                                       cache_dir=settings["cache_dir"], interleaved=baseline is not None))
         for batch in settings["batch_sizes"]:
             result: dict[str, Any] = {"backend": backend, "batch_size": batch}
             if len(runners) == 1:

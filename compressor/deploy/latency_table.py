@@ -157,7 +157,8 @@ def measure_table(model_path: str | Path, backend: str = "ort-cpu", batches: Seq
                 paths.append(path)
             ms: dict[str, list[float]] = {}
             for batch in batches:
-                runners = [make_runner(backend, p, threads, _probe_input(layer, w)) for p, w in zip(paths, widths)]
+                runners = [make_runner(backend, p, threads, _probe_input(layer, w), interleaved=True)
+                           for p, w in zip(paths, widths)]
                 times = measure_round_robin(runners, batch, warmup_ms, min_runs, min_seconds)
                 ms[str(batch)] = [summarize(t, batch).p50 for t in times]
                 for runner in runners:

@@ -135,6 +135,11 @@ class Int8Quantizer:
         if not len(self.calibration):
             raise ExportError("int8 quantization needs calibration samples; export.quantize.calibration.samples "
                               "gave none from the training data.")
+        if Path(f"{self.fp32_path}.data").exists():  # export.py's data_file (torch-free here)
+            raise ExportError(f"{self.fp32_path.name} is over protobuf's 2 GB limit (its tensors are in "
+                              f"{self.fp32_path.name}.data); export.quantize does not handle such models yet.",
+                              hint="Set export.quantize.mode: none, or quantize with onnxruntime.quantization "
+                                   "directly (use_external_data_format=True).")
         self.model = onnx.load(str(self.fp32_path), load_external_data=False)
         self.input_name = self.model.graph.input[0].name
         self.nodes = weight_nodes(self.model)

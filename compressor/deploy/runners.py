@@ -53,6 +53,7 @@ class RunnerOptions:
     fp16: bool = False  # ort-trt: let the TensorRT provider use FP16 kernels
     cache_dir: Optional[Path] = None  # ort-trt: engine cache folder (reused across runs)
     profile_prefix: Optional[str] = None  # ort-*: record per-node kernel times with onnxruntime's profiler
+    spinning: bool = True  # ort-*: idle thread pools spin; False whenever several runners are timed in turn
 
 
 BACKENDS: Registry[Callable[[Any, RunnerOptions], Runner]] = Registry("backend")

@@ -147,4 +147,4 @@ def timing_runner(model: "nn.Module", recipe: "Recipe", backend: str, onnx_path:
         onnx_cfg = recipe.export.onnx.model_copy(update={"simplify": False, "dynamo": False})
         export_onnx(model, example_inputs(recipe.model), onnx_path, onnx_cfg)
         artifact = onnx_path
-    return make_runner(backend, artifact, recipe.bench.threads, list(recipe.model.input_shape))
+    return make_runner(backend, artifact, recipe.bench.threads, list(recipe.model.input_shape), interleaved=True)

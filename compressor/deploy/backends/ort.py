@@ -28,7 +28,8 @@ class OrtRunner(Runner):
                              "use --backend torch for PyTorch models.")
         self.name, self.input_shape = backend, options.input_shape
         self.session = open_onnx_session(path, backend, threads=options.threads, fp16=options.fp16,
-                                         cache_dir=options.cache_dir, profile_prefix=options.profile_prefix)
+                                         cache_dir=options.cache_dir, profile_prefix=options.profile_prefix,
+                                         spinning=options.spinning)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise UsageError(f"{path.name!r} has {len(inputs)} inputs; bench feeds models with exactly one input.")
