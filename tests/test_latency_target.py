@@ -57,11 +57,13 @@ def test_next_macs_stays_in_range_when_nothing_is_faster():
 
 
 class FakeRunner:
+    """Stands in for a bench runner: carries the MAC fraction the fake timing turns into milliseconds."""
+
     def __init__(self, macs: float) -> None:
         self.macs = macs
 
     def close(self) -> None:
-        pass
+        """Nothing to release (the loop closes every runner it makes)."""
 
 
 def test_the_loop_converges_on_a_runtime_with_a_realised_exponent(monkeypatch):
