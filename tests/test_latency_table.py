@@ -62,9 +62,11 @@ def test_sampled_widths():
     assert sample_widths(24, 8) == [8, 16, 24]
     assert sample_widths(20, 8) == [8, 16, 20]
     assert sample_widths(5, 8) == [5]
+    assert sample_widths(2048, 8, 16) == list(range(128, 2049, 128))  # coarser multiples of 8 for a wide layer
+    assert sample_widths(64, 8, 16) == list(range(8, 65, 8)) and len(sample_widths(1000, 8, 16)) <= 16
 
 
-def test_the_table_is_measured_without_torch_and_refuses_other_models(tmp_path):
+def test_the_table_is_measured_without_torch_and_refuses_other_targets(tmp_path):
     model = _export(tmp_path, _net())
     out = tmp_path / "lut.json"
     code = ("import sys; sys.modules['torch'] = None\n"  # as on an edge device: importing torch fails
@@ -80,15 +82,29 @@ def test_the_table_is_measured_without_torch_and_refuses_other_models(tmp_path):
     assert [r["widths"] for r in rows] == [[8, 16, 24], [8, 16, 24], [8, 16], [5]]
     assert all(len(r["p50_ms"][b]) == len(r["widths"]) and min(r["p50_ms"][b]) > 0 for r in rows for b in ("1", "2"))
 
-    assert read_table(out, model_path=model, backend="ort-cpu", batch=2)["layers"] == rows
-    (tmp_path / "o").mkdir()
-    other = _export(tmp_path / "o", _net()[:3].append(nn.Flatten()))
-    with pytest.raises(UsageError, match="measured for another model") as info:
-        read_table(out, model_path=other, backend="ort-cpu", batch=1)
-    assert info.value.exit_code == 2 and "compressor latency-table" in info.value.hint
+    assert all(r["overhead_ms"][b] > 0 for r in rows for b in ("1", "2"))
+    assert set(table["model_p50_ms"]) == {"1", "2"} and table["model"]["input_shape"] == [3, 16, 16]
+
+    assert read_table(out, backend="ort-cpu", batch=2)["layers"] == rows
     with pytest.raises(UsageError, match="its runtime is ort-cpu, the target is ort-cuda; it has batch 1, 2, the "
-                                         "target is batch 8"):
-        read_table(out, model_path=model, backend="ort-cuda", batch=8)
+                                         "target is batch 8") as info:
+        read_table(out, backend="ort-cuda", batch=8)
+    assert info.value.exit_code == 2 and "compressor latency-table" in info.value.hint
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UsageError, match="not a readable latency table"):
-        read_table(tmp_path / "bad.json", model_path=model, backend="ort-cpu", batch=1)
+        read_table(tmp_path / "bad.json", backend="ort-cpu", batch=1)
+    (tmp_path / "partial.json").write_text(json.dumps({"format": table["format"], "backend": "ort-cpu"}))
+    with pytest.raises(UsageError, match="model, batches, layers missing or malformed"):
+        read_table(tmp_path / "partial.json", backend="ort-cpu", batch=1)
+
+
+def test_layers_alike_are_measured_once(tmp_path):
+    from compressor.deploy.latency_table import measure_table
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1))
+    table = measure_table(_export(tmp_path, net), batches=(1,), warmup_ms=1, min_runs=2, min_seconds=0.0)
+    rows = table["layers"]
+    assert [r.get("same_as") for r in rows] == [None, None, rows[1]["name"], None]  # the stride-2 conv differs
+    assert rows[2]["p50_ms"] == rows[1]["p50_ms"] and rows[2]["name"] != rows[1]["name"]

@@ -229,6 +229,7 @@ def compress_cmd(checkpoint: Annotated[str, typer.Argument(help="Checkpoint file
                  device: DeviceOpt = "cpu",
                  resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last complete epoch.")] = False,
                  overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in --out.")] = False,
+                 latency_table: Annotated[Optional[Path], typer.Option("--latency-table", help="A `compressor latency-table` JSON of this model on the latency target's backend and batch: plan by importance per ms (sets prune.target.table).")] = None,
                  trust_checkpoint: TrustOpt = False) -> None:
     """Prune, fine-tune, slim, export, verify and benchmark a model as the recipe says."""
     from compressor.models.loading import check_device
@@ -236,6 +237,11 @@ def compress_cmd(checkpoint: Annotated[str, typer.Argument(help="Checkpoint file
     from compressor.progress import is_main_process
     from compressor.rundir import check_output_dir
 
+    if latency_table is not None:
+        if not latency_table.is_file():
+            raise UsageError(f"--latency-table {latency_table}: no such file.",
+                             hint="Measure one on the target device: `compressor latency-table model.onnx --out lut.json`.")
+        overrides = [*(overrides or []), f"prune.target.table={latency_table}"]
     r = _load_recipe(recipe, overrides)
     check_device(device)
     if out_dir is not None:
@@ -372,6 +378,7 @@ def latency_table_cmd(model: Annotated[Path, typer.Argument(help="model.onnx (th
                       backend: Annotated[str, typer.Option("--backend", help="ort-cpu|ort-cuda|ort-trt: the runtime of the target device.")] = "ort-cpu",
                       batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma separated.")] = "1,8",
                       step: Annotated[int, typer.Option("--step", min=1, help="Kept widths measured: every multiple of this, and the full width.")] = 8,
+                      max_widths: Annotated[int, typer.Option("--max-widths", min=2, help="At most this many widths per layer (a wide layer is sampled at a coarser multiple of --step).")] = 16,
                       threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Intra-op CPU threads (default: the runtime's).")] = None,
                       warmup_ms: Annotated[float, typer.Option("--warmup-ms", min=0, help="Warm-up time per probe and batch size.")] = 100.0,
                       min_runs: Annotated[int, typer.Option("--min-runs", min=1, help="Timed runs per width at least.")] = 20) -> None:
@@ -387,7 +394,7 @@ def latency_table_cmd(model: Annotated[Path, typer.Argument(help="model.onnx (th
     def progress(done: int, total: int, name: str) -> None:
         out.print(f"[{done}/{total}] {name}")
 
-    table = measure_table(model, backend, parse_ints(batch, "--batch"), step=step, threads=threads,
+    table = measure_table(model, backend, parse_ints(batch, "--batch"), step=step, max_widths=max_widths, threads=threads,
                           warmup_ms=warmup_ms, min_runs=min_runs, progress=progress)
     write_table(table, out_path)
     out.print(f"{len(table['layers'])} layers, batch {batch}, {backend}: {out_path}")

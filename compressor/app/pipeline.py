@@ -21,7 +21,7 @@ from compressor.models.loading import example_inputs, load_model
 from compressor.models.slim import layer_widths, save_slim
 from compressor.progress import info
 from compressor.prune.methods import METHODS, PruningMethod
-from compressor.prune.latency_target import resolve_latency_target
+from compressor.prune.latency_target import latency_target_note, resolve_latency_target
 from compressor.prune.round_to import resolve_round_to
 from compressor.prune.selection import MISS_TOLERANCE, relative_miss, snapshot_macs
 from compressor.train.data import build_datasets, sample_batch
@@ -152,11 +152,7 @@ def load_inputs(state: RunState) -> None:
     with state.timer("latency_target"):  # after round_to: the loop plans with the resolved multiple
         state.recipe, state.latency_target = resolve_latency_target(state.recipe, state.model, out=state.out)
     if state.latency_target:
-        t = state.latency_target
-        note = (f"latency target x{t['asked_speedup']:.2f} on {t['backend']} batch {t['batch']}: planned to "
-                f"{t['macs']:.3f} of the dense MACs, measured x{t['measured_speedup']:.2f} before fine-tuning "
-                f"after {len(t['tries'])} tries" + ("" if t["met"] else
-                f" (not within {t['tolerance']:.0%}: the planner's granularity or the runtime allows no closer)"))
+        note = latency_target_note(state.latency_target)
         state.notes.append(note)
         info(note)
 
@@ -399,7 +395,7 @@ def _target_summary(state: RunState, achieved: float) -> dict[str, Any]:
     if state.method_class.keeps_dense_shapes(recipe.prune):
         return {"asked": None, "asked_macs_ratio": None, "achieved_macs_ratio": achieved,
                 "achieved_mac_speedup": 1 / achieved if achieved > 0 else None, "met": None}
-    asked = target.remaining_macs()
+    asked = None if recipe.prune._latency_cost is not None else target.remaining_macs()  # a latency budget
     written = recipe.prune._latency_target or target  # a latency target as the recipe says it, not its MAC plan
     return {"asked": written.model_dump(exclude_none=True), "asked_macs_ratio": asked, "achieved_macs_ratio": achieved,
             "achieved_mac_speedup": 1 / achieved if achieved > 0 else None, "tolerance": MISS_TOLERANCE,

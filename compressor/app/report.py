@@ -107,13 +107,37 @@ def _latency_target_section(r: dict[str, Any]) -> list[str]:
         return []
     final = "not measured" if t.get("final_speedup") is None else (
         f"x{t['final_speedup']:.2f} ({'within' if t['final_met'] else '**not** within'} {t['tolerance']:.0%})")
-    lines = [f"## Latency target: x{t['asked_speedup']:.2f} on {t['backend']} batch {t['batch']}", "",
-             f"Measured before fine-tuning (magnitude plan on a copy, dense and pruned interleaved), the MAC fraction "
-             f"was moved until the speedup was within {t['tolerance']:.0%}; the run then planned to "
-             f"{t['macs']:.3f} of the dense MACs. After fine-tuning the bench measured {final}.", ""]
-    lines += table(["try", "MACs asked", "MACs", "dense ms", "pruned ms", "speedup"],
-                    [[i + 1, f"{x['asked_macs']:.3f}", f"{x['macs']:.3f}", f"{x['dense_ms']:.3f}",
-                      f"{x['pruned_ms']:.3f}", f"x{x['speedup']:.2f}"] for i, x in enumerate(t["tries"])])
+    lines = [f"## Latency target: x{t['asked_speedup']:.2f} on {t['backend']} batch {t['batch']}", ""]
+    tabled = t.get("planner") == "table"
+    if tabled:
+        src = t["table"]
+        lines += [f"Planned from the latency table `{src['path']}` ({src['layers']} layers matched; measured on "
+                  f"{src.get('cpu')}, {src['backend']} batch {src['batch']}: the tabled layers "
+                  f"{src['layers_ms']:.3f} ms of the model's {src.get('model_p50_ms') or 0:.3f} ms end to end, the "
+                  "rest held fixed): channels ranked by importance per millisecond, each group keeping only the "
+                  "widths where its measured latency steps down.", ""]
+    if t.get("open_loop"):
+        lines += [f"The table was measured on another machine, so the plan is its prediction "
+                  f"(x{t['tries'][0]['predicted_speedup']:.2f}, {t['achieved_macs']:.3f} of the MACs) and nothing "
+                  "was measured here; on the device: `compressor bench model.onnx --baseline dense.onnx`.", ""]
+        return lines
+    budget = "predicted-latency fraction" if tabled else "MAC fraction"
+    lines += [f"Measured before fine-tuning (magnitude plan on a copy, dense and pruned interleaved), the {budget} "
+              f"was moved until the speedup was within {t['tolerance']:.0%}; the run then planned to {t['macs']:.3f}"
+              f"{' of the predicted dense latency' if tabled else ' of the dense MACs'}. After fine-tuning the bench "
+              f"measured {final}.", ""]
+    head = ["try", "budget asked" if tabled else "MACs asked", "MACs", *(["predicted"] if tabled else []),
+            "dense ms", "pruned ms", "measured"]
+    lines += table(head, [[i + 1, f"{x['asked_macs']:.3f}", f"{x['macs']:.3f}",
+                           *([f"x{x['predicted_speedup']:.2f}"] if tabled else []), f"{x['dense_ms']:.3f}",
+                           f"{x['pruned_ms']:.3f}", f"x{x['speedup']:.2f}"] for i, x in enumerate(t["tries"])])
+    layers = t.get("layers") or []
+    if layers:
+        lines += ["", "Where the time goes (the table's prediction for the chosen plan, largest dense layers first; "
+                  "measured per node: `compressor profile model.onnx --baseline dense.onnx`):", ""]
+        lines += table(["layer", "width", "dense ms", "pruned ms"],
+                       [[x["name"], f"{x['dense_out']} -> {x['kept_out']}", f"{x['dense_ms']:.3f}",
+                         f"{x['pruned_ms']:.3f}"] for x in layers[:12]])
     return lines
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,16 +122,37 @@ def probe_graph(layer: Layer, width: int, seed: int = 0) -> Any:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="compressor-probe")
 
 
-def sample_widths(width: int, step: int) -> list[int]:
-    """The kept widths a table measures for a layer of `width`: every multiple of `step` below it, and the width."""
+def identity_graph(layer: Layer) -> Any:
+    """A one-node Identity model over the layer's input: the cost of a probe's run call without its layer."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["X"], ["Y"])], "probe-identity",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", *layer.input_shape])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="compressor-probe")
+
+
+def sample_widths(width: int, step: int, max_widths: Optional[int] = None) -> list[int]:
+    """The kept widths a table measures for a layer of `width`: every multiple of `step` below it, and the width;
+    with max_widths, every multiple of the smallest multiple of `step` that keeps the count within it (a
+    2048-wide layer at step 8 and 16 widths: multiples of 128)."""
+    if max_widths is not None and max_widths > 1:
+        step = step * max(1, math.ceil(width / (step * max_widths)))
     return sorted({w for w in range(step, width, step)} | {width})
 
 
+def _signature(layer: Layer) -> tuple:
+    """What a probe's time depends on: layers alike in it are measured once."""
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in layer.attributes.items()))
+    return layer.op, layer.input_shape, layer.weight_shape, frozen
+
+
 def measure_table(model_path: str | Path, backend: str = "ort-cpu", batches: Sequence[int] = (1,), *, step: int = 8,
-                  threads: Optional[int] = None, warmup_ms: float = 100.0, min_runs: int = 20,
-                  min_seconds: float = 0.05, layers: Optional[Sequence[str]] = None,
+                  max_widths: Optional[int] = 16, threads: Optional[int] = None, warmup_ms: float = 100.0,
+                  min_runs: int = 20, min_seconds: float = 0.05, layers: Optional[Sequence[str]] = None,
                   progress: Any = None) -> dict[str, Any]:
-    """The latency table of `model_path` on `backend` (an ONNX Runtime backend) at each batch size."""
+    """The latency table of `model_path` on `backend` (an ONNX Runtime backend) at each batch size; a layer
+    with the same operator, shapes and attributes as one measured before shares its row's times."""
     from compressor.deploy.bench import environment, make_runner, measure_round_robin, summarize
     from compressor.deploy.runners import load_onnx_proto
 
@@ -147,29 +169,57 @@ def measure_table(model_path: str | Path, backend: str = "ort-cpu", batches: Seq
         raise UsageError(f"{model_path}: no Conv, Gemm or MatMul layer with a constant weight and a known input "
                          "shape (export with a fixed input size, e.g. `compressor export`).")
     rows = []
+    measured: dict[tuple, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="compressor-lut-") as tmp:
         for index, layer in enumerate(found):
-            widths = sample_widths(layer.width, step)
+            twin = measured.get(_signature(layer))
+            if twin is not None:
+                rows.append({**asdict(layer), "width": layer.width, "depthwise": layer.depthwise,
+                             "widths": twin["widths"], "p50_ms": twin["p50_ms"], "overhead_ms": twin["overhead_ms"],
+                             "same_as": twin["name"]})
+                if progress is not None:
+                    progress(index + 1, len(found), f"{layer.name} (as {twin['name']})")
+                continue
+            widths = sample_widths(layer.width, step, max_widths)
             paths = []
             for w in widths:
                 path = Path(tmp) / f"probe-{index}-{w}.onnx"
                 path.write_bytes(probe_graph(layer, w).SerializeToString())
                 paths.append(path)
+            empty = Path(tmp) / f"probe-{index}-identity.onnx"
+            empty.write_bytes(identity_graph(layer).SerializeToString())
             ms: dict[str, list[float]] = {}
-            for batch in batches:
+            overhead: dict[str, float] = {}
+            for batch in batches:  # the identity probe times what every probe pays besides its layer (the run call)
                 runners = [make_runner(backend, p, threads, _probe_input(layer, w), interleaved=True)
-                           for p, w in zip(paths, widths)]
+                           for p, w in zip([empty, *paths], [layer.width, *widths])]
                 times = measure_round_robin(runners, batch, warmup_ms, min_runs, min_seconds)
-                ms[str(batch)] = [summarize(t, batch).p50 for t in times]
+                overhead[str(batch)], *ms[str(batch)] = [summarize(t, batch).p50 for t in times]
                 for runner in runners:
                     runner.close()
             rows.append({**asdict(layer), "width": layer.width, "depthwise": layer.depthwise, "widths": widths,
-                         "p50_ms": ms})
+                         "p50_ms": ms, "overhead_ms": overhead})
+            measured[_signature(layer)] = rows[-1]
             if progress is not None:
                 progress(index + 1, len(found), layer.name)
-    return {"format": FORMAT, "model": {"path": str(model_path), "sha256": file_digest(model_path)},
-            "backend": backend, "batches": [int(b) for b in batches], "step": step, "threads": threads,
-            "environment": environment(threads=threads), "layers": rows}
+    whole = {}  # the model end to end: what the layers do not account for is the planner's fixed part
+    for batch in batches:
+        runner = make_runner(backend, model_path, threads, interleaved=True)  # as the probes and the bench
+        try:
+            (times,) = measure_round_robin([runner], batch, warmup_ms, min_runs, max(min_seconds, 0.5))
+        finally:
+            runner.close()
+        whole[str(batch)] = summarize(times, batch).p50
+    return {"format": FORMAT, "model": {"path": str(model_path), "sha256": file_digest(model_path),
+                                        "input_shape": _model_input_shape(model)},
+            "backend": backend, "batches": [int(b) for b in batches], "step": step, "max_widths": max_widths,
+            "threads": threads,
+            "environment": environment(threads=threads), "model_p50_ms": whole, "layers": rows}
+
+
+def _model_input_shape(model: Any) -> Optional[list[int]]:
+    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in dims][1:] or None
 
 
 def _probe_input(layer: Layer, width: int) -> tuple[int, ...]:
@@ -187,28 +237,30 @@ def write_table(table: dict[str, Any], out: str | Path) -> Path:
     return out
 
 
-def read_table(path: str | Path, *, model_path: str | Path, backend: str, batch: int) -> dict[str, Any]:
-    """A table for exactly this model (file hash), runtime and batch; UsageError (exit 2) naming what differs."""
+def read_table(path: str | Path, *, backend: str, batch: int) -> dict[str, Any]:
+    """A table for this runtime and batch; UsageError (exit 2) naming what differs. Whether it is for this model is
+    checked layer by layer where it is used (prune/latency_cost.py: the shapes a layer's latency depends on)."""
     path = Path(path)
+    where = f"latency table {path} (prune.target.table / --latency-table)"
     try:
         table = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"--latency-table {path}: not a readable latency table ({type(exc).__name__}: {exc}).",
+        raise UsageError(f"{where}: not a readable latency table ({type(exc).__name__}: {exc}).",
                          hint="Make one with `compressor latency-table MODEL.onnx --out lut.json`.") from None
     if not isinstance(table, dict) or table.get("format") != FORMAT:
-        raise UsageError(f"--latency-table {path}: format {table.get('format') if isinstance(table, dict) else None!r}"
+        raise UsageError(f"{where}: format {table.get('format') if isinstance(table, dict) else None!r}"
                          f", expected {FORMAT!r}.", hint="Measure it again with this version of compressor.")
+    missing = [k for k in ("model", "backend", "batches", "layers") if k not in table]
+    if missing or not isinstance(table["layers"], list):
+        raise UsageError(f"{where}: {', '.join(missing) or 'layers'} missing or malformed.",
+                         hint="Measure it again with `compressor latency-table`.")
     problems = []
-    digest = file_digest(model_path)
-    if table["model"]["sha256"] != digest:
-        problems.append(f"it was measured for another model ({table['model']['path']}, sha256 "
-                        f"{table['model']['sha256'][:12]}; this one is {digest[:12]})")
     if table["backend"] != backend:
         problems.append(f"its runtime is {table['backend']}, the target is {backend}")
     if str(batch) not in {str(b) for b in table["batches"]}:
         problems.append(f"it has batch {', '.join(map(str, table['batches']))}, the target is batch {batch}")
     if problems:
-        raise UsageError(f"--latency-table {path}: " + "; ".join(problems) + ".",
-                         hint=f"Measure a table for this model: `compressor latency-table {model_path} --backend "
+        raise UsageError(f"{where}: " + "; ".join(problems) + ".",
+                         hint=f"Measure a table for this target: `compressor latency-table model.onnx --backend "
                               f"{backend} --batch {batch}` (on the target device).")
     return table

@@ -19,6 +19,8 @@ class TargetConfig(Strict):
                                                      "first of bench.backends)")
     batch: Optional[int] = Field(None, gt=0, description="latency targets: the batch size measured (default: the "
                                                          "first of bench.batch_sizes)")
+    table: Optional[str] = Field(None, description="latency targets: a `compressor latency-table` JSON of this "
+                                                   "model on the target backend and batch; plans by importance per ms")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "TargetConfig":
@@ -26,8 +28,8 @@ class TargetConfig(Strict):
         if len(given) != 1:
             raise ValueError("give exactly one of macs, speedup, channels, latency, latency_speedup "
                              f"(got {', '.join(given) or 'none'})")
-        if not self.is_latency and (self.backend is not None or self.batch is not None):
-            raise ValueError("backend and batch belong to a latency target (latency or latency_speedup)")
+        if not self.is_latency and (self.backend is not None or self.batch is not None or self.table is not None):
+            raise ValueError("backend, batch and table belong to a latency target (latency or latency_speedup)")
         return self
 
     @property

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from compressor.app.recipe import Recipe
+    from compressor.prune.latency_cost import LatencyCost
 
 TOLERANCE = 0.05  # a measured speedup within 5% of the asked one ends the loop
 MAX_TRIES = 8
@@ -96,37 +97,67 @@ def next_try(points: list[tuple[float, float]], asked: float, *, resolution: flo
 
 def resolve_latency_target(recipe: "Recipe", model: "nn.Module", *,
                            out: Optional[Path] = None) -> tuple["Recipe", Optional[dict[str, Any]]]:
-    """A copy of the recipe whose latency target is replaced by the measured MAC fraction, and the loop's record
-    (None when the target is not a latency one). A record saved in `out` is reused."""
+    """A copy of the recipe whose latency target is replaced by the measured MAC fraction (with a latency table:
+    the predicted-latency fraction, and the table's cost model for every later plan), and the loop's record (None
+    when the target is not a latency one). A record saved in `out` is reused."""
     target = recipe.prune.target
     if not target.is_latency:
         return recipe, None
+    from compressor.prune.round_to import _shared, magnitude_snapshot
+
+    base, snap = magnitude_snapshot(model, recipe)
+    cost = table_cost(recipe, base, snap)  # every rank builds it from the file: deterministic
     saved = out / STATE_FILE if out is not None else None
     if saved is not None and saved.is_file():
         record = json.loads(saved.read_text())
     else:
-        from compressor.prune.round_to import _shared
-
-        record = _shared(lambda: measure_latency_target(model, recipe))
+        record = _shared(lambda: measure_latency_target(model, recipe, cost, (base, snap)))
         if saved is not None:
             from compressor.rundir import write_json
 
             write_json(saved, record)
-    return with_mac_target(recipe, record["macs"]), record
+    return with_mac_target(recipe, record["macs"], cost), record
 
 
-def with_mac_target(recipe: "Recipe", macs: float) -> "Recipe":
-    """The recipe planning to `macs`, remembering the latency target it came from."""
+def table_cost(recipe: "Recipe", base: "nn.Module", snap) -> Optional["LatencyCost"]:
+    """The cost model of prune.target.table for this model, backend and batch (None without a table)."""
+    path = recipe.prune.target.table
+    if path is None:
+        return None
+    from compressor.deploy.latency_table import read_table
+    from compressor.models.loading import example_inputs
+    from compressor.prune.latency_cost import build_cost
+
+    backend, batch = target_backend(recipe)
+    table = read_table(path, backend=backend, batch=batch)
+    return build_cost(table, base, example_inputs(recipe.model), snap, batch, source=str(path))
+
+
+def same_machine(cost: "LatencyCost") -> bool:
+    """Whether the table was measured on this machine's CPU (and GPUs), so the loop can measure the real thing."""
+    from compressor.deploy.bench import environment
+
+    here, there = environment(), cost.source.get("environment") or {}
+    return all(here.get(k) == there.get(k) for k in ("cpu", "cpu_count", "gpu"))
+
+
+def with_mac_target(recipe: "Recipe", macs: float, cost: Optional["LatencyCost"] = None) -> "Recipe":
+    """The recipe planning to `macs` (with a cost model: that fraction of the predicted dense latency),
+    remembering the latency target it came from."""
     from compressor.prune.config import TargetConfig
 
     resolved = recipe.model_copy(deep=True)
     resolved.prune.target = TargetConfig(macs=macs)
     resolved.prune._latency_target = recipe.prune.target
+    resolved.prune._latency_cost = cost
     return resolved
 
 
-def measure_latency_target(model: "nn.Module", recipe: "Recipe") -> dict[str, Any]:
-    """The loop of the module docstring; {asked, backend, batch, macs, measured, met, tries}."""
+def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional["LatencyCost"] = None,
+                           prepared: Optional[tuple] = None) -> dict[str, Any]:
+    """The loop of the module docstring; {asked_speedup, backend, batch, macs, measured_speedup, met, tries}.
+    With a table measured on another machine the loop is open: one plan at the table's prediction, not measured
+    here (`compressor bench` on the device measures it). `prepared`: magnitude_snapshot(model, recipe), if made."""
     from compressor.deploy.bench import measure_round_robin
     from compressor.models.loading import example_inputs
     from compressor.prune import selection as sel
@@ -134,20 +165,44 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe") -> dict[str, An
     from compressor.prune.round_to import magnitude_snapshot, timing_runner
     from compressor.progress import info
 
+    base, snap = prepared or magnitude_snapshot(model, recipe)
     asked = recipe.prune.target.asked_latency_speedup()
     backend, batch = target_backend(recipe)
     example = example_inputs(recipe.model)
-    base, snap = magnitude_snapshot(model, recipe)
-    cons = sel.constraints_from(recipe)
+    cons = sel.constraints_from(recipe, cost=cost)
+    planner = {"planner": "table" if cost else "macs", **({"table": cost.source} if cost else {})}
+
+    def plan_at(fraction: float) -> tuple[Any, dict[str, Any]]:
+        work = copy.deepcopy(base)
+        plan = sel.plan_for_target(snap, TargetConfig(macs=fraction), cons)
+        sel.remove(work, example, plan)
+        row = {"asked_macs": fraction, "macs": sel.snapshot_macs(work, example)[0] / snap.total_macs}
+        if cost is not None:
+            row["predicted_speedup"] = cost.dense_ms / cost.predict(snap, plan)
+        return work, row
+
+    def layers_at(fraction: float) -> list[dict[str, Any]]:
+        """The table's per-layer prediction for the plan at `fraction`, dense and pruned, largest first."""
+        plan = sel.plan_for_target(snap, TargetConfig(macs=fraction), cons)
+        dense_ms, pruned_ms, kept = cost.per_layer(snap, {}), cost.per_layer(snap, plan), _kept_out(snap, plan)
+        rows = [{"name": n, "dense_out": snap.layer_dims[n][0], "kept_out": round(kept[n]), "dense_ms": dense_ms[n],
+                 "pruned_ms": pruned_ms[n]} for n in dense_ms]
+        return sorted(rows, key=lambda x: -x["dense_ms"])
+
+    if cost is not None and not same_machine(cost):
+        _, row = plan_at(1.0 / asked)
+        info(f"      latency target x{asked:.2f}: the table was measured on {cost.source.get('cpu')}, not this "
+             f"machine; planned from it alone (predicted x{row['predicted_speedup']:.2f}), not measured here")
+        return {"asked_speedup": asked, "backend": backend, "batch": batch, "macs": row["asked_macs"],
+                "achieved_macs": row["macs"], "measured_speedup": None, "met": None, "open_loop": True,
+                "tolerance": TOLERANCE, "tries": [row], "layers": layers_at(row["asked_macs"]), **planner}
     tries: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="compressor-latency-") as tmp:
         dense = timing_runner(base, recipe, backend, Path(tmp) / "dense.onnx")
         try:
             macs = 1.0 / asked
             for i in range(MAX_TRIES):
-                work = copy.deepcopy(base)
-                sel.remove(work, example, sel.plan_for_target(snap, TargetConfig(macs=macs), cons))
-                achieved = sel.snapshot_macs(work, example)[0] / snap.total_macs
+                work, row = plan_at(macs)
                 pruned = timing_runner(work, recipe, backend, Path(tmp) / f"try{i}.onnx")
                 try:
                     t_dense, t_pruned = measure_round_robin([dense, pruned], batch, 300.0, MIN_RUNS,
@@ -156,10 +211,11 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe") -> dict[str, An
                     pruned.close()
                 dense_ms, pruned_ms = statistics.median(t_dense) * 1e3, statistics.median(t_pruned) * 1e3
                 speedup = dense_ms / pruned_ms
-                tries.append({"asked_macs": macs, "macs": achieved, "dense_ms": dense_ms, "pruned_ms": pruned_ms,
-                              "speedup": speedup})
-                info(f"      latency target x{asked:.2f} on {backend} batch {batch}: MACs {achieved:.3f} -> "
-                     f"{dense_ms:.3f} / {pruned_ms:.3f} ms (x{speedup:.2f})")
+                tries.append({**row, "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": speedup})
+                predicted = f", predicted x{row['predicted_speedup']:.2f}" if cost is not None else ""
+                info(f"      latency target x{asked:.2f} on {backend} batch {batch}: "
+                     f"{'latency budget' if cost else 'MACs'} {macs:.3f} (MACs {row['macs']:.3f}) -> "
+                     f"{dense_ms:.3f} / {pruned_ms:.3f} ms (x{speedup:.2f}{predicted})")
                 if abs(speedup / asked - 1) <= TOLERANCE:
                     break
                 following = next_try([(t["asked_macs"], t["speedup"]) for t in tries], asked)
@@ -171,4 +227,27 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe") -> dict[str, An
     best = min(tries, key=lambda t: abs(math.log(t["speedup"] / asked)))
     return {"asked_speedup": asked, "backend": backend, "batch": batch, "macs": best["asked_macs"],
             "achieved_macs": best["macs"], "measured_speedup": best["speedup"],
-            "met": abs(best["speedup"] / asked - 1) <= TOLERANCE, "tolerance": TOLERANCE, "tries": tries}
+            "met": abs(best["speedup"] / asked - 1) <= TOLERANCE, "tolerance": TOLERANCE, "tries": tries,
+            **({"layers": layers_at(best["asked_macs"])} if cost is not None else {}), **planner}
+
+
+def _kept_out(snap, plan) -> dict[str, float]:
+    removed = snap.removed_after(plan)
+    return {name: dims[0] - removed.get((name, "out"), 0) for name, dims in snap.layer_dims.items()}
+
+
+def latency_target_note(t: dict[str, Any]) -> str:
+    """One line for the run's notes: what the loop planned and measured."""
+    head = f"latency target x{t['asked_speedup']:.2f} on {t['backend']} batch {t['batch']}: "
+    if t.get("planner") == "table":
+        head += (f"planned from the latency table {t['table']['path']} to {t['macs']:.3f} of the predicted dense "
+                 f"latency ({t['achieved_macs']:.3f} of the MACs)")
+    else:
+        head += f"planned to {t['macs']:.3f} of the dense MACs"
+    if t.get("open_loop"):
+        return (head + f", predicted x{t['tries'][0]['predicted_speedup']:.2f}; the table was measured on "
+                f"{t['table'].get('cpu')}, not on this machine, so nothing was measured here: check the result "
+                "on that device with `compressor bench model.onnx --baseline dense.onnx`")
+    return (head + f", measured x{t['measured_speedup']:.2f} before fine-tuning after {len(t['tries'])} tries" +
+            ("" if t["met"] else f" (not within {t['tolerance']:.0%}: the planner's granularity or the runtime "
+                                 "allows no closer)"))

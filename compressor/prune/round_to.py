@@ -49,6 +49,9 @@ def resolve_round_to(recipe: "Recipe", model: Optional["nn.Module"] = None, *,
     saved = out / STATE_FILE if out is not None else None
     if saved is not None and saved.is_file():
         result = json.loads(saved.read_text())
+    elif recipe.prune.target.table is not None:  # the table's curves choose each tabled group's widths
+        value, reason = _table_step(recipe.prune.target.table)
+        result = {"value": value, "reason": reason, "measured": False}
     elif model is None or _backend(recipe) is None:
         value, reason = auto_round_to(recipe)
         result = {"value": value, "reason": reason, "measured": False}
@@ -62,6 +65,15 @@ def resolve_round_to(recipe: "Recipe", model: Optional["nn.Module"] = None, *,
     resolved.prune.round_to = int(result["value"])
     resolved.prune._round_to_auto = True
     return resolved, f"prune.round_to auto -> {result['value']}: {result['reason']}."
+
+
+def _table_step(path: str) -> tuple[int, str]:
+    try:
+        step = int(json.loads(Path(path).read_text()).get("step") or 1)
+    except (OSError, ValueError, AttributeError, TypeError):
+        step = 1  # the latency target reports what is wrong with the file
+    return step, (f"the latency table {path} was sampled every {step} channels; each tabled group keeps only the "
+                  "widths where its measured latency steps down, layers without a row multiples of this")
 
 
 def _backend(recipe: "Recipe") -> Optional[str]:

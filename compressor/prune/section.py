@@ -31,6 +31,8 @@ class PruneBase(Strict):
     _round_to_auto: bool = PrivateAttr(False)
     # set by latency_target.resolve_latency_target: the latency target the measured MAC target came from
     _latency_target: Optional[TargetConfig] = PrivateAttr(None)
+    # set with it when the target names a latency table: the planner's cost model (prune/latency_cost.py)
+    _latency_cost: Any = PrivateAttr(None)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @field_validator("round_to", mode="before")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch_pruning as tp
@@ -21,6 +21,9 @@ from compressor.errors import NotPrunableError
 from compressor.models.layers import is_depthwise
 from compressor.prune.importance import Scorer
 from compressor.prune import graph as dg
+
+if TYPE_CHECKING:
+    from compressor.prune.latency_cost import LatencyCost
 
 Plan = dict[str, list[int]]
 
@@ -64,8 +67,8 @@ class Snapshot:
     total_macs: float
     params: int
 
-    def macs_after(self, plan: Plan) -> float:
-        """MACs of the model after removing `plan`: exact for conv/linear/norm layers, an upper bound overall."""
+    def removed_after(self, plan: Plan) -> dict[tuple[str, str], float]:
+        """Channels each layer loses on each side ("out" / "in") when `plan` is removed."""
         removed: dict[tuple[str, str], float] = {}
         for cand in self.candidates:
             chosen = plan.get(cand.root)
@@ -77,6 +80,11 @@ class Snapshot:
                 lost = (sum(1 for r in roots if r in chosen_set) if roots is not None
                         else count * len(chosen_set) / max(cand.width, 1))
                 removed[key] = removed.get(key, 0) + lost
+        return removed
+
+    def macs_after(self, plan: Plan) -> float:
+        """MACs of the model after removing `plan`: exact for conv/linear/norm layers, an upper bound overall."""
+        removed = self.removed_after(plan)
         total = self.fixed_macs
         for name, macs in self.layer_macs.items():
             out_ch, in_ch, depthwise = self.layer_dims[name]
@@ -246,6 +254,9 @@ class Constraints:
     frozen: dict[str, set[int]] = field(default_factory=dict)  # already chosen (count as removed)
     excluded: dict[str, set[int]] = field(default_factory=dict)  # may not be chosen (cooldown)
     dense_widths: dict[str, int] = field(default_factory=dict)  # group widths before any removal (round_to)
+    # a latency table's cost model (prune/latency_cost.py): MAC budgets are read as fractions of the dense model's
+    # predicted latency, groups are ranked by importance per millisecond and keep the widths its curves step at
+    cost: Optional["LatencyCost"] = None
 
 
 def remember_widths(store: dict[str, int], snap: Snapshot) -> None:
@@ -256,9 +267,10 @@ def remember_widths(store: dict[str, int], snap: Snapshot) -> None:
 
 def constraints_from(recipe, **extra) -> Constraints:
     """The recipe's planning constraints (prune.round_to already resolved to a number, see hardware.py; a resolved
-    `auto` lets narrow groups keep a smaller power of two), with extra fields (frozen, excluded, overrides)."""
+    `auto` lets narrow groups keep a smaller power of two; a latency table's cost model once the latency target is
+    resolved), with extra fields (frozen, excluded, overrides)."""
     prune = recipe.prune
-    fields = {"round_to": prune.round_to, "clamp": prune._round_to_auto,
+    fields = {"round_to": prune.round_to, "clamp": prune._round_to_auto, "cost": prune._latency_cost,
               "max_layer_ratio": prune.max_layer_ratio, "global_ranking": prune.global_ranking, **extra}
     return Constraints(**fields)
 
@@ -296,6 +308,9 @@ def allowed_removals(width: int, cons: Constraints, root: Optional[str] = None, 
     at an unaligned width); at least (1 - max_layer_ratio) of the dense width kept over all events, and one channel."""
     dense = cons.dense_widths.get(root, width) if root is not None else width
     cap = min(width - int(math.ceil(dense * (1 - cons.max_layer_ratio) - 1e-9)), width - 1)
+    steps = cons.cost.kept_widths.get(root) if cons.cost is not None and root is not None else None
+    if steps is not None:  # the widths the latency table's curve steps down at replace round_to
+        return [n for n in range(0, cap + 1) if n % unit == 0 and (width - n in steps or (n == 0 and width == dense))]
     step = layer_round_to(dense, cons)
     return [n for n in range(0, cap + 1)
             if n % unit == 0 and ((width - n) % step == 0 or (n == 0 and width == dense))]
@@ -345,10 +360,11 @@ def plan_counts(snap: Snapshot, counts: dict[str, int], cons: Constraints) -> Pl
     return plan
 
 
-def _refine(snap: Snapshot, plan: Plan, target_macs: float, cons: Constraints) -> Plan:
-    """Move single groups by one allowed step (one round_to multiple) while that brings the MACs closer to the
-    target: a global or uniform plan moves all groups together and can overshoot by a whole step of a wide layer."""
-    best, error = plan, abs(snap.macs_after(plan) - target_macs)
+def _refine(snap: Snapshot, plan: Plan, target: float, cons: Constraints, cost: Callable[[Plan], float]) -> Plan:
+    """Move single groups by one allowed step (one round_to multiple) while that brings the cost (MACs or
+    predicted latency) closer to the target: a global or uniform plan moves all groups together and can overshoot
+    by a whole step of a wide layer."""
+    best, error = plan, abs(cost(plan) - target)
     for _ in range(4 * len(snap.candidates)):
         trials = []
         for cand in snap.candidates:
@@ -359,7 +375,7 @@ def _refine(snap: Snapshot, plan: Plan, target_macs: float, cons: Constraints) -
                       max((a for a in allowed if floor <= a < n), default=None)):
                 if m is not None:
                     trials.append({**best, cand.root: _choose(cand, m, cons)})
-        scored = [(abs(snap.macs_after(t) - target_macs), t) for t in trials]
+        scored = [(abs(cost(t) - target), t) for t in trials]
         if not scored:
             break
         trial_error, trial = min(scored, key=lambda e: e[0])
@@ -393,7 +409,16 @@ def plan_uniform(snap: Snapshot, ratio: float, cons: Constraints) -> Plan:
 
 def plan_for_macs(snap: Snapshot, target_macs: float, cons: Constraints) -> Plan:
     """The plan whose MACs are closest to target_macs, from either side, as the granularity allows (bisection on
-    the removal amount, then the nearer of the two plans around the target)."""
+    the removal amount, then the nearer of the two plans around the target). With a latency table (cons.cost) the
+    target is read as that fraction of the dense model's predicted latency and planned by importance per ms."""
+    if cons.cost is not None:
+        budget = cons.cost.budget(target_macs / cons.cost.dense_macs)
+        return plan_for_cost(cons.cost.weighted(snap), budget, cons, lambda p: cons.cost.predict(snap, p))
+    return plan_for_cost(snap, target_macs, cons, snap.macs_after)
+
+
+def plan_for_cost(snap: Snapshot, target: float, cons: Constraints, cost: Callable[[Plan], float]) -> Plan:
+    """The plan whose cost is closest to `target` (see plan_for_macs); removing more never costs more."""
     if cons.global_ranking:
         free = sum(c.width - len(cons.excluded.get(c.root, set()) | cons.frozen.get(c.root, set()))
                    for c in snap.candidates)
@@ -405,22 +430,22 @@ def plan_for_macs(snap: Snapshot, target_macs: float, cons: Constraints) -> Plan
         build = lambda r: plan_uniform(snap, float(r), cons)  # noqa: E731
         integer = False
     below = build(hi)
-    if snap.macs_after(below) > target_macs:
+    if cost(below) > target:
         return below  # the constraints (max_layer_ratio, ignored layers) do not allow the target: closest we can
     above = build(lo)
-    if snap.macs_after(above) <= target_macs:
+    if cost(above) <= target:
         return above
     for _ in range(64):
         if (integer and hi - lo <= 1) or (not integer and hi - lo < 1e-4):
             break
         mid = (lo + hi) // 2 if integer else (lo + hi) / 2
         plan = build(mid)
-        if snap.macs_after(plan) <= target_macs:
+        if cost(plan) <= target:
             hi, below = mid, plan
         else:
             lo, above = mid, plan
-    nearest = min((below, above), key=lambda p: abs(snap.macs_after(p) - target_macs))
-    return _refine(snap, nearest, target_macs, cons)
+    nearest = min((below, above), key=lambda p: abs(cost(p) - target))
+    return _refine(snap, nearest, target, cons, cost)
 
 
 def plan_for_target(snap: Snapshot, target, cons: Constraints) -> Plan:

@@ -1,0 +1,211 @@
+"""A latency table as the planner's cost model (prune/latency_cost.py): torch layers matched to table rows by what
+their latency depends on, the widths a group may keep (where its curve steps down), importance per millisecond
+instead of per channel, refusal of a table made for another model, the open loop for a table from another machine,
+and compress end to end from a measured table."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from compressor.app.recipe import recipe_from_dict
+from compressor.deploy.latency_table import FORMAT, measure_table, prunable_layers, sample_widths, write_table
+from compressor.errors import UsageError
+from compressor.prune import latency_target as lt
+from compressor.prune import selection as sel
+from compressor.prune.latency_cost import (Curve, LatencyCost, build_cost, group_widths, layer_signatures,
+                                           row_signature)
+from tests.conftest import tiny_recipe
+from tests.test_latency_table import _net
+
+
+def _export(model: nn.Module, shape, path: Path) -> Path:
+    """The dense export the way compress and `compressor export` write it (BatchNorm folded into the convs)."""
+    from compressor.deploy.config import OnnxConfig
+    from compressor.deploy.export import export_onnx
+
+    export_onnx(model.eval(), torch.randn(1, *shape), path, OnnxConfig(simplify=False))
+    return path
+
+
+def _synthetic_table(onnx_path: Path, batch: int, step: int = 4, environment: dict | None = None) -> dict:
+    """A table whose per-layer times are proportional to each layer's MACs at every width (no timing)."""
+    import onnx
+
+    rows = []
+    for layer in prunable_layers(onnx.load(str(onnx_path))):
+        widths = sample_widths(layer.width, step)
+        per_out = float(torch.tensor(layer.weight_shape).prod()) / layer.width * 1e-6
+        spatial = float(torch.tensor(layer.input_shape[1:]).prod()) if layer.op == "Conv" else 1.0
+        rows.append({**asdict(layer), "width": layer.width, "depthwise": layer.depthwise, "widths": widths,
+                     "p50_ms": {str(batch): [w * per_out * spatial + 1e-4 for w in widths]},
+                     "overhead_ms": {str(batch): 1e-4}})
+    from compressor.deploy.bench import environment as env
+
+    return {"format": FORMAT, "model": {"path": str(onnx_path), "sha256": "0" * 64}, "backend": "ort-cpu",
+            "batches": [batch], "step": step, "threads": None, "environment": environment or env(),
+            "model_p50_ms": {str(batch): sum(r["p50_ms"][str(batch)][-1] for r in rows) * 1.25}, "layers": rows}
+
+
+def test_torch_layers_match_the_rows_of_their_own_export(tmp_path):
+    model = _net()
+    path = _export(model, (3, 16, 16), tmp_path / "net.onnx")
+    import onnx
+
+    rows = [row_signature({**asdict(layer)}) for layer in prunable_layers(onnx.load(str(path)))]
+    torch_side = layer_signatures(model, torch.randn(1, 3, 16, 16))
+    assert sorted(torch_side.values()) == sorted(rows)
+    assert torch_side["3"] == ("conv", (24, 8, 8), (24, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 24)
+    assert torch_side["8"] == ("linear", (16,), (16, 5))
+
+
+def test_a_curve_interpolates_and_scales_with_kept_inputs():
+    curve = Curve([8, 16, 24], [1.0, 1.0, 3.0], out=24, inputs=12, depthwise=False)
+    assert curve.at(24) == 3.0 and curve.at(20) == pytest.approx(2.0) and curve.at(4) == pytest.approx(0.5)
+    assert curve.cost(24, 6) == pytest.approx(1.5)  # half the inputs: half the time
+    assert Curve([8, 16], [1.0, 2.0], 16, 16, depthwise=True).cost(16, 4) == 2.0  # a depthwise conv's inputs are its outputs
+
+
+def _two_groups(score_a: float, score_b: float, ms_a: float, ms_b: float):
+    """Two independent 16-channel layers a and b with equal MACs, and a cost model giving them ms_a / ms_b per
+    4 channels."""
+    cands = [sel.Candidate(root, 16, torch.full((16,), s), [(root, "out", list(range(16)), 16)])
+             for root, s in (("a", score_a), ("b", score_b))]
+    snap = sel.Snapshot(cands, {"a": 100.0, "b": 100.0}, {"a": (16, 1, False), "b": (16, 1, False)}, 0.0, 200.0, 0)
+    curves = {root: Curve([4, 8, 12, 16], [ms * k for k in (1, 2, 3, 4)], 16, 1, False)
+              for root, ms in (("a", ms_a), ("b", ms_b))}
+    cost = LatencyCost(curves, 0.0, 200.0)
+    cost.kept_widths = {c.root: group_widths(snap, c, curves) for c in cands}
+    return snap, cost
+
+
+def test_channels_are_ranked_by_importance_per_millisecond():
+    """b's channels score lower, so the MAC planner takes them first; a's cost ten times more time each, so per
+    millisecond they are the cheaper importance to give up, and the table planner takes a's."""
+    snap, cost = _two_groups(score_a=1.2, score_b=1.0, ms_a=1.0, ms_b=0.1)
+    by_macs = sel.plan_for_macs(snap, 150.0, sel.Constraints())
+    assert set(by_macs) == {"b"}
+    by_latency = sel.plan_for_macs(snap, 0.75 * 200.0, sel.Constraints(cost=cost))  # 0.75 of the predicted 4.4 ms
+    # the ranking takes 4 of a's (3.4 ms), then the refinement one 4-channel step of b lands on the budget exactly
+    assert {root: len(idxs) for root, idxs in by_latency.items()} == {"a": 4, "b": 4}
+    assert cost.predict(snap, by_latency) == pytest.approx(3.3)
+    by_ranking = sel.plan_global(cost.weighted(snap), 8, sel.Constraints(cost=cost))
+    assert {root: len(idxs) for root, idxs in by_ranking.items()} == {"a": 8}
+
+
+def test_a_group_keeps_only_the_widths_where_its_latency_steps_down():
+    cand = sel.Candidate("a", 32, torch.ones(32), [("a", "out", list(range(32)), 32)])
+    snap = sel.Snapshot([cand], {"a": 1.0}, {"a": (32, 3, False)}, 0.0, 1.0, 0)
+    curves = {"a": Curve([8, 16, 24, 32], [1.0, 1.0, 2.0, 2.0], 32, 3, False)}  # 24 costs what 32 does, 8 what 16 does
+    assert group_widths(snap, cand, curves) == {32, 16}
+    cost = LatencyCost(curves, 0.0, 1.0, kept_widths={"a": {32, 16}})
+    assert sel.allowed_removals(32, sel.Constraints(cost=cost), "a") == [0, 16]  # 8 is below max_layer_ratio 0.8 (6.4)
+
+
+def test_a_table_for_another_model_is_refused_naming_the_layer(tmp_path):
+    from compressor.models.loading import build_arch, example_inputs
+
+    table = _synthetic_table(_export(_net(), (3, 16, 16), tmp_path / "net.onnx"), 8)
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"latency_speedup": 1.5}}))
+    from compressor.prune.round_to import magnitude_snapshot
+
+    model = build_arch("zoo:resnet20", 4, 1)
+    base, snap = magnitude_snapshot(model, recipe)
+    with pytest.raises(UsageError, match=r"no row for \d+ of this model's \d+ prunable layers \(conv1 \(conv 1->16 "
+                                         r"3x3 stride 1,1 on 1x16x16\)") as info:
+        build_cost(table, base, example_inputs(recipe.model), snap, 8, source="lut.json")
+    assert info.value.exit_code == 2 and "compressor latency-table model.onnx" in info.value.hint
+
+
+def _resnet_table(tmp_path, batch: int, **kw) -> tuple[Path, object]:
+    from compressor.models.loading import build_arch
+
+    model = build_arch("zoo:resnet20", 4, 1)
+    path = tmp_path / "lut.json"
+    write_table(_synthetic_table(_export(model, (1, 16, 16), tmp_path / "dense.onnx"), batch, **kw), path)
+    return path, model
+
+
+def test_a_table_from_another_machine_plans_open_loop_without_measuring(tmp_path, monkeypatch):
+    from compressor.prune import round_to
+
+    path, model = _resnet_table(tmp_path, 1, environment={"cpu": "Some Edge SoC", "cpu_count": 4, "gpu": None})
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"latency_speedup": 1.6,
+                                                                                 "table": str(path)}},
+                                          bench={"backends": ["ort-cpu"], "batch_sizes": [1]}))
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the open loop must not measure on this machine")
+
+    monkeypatch.setattr(round_to, "timing_runner", no_timing)
+    resolved, record = lt.resolve_latency_target(recipe, model, out=tmp_path)
+    assert record["open_loop"] and record["measured_speedup"] is None and record["met"] is None
+    assert record["planner"] == "table" and record["table"]["cpu"] == "Some Edge SoC"
+    assert record["tries"][0]["predicted_speedup"] == pytest.approx(1.6, rel=0.1)
+    assert resolved.prune._latency_cost is not None and resolved.prune.target.macs == pytest.approx(1 / 1.6)
+    assert {x["name"] for x in record["layers"]} >= {"conv1", "layer1.0.conv1"}
+    assert "not on this machine" in lt.latency_target_note(record)
+    assert json.loads((tmp_path / lt.STATE_FILE).read_text())["open_loop"] is True
+
+
+def test_every_method_plans_with_the_table_once_resolved(tmp_path):
+    """The resolved recipe's constraints carry the cost model, so a MAC budget f is read as f of the predicted
+    dense latency by the planner every method calls, and only the table's widths are kept."""
+    from compressor.models.loading import example_inputs
+    from compressor.prune.round_to import magnitude_snapshot
+
+    path, model = _resnet_table(tmp_path, 1)
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"latency_speedup": 1.6,
+                                                                                 "table": str(path)}},
+                                          bench={"backends": ["ort-cpu"], "batch_sizes": [1]}))
+    base, snap = magnitude_snapshot(model, recipe)
+    cost = lt.table_cost(recipe, base, snap)
+    resolved = lt.with_mac_target(recipe, 0.6, cost)
+    cons = sel.constraints_from(resolved)
+    assert cons.cost is cost
+    plan = sel.plan_for_target(snap, resolved.prune.target, cons)
+    assert cost.predict(snap, plan) == pytest.approx(0.6 * cost.dense_ms, rel=0.08)
+    for cand in snap.candidates:
+        assert cand.width - len(plan.get(cand.root, ())) in cost.kept_widths[cand.root]
+    sel.remove(base, example_inputs(recipe.model), plan)  # torch-pruning can carry the plan out
+
+
+def test_compress_plans_from_a_measured_table_and_reports_it(tmp_path):
+    from compressor.app.pipeline import compress
+    from compressor.models.loading import build_arch
+
+    dense = _export(build_arch("zoo:resnet20", 4, 1), (1, 16, 16), tmp_path / "dense.onnx")
+    lut = write_table(measure_table(dense, "ort-cpu", (8,), step=8, warmup_ms=5, min_runs=5, min_seconds=0.01),
+                      tmp_path / "lut.json")
+    r = recipe_from_dict(tiny_recipe(
+        prune={"method": "oneshot", "target": {"latency_speedup": 1.3, "table": str(lut)}}, finetune={"epochs": 1},
+        bench={"backends": ["ort-cpu"], "batch_sizes": [8], "min_runs": 10, "min_seconds": 0.2, "warmup_ms": 50}))
+    report = compress("zoo:resnet20", r, tmp_path / "run")
+    t = report["target"]["latency"]
+    assert t["planner"] == "table" and t["table"]["layers"] == 22 and not t.get("open_loop")
+    assert all(x["predicted_speedup"] > 1 for x in t["tries"]) and t["final_speedup"] == report["latency"][0]["speedup"]
+    assert report["target"]["asked_macs_ratio"] is None  # the budget was a latency, not a MAC fraction
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "Planned from the latency table" in text and "| try | budget asked | MACs | predicted |" in text
+    assert "Where the time goes" in text
+    layers = {x["name"]: x for x in t["layers"]}
+    widths = report["compressed"]["widths"]
+    assert all(widths[name] == x["kept_out"] for name, x in layers.items())
+
+
+def test_compress_refuses_a_missing_table_and_a_table_without_a_latency_target(tmp_path):
+    from tests.conftest import invoke_cli
+
+    missing = invoke_cli("compress", "zoo:resnet20", "--recipe", "resnet20-fmnist-dpm", "--latency-table",
+                         str(tmp_path / "lut.json"), "--out", str(tmp_path / "run"))
+    assert missing.returncode == 2 and "--latency-table" in missing.stderr and "no such file" in missing.stderr
+    (tmp_path / "lut.json").write_text("{}")
+    mac_target = invoke_cli("compress", "zoo:resnet20", "--recipe", "resnet20-fmnist-dpm", "--latency-table",
+                            str(tmp_path / "lut.json"), "--out", str(tmp_path / "run"))
+    assert mac_target.returncode == 2 and "prune.target" in mac_target.stderr
+    assert "backend, batch and table belong to a latency target" in mac_target.stderr
+    assert "Traceback" not in mac_target.stderr + missing.stderr and not (tmp_path / "run").exists()
