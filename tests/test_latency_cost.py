@@ -195,6 +195,8 @@ def test_compress_plans_from_a_measured_table_and_reports_it(tmp_path):
     layers = {x["name"]: x for x in t["layers"]}
     widths = report["compressed"]["widths"]
     assert all(widths[name] == x["kept_out"] for name, x in layers.items())
+    assert all(x["measured_ms"] is not None and x["measured_ms"] >= 0 for x in layers.values())
+    assert "| layer | width | dense ms | pruned ms predicted | measured |" in text and "All tabled layers: predicted" in text
 
 
 def test_compress_refuses_a_missing_table_and_a_table_without_a_latency_target(tmp_path):

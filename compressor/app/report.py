@@ -133,12 +133,25 @@ def _latency_target_section(r: dict[str, Any]) -> list[str]:
                            f"{x['pruned_ms']:.3f}", f"x{x['speedup']:.2f}"] for i, x in enumerate(t["tries"])])
     layers = t.get("layers") or []
     if layers:
-        lines += ["", "Where the time goes (the table's prediction for the chosen plan, largest dense layers first; "
-                  "measured per node: `compressor profile model.onnx --baseline dense.onnx`):", ""]
-        lines += table(["layer", "width", "dense ms", "pruned ms"],
+        measured = any(x.get("measured_ms") is not None for x in layers)
+        lines += ["", "Where the time goes: the table's prediction for the chosen plan, largest dense layers first"
+                  + ("; measured: each pruned layer timed alone as the table times it, at its real kept input and "
+                     "output widths" if measured else "") + " (per node in the whole model: `compressor profile "
+                  "model.onnx --baseline dense.onnx`).", ""]
+        lines += table(["layer", "width", "dense ms", "pruned ms predicted", *(["measured"] if measured else [])],
                        [[x["name"], f"{x['dense_out']} -> {x['kept_out']}", f"{x['dense_ms']:.3f}",
-                         f"{x['pruned_ms']:.3f}"] for x in layers[:12]])
+                         f"{x['pruned_ms']:.3f}", *([_ms(x.get("measured_ms"))] if measured else [])]
+                        for x in layers[:12]])
+        if measured:
+            pred = sum(x["pruned_ms"] for x in layers if x.get("measured_ms") is not None)
+            real = sum(x["measured_ms"] for x in layers if x.get("measured_ms") is not None)
+            lines += ["", f"All tabled layers: predicted {pred:.3f} ms, measured {real:.3f} ms "
+                          f"({(pred - real) / real:+.0%})." if real > 0 else ""]
     return lines
+
+
+def _ms(value: Any) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def _deployment_section(r: dict[str, Any]) -> list[str]:

@@ -181,12 +181,18 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
             row["predicted_speedup"] = cost.dense_ms / cost.predict(snap, plan)
         return work, row
 
-    def layers_at(fraction: float) -> list[dict[str, Any]]:
-        """The table's per-layer prediction for the plan at `fraction`, dense and pruned, largest first."""
+    def layers_at(fraction: float, measure_in: Optional[Path] = None) -> list[dict[str, Any]]:
+        """The table's per-layer prediction for the plan at `fraction`, dense and pruned, largest first; with a
+        folder, each pruned layer also timed as a probe at its real kept widths (inputs and outputs)."""
         plan = sel.plan_for_target(snap, TargetConfig(macs=fraction), cons)
         dense_ms, pruned_ms, kept = cost.per_layer(snap, {}), cost.per_layer(snap, plan), _kept_out(snap, plan)
         rows = [{"name": n, "dense_out": snap.layer_dims[n][0], "kept_out": round(kept[n]), "dense_ms": dense_ms[n],
                  "pruned_ms": pruned_ms[n]} for n in dense_ms]
+        if measure_in is not None:
+            work, _ = plan_at(fraction)
+            measured = measured_layers(work, recipe, backend, batch, measure_in)
+            for x in rows:
+                x["measured_ms"] = measured.get(x["name"])
         return sorted(rows, key=lambda x: -x["dense_ms"])
 
     if cost is not None and not same_machine(cost):
@@ -224,11 +230,31 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
                 macs = following
         finally:
             dense.close()
-    best = min(tries, key=lambda t: abs(math.log(t["speedup"] / asked)))
+        best = min(tries, key=lambda t: abs(math.log(t["speedup"] / asked)))
+        layers = layers_at(best["asked_macs"], Path(tmp)) if cost is not None else None
     return {"asked_speedup": asked, "backend": backend, "batch": batch, "macs": best["asked_macs"],
             "achieved_macs": best["macs"], "measured_speedup": best["speedup"],
             "met": abs(best["speedup"] / asked - 1) <= TOLERANCE, "tolerance": TOLERANCE, "tries": tries,
-            **({"layers": layers_at(best["asked_macs"])} if cost is not None else {}), **planner}
+            **({"layers": layers} if layers is not None else {}), **planner}
+
+
+def measured_layers(model: "nn.Module", recipe: "Recipe", backend: str, batch: int, folder: Path) -> dict[str, float]:
+    """Each conv / linear layer of `model` timed alone as the table times it (a probe with its own kept input and
+    output widths, less the identity probe), by module name: layers alike share one measurement."""
+    from compressor.deploy.export import export_onnx
+    from compressor.deploy.latency_table import measure_table
+    from compressor.models.loading import example_inputs
+    from compressor.prune.latency_cost import layer_signatures, row_signature
+
+    path = folder / "measured-layers.onnx"
+    export_onnx(model, example_inputs(recipe.model), path,
+                recipe.export.onnx.model_copy(update={"simplify": False, "dynamo": False}))
+    table = measure_table(path, backend, (batch,), step=1 << 30, max_widths=None, threads=recipe.bench.threads,
+                          warmup_ms=50.0, min_runs=10, min_seconds=0.1)
+    key = str(batch)
+    by_signature = {row_signature(r): max(r["p50_ms"][key][-1] - r["overhead_ms"][key], 0.0) for r in table["layers"]}
+    return {name: by_signature[sig] for name, sig in layer_signatures(model, example_inputs(recipe.model)).items()
+            if sig in by_signature}
 
 
 def _kept_out(snap, plan) -> dict[str, float]:
