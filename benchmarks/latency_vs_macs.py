@@ -6,10 +6,11 @@ latency-targeted one asked for the speedup the MAC-targeted model measured (issu
     python benchmarks/latency_vs_macs.py --phase table      # rewrite the markdown from the finished runs
 
 Phase `mac` runs the quickstart recipe (DPM around DepGraph, macs 0.5, round_to auto, 3 epochs) with
-finetune.seed = 0, 1, 2 and records its top-1 and the ORT-CPU speedup its bench measured at the latency target's
-batch (1, the recipe's first). Phase `latency` runs the same recipe with `prune.target: {latency_speedup: S}`, S
-that seed's measured speedup, planned from a latency table (`--latency-table`, measured once on the dense export
-at the start of the phase) unless `--no-table`; equal or better top-1 at the same measured speedup is the goal.
+finetune.seed = 0, 1, 2 and records its top-1 and the ORT-CPU speedups its bench measured. Phase `latency` times
+each MAC-targeted model against its dense export again (interleaved, 5 s, on a quiet machine), runs the same
+recipe with `prune.target: {latency_speedup: S, batch: 1}`, S that speedup, planned from a latency table
+(measured once on the dense export at the start of the phase) unless `--no-table`, and times the result head to
+head against the MAC-targeted model. Equal or better top-1 at the same measured speedup is the goal.
 The bench runs ORT-CPU only (no torch rows), so a run costs less than the quickstart. One JSON per finished run in
 benchmarks/results/latency_vs_macs/ (a later session resumes); the markdown is rewritten after every run.
 """
@@ -36,7 +37,9 @@ def cpu() -> str:
     flags = cpu_flags()
     isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else \
         "AVX2" if "avx2" in flags else platform.machine()
-    return f"{platform.processor() or platform.machine()} ({isa})"
+    from compressor.deploy.bench import environment
+
+    return f"{environment()['cpu'] or platform.machine()} ({isa})"
 
 
 def row(kind: str, seed: int, report: dict, extra: dict) -> dict:
