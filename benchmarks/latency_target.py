@@ -3,13 +3,17 @@ Runtime CPU without fine-tuning (synthetic data), side by side with the MAC targ
 otherwise have asked for.
 
     python benchmarks/latency_target.py [--models resnet18 ...] [--speedups 1.5 2 3] [--batches 1 8] [--list]
+                                        [--planner macs|table]
 
 Each cell (model, asked speedup S, batch) is one `compress` with `prune.target: {latency_speedup: S, batch: B}`:
 its measure-prune loop (prune/latency_target.py) starts at the MAC target 1/S (magnitude plan, the same planner),
 so the loop's first try is the MAC-targeted model, measured in the same process; the final row is the speedup the
 bench measured on the compressed model (dense and pruned interleaved). A cell counts as met when that final
 speedup is within 5% of S. One JSON per finished cell in benchmarks/results/latency_target/ (a later run resumes);
-benchmarks/results/latency_target.md is rewritten from them after every cell.
+benchmarks/results/latency_target.md is rewritten from them after every cell. With `--planner table` each
+model's dense export gets a latency table first (`compressor latency-table` at the cell's batch, kept in --out) and
+the cells plan from it (results in latency_target_table/ and latency_target_table.md); their MAC-target columns
+come from the same cell of the MAC planner's run, where it exists.
 """
 from __future__ import annotations
 
@@ -29,13 +33,30 @@ def tag(model: str, speedup: float, batch: int) -> str:
     return f"{model}-x{speedup:g}-b{batch}"
 
 
+def dense_table(model: str, checkpoint: str, batch: int, args: argparse.Namespace) -> Path:
+    """The latency table of the model's dense export at `batch` (measured once per model and batch, kept in --out)."""
+    from compressor.app.exporting import export_model
+    from compressor.app.recipe import load_recipe
+    from compressor.deploy.latency_table import measure_table, write_table
+
+    lut = args.out / f"{model}-b{batch}.lut.json"
+    if not lut.is_file():
+        dense = args.out / f"{model}.dense.onnx"
+        if not dense.is_file():
+            export_model(checkpoint, load_recipe("resnet50-imagenet-latency", zoo_overrides(model, input_size(model), 0.5)),
+                         out=dense)
+        write_table(measure_table(dense, "ort-cpu", (batch,), threads=args.threads), lut)
+    return lut
+
+
 def run_cell(model: str, speedup: float, batch: int, args: argparse.Namespace) -> dict:
     from compressor.app.pipeline import compress
     from compressor.app.recipe import load_recipe
 
     checkpoint, _ = informative_init(model, args.out / f"{model}.init.pt")
+    table = f", table: {dense_table(model, checkpoint, batch, args)}" if args.planner == "table" else ""
     overrides = zoo_overrides(model, input_size(model), 0.5) + [
-        f"prune.target={{latency_speedup: {speedup}, batch: {batch}}}", f"bench.batch_sizes=[{batch}]",
+        f"prune.target={{latency_speedup: {speedup}, batch: {batch}{table}}}", f"bench.batch_sizes=[{batch}]",
         "bench.backends=[ort-cpu]", f"bench.threads={args.threads}", "bench.min_runs=20", "bench.min_seconds=3",
         "bench.warmup_ms=500", "export.onnx.simplify=false"]
     start = time.perf_counter()
@@ -43,29 +64,36 @@ def run_cell(model: str, speedup: float, batch: int, args: argparse.Namespace) -
                       overwrite=True)
     t = report["target"]["latency"]
     first = t["tries"][0]
+    if args.planner == "table":  # the table's first try is a latency budget, not the MAC target 1/S
+        twin = RESULTS / "latency_target" / f"{tag(model, speedup, batch)}.json"
+        first = json.loads(twin.read_text())["tries"][0] if twin.is_file() else None
     return {"model": model, "asked": speedup, "batch": batch, "tries": t["tries"], "planned_macs": t["macs"],
             "loop_speedup": t["measured_speedup"], "final_speedup": t["final_speedup"], "final_met": t["final_met"],
             "macs_kept": report["compressed"]["macs"] / report["dense"]["macs"],
-            "mac_target": {"macs": first["macs"], "speedup": first["speedup"],
-                           "realised_ratio": first["speedup"] * first["macs"]},
+            "mac_target": first and {"macs": first["macs"], "speedup": first["speedup"],
+                                     "realised_ratio": first["speedup"] * first["macs"]},
             "dense_ms": report["latency"][0]["dense"]["p50"], "pruned_ms": report["latency"][0]["compressed"]["p50"],
             "loop_seconds": report["timings_s"].get("latency_target"), "wall_s": time.perf_counter() - start,
-            "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+            "cpu": platform.processor() or platform.machine(), "threads": args.threads, "planner": args.planner,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def render() -> str:
+def _mac_cells(m: dict | None) -> list[str]:
+    return ["", ""] if not m else [f"{m['macs']:.3f}", f"x{m['speedup']:.2f} ({m['realised_ratio']:.2f})"]
+
+
+def render(planner: str = "macs") -> str:
     rows = [json.loads(p.read_text()) for p in sorted(STORE.glob("*.json"))]
     rows.sort(key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 99, r["batch"], r["asked"]))
     met = sum(1 for r in rows if r["final_met"])
-    lines = [[r["model"], r["batch"], f"x{r['asked']:g}", f"{r['mac_target']['macs']:.3f}",
-              f"x{r['mac_target']['speedup']:.2f} ({r['mac_target']['realised_ratio']:.2f})",
+    lines = [[r["model"], r["batch"], f"x{r['asked']:g}", *_mac_cells(r.get("mac_target")),
               f"{r['macs_kept']:.3f}", len(r["tries"]), f"x{r['loop_speedup']:.2f}",
               f"x{r['final_speedup']:.2f}", "yes" if r["final_met"] else "**no**",
               f"{r['dense_ms']:.2f} / {r['pruned_ms']:.2f}", f"{r['loop_seconds']:.0f}"] for r in rows]
     return ("# Latency targets on ONNX Runtime CPU\n\n`python benchmarks/latency_target.py`: torchvision models at their "
             "own input size, no fine-tuning (synthetic data), `prune.target: {latency_speedup: S, batch: B}` on "
-            f"ort-cpu with 2 threads. {met} of {len(rows)} cells within 5% of the asked speedup.\n\n"
+            f"ort-cpu with 2 threads{', planned from each model`s latency table (--planner table)' if planner == 'table' else ''}"
+            f". {met} of {len(rows)} cells within 5% of the asked speedup.\n\n"
             "MAC target 1/S: the loop's first try (the plan a `macs: 1/S` recipe gets), its measured speedup and "
             "realised ratio (speedup x MACs kept). Latency target: the MAC fraction the loop settled on, its tries, "
             "the speedup it measured, and the speedup the final bench measured on the compressed model (dense and "
@@ -82,9 +110,15 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--planner", choices=["macs", "table"], default="macs",
+                        help="table: each model's latency table (measured here first) plans by importance per ms")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-latency-target"))
     args = parser.parse_args()
+    global STORE
+    if args.planner == "table":
+        STORE = RESULTS / "latency_target_table"
     STORE.mkdir(parents=True, exist_ok=True)
+    name = "latency_target.md" if args.planner == "macs" else "latency_target_table.md"
     for model in args.models:
         for batch in args.batches:
             for speedup in args.speedups:
@@ -98,9 +132,9 @@ def main() -> None:
                 path.write_text(json.dumps(row, indent=1) + "\n")
                 print(f"{path.stem}: MACs {row['macs_kept']:.3f}, loop x{row['loop_speedup']:.2f}, final "
                       f"x{row['final_speedup']:.2f} ({'met' if row['final_met'] else 'missed'})", flush=True)
-                write_result("latency_target.md", render(), echo=False)
+                write_result(name, render(args.planner), echo=False)
     if not args.list:
-        write_result("latency_target.md", render())
+        write_result(name, render(args.planner))
 
 
 if __name__ == "__main__":

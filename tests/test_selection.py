@@ -183,3 +183,18 @@ def test_a_removal_count_needs_enough_channels_outside_the_excluded_ones():
     cand = sel.Candidate(root="a", width=64, scores=torch.ones(64), members=[])
     assert sel._count_allowed(cand, 24, cons) == 16
     assert len(sel._choose(cand, 16, cons)) == 16
+
+
+def test_alignment_wins_over_cooldown_when_only_excluded_channels_can_complete_the_width():
+    """DPM: 7 channels of a 16-wide group decaying, the other 9 released and cooling. Removing just the 7 leaves
+    9 channels, off ORT-CPU's 8-channel blocks (the run that found it ran x1.07 instead of x1.4); the plan takes
+    the lowest-scored cooling channel as well and keeps 8."""
+    scores = torch.arange(16, dtype=torch.float32)
+    cand = sel.Candidate("g", 16, scores, [("g", "out", list(range(16)), 16)])
+    snap_ = sel.Snapshot([cand], {"g": 1.0}, {"g": (16, 3, False)}, 0.0, 1.0, 0)
+    decaying, cooling = set(range(9, 16)), set(range(9))
+    cons = sel.Constraints(round_to=8, frozen={"g": decaying}, excluded={"g": cooling})
+    plan = sel.plan_counts(snap_, {"g": sel.allowed_count(cand, len(decaying), cons)}, cons)
+    assert plan["g"] == [0, *sorted(decaying)]  # 8 removed: the 7 decaying and cooling channel 0 (lowest score)
+    without_cooling = sel.Constraints(round_to=8, frozen={"g": set(range(9, 16))})
+    assert sel.allowed_count(cand, 7, without_cooling) == 8 and len(sel._choose(cand, 8, without_cooling)) == 8

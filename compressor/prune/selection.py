@@ -325,27 +325,40 @@ def _count_allowed(cand: Candidate, wanted: int, cons: Constraints, floor: int =
     """The largest allowed removal count not above `wanted` (kept widths rounded up), but never below `floor`
     (channels already decaying): then the smallest allowed count that covers them."""
     blocked = len(cons.excluded.get(cand.root, set()) - cons.frozen.get(cand.root, set()))
-    allowed = [a for a in allowed_removals(cand.width, cons, cand.root, cand.unit) if a <= cand.width - blocked]
+    every = allowed_removals(cand.width, cons, cand.root, cand.unit)
+    allowed = [a for a in every if a <= cand.width - blocked]
     if not allowed:  # no aligned width within max_layer_ratio (and the channels not excluded): keep what is decaying
         return floor
     below = [a for a in allowed if a <= max(wanted, 0)]
     n = max(below) if below else min(allowed)
     if n < floor:
-        n = min((a for a in allowed if a >= floor), default=floor)
+        # the excluded (cooling) channels may leave no aligned count that covers the decaying ones: an unaligned
+        # width (9 of 16) runs outside the runtime's blocked layout, so alignment wins and _choose takes the
+        # lowest-scored excluded channels to fill the count
+        n = min((a for a in allowed if a >= floor), default=None) or min((a for a in every if a >= floor),
+                                                                         default=floor)
     return n
 
 
-def _choose(cand: Candidate, n: int, cons: Constraints) -> list[int]:
-    """The group's `n` channels to remove: its frozen ones first, then the lowest scores (coupled classes whole)."""
+def _choose(cand: Candidate, n: int, cons: Constraints, fill: bool = False) -> list[int]:
+    """The group's `n` channels to remove: its frozen ones first, then the lowest scores (coupled classes whole);
+    excluded channels only with `fill`, for a count _count_allowed could align only with them."""
     frozen = cons.frozen.get(cand.root, set())
     excluded = cons.excluded.get(cand.root, set()) | frozen
     partners = cand.partners()
     chosen = set(frozen)
-    for i in (int(i) for i in torch.argsort(cand.scores, stable=True)):
+    order = [int(i) for i in torch.argsort(cand.scores, stable=True)]
+    for i in order:
         if len(chosen) >= n:
             break
         cls = partners.get(i, [i])
         if i not in excluded and not any(j in excluded for j in cls):
+            chosen.update(cls)
+    for i in order if fill else ():  # a count only reachable with excluded channels: the lowest of them
+        if len(chosen) >= n:
+            break
+        cls = partners.get(i, [i])
+        if not any(j in chosen for j in cls):
             chosen.update(cls)
     return sorted(chosen)
 
@@ -356,7 +369,7 @@ def plan_counts(snap: Snapshot, counts: dict[str, int], cons: Constraints) -> Pl
     for cand in snap.candidates:
         n = counts.get(cand.root, 0)
         if n > 0 or cons.frozen.get(cand.root):
-            plan[cand.root] = _choose(cand, n, cons)
+            plan[cand.root] = _choose(cand, n, cons, fill=True)
     return plan
 
 
