@@ -10,11 +10,14 @@ The predicted latency of a plan is the sum over matched layers of curve(kept out
 (a depthwise conv's inputs are its outputs), plus the rest of the model (the table's end-to-end dense measurement
 minus its layers: activations, pooling, layout conversions), held fixed. The planner then
 - reads a MAC budget fraction f as f x the predicted dense latency (so every method's schedule works unchanged),
-- ranks channels by importance per millisecond: each group's scores are divided by the milliseconds one of its
-  channels costs (the curve's slope over its lower half, summed over the layers the group narrows, inputs
-  included); removing the lowest ratios first is the greedy solution of the knapsack "keep the most importance
-  within the budget", optimal for its linear relaxation and within one width step of one group of the integer
-  optimum, a step the closed measure-prune loop corrects,
+- ranks channels by importance per millisecond. A channel's importance is its group-normalised score times the
+  MACs it carries (summed over the layers its group narrows): normalised scores only rank channels within a
+  group, and a residual-stream channel that feeds seven convolutions carries more of the network than one inside
+  a block. Its cost is the milliseconds it takes (the curve's slope over its lower half, summed over the same
+  layers, inputs included). Where latency follows MACs the ranking is the MAC planner's; it departs from it where
+  the table says a layer's time does not. Removing the lowest ratios first is the greedy solution of the knapsack
+  "keep the most importance within the budget", optimal for its linear relaxation and within one width step of
+  one group of the integer optimum, a step the closed measure-prune loop corrects,
 - lets each group keep only the widths where its latency steps down (the Pareto front of the curve: a width whose
   latency is within STEP_EPS of a wider one's buys nothing), instead of a fixed round_to.
 """
@@ -171,10 +174,27 @@ class LatencyCost:
         return total
 
     def weighted(self, snap: "Snapshot") -> "Snapshot":
-        """The snapshot with every group's scores divided by its ms per channel (importance per millisecond)."""
+        """The snapshot with every group's scores turned into importance per millisecond: x the MACs one of its
+        channels carries, / the milliseconds it costs (see the module docstring)."""
         floor = 1e-6 * max(self.dense_ms, 1e-9)  # a channel that costs nothing measurable is removed last
-        candidates = [replace(c, scores=c.scores / max(self.channel_ms(snap, c), floor)) for c in snap.candidates]
+        candidates = [replace(c, scores=c.scores * channel_macs(snap, c) / max(self.channel_ms(snap, c), floor))
+                      for c in snap.candidates]
         return replace(snap, candidates=candidates)
+
+
+def channel_macs(snap: "Snapshot", cand) -> float:
+    """MACs one channel of `cand` carries now, over every layer it narrows (the MAC planner's cost per channel)."""
+    total = 0.0
+    for layer, side, _roots, count in cand.members:
+        if layer not in snap.layer_macs:
+            continue
+        out_now, in_now, depthwise = snap.layer_dims[layer]
+        share = count / max(cand.width, 1)
+        if side == "out":
+            total += share * snap.layer_macs[layer] / max(out_now, 1)
+        elif not depthwise:
+            total += share * snap.layer_macs[layer] / max(in_now, 1)
+    return max(total, 1e-12)
 
 
 def group_widths(snap: "Snapshot", cand, curves: dict[str, Curve]) -> Optional[set[int]]:
