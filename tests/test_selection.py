@@ -196,5 +196,12 @@ def test_alignment_wins_over_cooldown_when_only_excluded_channels_can_complete_t
     cons = sel.Constraints(round_to=8, frozen={"g": decaying}, excluded={"g": cooling})
     plan = sel.plan_counts(snap_, {"g": sel.allowed_count(cand, len(decaying), cons)}, cons)
     assert plan["g"] == [0, *sorted(decaying)]  # 8 removed: the 7 decaying and cooling channel 0 (lowest score)
+    # partway through (width 13 of a dense 16): 3 decaying, the other 10 cooling, so no count of free channels is
+    # allowed at all (13 - n must be 8): 5 go, the 3 and the 2 lowest-scored cooling ones (before: the 3, width 10)
+    narrow = sel.Candidate("g", 13, torch.arange(13, dtype=torch.float32), [("g", "out", list(range(13)), 13)])
+    cons13 = sel.Constraints(round_to=8, frozen={"g": {10, 11, 12}}, excluded={"g": set(range(10))},
+                             dense_widths={"g": 16})
+    n = sel.allowed_count(narrow, 3, cons13)
+    assert n == 5 and sel._choose(narrow, n, cons13, fill=True) == [0, 1, 10, 11, 12]
     without_cooling = sel.Constraints(round_to=8, frozen={"g": set(range(9, 16))})
     assert sel.allowed_count(cand, 7, without_cooling) == 8 and len(sel._choose(cand, 8, without_cooling)) == 8
