@@ -279,11 +279,6 @@ def build_cost(table: dict[str, Any], model: "nn.Module", example: "torch.Tensor
     return cost
 
 
-def width_steps(cost: LatencyCost) -> dict[str, list[int]]:
-    """The kept widths each group may take, for the report."""
-    return {root: sorted(widths) for root, widths in cost.kept_widths.items()}
-
-
 def predicted_speedup(cost: LatencyCost, snap: "Snapshot", plan: "Plan") -> float:
     predicted = cost.predict(snap, plan)
     return cost.dense_ms / predicted if predicted > 0 else math.inf

@@ -162,6 +162,7 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     from compressor.models.loading import example_inputs
     from compressor.prune import selection as sel
     from compressor.prune.config import TargetConfig
+    from compressor.prune.latency_cost import predicted_speedup
     from compressor.prune.round_to import magnitude_snapshot, timing_runner
     from compressor.progress import info
 
@@ -178,7 +179,7 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
         sel.remove(work, example, plan)
         row = {"asked_macs": fraction, "macs": sel.snapshot_macs(work, example)[0] / snap.total_macs}
         if cost is not None:
-            row["predicted_speedup"] = cost.dense_ms / cost.predict(snap, plan)
+            row["predicted_speedup"] = predicted_speedup(cost, snap, plan)
         return work, row
 
     def layers_at(fraction: float, measure_in: Optional[Path] = None) -> list[dict[str, Any]]:
