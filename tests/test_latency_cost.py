@@ -97,6 +97,38 @@ def test_channels_are_ranked_by_importance_per_millisecond():
     assert {root: len(idxs) for root, idxs in by_ranking.items()} == {"a": 8}
 
 
+def test_a_probe_bias_that_the_whole_model_contradicts_does_not_move_the_plan(tmp_path):
+    """Probes of the 16x16 first stage pay layout conversions the whole model does not: with their times tripled the
+    planner cuts that stage differently; with the in-context times (proportional to MACs, as the unbiased table's)
+    it plans what the unbiased table plans."""
+    import copy
+
+    from compressor.models.loading import build_arch, example_inputs
+    from compressor.prune.round_to import magnitude_snapshot
+
+    model = build_arch("zoo:resnet20", 4, 1)
+    fair = _synthetic_table(_export(model, (1, 16, 16), tmp_path / "dense.onnx"), 1)
+    biased = copy.deepcopy(fair)
+    for row in biased["layers"]:
+        row["context_ms"] = {"1": row["p50_ms"]["1"][-1] - row["overhead_ms"]["1"]}
+        if list(row["input_shape"][1:]) == [16, 16]:
+            row["p50_ms"]["1"] = [3 * t for t in row["p50_ms"]["1"]]
+    uncalibrated = copy.deepcopy(biased)
+    for row in uncalibrated["layers"]:
+        del row["context_ms"]
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"macs": 0.5}}))
+    base, snap = magnitude_snapshot(model, recipe)
+
+    def plan(table):
+        cost = build_cost(table, base, example_inputs(recipe.model), snap, 1)
+        return cost, sel.plan_for_macs(snap, 0.6 * snap.total_macs, sel.constraints_from(recipe, cost=cost))
+
+    (fair_cost, fair_plan), (cal_cost, cal_plan), (_, raw_plan) = plan(fair), plan(biased), plan(uncalibrated)
+    assert {k: len(v) for k, v in cal_plan.items()} == {k: len(v) for k, v in fair_plan.items()}
+    assert {k: len(v) for k, v in raw_plan.items()} != {k: len(v) for k, v in fair_plan.items()}
+    assert cal_cost.curves["layer1.0.conv1"].at(16) == pytest.approx(fair_cost.curves["layer1.0.conv1"].at(16))
+
+
 def test_a_group_keeps_only_the_widths_where_its_latency_steps_down():
     cand = sel.Candidate("a", 32, torch.ones(32), [("a", "out", list(range(32)), 32)])
     snap = sel.Snapshot([cand], {"a": 1.0}, {"a": (32, 3, False)}, 0.0, 1.0, 0)

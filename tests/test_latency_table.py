@@ -108,3 +108,43 @@ def test_layers_alike_are_measured_once(tmp_path):
     rows = table["layers"]
     assert [r.get("same_as") for r in rows] == [None, None, rows[1]["name"], None]  # the stride-2 conv differs
     assert rows[2]["p50_ms"] == rows[1]["p50_ms"] and rows[2]["name"] != rows[1]["name"]
+
+
+def test_output_shapes_follow_stride_padding_and_dilation():
+    from compressor.deploy.latency_table import output_shape
+
+    conv = Layer("c", "Conv", (8, 15, 16), (24, 8, 3, 3),
+                 {"strides": [2, 1], "pads": [1, 0, 1, 0], "dilations": [1, 2], "kernel_shape": [3, 3]})
+    assert output_shape(conv) == (24, 8, 12)  # (15 + 2 - 3) // 2 + 1, (16 - 4 - 1) // 1 + 1
+    assert output_shape(Layer("g", "Gemm", (64,), (10, 64), {"transB": 1})) == (10,)
+    assert output_shape(Layer("m", "MatMul", (197, 768), (768, 3072), {})) == (197, 3072)
+
+
+def test_every_layer_gets_its_time_inside_the_whole_model(tmp_path):
+    """The in-context profile matches each node to its layer by shapes (fused and blocked convolutions included),
+    scaled so that the profiler's own slowdown is taken out."""
+    from compressor.deploy.latency_table import layer_factors, measure_table
+
+    table = measure_table(_export(tmp_path, _net()), batches=(1, 2), warmup_ms=1, min_runs=3, min_seconds=0.0)
+    for batch in ("1", "2"):
+        context = table["context"][batch]
+        assert context["matched"] == context["layers"] == len(table["layers"]) == 4
+        assert 0 < context["scale"] <= 1.5 and context["profiled_run_ms"] > 0
+        for row in table["layers"]:
+            assert 0 < row["context_ms"][batch] < table["model_p50_ms"][batch]
+        factors = layer_factors(table, int(batch))
+        for row, factor in zip(table["layers"], factors):
+            probe = row["p50_ms"][batch][-1] - row["overhead_ms"][batch]
+            assert factor * probe == pytest.approx(row["context_ms"][batch])
+
+
+def test_layers_the_profile_did_not_match_take_the_median_factor():
+    from compressor.deploy.latency_table import layer_factors
+
+    def row(probe, context=None):
+        r = {"p50_ms": {"1": [probe / 2, probe + 0.1]}, "overhead_ms": {"1": 0.1}}
+        return {**r, "context_ms": {"1": context}} if context is not None else r
+
+    table = {"layers": [row(1.0, 0.5), row(2.0, 0.5), row(1.0, 2.0), row(3.0)]}
+    assert layer_factors(table, 1) == pytest.approx([0.5, 0.25, 2.0, 0.5])
+    assert layer_factors({"layers": [row(1.0), row(2.0)]}, 1) == [1.0, 1.0]  # a table without a context

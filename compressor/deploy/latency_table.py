@@ -210,11 +210,92 @@ def measure_table(model_path: str | Path, backend: str = "ort-cpu", batches: Seq
         finally:
             runner.close()
         whole[str(batch)] = summarize(times, batch).p50
+    context = {str(b): measure_context(model_path, backend, b, found, rows, whole[str(b)], threads) for b in batches}
     return {"format": FORMAT, "model": {"path": str(model_path), "sha256": file_digest(model_path),
                                         "input_shape": _model_input_shape(model)},
             "backend": backend, "batches": [int(b) for b in batches], "step": step, "max_widths": max_widths,
             "threads": threads,
-            "environment": environment(threads=threads), "model_p50_ms": whole, "layers": rows}
+            "environment": environment(threads=threads), "model_p50_ms": whole, "context": context, "layers": rows}
+
+
+CONTEXT_RUNS = 30
+
+
+def output_shape(layer: Layer) -> tuple[int, ...]:
+    """The layer's output shape without the batch axis (Conv: channels and the strided spatial size)."""
+    if layer.op != "Conv":
+        return (*layer.input_shape[:-1], layer.width)
+    spatial = layer.input_shape[1:]
+    kernel = list(layer.attributes.get("kernel_shape") or layer.weight_shape[2:])
+    strides = list(layer.attributes.get("strides") or [1] * len(spatial))
+    dilations = list(layer.attributes.get("dilations") or [1] * len(spatial))
+    pads = list(layer.attributes.get("pads") or [0] * (2 * len(spatial)))
+    n = len(spatial)
+    return (layer.width, *((size + pads[i] + pads[i + n] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+                           for i, size in enumerate(spatial)))
+
+
+def _layer_key(layer: Layer) -> tuple:
+    weight = layer.weight_shape if layer.op == "Conv" else ()
+    return "conv" if layer.op == "Conv" else "linear", layer.input_shape, output_shape(layer), weight
+
+
+def _node_key(node: dict[str, Any]) -> Optional[tuple]:
+    """The profiled node's _layer_key: ONNX Runtime reports a convolution's logical input and weight shapes even
+    when it runs it blocked (NCHWc) or fused with its activation or residual add; a Gemm / MatMul's pre-packed
+    weight is not reported, its input and output shapes are."""
+    inputs, out = node.get("input_shapes") or [], node.get("output_shape")
+    if not inputs or not out:
+        return None
+    op = node["op"]
+    if op in ("Conv", "FusedConv") and len(inputs) >= 2:
+        return "conv", tuple(inputs[0][1:]), tuple(out[1:]), tuple(inputs[1])
+    if op in ("Gemm", "FusedGemm", "MatMul", "FusedMatMul"):
+        return "linear", tuple(inputs[0][1:]), tuple(out[1:]), ()
+    return None
+
+
+def measure_context(model_path: str | Path, backend: str, batch: int, found: Sequence[Layer],
+                    rows: list[dict[str, Any]], whole_ms: float, threads: Optional[int]) -> dict[str, Any]:
+    """Each layer's time inside the whole model (docs/latency-table.md, "In-context calibration"): the model run
+    with ONNX Runtime's profiler, every convolution / linear node matched to its layer by shapes (layers alike
+    share the median of their nodes), scaled by the unprofiled end-to-end time over the profiled one (the
+    profiler slows every node). Sets row["context_ms"][batch]; returns what was matched."""
+    from compressor.deploy.ort_profile import profile_onnx
+
+    try:
+        profile = profile_onnx(model_path, batch, runs=CONTEXT_RUNS, warmup=5, threads=threads, backend=backend)
+    except Exception as exc:  # noqa: BLE001 - a runtime without a usable profiler leaves the probes uncalibrated
+        return {"matched": 0, "layers": len(found), "error": f"{type(exc).__name__}: {exc}"}
+    by_key: dict[tuple, list[float]] = {}
+    for node in profile["nodes"]:
+        key = _node_key(node)
+        if key is not None:
+            by_key.setdefault(key, []).append(float(node["us"]))
+    run_us = profile.get("model_run_us")
+    scale = whole_ms * 1e3 / run_us if run_us else 1.0
+    matched = 0
+    for layer, row in zip(found, rows):
+        times = by_key.get(_layer_key(layer))
+        if times:
+            row.setdefault("context_ms", {})[str(batch)] = sorted(times)[len(times) // 2] / 1e3 * scale
+            matched += 1
+    return {"matched": matched, "layers": len(found), "profiled_run_ms": (run_us or 0) / 1e3, "scale": scale}
+
+
+def layer_factors(table: dict[str, Any], batch: int) -> list[float]:
+    """Per row, in-context over probe time of the dense layer (the probe less its identity overhead); rows the
+    profile did not match take the median factor of those it did; 1.0 for tables without a context."""
+    key = str(batch)
+
+    def probe(row: dict[str, Any]) -> float:
+        return float(row["p50_ms"][key][-1]) - float((row.get("overhead_ms") or {}).get(key, 0.0))
+
+    ratios = [float(row["context_ms"][key]) / probe(row) if key in (row.get("context_ms") or {}) and probe(row) > 0
+              else None for row in table["layers"]]
+    known = sorted(r for r in ratios if r is not None and math.isfinite(r) and r > 0)
+    default = known[len(known) // 2] if known else 1.0
+    return [r if r is not None and math.isfinite(r) and r > 0 else default for r in ratios]
 
 
 def _model_input_shape(model: Any) -> Optional[list[int]]:

@@ -27,15 +27,18 @@ NCHWC_SUFFIX = "_nchwc"
 
 
 def profile_onnx(path: str | Path, batch: int = 1, *, runs: int = 30, warmup: int = 5, threads: Optional[int] = None,
-                 input_shape: Optional[Sequence[int]] = None) -> dict[str, Any]:
-    """Run `path` on ort-cpu `warmup + runs` times with the profiler on; the per-node medians of the timed runs."""
+                 input_shape: Optional[Sequence[int]] = None, backend: str = "ort-cpu") -> dict[str, Any]:
+    """Run `path` on an ONNX Runtime backend (ort-cpu unless told) `warmup + runs` times with the profiler on; the
+    per-node medians of the timed runs."""
+    import compressor.deploy.backends  # noqa: F401  (registers the runners)
+
     if Path(path).suffix != ".onnx":
         raise UsageError(f"compressor profile reads ONNX files, not {Path(path).name!r}; export the model first "
                          "(compressor export MODEL).")
     check_onnx_file(path)  # before the profiling session: a failed one also logs a confusing line of its own
     shape = None if input_shape is None else tuple(int(d) for d in input_shape)
     with tempfile.TemporaryDirectory(prefix="compressor-profile-") as tmp:
-        runner = BACKENDS.get("ort-cpu")(path, RunnerOptions(threads, shape, profile_prefix=str(Path(tmp) / "ort")))
+        runner = BACKENDS.get(backend)(path, RunnerOptions(threads, shape, profile_prefix=str(Path(tmp) / "ort")))
         runner.prepare(batch)
         for _ in range(warmup + runs):
             runner.run_once()
@@ -56,7 +59,8 @@ def summarize_trace(events: list[dict[str, Any]], skip_runs: int = 0) -> dict[st
         durations[node].append(float(event["dur"]))
         args = event.get("args", {})
         meta[node] = {"op": args.get("op_name", "?"), "layout": "nchwc" if node.endswith(NCHWC_SUFFIX) else "nchw",
-                      "output_shape": _shape(args.get("output_type_shape"))}
+                      "output_shape": _shape(args.get("output_type_shape")),
+                      "input_shapes": _shapes(args.get("input_type_shape"))}
     nodes = [{"node": node, **meta[node], "us": statistics.median(times[skip_runs:] or times)}
              for node, times in durations.items()]
     nodes.sort(key=lambda n: -n["us"])
@@ -78,9 +82,15 @@ def op_kind(node: dict[str, Any]) -> str:
 
 
 def _shape(value: Any) -> Optional[list[int]]:
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        return next(iter(value[0].values()))
-    return None
+    shapes = _shapes(value)
+    return shapes[0] if shapes else None
+
+
+def _shapes(value: Any) -> list[list[int]]:
+    """The shapes of a profiler event's `input_type_shape` / `output_type_shape` ([{"float": [1, 3, 8, 8]}, ...])."""
+    if not isinstance(value, list):
+        return []
+    return [next(iter(v.values())) for v in value if isinstance(v, dict) and v]
 
 
 def compare(dense: dict[str, Any], compressed: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional
 
+from compressor.deploy.latency_table import layer_factors
 from compressor.errors import UsageError
 
 if TYPE_CHECKING:
@@ -232,6 +233,7 @@ def build_cost(table: dict[str, Any], model: "nn.Module", example: "torch.Tensor
     """The cost model of `table` (checked by deploy.latency_table.read_table) for `model` at `batch`; UsageError
     (exit 2) when a prunable layer of the model has no row: the table was measured for another architecture."""
     rows: dict[tuple, dict[str, Any]] = {}
+    factors: dict[tuple, float] = {}
     key = str(batch)
     for i, row in enumerate(table["layers"]):
         try:
@@ -243,6 +245,8 @@ def build_cost(table: dict[str, Any], model: "nn.Module", example: "torch.Tensor
             raise UsageError(f"latency table {source}: layer {i} ({row.get('name') if isinstance(row, dict) else row!r}"
                              f") is malformed ({type(exc).__name__}: {exc}).",
                              hint="Measure the table again with `compressor latency-table`.") from None
+    for row, factor in zip(table["layers"], _factors(table, batch, source)):
+        factors.setdefault(row_signature(row), factor)
     signatures = layer_signatures(model, example)
     prunable = {layer for cand in snap.candidates for layer, *_ in cand.members}
     missing = [name for name, sig in signatures.items() if name in prunable and sig not in rows]
@@ -261,8 +265,9 @@ def build_cost(table: dict[str, Any], model: "nn.Module", example: "torch.Tensor
         out, inputs, depthwise = snap.layer_dims[name]
         overhead = float((row.get("overhead_ms") or {}).get(key, 0.0))  # the probe's run call, not the layer
         floor = 0.02 * min(float(t) for t in row["p50_ms"][key])
+        factor = factors[sig]  # the probe's boundary costs (layout conversions) taken out: in-context time
         pairs = sorted(zip((int(w) for w in row["widths"]),
-                           (max(float(t) - overhead, floor) for t in row["p50_ms"][key])))
+                           (factor * max(float(t) - overhead, floor) for t in row["p50_ms"][key])))
         curves[name] = Curve([w for w, _ in pairs], [t for _, t in pairs], out, inputs,
                              bool(row.get("depthwise", depthwise)))
     layers_ms = sum(c.at(c.out) for c in curves.values())
@@ -271,12 +276,21 @@ def build_cost(table: dict[str, Any], model: "nn.Module", example: "torch.Tensor
     cost = LatencyCost(curves, fixed, snap.total_macs, source={
         "path": source, "backend": table["backend"], "batch": batch, "cpu": (table.get("environment") or {}).get("cpu"),
         "environment": table.get("environment") or {}, "model_p50_ms": whole, "layers_ms": layers_ms,
-        "layers": len(curves), "sha256": (table.get("model") or {}).get("sha256")})
+        "layers": len(curves), "sha256": (table.get("model") or {}).get("sha256"),
+        "context": (table.get("context") or {}).get(key)})
     for cand in snap.candidates:
         widths = group_widths(snap, cand, curves)
         if widths is not None:
             cost.kept_widths[cand.root] = widths
     return cost
+
+
+def _factors(table: dict[str, Any], batch: int, source: str) -> list[float]:
+    try:
+        return layer_factors(table, batch)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise UsageError(f"latency table {source}: its context times are malformed ({type(exc).__name__}: {exc}).",
+                         hint="Measure the table again with `compressor latency-table`.") from None
 
 
 def predicted_speedup(cost: LatencyCost, snap: "Snapshot", plan: "Plan") -> float:

@@ -240,10 +240,11 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
 
 
 def measured_layers(model: "nn.Module", recipe: "Recipe", backend: str, batch: int, folder: Path) -> dict[str, float]:
-    """Each conv / linear layer of `model` timed alone as the table times it (a probe with its own kept input and
-    output widths, less the identity probe), by module name: layers alike share one measurement."""
+    """Each conv / linear layer of `model` measured as the table measures it, by module name: a probe with its own
+    kept input and output widths, less the identity probe, calibrated to its time inside the whole pruned model
+    (the in-context profile; layers alike share one measurement)."""
     from compressor.deploy.export import export_onnx
-    from compressor.deploy.latency_table import measure_table
+    from compressor.deploy.latency_table import layer_factors, measure_table
     from compressor.models.loading import example_inputs
     from compressor.prune.latency_cost import layer_signatures, row_signature
 
@@ -253,7 +254,8 @@ def measured_layers(model: "nn.Module", recipe: "Recipe", backend: str, batch: i
     table = measure_table(path, backend, (batch,), step=1 << 30, max_widths=None, threads=recipe.bench.threads,
                           warmup_ms=50.0, min_runs=10, min_seconds=0.1)
     key = str(batch)
-    by_signature = {row_signature(r): max(r["p50_ms"][key][-1] - r["overhead_ms"][key], 0.0) for r in table["layers"]}
+    by_signature = {row_signature(r): f * max(r["p50_ms"][key][-1] - r["overhead_ms"][key], 0.0)
+                    for r, f in zip(table["layers"], layer_factors(table, batch))}
     return {name: by_signature[sig] for name, sig in layer_signatures(model, example_inputs(recipe.model)).items()
             if sig in by_signature}
 
