@@ -30,6 +30,14 @@ def main(out_dir: Path, method_name: str = "none", mode: str = "", *extra: str) 
     rundir.save_torch = recording_save
     if mode == "invariant":  # the recipe of test_method_invariants.py
         recipe = recipe_from_dict(invariant_recipe(method_name, *extra))
+    elif mode == "heads":  # DPM deciding on attention heads and MLP channels of a tiny ViT
+        recipe = recipe_from_dict(tiny_recipe(
+            model={"arch": "python:tests.helpers_models:tiny_vit4", "num_classes": 4, "in_channels": 3,
+                   "input_shape": [3, 32, 32]},
+            prune={"method": method_name, "target": {"macs": 0.5}, "attention": {"heads": True},
+                   "schedule": {"events": 2, "end_epoch": 1},
+                   "dpm": {"steps": 3, "interval": 1, "t_rate": 0.0, "t_len": 0.0}},
+            finetune={"epochs": 2}))
     else:
         prune = {"method": method_name}
         if method_name == "dpm":  # thresholds at zero: any escape releases, so releases and backfills happen

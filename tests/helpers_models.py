@@ -77,6 +77,24 @@ def tiny_vit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return model
 
 
+def tiny_vit4(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """tiny_vit with 4 heads of 8 per layer (head pruning)."""
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                              num_classes=num_classes)
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
+
+
+def tiny_timm_vit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """timm's VisionTransformer (packed qkv Attention with attn_dim) on 32x32, 4 heads of 8."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=8, in_chans=in_channels, embed_dim=32, depth=2, num_heads=4,
+                             mlp_ratio=2.0, num_classes=num_classes)
+
+
 def tiny_maxvit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """torchvision's MaxViT: torch-pruning's grouping does not terminate through its partitions."""
     from torchvision.models import MaxVit

@@ -36,3 +36,13 @@ def test_two_rank_dpm_takes_identical_decisions(tmp_path):
     assert first["totals"]["released"] > 0 and first["totals"]["removed"] > 0  # SR really acted
     assert first == second  # same events, releases, backfills, removals and decay traces on both ranks
     assert ranks[0]["digest"] == ranks[1]["digest"]
+
+
+def test_two_rank_dpm_takes_identical_head_decisions(tmp_path):
+    ranks = launch(tmp_path, "dpm", "heads")
+    first, second = (r["decisions"] for r in ranks)
+    assert first == second and ranks[0]["digest"] == ranks[1]["digest"]
+    assert ranks[0]["widths"] == ranks[1]["widths"]
+    packed = [shape[0] for name, shape in ranks[0]["widths"].items() if name.endswith("self_attention.in_proj_weight")]
+    assert len(packed) == 2 and sum(packed) < 2 * 3 * 32, packed  # heads were removed (4 heads of 8 each, dense)
+

@@ -28,6 +28,7 @@ class Inspection:
     unprunable: dict[str, str]
     prediction: Optional[dict[str, Any]] = None
     notes: list[str] = field(default_factory=list)
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)  # attention layer -> heads, head_dim or reason
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +61,19 @@ def inspect_model(model: nn.Module, model_cfg: ModelConfig, label: str = "model"
     if not groups:
         notes.append("no prunable group: compress would stop with NotPrunableError")
     return Inspection(model=label, input_shape=list(model_cfg.input_shape), macs=macs, params=params, layers=rows,
-                      groups=infos, ignored=[names[m] for m in ignored], unprunable=unprunable, notes=notes)
+                      groups=infos, ignored=[names[m] for m in ignored], unprunable=unprunable, notes=notes,
+                      heads=attention_heads(model, tuple(ignored)))
+
+
+def attention_heads(model: nn.Module, ignored: tuple[nn.Module, ...]) -> dict[str, dict[str, Any]]:
+    """Every attention layer: its heads and head width when prune.attention.heads can remove them, else why not."""
+    from compressor.prune import heads
+
+    found: dict[str, dict[str, Any]] = {name: {"reason": reason} for name, reason in heads.unsupported_sites(model).items()}
+    for site in heads.head_sites(model, prunable=False):
+        found[site.name] = {"heads": site.num_heads, "head_dim": site.head_dim,
+                            **({"reason": "in model.ignore"} if site.module in ignored else {})}
+    return found
 
 
 def inspect_checkpoint(checkpoint: str, recipe: Optional[Recipe], *, trust_checkpoint: bool = False) -> Inspection:
@@ -102,6 +115,13 @@ def render_inspection(report: Inspection, console: Console, *, show_layers: bool
         groups.add_row(g.root, str(g.width), ", ".join(g.coupled))
     console.print(groups)
     console.print(f"ignored (never pruned): {', '.join(report.ignored) or 'none'}")
+    if report.heads:
+        table = Table("attention layer", "heads", "head dim", "heads removable (prune.attention.heads)",
+                      title="attention heads")
+        for name, info in report.heads.items():
+            table.add_row(name, str(info.get("heads", "-")), str(info.get("head_dim", "-")),
+                          "no: " + info["reason"] if "reason" in info else "yes")
+        console.print(table)
     if report.unprunable:
         table = Table("layer", "reason", title="layers torch-pruning cannot prune")
         for name, reason in report.unprunable.items():

@@ -6,6 +6,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from compressor.models.attention import HEAD_SUFFIX, attention_modules, conform_heads
 from compressor.models.layers import is_depthwise
 
 
@@ -51,9 +52,9 @@ def _fix_attributes(module: nn.Module) -> None:
 def conform_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
     """Resize `model`'s layers in place so `state` (from a pruned copy of the same arch) loads strictly.
 
-    Returns the names of the modules that changed width.
+    Returns the names of the modules that changed width (attention layers that kept fewer heads included).
     """
-    changed = []
+    changed = conform_heads(model, {k: tuple(v.shape) for k, v in state.items()})
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if _resize_tensors(module, prefix, state):
@@ -67,8 +68,10 @@ SLIM_FORMAT = "compressor-slim/1"
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
-    """Output width of every conv / linear / norm layer, by module name."""
-    widths = {}
+    """Output width of every conv / linear / norm layer, and the heads of every attention layer whose heads can be
+    removed (`<layer>:heads`), by module name."""
+    widths = {f"{name}{HEAD_SUFFIX}": int(module.num_heads) for name, module, family, _ in attention_modules(model)
+              if family is not None}
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd):
             widths[name] = module.out_channels

@@ -54,6 +54,14 @@ class TargetConfig(Strict):
         return None
 
 
+class AttentionConfig(Strict):
+    """prune.attention: whether attention heads are structures too (prune/heads.py, docs/heads.md). The embedding
+    width (each attention layer's input and output) always stays."""
+
+    heads: bool = Field(False, description="remove whole attention heads (q, k, v rows and output-projection "
+                                           "columns); each layer keeps its own head count")
+
+
 class ScheduleConfig(Strict):
     events: int = Field(4, gt=0, description="number of host selection events")
     start_epoch: int = Field(0, ge=0)

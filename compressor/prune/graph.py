@@ -61,11 +61,11 @@ class _OpaqueAttention(tp.pruner.function.BasePruningFunc):
     def _linears(layer: nn.Module) -> list[nn.Linear]:
         return [m for m in layer.modules() if isinstance(m, nn.Linear)]
 
-    def get_in_channels(self, layer: nn.Module) -> int:
-        return self._linears(layer)[0].in_features
+    def get_in_channels(self, layer: nn.Module) -> int:  # a head-pruned MultiheadAttention names its width
+        return getattr(layer, "embed_dim", None) or self._linears(layer)[0].in_features
 
     def get_out_channels(self, layer: nn.Module) -> int:
-        return self._linears(layer)[-1].out_features
+        return getattr(layer, "embed_dim", None) or self._linears(layer)[-1].out_features
 
     def prune_in_channels(self, layer: nn.Module, idxs):
         raise NotPrunableError(f"the widths of attention layer {type(layer).__name__} are not pruned.")
@@ -214,7 +214,7 @@ def custom_layers(model: nn.Module) -> dict[nn.Module, str]:
 def _locked(model: nn.Module) -> dict[nn.Module, str]:
     """Every module whose channels are never pruned (attention_layers, grouped_convs, custom_layers), with the
     reason."""
-    reasons = {m: f"part of attention layer {name} (attention widths are not pruned)"
+    reasons = {m: f"part of attention layer {name} (its embedding width stays; its heads: prune.attention.heads)"
                for m, name in attention_layers(model).items()}
     reasons.update({m: f"grouped convolution (groups={m.groups}; its groups would have to shrink together)"
                     for m in grouped_convs(model)})
@@ -344,8 +344,8 @@ def unprunable_layers(model: nn.Module, graph: tp.DependencyGraph, groups: list,
             coupled = _coupled_modules(graph, module)
             lock = next((m for m in coupled if m in locked), None)
             if lock in attention:
-                reasons[name] = (f"coupled to attention layer {attention[lock]} (its width is tied to the head "
-                                 "layout; attention widths are not pruned)")
+                reasons[name] = (f"coupled to attention layer {attention[lock]} (the embedding width it shares "
+                                 "stays; the layer's heads: prune.attention.heads)")
             elif lock in grouped:
                 reasons[name] = f"coupled to grouped convolution {grouped[lock]} (groups={lock.groups})"
             elif lock is not None:

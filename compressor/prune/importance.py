@@ -46,6 +46,11 @@ class Scorer(abc.ABC):
     def __call__(self, group) -> Optional[torch.Tensor]:
         """Scores of the group's channels, or None when the group has nothing this scorer can rank."""
 
+    def slices(self, pairs: list[tuple["Slice", list[int]]], width: int) -> Optional[torch.Tensor]:
+        """Scores of `width` structures given as (Slice, structure of each row) pairs (attention heads,
+        prune/heads.py), or None when this scorer cannot rank them."""
+        return None
+
 
 IMPORTANCES: Registry[type[Scorer]] = Registry("importance", RecipeError)
 
@@ -60,6 +65,20 @@ class Magnitude(Scorer):
 
     def __call__(self, group) -> Optional[torch.Tensor]:
         return self._tp(group)
+
+    def slices(self, pairs, width: int) -> Optional[torch.Tensor]:
+        """Mean over the slices of each structure's L_p norm (as the group magnitude reduces its members)."""
+        total = torch.zeros(width, dtype=torch.float64)
+        with torch.no_grad():
+            for sl, roots in pairs:
+                total.scatter_add_(0, torch.as_tensor(roots), _per_row(sl, sl.param.detach().abs().pow(self.cfg.p)))
+        return (total / max(len(pairs), 1)).pow(1.0 / self.cfg.p).float() if pairs else None
+
+
+def _per_row(sl: "Slice", values: torch.Tensor) -> torch.Tensor:
+    """`values` (shaped like sl.param) summed over everything but the slice's rows, in the slice's row order."""
+    rows = values.index_select(sl.dim, torch.as_tensor(sl.idxs, device=values.device))
+    return (rows.transpose(0, sl.dim).flatten(1).sum(1) if rows.ndim > 1 else rows).double().cpu()
 
 
 @IMPORTANCES.register("bn-scale")
@@ -80,6 +99,9 @@ class Random(Scorer):
 
     def __call__(self, group) -> Optional[torch.Tensor]:
         return torch.rand(len(group[0].idxs))
+
+    def slices(self, pairs, width: int) -> Optional[torch.Tensor]:
+        return torch.rand(width)
 
 
 class _Accumulating(Scorer):
@@ -120,20 +142,19 @@ class Taylor(_Accumulating):
         return [p for p in model.parameters() if p.requires_grad]
 
     def __call__(self, group) -> Optional[torch.Tensor]:
-        width = len(group[0].idxs)
-        total = torch.zeros(width)
+        return self.slices([pair for item in group for pair in channel_slices(
+            item.dep.target.module, item.dep.handler, item.idxs, item.root_idxs, out_only=False)], len(group[0].idxs))
+
+    def slices(self, pairs, width: int) -> Optional[torch.Tensor]:
+        total = torch.zeros(width, dtype=torch.float64)
         used = 0
-        for item in group:
-            module = item.dep.target.module
-            for slice_, root in channel_slices(module, item.dep.handler, item.idxs, item.root_idxs, out_only=False):
-                acc = self.sums.get(slice_.param)
-                if acc is None:
-                    continue
-                per_channel = acc.index_select(slice_.dim, torch.as_tensor(slice_.idxs)).abs()
-                per_channel = per_channel.transpose(0, slice_.dim).flatten(1).sum(1) if per_channel.ndim > 1 else per_channel
-                total.scatter_add_(0, torch.as_tensor(root), per_channel.cpu())
-                used += 1
-        return total / used if used else None
+        for slice_, root in pairs:
+            acc = self.sums.get(slice_.param)
+            if acc is None:
+                continue
+            total.scatter_add_(0, torch.as_tensor(root), _per_row(slice_, acc.abs()))
+            used += 1
+        return (total / used).float() if used else None
 
 
 @IMPORTANCES.register("gate")
@@ -166,19 +187,29 @@ class Saliency(Scorer):
     def __call__(self, group) -> Optional[torch.Tensor]:
         width = len(group[0].idxs)
         total, used = torch.zeros(width), 0
-        with torch.no_grad():
-            for item in group:
-                module = item.dep.target.module
-                pairs = [(sl, roots) for sl, roots in
-                         channel_slices(module, item.dep.handler, item.idxs, item.root_idxs, out_only=False)
-                         if not (isinstance(module, NORM_TYPES) and sl.param is not module.weight)]  # BN: gamma only
-                for sl, roots in pairs:
-                    rows = sl.param.detach().index_select(sl.dim, torch.as_tensor(sl.idxs)).transpose(0, sl.dim)
-                    rows = rows.reshape(len(sl.idxs), -1)
-                    per_row = rows.pow(2).sum(1) / (rows.shape[1] ** 0.5 if rows.shape[1] > 1 else 1.0)
-                    total.scatter_add_(0, torch.as_tensor(roots), per_row.float().cpu())
-                used += bool(pairs)
+        for item in group:
+            module = item.dep.target.module
+            pairs = [(sl, roots) for sl, roots in
+                     channel_slices(module, item.dep.handler, item.idxs, item.root_idxs, out_only=False)
+                     if not (isinstance(module, NORM_TYPES) and sl.param is not module.weight)]  # BN: gamma only
+            if pairs:
+                total += self._sum(pairs, width)
+                used += 1
         return total / used if used else None
+
+    def slices(self, pairs, width: int) -> Optional[torch.Tensor]:
+        return self._sum(pairs, width) / len(pairs) if pairs else None
+
+    @staticmethod
+    def _sum(pairs, width: int) -> torch.Tensor:
+        total = torch.zeros(width)
+        with torch.no_grad():
+            for sl, roots in pairs:
+                rows = sl.param.detach().index_select(sl.dim, torch.as_tensor(sl.idxs)).transpose(0, sl.dim)
+                rows = rows.reshape(len(sl.idxs), -1)
+                per_row = rows.pow(2).sum(1) / (rows.shape[1] ** 0.5 if rows.shape[1] > 1 else 1.0)
+                total.scatter_add_(0, torch.as_tensor(roots), per_row.float().cpu())
+        return total
 
 
 def build_scorer(cfg: ImportanceConfig) -> Scorer:

@@ -142,8 +142,7 @@ def magnitude_snapshot(model: "nn.Module", recipe: "Recipe"):
     from compressor.prune.importance import ImportanceConfig, build_scorer
 
     base = copy.deepcopy(model).cpu().eval()
-    snap = sel.snapshot(base, example_inputs(recipe.model), recipe.model.ignore, recipe.model.num_classes,
-                        build_scorer(ImportanceConfig(kind="magnitude")))
+    snap = sel.recipe_snapshot(base, example_inputs(recipe.model), recipe, build_scorer(ImportanceConfig(kind="magnitude")))
     return base, snap
 
 

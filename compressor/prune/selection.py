@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.utils import op_counter
 
-from compressor.errors import NotPrunableError
+from compressor.errors import NotPrunableError, RecipeError
+from compressor.models.attention import HeadPrunedMultiheadAttention
 from compressor.models.layers import is_depthwise
+from compressor.prune import heads as heads_mod
 from compressor.prune.importance import Scorer
 from compressor.prune import graph as dg
 
@@ -98,14 +101,35 @@ def count_ops(model: nn.Module, example: torch.Tensor, layer_wise: bool = False)
     """torch-pruning's op counter, also for subclasses of the layers it knows: it looks hooks up by exact type, so
     a conv subclass with its own forward (timm's StdConv2d in BiT ResNets) counted 0 MACs and the MAC targets of
     such models were computed on the few layers it did count."""
-    from torch_pruning.utils import op_counter
-
     known = op_counter.MODULES_MAPPING
     op_counter.CUSTOM_MODULES_MAPPING = {
         type(m): known[base] for m in model.modules() if type(m) not in known
         for base in type(m).__mro__[1:] if base in known and isinstance(m, nn.Module)}
     op_counter.CUSTOM_MODULES_MAPPING.update({type(m): _rnn_macs for m in model.modules() if isinstance(m, nn.RNNBase)})
+    op_counter.CUSTOM_MODULES_MAPPING[HeadPrunedMultiheadAttention] = _pruned_mha_macs
     return tp.utils.count_ops_and_params(model, example, layer_wise=layer_wise)
+
+
+def counted_whole(module: nn.Module) -> bool:
+    """Whether count_ops counts `module` as one layer (its children are not added up)."""
+    return type(module) in op_counter.MODULES_MAPPING or isinstance(module, HeadPrunedMultiheadAttention)
+
+
+def _pruned_mha_macs(module: HeadPrunedMultiheadAttention, inputs, output) -> None:
+    """torch-pruning's nn.MultiheadAttention count with the inner width (heads x head_dim) in place of embed_dim
+    where heads were removed: q scaling, the q/k/v projections and biases, per head QK^T, softmax and AV, and the
+    output projection."""
+    query, key = inputs[0], inputs[1]
+    batch_first = module.batch_first and query.dim() == 3
+    batch = (query.shape[0] if batch_first else query.shape[1]) if query.dim() == 3 else 1
+    length, source = (query.shape[1], key.shape[1]) if batch_first else (query.shape[0], key.shape[0])
+    embed, inner, heads = module.embed_dim, module.inner_dim, module.num_heads
+    macs = length * inner + (length + 2 * source) * embed * inner
+    if module.in_proj_bias is not None:
+        macs += (length + 2 * source) * inner
+    macs += heads * (length * source * module.head_dim * 2 + length * source)
+    macs += length * inner * embed + length * embed
+    module.__flops__ += int(macs * batch)
 
 
 def _rnn_macs(module: nn.RNNBase, inputs, output) -> None:
@@ -129,21 +153,28 @@ def snapshot_macs(model: nn.Module, example: torch.Tensor) -> tuple[float, int]:
 
 
 def _dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
+    """(out, in, MACs scale with out alone) of a layer the MAC model follows; an attention layer's out is its inner
+    width (heads x head_dim), which all its MACs scale with."""
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.out_channels, module.in_channels, is_depthwise(module)
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features, False
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.num_features, module.num_features, True
+    site = heads_mod.site_dims(module)
+    if site is not None:
+        return site
     return None
 
 
 def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str], num_classes: int,
-             scorer: Scorer, *, normalize: bool = True) -> Snapshot:
+             scorer: Scorer, *, normalize: bool = True, heads: bool = False) -> Snapshot:
     """Trace the current model, score every prunable group and record per-layer MAC costs.
 
     With normalize (the default) each group's scores are divided by their mean, so global ranking compares
     channels within their group's scale; scorers that are already comparable across layers pass False.
+    With heads, every attention layer whose heads can be removed is one more candidate whose structures are its
+    heads (prune/heads.py; root `<layer>:heads`).
     """
     with dg.quiet_eval(model):
         macs, params, per_layer, _ = count_ops(model, example, layer_wise=True)
@@ -178,10 +209,39 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
     layer_macs, layer_dims = {}, {}
     for module, name in names.items():
         dims = _dims(module)
-        if dims is not None and per_layer.get(module):
+        if dims is not None and per_layer.get(module) and (
+                heads_mod.site_dims(module) is None or counted_whole(module)):
+            # an attention layer the op counter did not count as one holds the sum of its children, counted there
             layer_macs[name], layer_dims[name] = float(per_layer[module]), dims
+    if heads:
+        candidates += _head_candidates(model, tuple(ignored), scorer, layer_macs, normalize)
     fixed = float(macs) - sum(layer_macs.values())
     return Snapshot(candidates, layer_macs, layer_dims, fixed, float(macs), int(params))
+
+
+def recipe_snapshot(model: nn.Module, example: torch.Tensor, recipe, scorer: Scorer, **kwargs) -> Snapshot:
+    """snapshot() with the recipe's ignored layers, classes and prune.attention.heads."""
+    return snapshot(model, example, recipe.model.ignore, recipe.model.num_classes, scorer,
+                    heads=recipe.prune.attention.heads, **kwargs)
+
+
+def _head_candidates(model: nn.Module, ignored: tuple[nn.Module, ...], scorer: Scorer, layer_macs: dict[str, float],
+                     normalize: bool) -> list[Candidate]:
+    """One candidate per attention layer whose heads can be removed: its heads, scored from their slices."""
+    found = []
+    for site in heads_mod.head_sites(model, ignored):
+        scores = scorer.slices(site.slices(out_only=False), site.num_heads)
+        if scores is None:
+            raise RecipeError(f"prune.attention.heads: the importance {type(scorer).__name__} cannot score the heads of "
+                              f"{site.name} (it ranks batch-norm scales, which attention heads do not have).",
+                              hint="Use prune.importance.kind magnitude, taylor, saliency or random with heads, or "
+                                   "set prune.attention.heads: false.")
+        scores = scores.detach().float().cpu()
+        if normalize:
+            scores = scores / scores.mean().clamp_min(1e-12)
+        found.append(Candidate(root=heads_mod.head_root(site.name), width=site.num_heads, scores=scores,
+                               members=site.members(layer_macs)))
+    return found
 
 
 def coupled_classes(graph: tp.DependencyGraph, root: nn.Module, handler, width: int) -> Optional[list[list[int]]]:
@@ -311,7 +371,7 @@ def allowed_removals(width: int, cons: Constraints, root: Optional[str] = None, 
     steps = cons.cost.kept_widths.get(root) if cons.cost is not None and root is not None else None
     if steps is not None:  # the widths the latency table's curve steps down at replace round_to
         return [n for n in range(0, cap + 1) if n % unit == 0 and (width - n in steps or (n == 0 and width == dense))]
-    step = layer_round_to(dense, cons)
+    step = 1 if heads_mod.is_head_root(root) else layer_round_to(dense, cons)  # whole heads keep head_dim multiples
     return [n for n in range(0, cap + 1)
             if n % unit == 0 and ((width - n) % step == 0 or (n == 0 and width == dense))]
 
@@ -490,8 +550,11 @@ def remove(model: nn.Module, example: torch.Tensor, plan: Plan) -> int:
     if not plan:
         return 0
     with dg.quiet_eval(model):
-        graph = dg.trace(model, example)
         removed = 0
+        for root in [r for r in plan if heads_mod.is_head_root(r)]:  # local to their layer: no graph needed
+            heads_mod.remove_heads(model, root, list(plan[root]))
+            removed += len(plan.pop(root))
+        graph = dg.trace(model, example) if plan else None
         for root, idxs in plan.items():
             module = model.get_submodule(root)
             pruner = graph.get_pruner_of_module(module)
@@ -507,7 +570,7 @@ def remove(model: nn.Module, example: torch.Tensor, plan: Plan) -> int:
                     hint=f"Add {root!r} to model.ignore to keep that group whole (`compressor inspect` lists the "
                          "coupled layers), or use FGGP unstructured / 2:4, which does not change shapes.") from exc
             removed += len(idxs)
-        check_forward(model, example, list(plan))
+        check_forward(model, example, list(plan) or ["attention heads"])
     return removed
 
 
@@ -550,9 +613,12 @@ def structure_slices(model: nn.Module, example: torch.Tensor, roots: list[str], 
     """
     from compressor.prune.importance import channel_slices
 
+    result = {root: heads_mod.site_of(model, root).slices(out_only) for root in roots if heads_mod.is_head_root(root)}
+    roots = [root for root in roots if root not in result]
+    if not roots:
+        return result
     with dg.quiet_eval(model):
         graph = dg.trace(model, example)
-    result = {}
     for root in roots:
         module = model.get_submodule(root)
         pruner = graph.get_pruner_of_module(module)

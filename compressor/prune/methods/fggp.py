@@ -364,8 +364,7 @@ class FGGP(PruningMethod):
         progress = cubic_sparsity(step, self.t0, self.t1, 0.0, 1.0)
         asked = 1 - (1 - remaining) * progress
         example = self._example(ctx)
-        snap = sel.snapshot(ctx.model, example, self.recipe.model.ignore, self.recipe.model.num_classes,
-                            build_scorer(ImportanceConfig(kind="magnitude")))
+        snap = sel.recipe_snapshot(ctx.model, example, self.recipe, build_scorer(ImportanceConfig(kind="magnitude")))
         excluded = {} if final else self._outside_low_gradient(ctx, snap, example)
         sel.remember_widths(self.dense_widths, snap)
         cons = sel.constraints_from(self.recipe, global_ranking=True, excluded=excluded, dense_widths=self.dense_widths)

@@ -115,8 +115,7 @@ class Host:
 
     def snapshot(self, ctx) -> sel.Snapshot:
         self.ensure_scores(ctx)
-        snap = sel.snapshot(ctx.model, self.example(ctx), self.recipe.model.ignore, self.recipe.model.num_classes,
-                            self.scorer)
+        snap = sel.recipe_snapshot(ctx.model, self.example(ctx), self.recipe, self.scorer)
         sel.remember_widths(self.dense_widths, snap)
         return snap
 
@@ -361,7 +360,7 @@ def predict_pruning(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
     work = copy.deepcopy(model).cpu().eval()
     example = example_inputs(recipe.model)
     scorer = build_scorer(ImportanceConfig(kind="magnitude"))
-    snap = sel.snapshot(work, example, recipe.model.ignore, recipe.model.num_classes, scorer)
+    snap = sel.recipe_snapshot(work, example, recipe, scorer)
     target = recipe.prune.target
     plan = sel.plan_for_target(snap, target, sel.constraints_from(recipe))
     remaining = target.remaining_macs()

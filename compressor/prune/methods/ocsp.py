@@ -126,8 +126,7 @@ class OCSP(PruningMethod):
     def candidate(self, ctx) -> tuple[sel.Plan, sel.Snapshot]:
         """The channels to remove for the target on the current weights (deterministic for a fixed state)."""
         example = example_inputs(self.recipe.model).to(ctx.device)
-        snap = sel.snapshot(ctx.model, example, self.recipe.model.ignore, self.recipe.model.num_classes, self.scorer,
-                            normalize=False)
+        snap = sel.recipe_snapshot(ctx.model, example, self.recipe, self.scorer, normalize=False)
         if self.dense_macs is None:
             self.dense_macs = snap.total_macs
         if self.cfg.cost_weighting:

@@ -1,0 +1,238 @@
+"""nn.MultiheadAttention with fewer heads than its embedding width holds.
+
+torch's MultiheadAttention splits its packed q/k/v projection by the embedding width, so it cannot run with heads
+removed (inner width num_heads x head_dim < embed_dim). HeadPrunedMultiheadAttention takes its place after head
+pruning (prune/heads.py): the same parameter names (in_proj_weight, in_proj_bias, out_proj, bias_k, bias_v), so a
+state dict moves between the two, the same call signature and outputs, the embedding width unchanged.
+Self- and cross-attention with the packed projection (kdim == vdim == embed_dim) are supported, which is what
+torchvision's ViT and most encoders use.
+
+Below it, the attention layer families whose heads can be removed (attention_family; prune/heads.py removes them),
+the attributes their forward reads after removal (set_head_count), and the head counts a saved slim model's
+shapes hold (conform_heads, for reloading without pickle).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_SUFFIX = ":heads"  # `<attention layer>:heads`: the planner's root and the widths' key of a layer's head count
+
+
+class HeadPrunedMultiheadAttention(nn.Module):
+    """Multi-head attention with `num_heads` heads of `head_dim` over an `embed_dim` wide input and output."""
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, bias: bool = True, add_bias_kv: bool = False,
+                 dropout: float = 0.0, batch_first: bool = False) -> None:
+        super().__init__()
+        if num_heads < 1 or head_dim < 1:
+            raise ValueError(f"need at least one head of at least one dimension, got {num_heads} x {head_dim}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        inner = num_heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+        self.bias_k = nn.Parameter(torch.zeros(1, 1, inner)) if add_bias_kv else None
+        self.bias_v = nn.Parameter(torch.zeros(1, 1, inner)) if add_bias_kv else None
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    @classmethod
+    def like(cls, mha: nn.Module, num_heads: int) -> "HeadPrunedMultiheadAttention":
+        """An uninitialised module with `mha`'s settings and `num_heads` of its heads."""
+        head_dim = mha.head_dim
+        return cls(mha.embed_dim, num_heads, head_dim, bias=mha.in_proj_bias is not None,
+                   add_bias_kv=getattr(mha, "bias_k", None) is not None, dropout=float(mha.dropout),
+                   batch_first=bool(mha.batch_first)).to(mha.in_proj_weight.device, mha.in_proj_weight.dtype)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        # (L, B, E) from here, as torch's own implementation
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(1, k.shape[1], -1)])
+            v = torch.cat([v, self.bias_v.expand(1, v.shape[1], -1)])
+            if attn_mask is not None:
+                attn_mask = F.pad(attn_mask, (0, 1))
+            if key_padding_mask is not None:
+                key_padding_mask = F.pad(key_padding_mask, (0, 1))
+        length, batch, source = q.shape[0], q.shape[1], k.shape[0]
+
+        def heads(x: torch.Tensor, n: int) -> torch.Tensor:  # (n, B, H*d) -> (B, H, n, d)
+            return x.reshape(n, batch, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+
+        q, k, v = heads(q, length), heads(k, source), heads(v, source)
+        mask = _merged_mask(attn_mask, key_padding_mask, batch, self.num_heads, length, source, q.dtype)
+        if is_causal and mask is None:
+            mask = torch.ones(length, source, dtype=torch.bool, device=q.device).tril().logical_not()
+            mask = torch.zeros(length, source, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q / math.sqrt(self.head_dim)) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+            if average_attn_weights:
+                weights = weights.mean(1)
+            if not batched:
+                weights = weights.squeeze(0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = out.permute(2, 0, 1, 3).reshape(length, batch, self.inner_dim)
+        out = self.out_proj(out)
+        if not batched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def _merged_mask(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], batch: int,
+                 heads: int, length: int, source: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """torch's boolean (True = not allowed) or additive masks as one additive (B, H, L, S) mask."""
+    def additive(mask: torch.Tensor) -> torch.Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+        return mask.to(dtype)
+
+    merged = None
+    if attn_mask is not None:
+        mask = additive(attn_mask)
+        merged = mask.view(batch, heads, length, source) if mask.dim() == 3 else mask.view(1, 1, length, source)
+    if key_padding_mask is not None:
+        pad = additive(key_padding_mask).view(batch, 1, 1, source)
+        merged = pad if merged is None else merged + pad
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------- families
+def set_head_count(module: nn.Module, family: str, heads: int) -> None:
+    """The attributes forward() reads after the tensors changed width."""
+    module.num_heads = heads
+    inner = heads * int(module.head_dim)
+    if family == "qkv":
+        module.qkv.out_features = 3 * inner
+        module.proj.in_features = inner
+        if hasattr(module, "attn_dim"):
+            module.attn_dim = inner
+        norm = getattr(module, "norm", None)
+        if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
+            norm.normalized_shape = (inner,)
+        gate = getattr(module, "gate", None)
+        if isinstance(gate, nn.Linear):
+            gate.out_features = inner
+    else:
+        module.out_proj.in_features = inner
+
+
+def replace_mha(mha: nn.MultiheadAttention, heads: int) -> HeadPrunedMultiheadAttention:
+    """A HeadPrunedMultiheadAttention holding `mha`'s parameters (all `heads` of them, sliced by the caller)."""
+    new = HeadPrunedMultiheadAttention.like(mha, heads)
+    new.load_state_dict(mha.state_dict(), strict=True)
+    grads = {name: p.grad for name, p in mha.named_parameters() if p.grad is not None}
+    for name, p in new.named_parameters():
+        if name in grads:
+            p.grad = grads[name].clone()
+    new.train(mha.training)
+    return new
+
+
+def _qkv_ok(module: nn.Module) -> Optional[str]:
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)):
+        return "no packed qkv / proj Linear layers"
+    if any(name in dict(module.named_parameters(recurse=False)) or name in dict(module.named_buffers())
+           for name in ("relative_position_bias_table", "logit_scale")):
+        return "window attention with a per-head position bias or scale"
+    heads, dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    if not isinstance(dim, int):
+        return "no head_dim attribute: its forward derives the head width from the input width"
+    if not isinstance(heads, int) or qkv.out_features != 3 * heads * dim:
+        return "its qkv width is not 3 x num_heads x head_dim"
+    if proj.in_features != heads * dim:
+        return "its output projection does not read num_heads x head_dim"
+    if not hasattr(module, "attn_dim") and qkv.in_features == heads * dim:
+        return ("its forward reshapes the heads back to the input width (no attn_dim: a timm version before the "
+                "inner width could differ)")
+    return None
+
+
+def _mha_ok(module: nn.MultiheadAttention) -> Optional[str]:
+    if not getattr(module, "_qkv_same_embed_dim", True) or getattr(module, "in_proj_weight", None) is None:
+        return "separate q/k/v projection weights (kdim or vdim differ from embed_dim)"
+    return None
+
+
+def attention_family(module: nn.Module) -> tuple[Optional[str], Optional[str]]:
+    """(family, None) for a supported attention layer, (None, reason) for another attention layer, (None, None)
+    for anything else."""
+    if isinstance(module, (nn.MultiheadAttention, HeadPrunedMultiheadAttention)):
+        reason = _mha_ok(module) if isinstance(module, nn.MultiheadAttention) else None
+        return (None, reason) if reason else ("mha", None)
+    if hasattr(module, "qkv") and hasattr(module, "num_heads"):
+        reason = _qkv_ok(module)
+        return (None, reason) if reason else ("qkv", None)
+    if "attention" in type(module).__name__.lower() and any(isinstance(c, nn.Linear) for c in module.children()):
+        return None, "not a packed-qkv layout this version removes heads from"
+    return None, None
+
+
+def attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, Optional[str], Optional[str]]]:
+    """(name, module, family, reason) of every outermost attention layer."""
+    inside: set[nn.Module] = set()
+    for name, module in model.named_modules():
+        if module in inside:
+            continue
+        family, reason = attention_family(module)
+        if family is None and reason is None:
+            continue
+        inside.update(module.modules())
+        yield name, module, family, reason
+
+
+
+
+def conform_heads(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> list[str]:
+    """Give every attention layer the head count the saved `shapes` (state dict key -> shape) hold, before the
+    tensors are resized to them (models/slim.conform_to_state_dict); returns the layers that changed."""
+    changed = []
+    for name, module, family, _ in list(attention_modules(model)):
+        if family is None:
+            continue
+        key = f"{name}.{'qkv.weight' if family == 'qkv' else 'in_proj_weight'}"
+        if key not in shapes:
+            continue
+        rows, head_dim = int(shapes[key][0]), int(module.head_dim)
+        heads = rows // (3 * head_dim)
+        if heads == int(module.num_heads):
+            continue
+        if heads < 1 or heads * 3 * head_dim != rows:
+            raise ValueError(f"{key} has {rows} rows, not 3 x heads x head_dim {head_dim}")
+        if family == "mha" and isinstance(module, nn.MultiheadAttention):
+            module = HeadPrunedMultiheadAttention.like(module, int(module.num_heads))
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+        set_head_count(module, family, heads)
+        changed.append(name)
+    return changed

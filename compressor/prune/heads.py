@@ -1,0 +1,210 @@
+"""Attention heads as a structure kind beside channels (`prune.attention.heads`, docs/heads.md).
+
+A head of an attention layer is its rows of the q, k and v projections and its columns of the output projection.
+Removing whole heads leaves the layer's input and output (the embedding width) unchanged, so a head structure is
+local to its layer: torch-pruning's dependency graph keeps treating the attention layer as one node whose widths
+are fixed (prune/graph.py), and this module finds the heads, gives the planner their slices and MACs, and removes
+them. Each layer keeps its own head count.
+
+Layer families (`head_sites`):
+- `qkv`: one packed q/k/v Linear `qkv` (rows laid out [3, heads, head_dim]), an output Linear `proj`, integer
+  `num_heads` and `head_dim`, and `attn_dim` when the inner width may differ from the embedding: timm's ViT,
+  DeiT, BEiT-style Attention. An optional `norm` over the inner width and a `gate` Linear lose the head's entries.
+- `mha`: torch's nn.MultiheadAttention with the packed projection (torchvision's ViT), replaced on removal by
+  models/attention.HeadPrunedMultiheadAttention, which holds the same parameters with fewer heads.
+Attention layers of other shapes (separate q/k/v projections, Swin's window attention with its per-head relative
+position bias) keep their heads; `unsupported_sites` says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from compressor.errors import NotPrunableError
+from compressor.models.attention import HEAD_SUFFIX, attention_family, attention_modules, replace_mha, set_head_count
+from compressor.prune.importance import Slice
+
+
+def head_root(name: str) -> str:
+    """The planner's root name of the heads of attention layer `name`."""
+    return f"{name}{HEAD_SUFFIX}"
+
+
+def is_head_root(root: Optional[str]) -> bool:
+    return root is not None and root.endswith(HEAD_SUFFIX)
+
+
+def layer_of(root: str) -> str:
+    return root[: -len(HEAD_SUFFIX)]
+
+
+@dataclass
+class HeadSite:
+    """One attention layer whose heads can be removed."""
+
+    name: str
+    module: nn.Module
+    family: str  # "qkv" | "mha"
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.module.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.module.head_dim)
+
+    def _packed(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.family == "qkv":
+            return self.module.qkv.weight, self.module.qkv.bias
+        return self.module.in_proj_weight, self.module.in_proj_bias
+
+    def _out(self) -> nn.Linear:
+        return self.module.proj if self.family == "qkv" else self.module.out_proj
+
+    def packed_heads(self) -> list[int]:
+        """The head of every row of the packed q/k/v projection ([3, heads, head_dim])."""
+        h, d = self.num_heads, self.head_dim
+        return [(r // d) % h for r in range(3 * h * d)]
+
+    def inner_heads(self) -> list[int]:
+        """The head of every inner channel (the output projection's columns)."""
+        return [c // self.head_dim for c in range(self.num_heads * self.head_dim)]
+
+    def slices(self, out_only: bool = True) -> list[tuple[Slice, list[int]]]:
+        """(Slice, head of each row) pairs: the q/k/v rows and biases, the inner norm and gate entries, and unless
+        out_only the output projection's columns (what a channel's slices are for a conv: producer rows first)."""
+        weight, bias = self._packed()
+        packed, inner = self.packed_heads(), self.inner_heads()
+        rows = list(range(len(packed)))
+        pairs = [(Slice(weight, 0, rows, True), packed)]
+        if bias is not None:
+            pairs.append((Slice(bias, 0, rows, True), packed))
+        columns = list(range(len(inner)))
+        for extra in self._inner_params():
+            pairs.append((Slice(extra, extra.ndim - 1 if extra.ndim == 3 else 0, columns, True), inner))
+        if not out_only:
+            pairs.append((Slice(self._out().weight, 1, columns, False), inner))
+        return pairs
+
+    def _inner_params(self) -> list[torch.Tensor]:
+        """Per-inner-channel parameters besides the projections: qkv's `norm` (LayerNorm over the inner width) and
+        `gate` Linear rows; mha's bias_k / bias_v."""
+        found = []
+        if self.family == "qkv":
+            norm = getattr(self.module, "norm", None)
+            for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
+                if isinstance(p, torch.Tensor) and p.ndim == 1 and p.numel() == self.num_heads * self.head_dim:
+                    found.append(p)
+            gate = getattr(self.module, "gate", None)
+            if isinstance(gate, nn.Linear):
+                found += [p for p in (gate.weight, gate.bias) if p is not None]
+        else:
+            found += [p for p in (self.module.bias_k, self.module.bias_v) if p is not None]
+        return found
+
+    def members(self, layer_macs: dict[str, float]) -> list[tuple[str, str, list[int], int]]:
+        """The planner's members (layer, side, head of each index, count) for the MAC model: the layer itself where
+        the op counter counts it as one (nn.MultiheadAttention, timm's Attention: all its MACs scale with the heads
+        kept), else its q/k/v rows and output projection columns."""
+        inner = self.num_heads * self.head_dim
+        if self.name in layer_macs:
+            return [(self.name, "out", self.inner_heads(), inner)]
+        if self.family == "qkv":
+            return [(f"{self.name}.qkv", "out", self.packed_heads(), 3 * inner),
+                    (f"{self.name}.proj", "in", self.inner_heads(), inner)]
+        return [(f"{self.name}.out_proj", "in", self.inner_heads(), inner)]
+
+    def remove(self, heads: list[int]) -> nn.Module:
+        """Remove `heads` (indices into the current heads) in place; returns the module now in the model (an mha
+        becomes a HeadPrunedMultiheadAttention)."""
+        drop = sorted({int(h) for h in heads})
+        if not drop:
+            return self.module
+        if drop[0] < 0 or drop[-1] >= self.num_heads:
+            raise NotPrunableError(f"{self.name} has {self.num_heads} heads; cannot remove head {drop[-1]}.")
+        if len(drop) >= self.num_heads:
+            raise NotPrunableError(f"removing all {self.num_heads} heads of {self.name} would leave it empty.")
+        gone = set(drop)
+        keep_heads = [h for h in range(self.num_heads) if h not in gone]
+        d, h = self.head_dim, self.num_heads
+        rows = torch.tensor([s * h * d + k * d + j for s in range(3) for k in keep_heads for j in range(d)])
+        cols = torch.tensor([k * d + j for k in keep_heads for j in range(d)])
+        module = self.module
+        if self.family == "mha" and isinstance(module, nn.MultiheadAttention):
+            module = replace_mha(module, h)
+        with torch.no_grad():
+            weight, bias = (module.qkv.weight, module.qkv.bias) if self.family == "qkv" else \
+                (module.in_proj_weight, module.in_proj_bias)
+            inner_params = HeadSite(self.name, module, self.family)._inner_params()
+            _keep(weight, 0, rows)
+            if bias is not None:
+                _keep(bias, 0, rows)
+            for p in inner_params:
+                _keep(p, p.ndim - 1 if p.ndim == 3 else 0, cols)
+            out = module.proj if self.family == "qkv" else module.out_proj
+            _keep(out.weight, 1, cols)
+        set_head_count(module, self.family, len(keep_heads))
+        self.module = module
+        return module
+
+
+def _keep(param: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+    """Keep `index` along `dim` of a parameter and of its gradient (a removal between backward and the optimizer
+    step, as FGGP's, steps with the gradients of what is left)."""
+    index = index.to(param.device)
+    param.data = param.data.index_select(dim, index).contiguous()
+    if param.grad is not None:
+        param.grad = param.grad.index_select(dim, index).contiguous()
+
+
+def head_sites(model: nn.Module, ignored: tuple[nn.Module, ...] = (), *, prunable: bool = True) -> list[HeadSite]:
+    """Every attention layer of `model` whose heads can be removed, except those in `ignored` and (with
+    prunable) those down to a single head."""
+    return [HeadSite(name, module, family) for name, module, family, _ in attention_modules(model)
+            if family is not None and module not in ignored and (not prunable or int(module.num_heads) > 1)]
+
+
+def unsupported_sites(model: nn.Module) -> dict[str, str]:
+    """Attention layers whose heads stay, by name, with the reason (for `inspect` and the report)."""
+    return {name: f"{type(module).__name__}: {reason}" for name, module, family, reason in attention_modules(model)
+            if family is None}
+
+
+def site_dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
+    """(inner width, embedding width, True) of a supported attention layer, None for any other module: all of
+    such a layer's MACs scale with the heads it keeps (the planner's layer_dims)."""
+    family, _ = attention_family(module)
+    if family is None:
+        return None
+    embed = module.embed_dim if family == "mha" else module.qkv.in_features
+    return int(module.num_heads) * int(module.head_dim), int(embed), True
+
+
+def site_of(model: nn.Module, root: str) -> HeadSite:
+    name = layer_of(root)
+    module = model.get_submodule(name)
+    family, reason = attention_family(module)
+    if family is None:
+        raise NotPrunableError(f"{name} ({type(module).__name__}) is not an attention layer whose heads can be "
+                               f"removed: {reason or 'not an attention layer'}.")
+    return HeadSite(name, module, family)
+
+
+def remove_heads(model: nn.Module, root: str, heads: list[int]) -> None:
+    """Remove `heads` of the attention layer of `root` (head_root(name)) in place, replacing the module in its
+    parent where the family needs another class."""
+    site = site_of(model, root)
+    new = site.remove(heads)
+    if new is not site.module or new is not model.get_submodule(site.name):
+        parent_name, _, attr = site.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
+
+
+def head_counts(model: nn.Module) -> dict[str, int]:
+    """Heads kept per supported attention layer, by head_root name (the report's widths)."""
+    return {head_root(s.name): s.num_heads for s in head_sites(model, prunable=False)}

@@ -1,0 +1,231 @@
+"""Attention heads as structures (prune/heads.py): what removal takes out, equivalence with masking, the planner's
+view, save / reload / ONNX, and every method seeing heads."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compressor.app.recipe import recipe_from_dict
+from compressor.errors import RecipeError
+from compressor.models.attention import HeadPrunedMultiheadAttention
+from compressor.prune import heads as H
+from compressor.prune import selection as sel
+from compressor.prune.importance import ImportanceConfig, build_scorer
+from tests.conftest import tiny_recipe
+from tests.helpers_models import tiny_timm_vit, tiny_vit4
+
+X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+FAMILIES = {"torchvision": (tiny_vit4, "encoder.layers.encoder_layer_0.self_attention"),
+            "timm": (tiny_timm_vit, "blocks.0.attn")}
+
+
+def _model(family: str) -> tuple[nn.Module, str]:
+    if family == "timm":
+        pytest.importorskip("timm")
+    build, layer = FAMILIES[family]
+    torch.manual_seed(0)
+    return build().eval(), layer
+
+
+def _packed(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if hasattr(module, "qkv"):
+        return module.qkv.weight, module.qkv.bias, module.proj.weight
+    return module.in_proj_weight, module.in_proj_bias, module.out_proj.weight
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_removed_heads_rows_and_columns_are_gone(family):
+    model, layer = _model(family)
+    weight, bias, out = (t.detach().clone() for t in _packed(model.get_submodule(layer)))
+    d = weight.shape[0] // 12  # 4 heads of d: rows [q heads | k heads | v heads]
+    H.remove_heads(model, H.head_root(layer), [1, 3])
+    new_weight, new_bias, new_out = _packed(model.get_submodule(layer))
+    kept = [r for part in range(3) for h in (0, 2) for r in range(part * 4 * d + h * d, part * 4 * d + (h + 1) * d)]
+    assert new_weight.shape == (6 * d, weight.shape[1]) and torch.equal(new_weight, weight[kept])
+    assert torch.equal(new_bias, bias[kept])
+    columns = [c for h in (0, 2) for c in range(h * d, (h + 1) * d)]
+    assert new_out.shape == (out.shape[0], 2 * d) and torch.equal(new_out, out[:, columns])
+    assert H.head_counts(model)[H.head_root(layer)] == 2
+    assert model(X).shape == (3, 10)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_pruned_model_computes_what_the_masked_model_computes(family):
+    """Zeroing a head's q, k, v rows (its output is then zero) and removing it give the same function."""
+    model, layer = _model(family)
+    site = next(s for s in H.head_sites(model) if s.name == layer)
+    with torch.no_grad():
+        for sl, heads in site.slices(out_only=True):
+            rows = [i for i, h in zip(sl.idxs, heads) if h == 2]
+            sl.param.index_fill_(sl.dim, torch.tensor(rows), 0.0)
+        masked = model(X)
+        H.remove_heads(model, H.head_root(layer), [2])
+        pruned = model(X)
+    assert masked.abs().max() > 1e-3  # the output is not trivially zero
+    torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pruned_multihead_attention_matches_torch_with_all_its_heads():
+    """HeadPrunedMultiheadAttention with every head is torch's MultiheadAttention: masks, batch_first, weights."""
+    torch.manual_seed(0)
+    for batch_first in (False, True):
+        mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+        ours = H.replace_mha(mha, 4).eval()
+        q, k = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
+        if batch_first:
+            q, k = q.transpose(0, 1), k.transpose(0, 1)
+        pad = torch.zeros(2, 7, dtype=torch.bool)
+        pad[1, -2:] = True
+        causal = torch.randn(5, 7)
+        for kwargs in ({}, {"key_padding_mask": pad}, {"attn_mask": causal}, {"need_weights": False}):
+            expected = mha(q, k, k, **kwargs)
+            got = ours(q, k, k, **kwargs)
+            torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+            if kwargs.get("need_weights", True):
+                torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_planner_sees_heads_with_their_macs(family):
+    model, layer = _model(family)
+    scorer = build_scorer(ImportanceConfig())
+    plain = sel.snapshot(model, X[:1], [], 10, scorer)
+    snap = sel.snapshot(model, X[:1], [], 10, scorer, heads=True)
+    roots = {c.root: c for c in snap.candidates}
+    assert not any(H.is_head_root(c.root) for c in plain.candidates)
+    heads = {r: c for r, c in roots.items() if H.is_head_root(r)}
+    assert sorted(heads) == sorted(H.head_root(s.name) for s in H.head_sites(model)) and len(heads) == 2
+    assert all(c.width == 4 and c.scores.shape == (4,) for c in heads.values())
+    plan = {H.head_root(layer): [0, 1]}
+    predicted = snap.macs_after(plan)
+    sel.remove(model, X[:1], plan)
+    achieved = sel.snapshot_macs(model, X[:1])[0]
+    assert predicted < snap.total_macs and achieved == pytest.approx(predicted, rel=0.02)
+    # heads do not follow round_to (a kept width is heads x head_dim, aligned when head_dim is)
+    assert sel.allowed_removals(4, sel.Constraints(round_to=8, max_layer_ratio=0.8), H.head_root(layer)) == [0, 1, 2, 3]
+    assert sel.allowed_removals(4, sel.Constraints(round_to=8, max_layer_ratio=0.5), H.head_root(layer)) == [0, 1, 2]
+
+
+def test_heads_ranked_by_their_joint_norm():
+    model, layer = _model("torchvision")
+    site = next(s for s in H.head_sites(model) if s.name == layer)
+    with torch.no_grad():
+        for sl, heads in site.slices(out_only=False):
+            rows = [i for i, h in zip(sl.idxs, heads) if h == 3]
+            sl.param.index_copy_(sl.dim, torch.tensor(rows), sl.param.index_select(sl.dim, torch.tensor(rows)) * 0.01)
+    snap = sel.snapshot(model, X[:1], [], 10, build_scorer(ImportanceConfig()), heads=True)
+    scores = next(c for c in snap.candidates if c.root == H.head_root(layer)).scores
+    assert int(scores.argmin()) == 3 and scores.mean() == pytest.approx(1.0)
+    assert sel.plan_global(snap, 1, sel.Constraints()) in ({H.head_root(layer): [3]},)
+
+
+def test_head_counts_survive_save_reload_and_onnx(tmp_path):
+    import onnxruntime as ort
+
+    from compressor.deploy.config import OnnxConfig
+    from compressor.deploy.export import export_onnx
+    from compressor.models.config import ModelConfig
+    from compressor.models.slim import load_slim, save_slim
+
+    model, _ = _model("torchvision")
+    H.remove_heads(model, H.head_root("encoder.layers.encoder_layer_0.self_attention"), [0, 2])
+    H.remove_heads(model, H.head_root("encoder.layers.encoder_layer_1.self_attention"), [3])
+    with torch.no_grad():
+        expected = model(X)
+    cfg = ModelConfig(arch="python:tests.helpers_models:tiny_vit4", num_classes=10, in_channels=3,
+                      input_shape=[3, 32, 32])
+    save_slim(model, tmp_path, cfg)
+    reloaded = load_slim(tmp_path)
+    counts = {"encoder.layers.encoder_layer_0.self_attention:heads": 2,
+              "encoder.layers.encoder_layer_1.self_attention:heads": 3}
+    assert H.head_counts(reloaded) == counts
+    assert isinstance(reloaded.encoder.layers[0].self_attention, HeadPrunedMultiheadAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(X), expected, rtol=0, atol=0)
+    path = export_onnx(reloaded, X[:1], tmp_path / "model.onnx", OnnxConfig(simplify=False)) or tmp_path / "model.onnx"
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: X.numpy()})[0]  # a batch of 3: the batch axis is free
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_timm_head_counts_survive_save_and_reload(tmp_path):
+    pytest.importorskip("timm")
+    from compressor.models.config import ModelConfig
+    from compressor.models.slim import load_slim, save_slim
+
+    model, layer = _model("timm")
+    H.remove_heads(model, H.head_root(layer), [1])
+    cfg = ModelConfig(arch="python:tests.helpers_models:tiny_timm_vit", num_classes=10, in_channels=3,
+                      input_shape=[3, 32, 32])
+    save_slim(model, tmp_path, cfg)
+    reloaded = load_slim(tmp_path)
+    assert H.head_counts(reloaded) == {"blocks.0.attn:heads": 3, "blocks.1.attn:heads": 4}
+    assert reloaded.blocks[0].attn.attn_dim == 24
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(X), model(X), rtol=0, atol=0)
+
+
+def test_a_head_cannot_be_removed_twice_or_all_of_them():
+    model, layer = _model("torchvision")
+    from compressor.errors import NotPrunableError
+
+    with pytest.raises(NotPrunableError, match="has 4 heads; cannot remove head 4"):
+        H.remove_heads(model, H.head_root(layer), [4])
+    with pytest.raises(NotPrunableError, match="removing all 4 heads"):
+        H.remove_heads(model, H.head_root(layer), [0, 1, 2, 3])
+
+
+def test_importances_without_head_scores_are_a_recipe_error():
+    model, _ = _model("torchvision")
+    with pytest.raises(RecipeError, match="prune.attention.heads"):
+        sel.snapshot(model, X[:1], [], 10, build_scorer(ImportanceConfig(kind="gate")), heads=True)
+
+
+def _vit_recipe(method: str, epochs: int = 1, **prune):
+    return recipe_from_dict(tiny_recipe(
+        model={"arch": "python:tests.helpers_models:tiny_vit4", "num_classes": 4, "in_channels": 3,
+               "input_shape": [3, 32, 32]},
+        prune={"method": method, "target": {"macs": 0.6}, "attention": {"heads": True}, **prune},
+        finetune={"epochs": epochs}))
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("oneshot", {}),
+    ("dpm", {"schedule": {"events": 1, "end_epoch": 1}, "dpm": {"steps": 2, "interval": 1}}),
+    ("fggp", {"fggp": {"granularity": "structured", "interval": 1}}),
+    ("ocsp", {"epochs": 2, "ocsp": {"latest_prune_epoch": 1}}),
+])
+def test_every_structured_method_removes_heads(tmp_path, method, extra):
+    from compressor.app.pipeline import compress
+
+    report = compress("python:tests.helpers_models:tiny_vit4", _vit_recipe(method, **extra), tmp_path / "run")
+    widths = report["compressed"]["widths"]
+    heads = {k: v for k, v in widths.items() if k.endswith(":heads")}
+    assert len(heads) == 2 and report["dense"]["widths"][next(iter(heads))] == 4
+    assert sum(heads.values()) < 8, f"{method} removed no head: {heads}"
+    assert report["compressed"]["macs"] / report["dense"]["macs"] == pytest.approx(0.6, abs=0.08)
+    from compressor.models.slim import load_slim
+
+    reloaded = load_slim(tmp_path / "run")
+    assert {k: v for k, v in H.head_counts(reloaded).items()} == heads
+
+
+def test_inspect_lists_attention_layers_and_their_heads():
+    from compressor.app.inspection import inspect_model
+    from compressor.models.config import ModelConfig
+    from tests.helpers_models import tiny_swin
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="python:tests.helpers_models:tiny_vit4", num_classes=10, in_channels=3,
+                      input_shape=[3, 32, 32])
+    report = inspect_model(tiny_vit4(), cfg)
+    assert report.heads == {f"encoder.layers.encoder_layer_{i}.self_attention": {"heads": 4, "head_dim": 8}
+                            for i in range(2)}
+    swin = inspect_model(tiny_swin(), cfg.model_copy(update={"arch": "python:tests.helpers_models:tiny_swin"}))
+    reasons = {info.get("reason", "") for info in swin.heads.values()}
+    assert swin.heads and all("reason" in info for info in swin.heads.values()), swin.heads
+    assert reasons == {"ShiftedWindowAttention: window attention with a per-head position bias or scale"}
