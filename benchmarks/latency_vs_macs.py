@@ -28,7 +28,8 @@ CHECKPOINT = "samples/resnet20-fmnist.safetensors"
 RECIPE = "recipes/resnet20-fmnist-dpm.yaml"
 STORE = RESULTS / "latency_vs_macs"
 BATCH = 1
-COMMON = ["bench.backends=[ort-cpu]", "bench.batch_sizes=[1, 8]", "bench.min_seconds=3"]
+# the accuracy gate off: a run that loses more than the quickstart's 2 pp is a result here, not a failure
+COMMON = ["bench.backends=[ort-cpu]", "bench.batch_sizes=[1, 8]", "bench.min_seconds=3", "gates.max_accuracy_drop=null"]
 
 
 def cpu() -> str:

@@ -5,6 +5,7 @@ and compress end to end from a measured table."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -218,17 +219,36 @@ def test_compress_plans_from_a_measured_table_and_reports_it(tmp_path):
         bench={"backends": ["ort-cpu"], "batch_sizes": [8], "min_runs": 10, "min_seconds": 0.2, "warmup_ms": 50}))
     report = compress("zoo:resnet20", r, tmp_path / "run")
     t = report["target"]["latency"]
-    assert t["planner"] == "table" and t["table"]["layers"] == 22 and not t.get("open_loop")
+    assert t["table"]["layers"] == 22 and not t.get("open_loop")
+    assert {x["planner"] for x in t["tries"]} == {"table", "macs"}  # both plans measured, the choice recorded
+    best = {p: min((x for x in t["tries"] if x["planner"] == p), key=lambda x: abs(math.log(x["speedup"] / 1.3)))
+            for p in ("table", "macs")}
+    assert t["planner"] == lt.choose_planner(best, 1.3)[0] and t["choice"] in lt.latency_target_note(t)
     assert all(x["predicted_speedup"] > 1 for x in t["tries"]) and t["final_speedup"] == report["latency"][0]["speedup"]
-    assert report["target"]["asked_macs_ratio"] is None  # the budget was a latency, not a MAC fraction
+    # a latency budget when the table's plan won, a MAC fraction when the MAC ranking's did
+    assert (report["target"]["asked_macs_ratio"] is None) == (t["planner"] == "table")
     text = (tmp_path / "run" / "report.md").read_text()
-    assert "Planned from the latency table" in text and "| try | budget asked | MACs | predicted |" in text
-    assert "Where the time goes" in text
+    assert "Planned from the latency table" in text and "| try | planner | budget asked | MACs | predicted |" in text
+    assert "Both the table's plan and the MAC ranking's were measured" in text and "Where the time goes" in text
     layers = {x["name"]: x for x in t["layers"]}
     widths = report["compressed"]["widths"]
     assert all(widths[name] == x["kept_out"] for name, x in layers.items())
     assert all(x["measured_ms"] is not None and x["measured_ms"] >= 0 for x in layers.values())
     assert "| layer | width | dense ms | pruned ms predicted | measured |" in text and "All tabled layers: predicted" in text
+
+
+def test_the_measured_plan_that_keeps_more_of_the_network_is_chosen():
+    def plan(macs, speedup):
+        return {"macs": macs, "speedup": speedup}
+
+    assert lt.choose_planner({"macs": plan(0.5, 1.5)}, 1.5) == ("macs", None)
+    both = lt.choose_planner({"table": plan(0.34, 1.57), "macs": plan(0.49, 1.55)}, 1.57)
+    assert both[0] == "macs" and "the MAC ranking's plan kept 0.490 of the MACs at x1.55" in both[1]
+    assert lt.choose_planner({"table": plan(0.62, 1.58), "macs": plan(0.49, 1.55)}, 1.57)[0] == "table"
+    # only one within 5% of the asked speedup: that one, whatever it keeps
+    assert lt.choose_planner({"table": plan(0.40, 1.56), "macs": plan(0.60, 1.30)}, 1.57)[0] == "table"
+    # neither: the nearer one
+    assert lt.choose_planner({"table": plan(0.40, 1.35), "macs": plan(0.60, 1.20)}, 1.57)[0] == "table"
 
 
 def test_compress_refuses_a_missing_table_and_a_table_without_a_latency_target(tmp_path):

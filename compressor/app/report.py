@@ -109,13 +109,16 @@ def _latency_target_section(r: dict[str, Any]) -> list[str]:
         f"x{t['final_speedup']:.2f} ({'within' if t['final_met'] else '**not** within'} {t['tolerance']:.0%})")
     lines = [f"## Latency target: x{t['asked_speedup']:.2f} on {t['backend']} batch {t['batch']}", ""]
     tabled = t.get("planner") == "table"
-    if tabled:
+    if t.get("table"):
         src = t["table"]
         lines += [f"Planned from the latency table `{src['path']}` ({src['layers']} layers matched; measured on "
                   f"{src.get('cpu')}, {src['backend']} batch {src['batch']}: the tabled layers "
                   f"{src['layers_ms']:.3f} ms of the model's {src.get('model_p50_ms') or 0:.3f} ms end to end, the "
                   "rest held fixed): channels ranked by importance per millisecond, each group keeping only the "
                   "widths where its measured latency steps down.", ""]
+        if t.get("choice"):
+            lines += [f"Both the table's plan and the MAC ranking's were measured: {t['choice']} (of the plans "
+                      "within the tolerance, the one keeping more of the network).", ""]
     if t.get("open_loop"):
         lines += [f"The table was measured on another machine, so the plan is its prediction "
                   f"(x{t['tries'][0]['predicted_speedup']:.2f}, {t['achieved_macs']:.3f} of the MACs) and nothing "
@@ -126,11 +129,13 @@ def _latency_target_section(r: dict[str, Any]) -> list[str]:
               f"was moved until the speedup was within {t['tolerance']:.0%}; the run then planned to {t['macs']:.3f}"
               f"{' of the predicted dense latency' if tabled else ' of the dense MACs'}. After fine-tuning the bench "
               f"measured {final}.", ""]
-    head = ["try", "budget asked" if tabled else "MACs asked", "MACs", *(["predicted"] if tabled else []),
-            "dense ms", "pruned ms", "measured"]
-    lines += table(head, [[i + 1, f"{x['asked_macs']:.3f}", f"{x['macs']:.3f}",
-                           *([f"x{x['predicted_speedup']:.2f}"] if tabled else []), f"{x['dense_ms']:.3f}",
-                           f"{x['pruned_ms']:.3f}", f"x{x['speedup']:.2f}"] for i, x in enumerate(t["tries"])])
+    with_table = bool(t.get("table"))
+    head = ["try", *(["planner"] if with_table else []), "budget asked" if with_table else "MACs asked", "MACs",
+            *(["predicted"] if with_table else []), "dense ms", "pruned ms", "measured"]
+    lines += table(head, [[i + 1, *([x.get("planner", "table")] if with_table else []), f"{x['asked_macs']:.3f}",
+                           f"{x['macs']:.3f}", *([f"x{x['predicted_speedup']:.2f}"] if with_table else []),
+                           f"{x['dense_ms']:.3f}", f"{x['pruned_ms']:.3f}", f"x{x['speedup']:.2f}"]
+                          for i, x in enumerate(t["tries"])])
     layers = t.get("layers") or []
     if layers:
         measured = any(x.get("measured_ms") is not None for x in layers)

@@ -116,7 +116,7 @@ def resolve_latency_target(recipe: "Recipe", model: "nn.Module", *,
             from compressor.rundir import write_json
 
             write_json(saved, record)
-    return with_mac_target(recipe, record["macs"], cost), record
+    return with_mac_target(recipe, record["macs"], cost if record.get("planner") == "table" else None), record
 
 
 def table_cost(recipe: "Recipe", base: "nn.Module", snap) -> Optional["LatencyCost"]:
@@ -170,73 +170,103 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     asked = recipe.prune.target.asked_latency_speedup()
     backend, batch = target_backend(recipe)
     example = example_inputs(recipe.model)
-    cons = sel.constraints_from(recipe, cost=cost)
-    planner = {"planner": "table" if cost else "macs", **({"table": cost.source} if cost else {})}
+    planners = {"table": sel.constraints_from(recipe, cost=cost)} if cost is not None else {}
+    planners["macs"] = sel.constraints_from(recipe, cost=None)
+    source = {"table": cost.source} if cost else {}
 
-    def plan_at(fraction: float) -> tuple[Any, dict[str, Any]]:
+    def plan_at(fraction: float, planner: str) -> tuple[Any, dict[str, Any]]:
         work = copy.deepcopy(base)
-        plan = sel.plan_for_target(snap, TargetConfig(macs=fraction), cons)
+        plan = sel.plan_for_target(snap, TargetConfig(macs=fraction), planners[planner])
         sel.remove(work, example, plan)
-        row = {"asked_macs": fraction, "macs": sel.snapshot_macs(work, example)[0] / snap.total_macs}
+        row = {"planner": planner, "asked_macs": fraction, "macs": sel.snapshot_macs(work, example)[0] / snap.total_macs}
         if cost is not None:
             row["predicted_speedup"] = predicted_speedup(cost, snap, plan)
         return work, row
 
-    def layers_at(fraction: float, measure_in: Optional[Path] = None) -> list[dict[str, Any]]:
+    def layers_at(fraction: float, planner: str, measure_in: Optional[Path] = None) -> list[dict[str, Any]]:
         """The table's per-layer prediction for the plan at `fraction`, dense and pruned, largest first; with a
-        folder, each pruned layer also timed as a probe at its real kept widths (inputs and outputs)."""
-        plan = sel.plan_for_target(snap, TargetConfig(macs=fraction), cons)
+        folder, each pruned layer also measured as the table measures it, at its real kept widths."""
+        plan = sel.plan_for_target(snap, TargetConfig(macs=fraction), planners[planner])
         dense_ms, pruned_ms, kept = cost.per_layer(snap, {}), cost.per_layer(snap, plan), _kept_out(snap, plan)
         rows = [{"name": n, "dense_out": snap.layer_dims[n][0], "kept_out": round(kept[n]), "dense_ms": dense_ms[n],
                  "pruned_ms": pruned_ms[n]} for n in dense_ms]
         if measure_in is not None:
-            work, _ = plan_at(fraction)
+            work, _ = plan_at(fraction, planner)
             measured = measured_layers(work, recipe, backend, batch, measure_in)
             for x in rows:
                 x["measured_ms"] = measured.get(x["name"])
         return sorted(rows, key=lambda x: -x["dense_ms"])
 
     if cost is not None and not same_machine(cost):
-        _, row = plan_at(1.0 / asked)
+        _, row = plan_at(1.0 / asked, "table")
         info(f"      latency target x{asked:.2f}: the table was measured on {cost.source.get('cpu')}, not this "
              f"machine; planned from it alone (predicted x{row['predicted_speedup']:.2f}), not measured here")
         return {"asked_speedup": asked, "backend": backend, "batch": batch, "macs": row["asked_macs"],
                 "achieved_macs": row["macs"], "measured_speedup": None, "met": None, "open_loop": True,
-                "tolerance": TOLERANCE, "tries": [row], "layers": layers_at(row["asked_macs"]), **planner}
+                "tolerance": TOLERANCE, "tries": [row], "layers": layers_at(row["asked_macs"], "table"),
+                "planner": "table", **source}
     tries: list[dict[str, Any]] = []
+    best: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="compressor-latency-") as tmp:
         dense = timing_runner(base, recipe, backend, Path(tmp) / "dense.onnx")
         try:
-            macs = 1.0 / asked
-            for i in range(MAX_TRIES):
-                work, row = plan_at(macs)
-                pruned = timing_runner(work, recipe, backend, Path(tmp) / f"try{i}.onnx")
-                try:
-                    t_dense, t_pruned = measure_round_robin([dense, pruned], batch, 300.0, MIN_RUNS,
-                                                            MEASURE_SECONDS)
-                finally:
-                    pruned.close()
-                dense_ms, pruned_ms = statistics.median(t_dense) * 1e3, statistics.median(t_pruned) * 1e3
-                speedup = dense_ms / pruned_ms
-                tries.append({**row, "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": speedup})
-                predicted = f", predicted x{row['predicted_speedup']:.2f}" if cost is not None else ""
-                info(f"      latency target x{asked:.2f} on {backend} batch {batch}: "
-                     f"{'latency budget' if cost else 'MACs'} {macs:.3f} (MACs {row['macs']:.3f}) -> "
-                     f"{dense_ms:.3f} / {pruned_ms:.3f} ms (x{speedup:.2f}{predicted})")
-                if abs(speedup / asked - 1) <= TOLERANCE:
-                    break
-                following = next_try([(t["asked_macs"], t["speedup"]) for t in tries], asked)
-                if following is None:
-                    break  # the bracket is narrower than the planner's granularity: nothing new to try
-                macs = following
+            for planner in planners:  # the table's plan first, then the MAC ranking's (see choose_planner)
+                own: list[dict[str, Any]] = []
+                macs = 1.0 / asked
+                for i in range(MAX_TRIES):
+                    work, row = plan_at(macs, planner)
+                    pruned = timing_runner(work, recipe, backend, Path(tmp) / f"{planner}-try{i}.onnx")
+                    try:
+                        t_dense, t_pruned = measure_round_robin([dense, pruned], batch, 300.0, MIN_RUNS,
+                                                                MEASURE_SECONDS)
+                    finally:
+                        pruned.close()
+                    dense_ms, pruned_ms = statistics.median(t_dense) * 1e3, statistics.median(t_pruned) * 1e3
+                    speedup = dense_ms / pruned_ms
+                    own.append({**row, "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": speedup})
+                    predicted = f", predicted x{row['predicted_speedup']:.2f}" if cost is not None else ""
+                    info(f"      latency target x{asked:.2f} on {backend} batch {batch}: "
+                         f"{'latency budget' if planner == 'table' else 'MACs'} {macs:.3f} (MACs {row['macs']:.3f}) "
+                         f"-> {dense_ms:.3f} / {pruned_ms:.3f} ms (x{speedup:.2f}{predicted})")
+                    if abs(speedup / asked - 1) <= TOLERANCE:
+                        break
+                    following = next_try([(t["asked_macs"], t["speedup"]) for t in own], asked)
+                    if following is None:
+                        break  # the bracket is narrower than the planner's granularity: nothing new to try
+                    macs = following
+                tries += own
+                best[planner] = min(own, key=lambda t: abs(math.log(t["speedup"] / asked)))
         finally:
             dense.close()
-        best = min(tries, key=lambda t: abs(math.log(t["speedup"] / asked)))
-        layers = layers_at(best["asked_macs"], Path(tmp)) if cost is not None else None
-    return {"asked_speedup": asked, "backend": backend, "batch": batch, "macs": best["asked_macs"],
-            "achieved_macs": best["macs"], "measured_speedup": best["speedup"],
-            "met": abs(best["speedup"] / asked - 1) <= TOLERANCE, "tolerance": TOLERANCE, "tries": tries,
-            **({"layers": layers} if layers is not None else {}), **planner}
+        planner, why = choose_planner(best, asked)
+        chosen = best[planner]
+        if why:
+            info(f"      latency target: {why}")
+        layers = layers_at(chosen["asked_macs"], planner, Path(tmp)) if cost is not None else None
+    return {"asked_speedup": asked, "backend": backend, "batch": batch, "macs": chosen["asked_macs"],
+            "achieved_macs": chosen["macs"], "measured_speedup": chosen["speedup"],
+            "met": abs(chosen["speedup"] / asked - 1) <= TOLERANCE, "tolerance": TOLERANCE, "tries": tries,
+            **({"layers": layers} if layers is not None else {}), "planner": planner,
+            **({"choice": why} if why else {}), **source}
+
+
+def choose_planner(best: dict[str, dict[str, Any]], asked: float) -> tuple[str, Optional[str]]:
+    """The planner whose measured plan the run takes, and why when there was a choice: of the plans within
+    TOLERANCE of the asked speedup, the one that keeps more MACs (the same speed for less of the network
+    removed); if neither is within it, the one nearer the asked speedup. The table's plan is the table's bet that
+    some layers cost more time than their MACs; the measured comparison keeps it only where that bet pays."""
+    if len(best) == 1:
+        return next(iter(best)), None
+    met = {k: v for k, v in best.items() if abs(v["speedup"] / asked - 1) <= TOLERANCE}
+    pool = met or best
+    key = (lambda k: pool[k]["macs"]) if met else (lambda k: -abs(math.log(pool[k]["speedup"] / asked)))
+    winner = max(pool, key=key)
+    other = next(k for k in best if k != winner)
+    a, b = best[winner], best[other]
+    names = {"table": "the latency table's plan", "macs": "the MAC ranking's plan"}
+    return winner, (f"{names[winner]} kept {a['macs']:.3f} of the MACs at x{a['speedup']:.2f}, {names[other]} "
+                    f"{b['macs']:.3f} at x{b['speedup']:.2f}: the run plans with "
+                    f"{'the latency table' if winner == 'table' else 'the MAC ranking'}")
 
 
 def measured_layers(model: "nn.Module", recipe: "Recipe", backend: str, batch: int, folder: Path) -> dict[str, float]:
@@ -273,6 +303,8 @@ def latency_target_note(t: dict[str, Any]) -> str:
                  f"latency ({t['achieved_macs']:.3f} of the MACs)")
     else:
         head += f"planned to {t['macs']:.3f} of the dense MACs"
+    if t.get("choice"):
+        head += f" ({t['choice']})"
     if t.get("open_loop"):
         return (head + f", predicted x{t['tries'][0]['predicted_speedup']:.2f}; the table was measured on "
                 f"{t['table'].get('cpu')}, not on this machine, so nothing was measured here: check the result "
