@@ -16,16 +16,19 @@ from compressor.prune import heads as H
 from compressor.prune import selection as sel
 from compressor.prune.importance import ImportanceConfig, build_scorer
 from tests.conftest import tiny_recipe
-from tests.helpers_models import tiny_timm_vit, tiny_vit4
+from tests.helpers_models import tiny_hf_bert, tiny_hf_vit, tiny_timm_vit, tiny_vit4
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 FAMILIES = {"torchvision": (tiny_vit4, "encoder.layers.encoder_layer_0.self_attention"),
-            "timm": (tiny_timm_vit, "blocks.0.attn")}
+            "timm": (tiny_timm_vit, "blocks.0.attn"),
+            "hf-vit": (tiny_hf_vit, "model.vit.layers.0.attention")}
 
 
 def _model(family: str) -> tuple[nn.Module, str]:
     if family == "timm":
         pytest.importorskip("timm")
+    if family.startswith("hf"):
+        pytest.importorskip("transformers")
     build, layer = FAMILIES[family]
     torch.manual_seed(0)
     return build().eval(), layer
@@ -37,7 +40,7 @@ def _packed(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return module.in_proj_weight, module.in_proj_bias, module.out_proj.weight
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", ["torchvision", "timm"])
 def test_a_removed_heads_rows_and_columns_are_gone(family):
     model, layer = _model(family)
     weight, bias, out = (t.detach().clone() for t in _packed(model.get_submodule(layer)))
@@ -51,6 +54,25 @@ def test_a_removed_heads_rows_and_columns_are_gone(family):
     assert new_out.shape == (out.shape[0], 2 * d) and torch.equal(new_out, out[:, columns])
     assert H.head_counts(model)[H.head_root(layer)] == 2
     assert model(X).shape == (3, 10)
+
+
+def test_a_removed_heads_query_key_value_rows_and_output_columns_are_gone_in_hugging_face_layers():
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = tiny_hf_bert().eval()
+    layer = "model.bert.encoder.layer.1.attention"
+    block = model.get_submodule(layer)
+    before = {n: getattr(block.self, n).weight.detach().clone() for n in ("query", "key", "value")}
+    out = block.output.dense.weight.detach().clone()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    H.remove_heads(model, H.head_root(layer), [0])
+    kept = list(range(8, 32))  # 4 heads of 8: head 0 is rows 0-7
+    for n in ("query", "key", "value"):
+        assert torch.equal(getattr(block.self, n).weight, before[n][kept])
+    assert torch.equal(block.output.dense.weight, out[:, kept])
+    assert block.self.num_attention_heads == 3 and block.self.all_head_size == 24
+    assert model(ids).shape == (2, 3)
+    assert H.head_counts(model) == {"model.bert.encoder.layer.0.attention:heads": 4, f"{layer}:heads": 3}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -152,19 +174,21 @@ def test_head_counts_survive_save_reload_and_onnx(tmp_path):
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_timm_head_counts_survive_save_and_reload(tmp_path):
-    pytest.importorskip("timm")
+@pytest.mark.parametrize("family,factory", [("timm", "tiny_timm_vit"), ("hf-vit", "tiny_hf_vit")])
+def test_timm_and_hugging_face_head_counts_survive_save_and_reload(tmp_path, family, factory):
     from compressor.models.config import ModelConfig
     from compressor.models.slim import load_slim, save_slim
 
-    model, layer = _model("timm")
+    model, layer = _model(family)
     H.remove_heads(model, H.head_root(layer), [1])
-    cfg = ModelConfig(arch="python:tests.helpers_models:tiny_timm_vit", num_classes=10, in_channels=3,
+    cfg = ModelConfig(arch=f"python:tests.helpers_models:{factory}", num_classes=10, in_channels=3,
                       input_shape=[3, 32, 32])
     save_slim(model, tmp_path, cfg)
     reloaded = load_slim(tmp_path)
-    assert H.head_counts(reloaded) == {"blocks.0.attn:heads": 3, "blocks.1.attn:heads": 4}
-    assert reloaded.blocks[0].attn.attn_dim == 24
+    counts = H.head_counts(reloaded)
+    assert counts[H.head_root(layer)] == 3 and sorted(counts.values()) == [3, 4]
+    if family == "timm":
+        assert reloaded.blocks[0].attn.attn_dim == 24
     with torch.no_grad():
         torch.testing.assert_close(reloaded(X), model(X), rtol=0, atol=0)
 

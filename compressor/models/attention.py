@@ -14,6 +14,7 @@ shapes hold (conform_heads, for reloading without pickle).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -127,11 +128,86 @@ def _merged_mask(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[t
 
 
 # ---------------------------------------------------------------------------------------------- families
+@dataclass
+class HeadLayout:
+    """Where a layer's heads live: the tensors whose rows (producers) or columns (the consumer) belong to heads."""
+
+    heads: int
+    head_dim: int
+    # (layer name relative to the attention layer, weight, bias, head of each row)
+    producers: list[tuple[str, torch.Tensor, Optional[torch.Tensor], list[int]]]
+    consumer: tuple[str, torch.Tensor]  # the output projection (relative name, weight): its columns are inner channels
+    inner: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # other per-inner-channel tensors, their dim
+
+
+# Hugging Face attention layers with separate q/k/v projections (transformers 4.x and 5.x): the q, k, v and output
+# projections (paths relative to the attention layer) and the attributes holding the head count and width. Their
+# forward splits heads with view(..., -1, head_width), so the count follows the projections' width.
+SEPARATE = (
+    (("self.query", "self.key", "self.value"), "output.dense", "self.num_attention_heads", "self.attention_head_size"),
+    (("q_proj", "k_proj", "v_proj"), "o_proj", "num_attention_heads", "head_dim"),  # ViT, DeiT in transformers 5
+    (("q_lin", "k_lin", "v_lin"), "out_lin", "n_heads", "attention_head_size"),  # DistilBERT
+)
+
+
+def _path(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _set_path(module: nn.Module, path: str, value) -> None:
+    owner, _, attr = path.rpartition(".")
+    setattr(_path(module, owner) if owner else module, attr, value)
+
+
+def separate_spec(module: nn.Module):
+    """The SEPARATE entry whose projections `module` has, or None."""
+    for spec in SEPARATE:
+        if all(isinstance(_path(module, p), nn.Linear) for p in (*spec[0], spec[1])):
+            return spec
+    return None
+
+
+def head_count(module: nn.Module, family: str) -> int:
+    return int(_path(module, separate_spec(module)[2]) if family == "sep" else module.num_heads)
+
+
+def head_width(module: nn.Module, family: str) -> int:
+    return int(_path(module, separate_spec(module)[3]) if family == "sep" else module.head_dim)
+
+
+def head_layout(module: nn.Module, family: str) -> HeadLayout:
+    h, d = head_count(module, family), head_width(module, family)
+    packed = [(r // d) % h for r in range(3 * h * d)]  # rows [3, heads, head_dim]
+    inner = [c // d for c in range(h * d)]
+    if family == "qkv":
+        extra = []
+        norm = getattr(module, "norm", None)
+        for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
+            if isinstance(p, torch.Tensor) and p.ndim == 1 and p.numel() == h * d:
+                extra.append((p, 0))
+        gate = getattr(module, "gate", None)
+        if isinstance(gate, nn.Linear):
+            extra += [(p, 0) for p in (gate.weight, gate.bias) if p is not None]
+        return HeadLayout(h, d, [("qkv", module.qkv.weight, module.qkv.bias, packed)], ("proj", module.proj.weight),
+                          extra)
+    if family == "mha":
+        extra = [(p, 2) for p in (module.bias_k, module.bias_v) if p is not None]
+        return HeadLayout(h, d, [("in_proj", module.in_proj_weight, module.in_proj_bias, packed)],
+                          ("out_proj", module.out_proj.weight), extra)
+    projections, out, _, _ = separate_spec(module)
+    producers = [(p, _path(module, p).weight, _path(module, p).bias, inner) for p in projections]
+    return HeadLayout(h, d, producers, (out, _path(module, out).weight))
+
+
 def set_head_count(module: nn.Module, family: str, heads: int) -> None:
     """The attributes forward() reads after the tensors changed width."""
-    module.num_heads = heads
-    inner = heads * int(module.head_dim)
+    inner = heads * head_width(module, family)
     if family == "qkv":
+        module.num_heads = heads
         module.qkv.out_features = 3 * inner
         module.proj.in_features = inner
         if hasattr(module, "attn_dim"):
@@ -142,8 +218,18 @@ def set_head_count(module: nn.Module, family: str, heads: int) -> None:
         gate = getattr(module, "gate", None)
         if isinstance(gate, nn.Linear):
             gate.out_features = inner
-    else:
+    elif family == "mha":
+        module.num_heads = heads
         module.out_proj.in_features = inner
+    else:
+        projections, out, count, _ = separate_spec(module)
+        _set_path(module, count, heads)
+        owner = _path(module, count.rpartition(".")[0]) if "." in count else module
+        if hasattr(owner, "all_head_size"):  # BERT's self attention reads it for its output shape
+            owner.all_head_size = inner
+        for p in projections:
+            _path(module, p).out_features = inner
+        _path(module, out).in_features = inner
 
 
 def replace_mha(mha: nn.MultiheadAttention, heads: int) -> HeadPrunedMultiheadAttention:
@@ -184,17 +270,38 @@ def _mha_ok(module: nn.MultiheadAttention) -> Optional[str]:
     return None
 
 
+def _sep_ok(module: nn.Module) -> Optional[str]:
+    projections, out, count, width = separate_spec(module)
+    heads, dim = _path(module, count), _path(module, width)
+    if not isinstance(heads, int) or not isinstance(dim, int):
+        return f"no integer {count} / {width}"
+    widths = {_path(module, p).out_features for p in projections}
+    if widths != {heads * dim}:
+        return ("grouped-query attention (keys and values have fewer heads than queries)" if len(widths) > 1 else
+                f"its projections are not {count} x {width} wide")
+    if _path(module, out).in_features != heads * dim:
+        return f"its output projection {out} does not read the heads"
+    owner = _path(module, count.rpartition(".")[0]) if "." in count else module
+    if getattr(owner, "position_embedding_type", "absolute") != "absolute" or hasattr(owner, "distance_embedding"):
+        return "relative position embeddings per head"
+    return None
+
+
 def attention_family(module: nn.Module) -> tuple[Optional[str], Optional[str]]:
     """(family, None) for a supported attention layer, (None, reason) for another attention layer, (None, None)
-    for anything else."""
+    for anything else. Families: qkv (timm's packed Attention), mha (torch's MultiheadAttention and the head-pruned
+    one), sep (Hugging Face layers with separate q/k/v projections, SEPARATE)."""
     if isinstance(module, (nn.MultiheadAttention, HeadPrunedMultiheadAttention)):
         reason = _mha_ok(module) if isinstance(module, nn.MultiheadAttention) else None
         return (None, reason) if reason else ("mha", None)
     if hasattr(module, "qkv") and hasattr(module, "num_heads"):
         reason = _qkv_ok(module)
         return (None, reason) if reason else ("qkv", None)
-    if "attention" in type(module).__name__.lower() and any(isinstance(c, nn.Linear) for c in module.children()):
-        return None, "not a packed-qkv layout this version removes heads from"
+    if separate_spec(module) is not None:
+        reason = _sep_ok(module)
+        return (None, reason) if reason else ("sep", None)
+    if "attention" in type(module).__name__.lower() and any(isinstance(c, nn.Linear) for c in module.modules()):
+        return None, "not a q/k/v layout this version removes heads from"
     return None, None
 
 
@@ -211,8 +318,6 @@ def attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, Option
         yield name, module, family, reason
 
 
-
-
 def conform_heads(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> list[str]:
     """Give every attention layer the head count the saved `shapes` (state dict key -> shape) hold, before the
     tensors are resized to them (models/slim.conform_to_state_dict); returns the layers that changed."""
@@ -220,17 +325,20 @@ def conform_heads(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> list
     for name, module, family, _ in list(attention_modules(model)):
         if family is None:
             continue
-        key = f"{name}.{'qkv.weight' if family == 'qkv' else 'in_proj_weight'}"
+        layout = head_layout(module, family)
+        first, *_ = layout.producers
+        key = f"{name}.{first[0]}{'_weight' if family == 'mha' else '.weight'}"
         if key not in shapes:
             continue
-        rows, head_dim = int(shapes[key][0]), int(module.head_dim)
-        heads = rows // (3 * head_dim)
-        if heads == int(module.num_heads):
+        per_head = len(first[3]) // layout.heads  # rows per head: 3 x head_dim packed, head_dim separate
+        rows = int(shapes[key][0])
+        heads = rows // per_head
+        if heads == layout.heads:
             continue
-        if heads < 1 or heads * 3 * head_dim != rows:
-            raise ValueError(f"{key} has {rows} rows, not 3 x heads x head_dim {head_dim}")
+        if heads < 1 or heads * per_head != rows:
+            raise ValueError(f"{key} has {rows} rows, not a whole number of heads of {per_head} rows")
         if family == "mha" and isinstance(module, nn.MultiheadAttention):
-            module = HeadPrunedMultiheadAttention.like(module, int(module.num_heads))
+            module = HeadPrunedMultiheadAttention.like(module, layout.heads)
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
         set_head_count(module, family, heads)

@@ -6,7 +6,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from compressor.models.attention import HEAD_SUFFIX, attention_modules, conform_heads
+from compressor.models.attention import HEAD_SUFFIX, attention_modules, conform_heads, head_count
 from compressor.models.layers import is_depthwise
 
 
@@ -70,7 +70,7 @@ SLIM_FORMAT = "compressor-slim/1"
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output width of every conv / linear / norm layer, and the heads of every attention layer whose heads can be
     removed (`<layer>:heads`), by module name."""
-    widths = {f"{name}{HEAD_SUFFIX}": int(module.num_heads) for name, module, family, _ in attention_modules(model)
+    widths = {f"{name}{HEAD_SUFFIX}": head_count(module, family) for name, module, family, _ in attention_modules(model)
               if family is not None}
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd):

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from compressor.errors import NotPrunableError
-from compressor.models.attention import HEAD_SUFFIX, attention_family, attention_modules, replace_mha, set_head_count
+from compressor.models.attention import (HEAD_SUFFIX, HeadLayout, attention_family, attention_modules, head_count,
+                                         head_layout, head_width, replace_mha, set_head_count)
 from compressor.prune.importance import Slice
 
 
@@ -47,64 +48,40 @@ class HeadSite:
 
     name: str
     module: nn.Module
-    family: str  # "qkv" | "mha"
+    family: str  # "qkv" | "mha" | "sep" (models/attention.attention_family)
+
+    @property
+    def layout(self) -> HeadLayout:
+        return head_layout(self.module, self.family)
 
     @property
     def num_heads(self) -> int:
-        return int(self.module.num_heads)
+        return head_count(self.module, self.family)
 
     @property
     def head_dim(self) -> int:
-        return int(self.module.head_dim)
-
-    def _packed(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if self.family == "qkv":
-            return self.module.qkv.weight, self.module.qkv.bias
-        return self.module.in_proj_weight, self.module.in_proj_bias
-
-    def _out(self) -> nn.Linear:
-        return self.module.proj if self.family == "qkv" else self.module.out_proj
-
-    def packed_heads(self) -> list[int]:
-        """The head of every row of the packed q/k/v projection ([3, heads, head_dim])."""
-        h, d = self.num_heads, self.head_dim
-        return [(r // d) % h for r in range(3 * h * d)]
+        return head_width(self.module, self.family)
 
     def inner_heads(self) -> list[int]:
         """The head of every inner channel (the output projection's columns)."""
         return [c // self.head_dim for c in range(self.num_heads * self.head_dim)]
 
     def slices(self, out_only: bool = True) -> list[tuple[Slice, list[int]]]:
-        """(Slice, head of each row) pairs: the q/k/v rows and biases, the inner norm and gate entries, and unless
-        out_only the output projection's columns (what a channel's slices are for a conv: producer rows first)."""
-        weight, bias = self._packed()
-        packed, inner = self.packed_heads(), self.inner_heads()
-        rows = list(range(len(packed)))
-        pairs = [(Slice(weight, 0, rows, True), packed)]
-        if bias is not None:
-            pairs.append((Slice(bias, 0, rows, True), packed))
+        """(Slice, head of each row) pairs: the q/k/v rows and biases, the other per-inner-channel entries, and
+        unless out_only the output projection's columns (what a channel's slices are for a conv: producer rows
+        first)."""
+        layout, inner = self.layout, self.inner_heads()
+        pairs = []
+        for _, weight, bias, heads in layout.producers:
+            rows = list(range(len(heads)))
+            pairs.append((Slice(weight, 0, rows, True), heads))
+            if bias is not None:
+                pairs.append((Slice(bias, 0, rows, True), heads))
         columns = list(range(len(inner)))
-        for extra in self._inner_params():
-            pairs.append((Slice(extra, extra.ndim - 1 if extra.ndim == 3 else 0, columns, True), inner))
+        pairs += [(Slice(p, dim, columns, True), inner) for p, dim in layout.inner]
         if not out_only:
-            pairs.append((Slice(self._out().weight, 1, columns, False), inner))
+            pairs.append((Slice(layout.consumer[1], 1, columns, False), inner))
         return pairs
-
-    def _inner_params(self) -> list[torch.Tensor]:
-        """Per-inner-channel parameters besides the projections: qkv's `norm` (LayerNorm over the inner width) and
-        `gate` Linear rows; mha's bias_k / bias_v."""
-        found = []
-        if self.family == "qkv":
-            norm = getattr(self.module, "norm", None)
-            for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
-                if isinstance(p, torch.Tensor) and p.ndim == 1 and p.numel() == self.num_heads * self.head_dim:
-                    found.append(p)
-            gate = getattr(self.module, "gate", None)
-            if isinstance(gate, nn.Linear):
-                found += [p for p in (gate.weight, gate.bias) if p is not None]
-        else:
-            found += [p for p in (self.module.bias_k, self.module.bias_v) if p is not None]
-        return found
 
     def members(self, layer_macs: dict[str, float]) -> list[tuple[str, str, list[int], int]]:
         """The planner's members (layer, side, head of each index, count) for the MAC model: the layer itself where
@@ -113,10 +90,9 @@ class HeadSite:
         inner = self.num_heads * self.head_dim
         if self.name in layer_macs:
             return [(self.name, "out", self.inner_heads(), inner)]
-        if self.family == "qkv":
-            return [(f"{self.name}.qkv", "out", self.packed_heads(), 3 * inner),
-                    (f"{self.name}.proj", "in", self.inner_heads(), inner)]
-        return [(f"{self.name}.out_proj", "in", self.inner_heads(), inner)]
+        layout = self.layout
+        found = [(f"{self.name}.{rel}", "out", heads, len(heads)) for rel, _, _, heads in layout.producers]
+        return found + [(f"{self.name}.{layout.consumer[0]}", "in", self.inner_heads(), inner)]
 
     def remove(self, heads: list[int]) -> nn.Module:
         """Remove `heads` (indices into the current heads) in place; returns the module now in the model (an mha
@@ -129,25 +105,22 @@ class HeadSite:
         if len(drop) >= self.num_heads:
             raise NotPrunableError(f"removing all {self.num_heads} heads of {self.name} would leave it empty.")
         gone = set(drop)
-        keep_heads = [h for h in range(self.num_heads) if h not in gone]
-        d, h = self.head_dim, self.num_heads
-        rows = torch.tensor([s * h * d + k * d + j for s in range(3) for k in keep_heads for j in range(d)])
-        cols = torch.tensor([k * d + j for k in keep_heads for j in range(d)])
         module = self.module
         if self.family == "mha" and isinstance(module, nn.MultiheadAttention):
-            module = replace_mha(module, h)
+            module = replace_mha(module, self.num_heads)
+        layout = head_layout(module, self.family)
+        kept = layout.heads - len(gone)
+        cols = torch.tensor([c for c, h in enumerate(self.inner_heads()) if h not in gone])
         with torch.no_grad():
-            weight, bias = (module.qkv.weight, module.qkv.bias) if self.family == "qkv" else \
-                (module.in_proj_weight, module.in_proj_bias)
-            inner_params = HeadSite(self.name, module, self.family)._inner_params()
-            _keep(weight, 0, rows)
-            if bias is not None:
-                _keep(bias, 0, rows)
-            for p in inner_params:
-                _keep(p, p.ndim - 1 if p.ndim == 3 else 0, cols)
-            out = module.proj if self.family == "qkv" else module.out_proj
-            _keep(out.weight, 1, cols)
-        set_head_count(module, self.family, len(keep_heads))
+            for _, weight, bias, row_heads in layout.producers:
+                rows = torch.tensor([r for r, h in enumerate(row_heads) if h not in gone])
+                _keep(weight, 0, rows)
+                if bias is not None:
+                    _keep(bias, 0, rows)
+            for p, dim in layout.inner:
+                _keep(p, dim, cols)
+            _keep(layout.consumer[1], 1, cols)
+        set_head_count(module, self.family, kept)
         self.module = module
         return module
 
@@ -165,7 +138,7 @@ def head_sites(model: nn.Module, ignored: tuple[nn.Module, ...] = (), *, prunabl
     """Every attention layer of `model` whose heads can be removed, except those in `ignored` and (with
     prunable) those down to a single head."""
     return [HeadSite(name, module, family) for name, module, family, _ in attention_modules(model)
-            if family is not None and module not in ignored and (not prunable or int(module.num_heads) > 1)]
+            if family is not None and module not in ignored and (not prunable or head_count(module, family) > 1)]
 
 
 def unsupported_sites(model: nn.Module) -> dict[str, str]:
@@ -180,8 +153,8 @@ def site_dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
     family, _ = attention_family(module)
     if family is None:
         return None
-    embed = module.embed_dim if family == "mha" else module.qkv.in_features
-    return int(module.num_heads) * int(module.head_dim), int(embed), True
+    layout = head_layout(module, family)
+    return layout.heads * layout.head_dim, int(layout.consumer[1].shape[0]), True
 
 
 def site_of(model: nn.Module, root: str) -> HeadSite:

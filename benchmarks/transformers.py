@@ -1,0 +1,85 @@
+"""Transformers at half the MACs with attention heads on and off: torchvision's ViT-B/16 at 224, pruned without
+fine-tuning (synthetic data, weights redrawn where torchvision zero-initialises them), dense and pruned timed
+interleaved on ORT-CPU at batch 1 and 8, medians over repeats, with the ONNX parity of every run.
+
+    python benchmarks/transformers.py [--models vit_b_16] [--macs 0.5] [--repeats 2]
+
+Heads off: only the MLP hidden widths are pruned (the embedding width feeds every attention layer). Heads on
+(`prune.attention.heads: true`): whole heads go too, every layer keeping its own count. Uniform per-layer ranking
+(the realised_speedup benchmark's setting), round_to 16, max_layer_ratio 0.8.
+Writes benchmarks/results/transformers.md and transformers.json (rows accumulate over invocations).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from pathlib import Path
+
+from common import RESULTS, informative_init, latency, parity_cell, parity_fields, run_compress, table, write_result
+
+
+def cpu() -> str:
+    from compressor.deploy.bench import environment
+    from compressor.deploy.hardware import cpu_flags
+
+    flags = cpu_flags()
+    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else \
+        "AVX2" if "avx2" in flags else platform.machine()
+    return f"{environment()['cpu'] or platform.machine()} ({isa})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["vit_b_16"])
+    parser.add_argument("--macs", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-transformers"))
+    args = parser.parse_args()
+    store = RESULTS / "transformers.json"
+    kept = json.loads(store.read_text()) if store.is_file() else {}
+    for model in args.models:
+        checkpoint, _ = informative_init(model, args.out / f"{model}.init.pt")
+        for heads in (False, True):
+            overrides = [f"model.arch=torchvision:{model}", "model.ignore=[]", f"prune.target={{macs: {args.macs}}}",
+                         "prune.round_to=16", "prune.global=false", f"prune.attention.heads={str(heads).lower()}",
+                         "bench.threads=2", "bench.min_runs=20", "bench.min_seconds=3"]
+            speed = {1: [], 8: []}
+            report = None
+            for repeat in range(args.repeats):
+                report = run_compress(checkpoint, "resnet50-imagenet-latency",
+                                      args.out / f"{model}-heads{int(heads)}-{repeat}", overrides)
+                for batch in speed:
+                    speed[batch].append(latency(report, "ort-cpu", batch)["speedup"])
+            widths = report["compressed"]["widths"]
+            dense_widths = report["dense"]["widths"]
+            head_keys = [k for k in dense_widths if k.endswith(":heads")]
+            mac = report["compressed"]["macs"] / report["dense"]["macs"]
+            b1, b8 = statistics.median(speed[1]), statistics.median(speed[8])
+            kept[f"{model}/heads={heads}"] = {
+                "model": model, "heads": heads, "cpu": cpu(), "dense_gmacs": report["dense"]["macs"] / 1e9,
+                "macs_kept": mac, "heads_kept": sum(widths.get(k, 0) for k in head_keys),
+                "heads_dense": sum(dense_widths[k] for k in head_keys),
+                "mlp_kept": sum(widths[k] for k in widths if k.endswith("mlp.0")),
+                "mlp_dense": sum(dense_widths[k] for k in dense_widths if k.endswith("mlp.0")),
+                "speedup_b1": b1, "speedup_b8": b8, "runs_b1": speed[1], "runs_b8": speed[8],
+                "realised_b1": b1 * mac, "realised_b8": b8 * mac, "repeats": args.repeats, **parity_fields(report)}
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps(kept, indent=1) + "\n")
+    rows = [[r["model"], "on" if r["heads"] else "off", f"{r['heads_kept']}/{r['heads_dense']}",
+             f"{r['mlp_kept']}/{r['mlp_dense']}", f"{r['macs_kept']:.3f}", f"x{r['speedup_b1']:.2f}",
+             f"x{r['speedup_b8']:.2f}", f"{r['realised_b1']:.2f} / {r['realised_b8']:.2f}", parity_cell(r),
+             r["repeats"]] for r in kept.values()]
+    cpus = sorted({r["cpu"] for r in kept.values()})
+    text = ("# Transformers: attention heads on and off at the same MAC target\n\n"
+            f"`python benchmarks/transformers.py` (CPU: {', '.join(cpus)}; ORT-CPU, 2 threads; pruned without "
+            "fine-tuning, synthetic data, uniform per-layer ranking, round_to 16). Speedups are medians over "
+            "repeats of the interleaved dense / pruned p50; realised ratio = speedup / MAC reduction.\n\n"
+            + table(["model", "heads", "heads kept", "MLP hidden kept", "MACs kept", "ORT-CPU b1", "ORT-CPU b8",
+                     "realised ratio b1 / b8", "parity max diff (relative)", "repeats"], rows))
+    write_result("transformers.md", text)
+
+
+if __name__ == "__main__":
+    main()
