@@ -124,6 +124,15 @@ def tiny_hf_bert(num_classes: int = 3) -> nn.Module:
     return LogitsOf(BertForSequenceClassification(config), "input_ids")
 
 
+def tiny_hf_distilbert(num_classes: int = 3) -> nn.Module:
+    """Hugging Face's DistilBertForSequenceClassification (q_lin/k_lin/v_lin/out_lin), 4 heads of 8."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=num_classes,
+                              max_position_embeddings=64)
+    return LogitsOf(DistilBertForSequenceClassification(config), "input_ids")
+
+
 def tiny_maxvit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """torchvision's MaxViT: torch-pruning's grouping does not terminate through its partitions."""
     from torchvision.models import MaxVit

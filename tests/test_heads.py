@@ -16,7 +16,7 @@ from compressor.prune import heads as H
 from compressor.prune import selection as sel
 from compressor.prune.importance import ImportanceConfig, build_scorer
 from tests.conftest import tiny_recipe
-from tests.helpers_models import tiny_hf_bert, tiny_hf_vit, tiny_timm_vit, tiny_vit4
+from tests.helpers_models import tiny_hf_bert, tiny_hf_distilbert, tiny_hf_vit, tiny_timm_vit, tiny_vit4
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 FAMILIES = {"torchvision": (tiny_vit4, "encoder.layers.encoder_layer_0.self_attention"),
@@ -88,6 +88,25 @@ def test_the_pruned_model_computes_what_the_masked_model_computes(family):
         H.remove_heads(model, H.head_root(layer), [2])
         pruned = model(X)
     assert masked.abs().max() > 1e-3  # the output is not trivially zero
+    torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("build", [tiny_hf_bert, tiny_hf_distilbert], ids=["bert", "distilbert"])
+def test_text_encoders_compute_what_their_masked_model_computes(build):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = build().eval()
+    ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    sites = H.head_sites(model)
+    assert len(sites) == 2 and all(s.family == "sep" and s.num_heads == 4 for s in sites)
+    with torch.no_grad():
+        for sl, heads in sites[1].slices(out_only=True):
+            rows = [i for i, h in zip(sl.idxs, heads) if h in (0, 3)]
+            sl.param.index_fill_(sl.dim, torch.tensor(rows), 0.0)
+        masked = model(ids)
+        H.remove_heads(model, H.head_root(sites[1].name), [0, 3])
+        pruned = model(ids)
+    assert H.head_counts(model)[H.head_root(sites[1].name)] == 2
     torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-6)
 
 
