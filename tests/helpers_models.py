@@ -95,42 +95,37 @@ def tiny_timm_vit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
                              mlp_ratio=2.0, num_classes=num_classes)
 
 
-class LogitsOf(nn.Module):
-    """A Hugging Face model called on one input tensor, returning its logits (what the pipeline expects)."""
-
-    def __init__(self, model: nn.Module, argument: str) -> None:
-        super().__init__()
-        self.model, self.argument = model, argument
-
-    def forward(self, x):
-        return self.model(**{self.argument: x}).logits
-
-
 def tiny_hf_vit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """Hugging Face's ViTForImageClassification (ViTAttention: separate query/key/value, output.dense), 4 heads."""
     from transformers import ViTConfig, ViTForImageClassification
 
+    from compressor.models.hf import HFLogits
+
     config = ViTConfig(image_size=32, patch_size=8, num_channels=in_channels, hidden_size=32, num_hidden_layers=2,
                        num_attention_heads=4, intermediate_size=64, num_labels=num_classes)
-    return LogitsOf(ViTForImageClassification(config), "pixel_values")
+    return HFLogits(ViTForImageClassification(config), "pixel_values")
 
 
 def tiny_hf_bert(num_classes: int = 3) -> nn.Module:
     """Hugging Face's BertForSequenceClassification on token ids (vocabulary 100), 4 heads of 8."""
     from transformers import BertConfig, BertForSequenceClassification
 
+    from compressor.models.hf import HFLogits
+
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, num_labels=num_classes, max_position_embeddings=64)
-    return LogitsOf(BertForSequenceClassification(config), "input_ids")
+    return HFLogits(BertForSequenceClassification(config), "input_ids")
 
 
 def tiny_hf_distilbert(num_classes: int = 3) -> nn.Module:
     """Hugging Face's DistilBertForSequenceClassification (q_lin/k_lin/v_lin/out_lin), 4 heads of 8."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
+    from compressor.models.hf import HFLogits
+
     config = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=num_classes,
                               max_position_embeddings=64)
-    return LogitsOf(DistilBertForSequenceClassification(config), "input_ids")
+    return HFLogits(DistilBertForSequenceClassification(config), "input_ids")
 
 
 def tiny_maxvit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:

@@ -272,3 +272,42 @@ def test_inspect_lists_attention_layers_and_their_heads():
     reasons = {info.get("reason", "") for info in swin.heads.values()}
     assert swin.heads and all("reason" in info for info in swin.heads.values()), swin.heads
     assert reasons == {"ShiftedWindowAttention: window attention with a per-head position bias or scale"}
+
+
+def _hf_dir(tmp_path, text: bool = False):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = (tiny_hf_bert() if text else tiny_hf_vit(num_classes=4)).model
+    model.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_a_hugging_face_directory_compresses_with_its_heads(tmp_path):
+    """hf:DIR (a save_pretrained directory) as the model: its weights load, heads and MLP widths are pruned, the
+    slim model reloads from the same reference, the export matches."""
+    from compressor.app.pipeline import compress
+    from compressor.models.slim import load_slim
+
+    ref = f"hf:{_hf_dir(tmp_path)}"
+    recipe = recipe_from_dict(tiny_recipe(
+        model={"arch": ref, "num_classes": 4, "in_channels": 3, "input_shape": [3, 32, 32]},
+        prune={"method": "oneshot", "target": {"macs": 0.6}, "attention": {"heads": True}},
+        finetune={"epochs": 1}))
+    report = compress(ref, recipe, tmp_path / "run")
+    heads = {k: v for k, v in report["compressed"]["widths"].items() if k.endswith(":heads")}
+    assert sorted(heads) == ["model.vit.layers.0.attention:heads", "model.vit.layers.1.attention:heads"]
+    assert sum(heads.values()) < 8 and report["parity"]["onnx"]["max_abs_diff"] < 1e-3
+    assert H.head_counts(load_slim(tmp_path / "run")) == heads
+
+
+def test_hugging_face_references_say_what_does_not_fit(tmp_path):
+    from compressor.errors import ModelLoadError, UsageError
+    from compressor.models.loading import build_arch
+
+    with pytest.raises(ModelLoadError, match="config.json does not exist"):
+        build_arch(f"hf:{tmp_path / 'missing'}", 4, 3)
+    vit = _hf_dir(tmp_path)
+    with pytest.raises(ModelLoadError, match="model.num_classes is 10, the model's config.json has num_labels 4"):
+        build_arch(f"hf:{vit}", 10, 3)
+    with pytest.raises(UsageError, match="is a Bert text model: text inputs and a text data kind are not supported"):
+        build_arch(f"hf:{_hf_dir(tmp_path / 'text', text=True)}", 3, 3)

@@ -130,14 +130,19 @@ def _merged_mask(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[t
 # ---------------------------------------------------------------------------------------------- families
 @dataclass
 class HeadLayout:
-    """Where a layer's heads live: the tensors whose rows (producers) or columns (the consumer) belong to heads."""
+    """Where a layer's heads live: every tensor with per-head entries, as (owner module, attribute, dim, head of each
+    index, whether it defines the head's output), and which layers produce (q/k/v) and consume (the output
+    projection) the heads, by name relative to the attention layer (for the MAC model)."""
 
     heads: int
     head_dim: int
-    # (layer name relative to the attention layer, weight, bias, head of each row)
-    producers: list[tuple[str, torch.Tensor, Optional[torch.Tensor], list[int]]]
-    consumer: tuple[str, torch.Tensor]  # the output projection (relative name, weight): its columns are inner channels
-    inner: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # other per-inner-channel tensors, their dim
+    tensors: list[tuple[nn.Module, str, int, list[int], bool]]
+    producers: list[tuple[str, list[int]]]  # (layer, head of each output row)
+    consumer: str  # the output projection: its input columns are the inner channels
+
+    @property
+    def inner(self) -> list[int]:
+        return [c // self.head_dim for c in range(self.heads * self.head_dim)]
 
 
 # Hugging Face attention layers with separate q/k/v projections (transformers 4.x and 5.x): the q, k, v and output
@@ -183,24 +188,32 @@ def head_layout(module: nn.Module, family: str) -> HeadLayout:
     h, d = head_count(module, family), head_width(module, family)
     packed = [(r // d) % h for r in range(3 * h * d)]  # rows [3, heads, head_dim]
     inner = [c // d for c in range(h * d)]
+
+    def linear(owner: nn.Module, heads: list[int], rows: bool = True):
+        found = [(owner, "weight", 0 if rows else 1, heads, rows)]
+        return found + ([(owner, "bias", 0, heads, True)] if rows and owner.bias is not None else [])
+
     if family == "qkv":
-        extra = []
+        tensors = linear(module.qkv, packed)
         norm = getattr(module, "norm", None)
-        for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
+        for attr in ("weight", "bias"):
+            p = getattr(norm, attr, None)
             if isinstance(p, torch.Tensor) and p.ndim == 1 and p.numel() == h * d:
-                extra.append((p, 0))
+                tensors.append((norm, attr, 0, inner, True))
         gate = getattr(module, "gate", None)
         if isinstance(gate, nn.Linear):
-            extra += [(p, 0) for p in (gate.weight, gate.bias) if p is not None]
-        return HeadLayout(h, d, [("qkv", module.qkv.weight, module.qkv.bias, packed)], ("proj", module.proj.weight),
-                          extra)
+            tensors += linear(gate, inner)
+        return HeadLayout(h, d, tensors + linear(module.proj, inner, rows=False), [("qkv", packed)], "proj")
     if family == "mha":
-        extra = [(p, 2) for p in (module.bias_k, module.bias_v) if p is not None]
-        return HeadLayout(h, d, [("in_proj", module.in_proj_weight, module.in_proj_bias, packed)],
-                          ("out_proj", module.out_proj.weight), extra)
+        tensors = [(module, "in_proj_weight", 0, packed, True)]
+        if module.in_proj_bias is not None:
+            tensors.append((module, "in_proj_bias", 0, packed, True))
+        tensors += [(module, attr, 2, inner, True) for attr in ("bias_k", "bias_v") if getattr(module, attr) is not None]
+        return HeadLayout(h, d, tensors + linear(module.out_proj, inner, rows=False), [], "out_proj")
     projections, out, _, _ = separate_spec(module)
-    producers = [(p, _path(module, p).weight, _path(module, p).bias, inner) for p in projections]
-    return HeadLayout(h, d, producers, (out, _path(module, out).weight))
+    tensors = [t for p in projections for t in linear(_path(module, p), inner)]
+    return HeadLayout(h, d, tensors + linear(_path(module, out), inner, rows=False),
+                      [(p, inner) for p in projections], out)
 
 
 def set_head_count(module: nn.Module, family: str, heads: int) -> None:
@@ -318,6 +331,11 @@ def attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, Option
         yield name, module, family, reason
 
 
+def _relative(module: nn.Module, owner: nn.Module) -> str:
+    """`owner`'s name inside `module` with a trailing dot ('' for the module itself)."""
+    return next((f"{n}." if n else "" for n, m in module.named_modules() if m is owner), "")
+
+
 def conform_heads(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> list[str]:
     """Give every attention layer the head count the saved `shapes` (state dict key -> shape) hold, before the
     tensors are resized to them (models/slim.conform_to_state_dict); returns the layers that changed."""
@@ -326,11 +344,11 @@ def conform_heads(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> list
         if family is None:
             continue
         layout = head_layout(module, family)
-        first, *_ = layout.producers
-        key = f"{name}.{first[0]}{'_weight' if family == 'mha' else '.weight'}"
+        owner, attr, _, heads_of, _ = layout.tensors[0]  # the first producer's weight
+        key = f"{name}.{_relative(module, owner)}{attr}"
         if key not in shapes:
             continue
-        per_head = len(first[3]) // layout.heads  # rows per head: 3 x head_dim packed, head_dim separate
+        per_head = len(heads_of) // layout.heads  # rows per head: 3 x head_dim packed, head_dim separate
         rows = int(shapes[key][0])
         heads = rows // per_head
         if heads == layout.heads:

@@ -1,7 +1,8 @@
 """Build architectures from references and load checkpoints safely (spec: docs/models.md).
 
 A reference is `scheme:id` (zoo:resnet20, torchvision:resnet18, timm:NAME, python:pkg.mod:factory) and builds a
-randomly initialised model; nothing is ever downloaded. A checkpoint file is a state dict (.pt/.pth/.bin or
+randomly initialised model, or hf:DIR, a Hugging Face save_pretrained directory with its weights (models/hf.py);
+nothing is ever downloaded. A checkpoint file is a state dict (.pt/.pth/.bin or
 .safetensors), a pickled nn.Module (only with --trust-checkpoint) or a slim model (directory or slim.json).
 """
 from __future__ import annotations
@@ -22,15 +23,15 @@ from compressor.models.config import ModelConfig
 from compressor.models.zoo import ZOO
 from compressor.registry import did_you_mean
 
-SCHEMES = ("zoo", "torchvision", "timm", "python")
-ACCEPTED_FORMS = "zoo:NAME, torchvision:NAME, timm:NAME or python:pkg.module:factory"
+SCHEMES = ("zoo", "torchvision", "timm", "python", "hf")
+ACCEPTED_FORMS = "zoo:NAME, torchvision:NAME, timm:NAME, python:pkg.module:factory or hf:DIR"
 CONTAINER_KEYS = ("state_dict", "model", "module", "model_ema", "state_dict_ema")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ARCH_HINT = "Check model.arch, model.num_classes and model.in_channels in the recipe."
 
 
 def is_reference(text: str) -> bool:
-    """True when `text` starts with one of the reference schemes (zoo:, torchvision:, timm:, python:)."""
+    """True when `text` starts with one of the reference schemes (zoo:, torchvision:, timm:, python:, hf:)."""
     return any(text.startswith(f"{scheme}:") for scheme in SCHEMES)
 
 
@@ -42,10 +43,17 @@ def build_arch(ref: str, num_classes: int, in_channels: int) -> nn.Module:
         "torchvision": _build_torchvision,
         "timm": _build_timm,
         "python": _build_python,
+        "hf": _build_hf,
     }
     if not sep or scheme not in builders or not name:
         raise ModelLoadError(f"model reference {ref!r} is not understood; use {ACCEPTED_FORMS}.")
     return builders[scheme](name, num_classes, in_channels)
+
+
+def _build_hf(directory: str, num_classes: int, in_channels: int) -> nn.Module:
+    from compressor.models.hf import load_hf
+
+    return load_hf(directory, num_classes, in_channels)
 
 
 def _build_zoo(name: str, num_classes: int, in_channels: int) -> nn.Module:

@@ -67,32 +67,21 @@ class HeadSite:
         return [c // self.head_dim for c in range(self.num_heads * self.head_dim)]
 
     def slices(self, out_only: bool = True) -> list[tuple[Slice, list[int]]]:
-        """(Slice, head of each row) pairs: the q/k/v rows and biases, the other per-inner-channel entries, and
-        unless out_only the output projection's columns (what a channel's slices are for a conv: producer rows
-        first)."""
-        layout, inner = self.layout, self.inner_heads()
-        pairs = []
-        for _, weight, bias, heads in layout.producers:
-            rows = list(range(len(heads)))
-            pairs.append((Slice(weight, 0, rows, True), heads))
-            if bias is not None:
-                pairs.append((Slice(bias, 0, rows, True), heads))
-        columns = list(range(len(inner)))
-        pairs += [(Slice(p, dim, columns, True), inner) for p, dim in layout.inner]
-        if not out_only:
-            pairs.append((Slice(layout.consumer[1], 1, columns, False), inner))
-        return pairs
+        """(Slice, head of each row) pairs: the q/k/v rows and biases and the other per-head entries that define a
+        head's output, and unless out_only the output projection's columns (as a channel's: producer rows first)."""
+        return [(Slice(getattr(owner, attr), dim, list(range(len(heads))), output), heads)
+                for owner, attr, dim, heads, output in self.layout.tensors if output or not out_only]
 
     def members(self, layer_macs: dict[str, float]) -> list[tuple[str, str, list[int], int]]:
         """The planner's members (layer, side, head of each index, count) for the MAC model: the layer itself where
         the op counter counts it as one (nn.MultiheadAttention, timm's Attention: all its MACs scale with the heads
         kept), else its q/k/v rows and output projection columns."""
-        inner = self.num_heads * self.head_dim
+        inner = self.inner_heads()
         if self.name in layer_macs:
-            return [(self.name, "out", self.inner_heads(), inner)]
+            return [(self.name, "out", inner, len(inner))]
         layout = self.layout
-        found = [(f"{self.name}.{rel}", "out", heads, len(heads)) for rel, _, _, heads in layout.producers]
-        return found + [(f"{self.name}.{layout.consumer[0]}", "in", self.inner_heads(), inner)]
+        found = [(f"{self.name}.{rel}", "out", heads, len(heads)) for rel, heads in layout.producers]
+        return found + [(f"{self.name}.{layout.consumer}", "in", inner, len(inner))]
 
     def remove(self, heads: list[int]) -> nn.Module:
         """Remove `heads` (indices into the current heads) in place; returns the module now in the model (an mha
@@ -109,29 +98,24 @@ class HeadSite:
         if self.family == "mha" and isinstance(module, nn.MultiheadAttention):
             module = replace_mha(module, self.num_heads)
         layout = head_layout(module, self.family)
-        kept = layout.heads - len(gone)
-        cols = torch.tensor([c for c, h in enumerate(self.inner_heads()) if h not in gone])
         with torch.no_grad():
-            for _, weight, bias, row_heads in layout.producers:
-                rows = torch.tensor([r for r, h in enumerate(row_heads) if h not in gone])
-                _keep(weight, 0, rows)
-                if bias is not None:
-                    _keep(bias, 0, rows)
-            for p, dim in layout.inner:
-                _keep(p, dim, cols)
-            _keep(layout.consumer[1], 1, cols)
-        set_head_count(module, self.family, kept)
+            for owner, attr, dim, of, _ in layout.tensors:
+                _keep(owner, attr, dim, torch.tensor([i for i, h in enumerate(of) if h not in gone]))
+        set_head_count(module, self.family, layout.heads - len(gone))
         self.module = module
         return module
 
 
-def _keep(param: torch.Tensor, dim: int, index: torch.Tensor) -> None:
-    """Keep `index` along `dim` of a parameter and of its gradient (a removal between backward and the optimizer
-    step, as FGGP's, steps with the gradients of what is left)."""
-    index = index.to(param.device)
-    param.data = param.data.index_select(dim, index).contiguous()
-    if param.grad is not None:
-        param.grad = param.grad.index_select(dim, index).contiguous()
+def _keep(owner: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:
+    """Keep `index` along `dim` of owner.attr and of its gradient, as a new Parameter (as torch-pruning does: an
+    autograd graph recorded before the removal, as in FGGP's events between backward and the optimizer step,
+    still refers to the old one)."""
+    old = getattr(owner, attr)
+    index = index.to(old.device)
+    new = nn.Parameter(old.detach().index_select(dim, index).contiguous(), requires_grad=old.requires_grad)
+    if old.grad is not None:
+        new.grad = old.grad.index_select(dim, index).contiguous()
+    setattr(owner, attr, new)
 
 
 def head_sites(model: nn.Module, ignored: tuple[nn.Module, ...] = (), *, prunable: bool = True) -> list[HeadSite]:
@@ -154,7 +138,8 @@ def site_dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
     if family is None:
         return None
     layout = head_layout(module, family)
-    return layout.heads * layout.head_dim, int(layout.consumer[1].shape[0]), True
+    consumer = module.get_submodule(layout.consumer)
+    return layout.heads * layout.head_dim, int(consumer.out_features), True
 
 
 def site_of(model: nn.Module, root: str) -> HeadSite:
