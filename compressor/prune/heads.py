@@ -6,14 +6,15 @@ local to its layer: torch-pruning's dependency graph keeps treating the attentio
 are fixed (prune/graph.py), and this module finds the heads, gives the planner their slices and MACs, and removes
 them. Each layer keeps its own head count.
 
-Layer families (`head_sites`):
+Layer families (models/attention.attention_family, which also knows each family's tensors, HeadLayout):
 - `qkv`: one packed q/k/v Linear `qkv` (rows laid out [3, heads, head_dim]), an output Linear `proj`, integer
   `num_heads` and `head_dim`, and `attn_dim` when the inner width may differ from the embedding: timm's ViT,
   DeiT, BEiT-style Attention. An optional `norm` over the inner width and a `gate` Linear lose the head's entries.
 - `mha`: torch's nn.MultiheadAttention with the packed projection (torchvision's ViT), replaced on removal by
   models/attention.HeadPrunedMultiheadAttention, which holds the same parameters with fewer heads.
-Attention layers of other shapes (separate q/k/v projections, Swin's window attention with its per-head relative
-position bias) keep their heads; `unsupported_sites` says why.
+- `sep`: Hugging Face layers with separate q/k/v projections (BERT, RoBERTa, DistilBERT, ViT, DeiT).
+Attention layers of other shapes (Swin's window attention with its per-head relative position bias, grouped-query
+attention) keep their heads; `unsupported_sites` says why.
 """
 from __future__ import annotations
 
