@@ -311,3 +311,10 @@ def test_hugging_face_references_say_what_does_not_fit(tmp_path):
         build_arch(f"hf:{vit}", 10, 3)
     with pytest.raises(UsageError, match="is a Bert text model: text inputs and a text data kind are not supported"):
         build_arch(f"hf:{_hf_dir(tmp_path / 'text', text=True)}", 3, 3)
+
+
+def test_an_ignored_attention_layer_keeps_its_heads():
+    model, layer = _model("torchvision")
+    snap = sel.snapshot(model, X[:1], [layer], 10, build_scorer(ImportanceConfig()), heads=True)
+    roots = {c.root for c in snap.candidates if H.is_head_root(c.root)}
+    assert roots == {"encoder.layers.encoder_layer_1.self_attention:heads"}
