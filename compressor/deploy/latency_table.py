@@ -283,16 +283,22 @@ def measure_context(model_path: str | Path, backend: str, batch: int, found: Seq
     return {"matched": matched, "layers": len(found), "profiled_run_ms": (run_us or 0) / 1e3, "scale": scale}
 
 
-def layer_factors(table: dict[str, Any], batch: int) -> list[float]:
-    """Per row, in-context over probe time of the dense layer (the probe less its identity overhead); rows the
-    profile did not match take the median factor of those it did; 1.0 for tables without a context."""
+def probe_ms(row: dict[str, Any], batch: int | str) -> list[float]:
+    """A row's probe times at its widths less the identity probe (the run call), each at least 2% of the
+    smallest raw time: a layer cheaper than the timing noise still costs something."""
     key = str(batch)
+    times = [float(t) for t in row["p50_ms"][key]]
+    overhead = float((row.get("overhead_ms") or {}).get(key, 0.0))
+    floor = 0.02 * min(times)
+    return [max(t - overhead, floor) for t in times]
 
-    def probe(row: dict[str, Any]) -> float:
-        return float(row["p50_ms"][key][-1]) - float((row.get("overhead_ms") or {}).get(key, 0.0))
 
-    ratios = [float(row["context_ms"][key]) / probe(row) if key in (row.get("context_ms") or {}) and probe(row) > 0
-              else None for row in table["layers"]]
+def layer_factors(table: dict[str, Any], batch: int) -> list[float]:
+    """Per row, in-context over probe time of the dense layer (probe_ms at the layer's width); rows the profile did
+    not match take the median factor of those it did; 1.0 for tables without a context."""
+    key = str(batch)
+    ratios = [float(row["context_ms"][key]) / probe_ms(row, key)[-1]
+              if key in (row.get("context_ms") or {}) and probe_ms(row, key)[-1] > 0 else None for row in table["layers"]]
     known = sorted(r for r in ratios if r is not None and math.isfinite(r) and r > 0)
     default = known[len(known) // 2] if known else 1.0
     return [r if r is not None and math.isfinite(r) and r > 0 else default for r in ratios]

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional
 
-from compressor.deploy.latency_table import layer_factors
+from compressor.deploy.latency_table import layer_factors, probe_ms
 from compressor.errors import UsageError
 
 if TYPE_CHECKING:
@@ -263,11 +263,8 @@ def build_cost(table: dict[str, Any], model: "nn.Module", example: "torch.Tensor
         if row is None or name not in snap.layer_dims:
             continue
         out, inputs, depthwise = snap.layer_dims[name]
-        overhead = float((row.get("overhead_ms") or {}).get(key, 0.0))  # the probe's run call, not the layer
-        floor = 0.02 * min(float(t) for t in row["p50_ms"][key])
         factor = factors[sig]  # the probe's boundary costs (layout conversions) taken out: in-context time
-        pairs = sorted(zip((int(w) for w in row["widths"]),
-                           (factor * max(float(t) - overhead, floor) for t in row["p50_ms"][key])))
+        pairs = sorted(zip((int(w) for w in row["widths"]), (factor * t for t in probe_ms(row, key))))
         curves[name] = Curve([w for w, _ in pairs], [t for _, t in pairs], out, inputs,
                              bool(row.get("depthwise", depthwise)))
     layers_ms = sum(c.at(c.out) for c in curves.values())

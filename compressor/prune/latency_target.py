@@ -274,7 +274,7 @@ def measured_layers(model: "nn.Module", recipe: "Recipe", backend: str, batch: i
     kept input and output widths, less the identity probe, calibrated to its time inside the whole pruned model
     (the in-context profile; layers alike share one measurement)."""
     from compressor.deploy.export import export_onnx
-    from compressor.deploy.latency_table import layer_factors, measure_table
+    from compressor.deploy.latency_table import layer_factors, measure_table, probe_ms
     from compressor.models.loading import example_inputs
     from compressor.prune.latency_cost import layer_signatures, row_signature
 
@@ -284,8 +284,7 @@ def measured_layers(model: "nn.Module", recipe: "Recipe", backend: str, batch: i
     table = measure_table(path, backend, (batch,), step=1 << 30, max_widths=None, threads=recipe.bench.threads,
                           warmup_ms=50.0, min_runs=10, min_seconds=0.1)
     key = str(batch)
-    by_signature = {row_signature(r): f * max(r["p50_ms"][key][-1] - r["overhead_ms"][key], 0.0)
-                    for r, f in zip(table["layers"], layer_factors(table, batch))}
+    by_signature = {row_signature(r): f * probe_ms(r, key)[-1] for r, f in zip(table["layers"], layer_factors(table, batch))}
     return {name: by_signature[sig] for name, sig in layer_signatures(model, example_inputs(recipe.model)).items()
             if sig in by_signature}
 
