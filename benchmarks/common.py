@@ -441,3 +441,16 @@ def explain_miss(inspection: dict, report: dict) -> str:
         why += ("; compressor's MAC count gives 0 MACs to " +
                 ", ".join(f"{n} {kind}" for kind, n in uncounted.items()) + " (shares are of the counted MACs)")
     return why + (f"; pruning event: {events[0]}" if events else "")
+
+
+def cpu_label() -> str:
+    """This machine's CPU and the widest vector instructions it has, for the CPU column of a result."""
+    import platform
+
+    from compressor.deploy.bench import environment
+    from compressor.deploy.hardware import cpu_flags
+
+    flags = cpu_flags()
+    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else \
+        "AVX2" if "avx2" in flags else platform.machine()
+    return f"{environment()['cpu'] or platform.machine()} ({isa})"

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from pathlib import Path
 
-from common import RESULTS, cached_compress, latency, onnx_speed, table, write_result
+from common import RESULTS, cached_compress, cpu_label, latency, onnx_speed, table, write_result
 
 CHECKPOINT = "samples/resnet20-fmnist.safetensors"
 RECIPE = "recipes/resnet20-fmnist-dpm.yaml"
@@ -32,22 +31,11 @@ BATCH = 1
 COMMON = ["bench.backends=[ort-cpu]", "bench.batch_sizes=[1, 8]", "bench.min_seconds=3", "gates.max_accuracy_drop=null"]
 
 
-def cpu() -> str:
-    from compressor.deploy.hardware import cpu_flags
-
-    flags = cpu_flags()
-    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else \
-        "AVX2" if "avx2" in flags else platform.machine()
-    from compressor.deploy.bench import environment
-
-    return f"{environment()['cpu'] or platform.machine()} ({isa})"
-
-
 def row(kind: str, seed: int, report: dict, extra: dict) -> dict:
     b1, b8 = latency(report, "ort-cpu", 1), latency(report, "ort-cpu", 8)
     return {"kind": kind, "seed": seed, "top1": report["compressed"]["top1"], "dense_top1": report["dense"]["top1"],
             "macs": report["compressed"]["macs"] / report["dense"]["macs"], "speedup_b1": b1["speedup"],
-            "speedup_b8": b8["speedup"], "widths": report["compressed"]["widths"], "cpu": cpu(),
+            "speedup_b8": b8["speedup"], "widths": report["compressed"]["widths"], "cpu": cpu_label(),
             "wall_s": report.get("wall_s"), **extra}
 
 

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 from pathlib import Path
 
-from common import RESULTS, informative_init, latency, parity_cell, parity_fields, run_compress, table, write_result
+# this file's folder goes last on the path: first, its name would shadow the transformers package for any import
+sys.path.append(sys.path.pop(0))
+
+from common import (RESULTS, cpu_label, informative_init, latency, parity_cell, parity_fields, run_compress, table,
+                    write_result)
 
 
-def cpu() -> str:
-    from compressor.deploy.bench import environment
-    from compressor.deploy.hardware import cpu_flags
-
-    flags = cpu_flags()
-    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else \
-        "AVX2" if "avx2" in flags else platform.machine()
-    return f"{environment()['cpu'] or platform.machine()} ({isa})"
 
 
 def main() -> None:
@@ -58,7 +54,7 @@ def main() -> None:
             mac = report["compressed"]["macs"] / report["dense"]["macs"]
             b1, b8 = statistics.median(speed[1]), statistics.median(speed[8])
             kept[f"{model}/heads={heads}"] = {
-                "model": model, "heads": heads, "cpu": cpu(), "dense_gmacs": report["dense"]["macs"] / 1e9,
+                "model": model, "heads": heads, "cpu": cpu_label(), "dense_gmacs": report["dense"]["macs"] / 1e9,
                 "macs_kept": mac, "heads_kept": sum(widths.get(k, 0) for k in head_keys),
                 "heads_dense": sum(dense_widths[k] for k in head_keys),
                 "mlp_kept": sum(widths[k] for k in widths if k.endswith("mlp.0")),
