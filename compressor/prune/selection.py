@@ -154,17 +154,15 @@ def snapshot_macs(model: nn.Module, example: torch.Tensor) -> tuple[float, int]:
 
 def _dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
     """(out, in, MACs scale with out alone) of a layer the MAC model follows; an attention layer's out is its inner
-    width (heads x head_dim), which all its MACs scale with."""
+    width (heads x head_dim), which all its MACs scale with, when the op counter counts it as one layer (else its
+    MACs are the sum of its children's, which are counted there)."""
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.out_channels, module.in_channels, is_depthwise(module)
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features, False
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.num_features, module.num_features, True
-    site = heads_mod.site_dims(module)
-    if site is not None:
-        return site
-    return None
+    return heads_mod.site_dims(module) if counted_whole(module) else None
 
 
 def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str], num_classes: int,
@@ -209,9 +207,7 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
     layer_macs, layer_dims = {}, {}
     for module, name in names.items():
         dims = _dims(module)
-        if dims is not None and per_layer.get(module) and (
-                heads_mod.site_dims(module) is None or counted_whole(module)):
-            # an attention layer the op counter did not count as one holds the sum of its children, counted there
+        if dims is not None and per_layer.get(module):
             layer_macs[name], layer_dims[name] = float(per_layer[module]), dims
     if heads:
         candidates += _head_candidates(model, tuple(ignored), scorer, layer_macs, normalize)
