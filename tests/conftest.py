@@ -27,6 +27,8 @@ def tiny_recipe(**sections) -> dict:
         "data": {"kind": "synthetic", "batch_size": 32, "synthetic": {"train_size": 128, "val_size": 64}},
         "prune": {"method": "none"},
         "finetune": {"epochs": 2, "optimizer": {"lr": 0.05}},
+        # the recipe's backends and batches, timed briefly: the tests check what is measured, not how fast
+        "bench": {"warmup_ms": 20, "min_runs": 5, "min_seconds": 0.1},
     }
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value}

@@ -301,16 +301,24 @@ def test_a_hugging_face_directory_compresses_with_its_heads(tmp_path):
 
 
 def test_hugging_face_references_say_what_does_not_fit(tmp_path):
-    from compressor.errors import ModelLoadError, UsageError
-    from compressor.models.loading import build_arch
+    from compressor.errors import ModelLoadError
+    from compressor.models.config import ModelConfig
+    from compressor.models.loading import build_arch, load_model
 
     with pytest.raises(ModelLoadError, match="config.json does not exist"):
         build_arch(f"hf:{tmp_path / 'missing'}", 4, 3)
     vit = _hf_dir(tmp_path)
     with pytest.raises(ModelLoadError, match="model.num_classes is 10, the model's config.json has num_labels 4"):
         build_arch(f"hf:{vit}", 10, 3)
-    with pytest.raises(UsageError, match="is a Bert text model: text inputs and a text data kind are not supported"):
-        build_arch(f"hf:{_hf_dir(tmp_path / 'text', text=True)}", 3, 3)
+    text = f"hf:{_hf_dir(tmp_path / 'text', text=True)}"
+    with pytest.raises(ModelLoadError, match="model.num_classes is 5, the model's config.json has num_labels 3"):
+        build_arch(text, 5, 3)
+    with pytest.raises(RecipeError, match="is a text model; the recipe has model.inputs: image"):
+        load_model(text, ModelConfig(num_classes=3))
+    with pytest.raises(RecipeError, match="is an image model; the recipe has model.inputs: tokens"):
+        load_model(f"hf:{vit}", ModelConfig(num_classes=4, inputs="tokens", input_shape=[16]))
+    with pytest.raises(RecipeError, match=r"model.input_shape \[4096\]: .* embeds at most 64 positions"):
+        load_model(text, ModelConfig(num_classes=3, inputs="tokens", input_shape=[4096]))
 
 
 def test_an_ignored_attention_layer_keeps_its_heads():

@@ -24,10 +24,10 @@ def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool 
         from compressor.deploy.runners import open_onnx_session
 
         session = open_onnx_session(Path(model_ref), "ort-cpu")
-        _, val_set = build_datasets(recipe.data, recipe.model)
+        _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))
         return evaluate_onnx(Path(model_ref), val_set, batch_size=batch, session=session)
     model = load_model(model_ref, recipe.model, trust_checkpoint=trust_checkpoint)
-    _, val_set = build_datasets(recipe.data, recipe.model)
+    _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))
     return evaluate(model, val_set, batch_size=batch, device=device)
 
 

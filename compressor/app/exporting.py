@@ -66,7 +66,7 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
     if recipe is not None:
         from compressor.train.data import build_datasets, sample_batch
 
-        samples, _ = sample_batch(build_datasets(recipe.data, recipe.model)[1], verify_cfg.samples)
+        samples, _ = sample_batch(build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))[1], verify_cfg.samples)
         source = f"{len(samples)} {recipe.data.kind} validation samples"
     else:
         samples = torch.randn(min(verify_cfg.samples, 64), *model_cfg.input_shape, generator=torch.Generator().manual_seed(0))
@@ -81,7 +81,7 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
     if quantized:
         from compressor.app.quantization import quantize_for_export
 
-        info["quantized"] = quantize_for_export(model, target, recipe, samples)
+        info["quantized"] = quantize_for_export(model, target, recipe, samples, model_ref=str(model_ref))
         engine_source = Path(info["quantized"]["path"])
     if fmt == "tensorrt":
         from compressor.train.data import build_datasets, sample_batch
@@ -90,6 +90,6 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
         settings = settings_from_recipe(recipe, **(trt_options or {}), quantized=quantized)
         calibration = None
         if settings.calib_samples:
-            calibration = sample_batch(build_datasets(recipe.data, recipe.model)[0], settings.calib_samples)[0]
+            calibration = sample_batch(build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))[0], settings.calib_samples)[0]
         info["tensorrt"] = build_and_verify(model, engine_source, samples, recipe, settings, calibration=calibration)
     return info

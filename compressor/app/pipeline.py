@@ -124,6 +124,7 @@ class RunState:
     training: Any = None
     compressed: Optional[Measured] = None
     samples: Any = None
+    hf_pretrained: Optional[dict[str, Any]] = None  # a Hugging Face model's save_pretrained folder, or why not
     report: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -143,7 +144,9 @@ def load_inputs(state: RunState) -> None:
     """The model and the datasets; then round_to: auto measured on this machine (round_to.json in the run)."""
     with state.timer("load"):
         state.model = load_model(state.checkpoint, state.recipe.model, trust_checkpoint=state.trust_checkpoint)
-        state.train_set, state.val_set = build_datasets(state.recipe.data, state.recipe.model)
+        state.train_set, state.val_set = build_datasets(state.recipe.data, state.recipe.model,
+                                                      model_ref=state.checkpoint)
+        _label_unlabelled_text(state)
     with state.timer("round_to"):  # recipe.yaml in the run keeps `auto` as written; the choice is in round_to.json
         state.recipe, state.round_note = resolve_round_to(state.recipe, state.model, out=state.out)
     if state.round_note:
@@ -153,6 +156,19 @@ def load_inputs(state: RunState) -> None:
         state.recipe, state.latency_target = resolve_latency_target(state.recipe, state.model, out=state.out)
     if state.latency_target:
         note = latency_target_note(state.latency_target)
+        state.notes.append(note)
+        info(note)
+
+
+def _label_unlabelled_text(state: RunState) -> None:
+    """Unlabelled text (data.text.label_column: null): the dense model's predictions become the labels, so the
+    validation top-1 is agreement with the dense model (train/text.py)."""
+    from compressor.train.text import pseudo_label
+
+    if pseudo_label(state.train_set, state.model) | pseudo_label(state.val_set, state.model):
+        note = ("unlabelled text: the dense model's predictions are the labels, so top-1 is agreement with the "
+                "dense model" + ("" if state.recipe.finetune.distill.enabled else
+                                 "; finetune.distill is off, so training fits the dense model's hard labels only"))
         state.notes.append(note)
         info(note)
 
@@ -197,7 +213,8 @@ def save_and_export(state: RunState) -> None:
     recipe, out, example = state.recipe, state.out, state.example
     zipped = state.method_class.keeps_dense_shapes(recipe.prune)  # zeros in dense tensors: the zipped size matters
     with state.timer("export"):
-        artifacts = save_slim(state.model, out, recipe.model)
+        artifacts = save_slim(state.model, out, _with_reference(recipe.model, state.checkpoint))
+        artifacts.update(_save_text_artifacts(state))
         onnx_info = export_onnx(state.model, example, out / "model.onnx", recipe.export.onnx, zipped=zipped)
         dense_onnx = export_onnx(state.dense_model, example, out / "dense.onnx", recipe.export.onnx, zipped=zipped)
     state.samples, _ = sample_batch(state.val_set, recipe.verify.samples)
@@ -214,7 +231,8 @@ def save_and_export(state: RunState) -> None:
         "method": state.method.summary(),
         "training": {"history": state.training.history, "seconds": state.training.seconds,
                      "resumed_from": state.training.resumed_from},
-        "exports": {"onnx": onnx_info, "dense_onnx": dense_onnx},
+        "exports": {"onnx": onnx_info, "dense_onnx": dense_onnx,
+                    **({"hf_pretrained": state.hf_pretrained} if state.hf_pretrained else {})},
         "artifacts": {**artifacts, "onnx": str(out / "model.onnx")},
     }
     for event in state.report["method"].get("events", []):
@@ -223,6 +241,41 @@ def save_and_export(state: RunState) -> None:
     if state.report["target"]["met"] is False:
         state.notes.append(_target_missed(recipe, state.report["target"]))
         info(f"      note: {state.notes[-1]}")
+
+
+def _with_reference(model_cfg, checkpoint: str):
+    """The model section slim.json records: a reference given as the checkpoint (`compress hf:DIR`,
+    `compress torchvision:NAME`) is the architecture to rebuild from when the recipe names none."""
+    from compressor.models.loading import is_reference
+
+    if model_cfg.arch is None and is_reference(str(checkpoint)) and not Path(str(checkpoint)).is_file():
+        return model_cfg.model_copy(update={"arch": str(checkpoint)})
+    return model_cfg
+
+
+def _save_text_artifacts(state: RunState) -> dict[str, Any]:
+    """A text model's tokenizer (tokenizer/, what the ONNX needs beside it) and, for a Hugging Face model, the
+    save_pretrained folder (hf/) where from_pretrained can rebuild the pruned shapes (models/hf_export.py)."""
+    from compressor.models.hf import HFLogits, HFText
+    from compressor.train.text import TOKENIZER_DIR, root_dataset
+
+    if not isinstance(state.model, (HFText, HFLogits)):
+        return {}
+    from compressor.models.hf_export import save_pretrained_checked
+
+    saved: dict[str, Any] = {}
+    tokenizer = getattr(root_dataset(state.train_set), "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(state.out / TOKENIZER_DIR))
+        saved["tokenizer"] = str(state.out / TOKENIZER_DIR)
+    pretrained = save_pretrained_checked(state.model, state.out / "hf", state.example, tokenizer)
+    state.hf_pretrained = pretrained
+    if pretrained["written"]:
+        saved["hf_pretrained"] = pretrained["path"]
+    else:
+        state.notes.append(f"no save_pretrained folder: {pretrained['reason']}")
+        info(f"      note: {state.notes[-1]}")
+    return saved
 
 
 def verify_exports(state: RunState) -> None:

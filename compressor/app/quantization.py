@@ -126,7 +126,8 @@ def _int8(quantizer: Int8Quantizer, cfg, recipe: "Recipe", out: Path, run, sampl
     return result, tries, ranking
 
 
-def quantize_for_export(model, fp32_path: Path, recipe: "Recipe", samples) -> dict[str, Any]:
+def quantize_for_export(model, fp32_path: Path, recipe: "Recipe", samples, *, model_ref: Optional[str] = None
+                        ) -> dict[str, Any]:
     """`compressor export` with export.quantize: calibration on the recipe's training data, evaluation on its
     validation set; `exclude: auto` measures its gate from this model's own top-1 (there is no dense model)."""
     from compressor.app.evaluation import evaluate_onnx
@@ -134,7 +135,7 @@ def quantize_for_export(model, fp32_path: Path, recipe: "Recipe", samples) -> di
     from compressor.train.data import build_datasets, sample_batch
 
     cfg = recipe.export.quantize
-    train_set, val_set = build_datasets(recipe.data, recipe.model)
+    train_set, val_set = build_datasets(recipe.data, recipe.model, model_ref=model_ref)
     batch = recipe.data.eval_batch_size or max(recipe.data.batch_size, 256)
     calibration = sample_batch(train_set, cfg.calibration.samples)[0].numpy() if cfg.mode == "int8" else None
 

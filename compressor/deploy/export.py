@@ -15,6 +15,7 @@ from compressor.errors import ExportError
 from compressor.rundir import publish
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+TOKENS_NAME = "input_ids"  # a text model's one input: int64 token ids (batch, sequence); the mask is derived inside
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: OnnxConfig, *,
@@ -26,7 +27,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
     path = Path(path)
     model = model.eval()
     example = example.contiguous()
-    dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if cfg.dynamic_batch else None
+    tokens = not example.is_floating_point()  # a text model's token ids: dynamic sequence axis too
+    name = TOKENS_NAME if tokens else INPUT_NAME
+    axes = {0: "batch", 1: "sequence"} if tokens else {0: "batch"}
+    dynamic = {name: axes, OUTPUT_NAME: {0: "batch"}} if cfg.dynamic_batch or tokens else None
     _check_space(path, _tensor_bytes(model))
     with _private_dir(path) as work:
         tmp = work / path.name  # the exporters name external-data files after the graph file and write them beside it
@@ -34,12 +38,16 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
             with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath(False):
                 warnings.simplefilter("ignore")
                 if cfg.dynamo:
-                    batch = torch.export.Dim("batch", min=1) if cfg.dynamic_batch else None
-                    torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    shapes = {}
+                    if cfg.dynamic_batch:
+                        shapes[0] = torch.export.Dim("batch", min=1)
+                    if tokens:
+                        shapes[1] = torch.export.Dim("sequence", min=2, max=int(example.shape[1]))
+                    torch.onnx.export(model, (example,), str(tmp), input_names=[name], output_names=[OUTPUT_NAME],
                                       opset_version=cfg.opset, dynamo=True, external_data=_over_proto_limit(model),
-                                      dynamic_shapes=({0: batch},) if batch is not None else None)
+                                      dynamic_shapes=(shapes,) if shapes else None)
                 else:  # over 2 GB, this exporter writes one file per tensor beside the graph on its own
-                    torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    torch.onnx.export(model, (example,), str(tmp), input_names=[name], output_names=[OUTPUT_NAME],
                                       opset_version=cfg.opset, dynamo=False, dynamic_axes=dynamic,
                                       do_constant_folding=True)
         except Exception as exc:  # the exporters raise many unrelated types; all mean "this model did not export"

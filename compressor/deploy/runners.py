@@ -12,11 +12,13 @@ import numpy as np
 from compressor.deploy.onnx_runtime import create_session
 from compressor.errors import BackendUnavailable, CompressorError, ModelLoadError, UsageError
 from compressor.registry import Registry
+from compressor.tokens import TOKEN_ID_RANGE
 
 SEED = 0
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32}  # integers: a text model's token ids
 
 
 class Runner(abc.ABC):
@@ -60,8 +62,12 @@ BACKENDS: Registry[Callable[[Any, RunnerOptions], Runner]] = Registry("backend")
 
 
 def random_input(shape: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
-    """The seeded input every runner times, so a model and its baseline see identical data."""
-    return np.random.default_rng(SEED).standard_normal(tuple(shape)).astype(dtype)
+    """The seeded input every runner times, so a model and its baseline see identical data: standard normal
+    floats, or token ids in [0, TOKEN_ID_RANGE) for an integer input (compressor/tokens.py)."""
+    rng = np.random.default_rng(SEED)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        return rng.integers(0, TOKEN_ID_RANGE, tuple(shape)).astype(dtype)
+    return rng.standard_normal(tuple(shape)).astype(dtype)
 
 
 def _model_path(model: Any) -> Path:

@@ -74,5 +74,6 @@ def verify_onnx(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor, c
     session = create_session(onnx_path, "ort-cpu")
     name = session.get_inputs()[0].name
     reference = torch_outputs(model, inputs)
-    candidate = batched(lambda x: session.run(None, {name: x})[0], inputs.numpy().astype(np.float32))
+    feed = inputs.numpy() if not inputs.is_floating_point() else inputs.numpy().astype(np.float32)
+    candidate = batched(lambda x: session.run(None, {name: x})[0], feed)
     return check(compare_outputs(reference, candidate), cfg, f"ONNX {Path(onnx_path).name}")

@@ -22,6 +22,7 @@ from compressor.errors import BackendUnavailable, ModelLoadError, UsageError
 from compressor.models.config import ModelConfig
 from compressor.models.zoo import ZOO
 from compressor.registry import did_you_mean
+from compressor.tokens import TOKEN_ID_RANGE
 
 SCHEMES = ("zoo", "torchvision", "timm", "python", "hf")
 ACCEPTED_FORMS = "zoo:NAME, torchvision:NAME, timm:NAME, python:pkg.module:factory or hf:DIR"
@@ -145,7 +146,12 @@ def load_model(checkpoint: str | Path, model_cfg: ModelConfig, *, trust_checkpoi
     """Load a model from a reference, a state dict, a pickled module or a slim model."""
     path = Path(checkpoint)
     if isinstance(checkpoint, str) and is_reference(checkpoint) and not path.is_file():
-        return build_arch(checkpoint, model_cfg.num_classes, model_cfg.in_channels)
+        model = build_arch(checkpoint, model_cfg.num_classes, model_cfg.in_channels)
+        if checkpoint.startswith("hf:"):
+            from compressor.models.hf import check_inputs
+
+            check_inputs(model, checkpoint, model_cfg.inputs, model_cfg.input_shape)
+        return model
     if not path.exists():
         scheme = re.match(r"([A-Za-z][\w.+-]*):", str(checkpoint))
         if scheme and len(scheme.group(1)) > 1 and scheme.group(1) not in SCHEMES:  # not a Windows drive letter
@@ -316,6 +322,9 @@ def check_device(device: str) -> str:
 
 
 def example_inputs(model_cfg: ModelConfig, batch: int = 1) -> torch.Tensor:
-    """A reproducible random input batch of shape (batch, C, H, W) drawn with seed 0."""
+    """A reproducible random input batch drawn with seed 0: (batch, C, H, W) floats, or for inputs: tokens
+    (batch, sequence) int64 token ids in [0, TOKEN_ID_RANGE) (compressor/tokens.py)."""
     generator = torch.Generator().manual_seed(0)
+    if model_cfg.inputs == "tokens":
+        return torch.randint(0, TOKEN_ID_RANGE, (batch, *model_cfg.input_shape), generator=generator)
     return torch.randn((batch, *model_cfg.input_shape), generator=generator)

@@ -102,7 +102,7 @@ def save_slim(model: nn.Module, out_dir, model_cfg) -> dict[str, str]:
         # other names in the file's metadata; load_slim restores them
         save_model(model, str(tmp), force_contiguous=True)
     meta = {"format": SLIM_FORMAT, "arch": model_cfg.arch, "num_classes": model_cfg.num_classes,
-            "in_channels": model_cfg.in_channels, "input_shape": list(model_cfg.input_shape),
+            "in_channels": model_cfg.in_channels, "inputs": model_cfg.inputs, "input_shape": list(model_cfg.input_shape),
             "widths": layer_widths(model), "shapes": {k: list(v.shape) for k, v in state.items()}}
     write_text(out_dir / "slim.json", json.dumps(meta, indent=1) + "\n")
     save_torch(model, out_dir / "model.pt")
@@ -166,4 +166,4 @@ def read_model_config(path):
         return None
     meta = json.loads(meta_path.read_text())
     return ModelConfig(arch=meta.get("arch"), num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-                       input_shape=meta["input_shape"])
+                       inputs=meta.get("inputs", "image"), input_shape=meta["input_shape"])

@@ -16,7 +16,17 @@ class SyntheticConfig(Strict):
     seed: int = 0
 
 
-DataKind = Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "python"]
+class TextDataConfig(Strict):
+    train: Optional[Path] = Field(None, description="CSV, JSONL or parquet file of training text")
+    val: Optional[Path] = Field(None, description="CSV, JSONL or parquet file of validation text")
+    text_column: str = "text"
+    label_column: Optional[str] = Field("label", description="null: unlabelled text (the dense model's predictions "
+                                        "become the labels; use finetune.distill)")
+    labels: Optional[list[str]] = Field(None, description="class names in index order, for string labels")
+    tokenizer: Optional[Path] = Field(None, description="tokenizer directory; default: the hf:DIR model's own")
+
+
+DataKind = Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "python", "text"]
 
 
 class DataConfig(Strict):
@@ -34,9 +44,12 @@ class DataConfig(Strict):
                                       "train_subset); all of them when N >= the set's size")
     augment: bool = True
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    text: TextDataConfig = Field(default_factory=TextDataConfig)
 
     @model_validator(mode="after")
     def _factory(self) -> "DataConfig":
+        if self.kind == "text" and (self.text.train is None or self.text.val is None):
+            raise ValueError("kind: text needs data.text.train and data.text.val (CSV, JSONL or parquet files)")
         if self.kind == "python" and not self.factory:
             raise ValueError("kind: python needs data.factory: 'pkg.module:build'")
         if self.factory and not re.fullmatch(r"[\w.]+:[\w]+", self.factory):

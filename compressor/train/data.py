@@ -6,6 +6,7 @@ on tensors, so the in-memory kinds need no worker processes.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib
 import os
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from compressor.errors import DataError
 from compressor.models.config import ModelConfig
+from compressor.tokens import TOKEN_ID_RANGE
 from compressor.train.config import DataConfig
 
 # Per-kind presets: folder name, file stems, normalisation and augmentation.
@@ -207,6 +209,22 @@ class SyntheticImages(Dataset):
         return self.images[index], self.labels[index]
 
 
+class SyntheticTokens(Dataset):
+    """Seeded random token ids in [1, TOKEN_ID_RANGE) (never 0, BERT's pad id) with random labels: for timing and
+    shape checks of text models, not for accuracy."""
+
+    def __init__(self, size: int, shape: list[int], num_classes: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, num_classes, (size,), generator=gen)
+        self.ids = torch.randint(1, TOKEN_ID_RANGE, (size, *shape), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.ids[index], self.labels[index]
+
+
 def _python_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     module_name, func_name = str(cfg.factory).split(":")
     try:
@@ -219,15 +237,25 @@ def _python_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     return result
 
 
-def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, *, seed: int = SUBSET_SEED) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, *, seed: int = SUBSET_SEED,
+                   model_ref: Optional[str] = None) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for the recipe; `data.train_subset` / `data.val_subset` keep a seeded random N samples
-    (`subset_indices` with `seed`, SUBSET_SEED by default: the same samples on every machine, rank and resume)."""
-    if cfg.kind in ("fashion-mnist", "mnist"):
+    (`subset_indices` with `seed`, SUBSET_SEED by default: the same samples on every machine, rank and resume).
+    `model_ref`: the model reference, whose hf:DIR directory holds the tokenizer of the text kind."""
+    if cfg.kind == "text":
+        from compressor.train.text import text_datasets
+
+        train, val = text_datasets(cfg, model_cfg, model_ref)
+    elif cfg.kind in ("fashion-mnist", "mnist"):
         train, val = _idx_dataset(cfg, "train", cfg.augment), _idx_dataset(cfg, "val", False)
     elif cfg.kind in ("cifar10", "cifar100"):
         train, val = _cifar_dataset(cfg, "train", cfg.augment), _cifar_dataset(cfg, "val", False)
     elif cfg.kind == "imagefolder":
         train, val = (_imagefolder_dataset(cfg, model_cfg, s, cfg.augment and s == "train") for s in ("train", "val"))
+    elif cfg.kind == "synthetic" and model_cfg.inputs == "tokens":
+        s = cfg.synthetic
+        train = SyntheticTokens(s.train_size, model_cfg.input_shape, model_cfg.num_classes, s.seed)
+        val = SyntheticTokens(s.val_size, model_cfg.input_shape, model_cfg.num_classes, s.seed + 1)
     elif cfg.kind == "synthetic":
         s = cfg.synthetic
         train = SyntheticImages(s.train_size, model_cfg.input_shape, model_cfg.num_classes, s.seed)
@@ -264,7 +292,17 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: in
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=workers, generator=generator, drop_last=False,
-                      persistent_workers=False)
+                      persistent_workers=False, collate_fn=_collate(dataset))
+
+
+def _collate(dataset: Dataset):
+    """Text batches lose their all-padding tail columns (compressor/train/text.py); others collate as usual."""
+    from compressor.train.text import TokenizedText, root_dataset, trim_padding
+
+    base = root_dataset(dataset)
+    if isinstance(base, TokenizedText):
+        return functools.partial(trim_padding, pad_token_id=base.pad_token_id)
+    return None
 
 
 def sample_batch(dataset: Dataset, count: int, *, seed: int = SUBSET_SEED) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ class OrtRunner(Runner):
             raise UsageError(f"{path.name!r} has {len(inputs)} inputs; bench feeds models with exactly one input.")
         self.input = inputs[0]
         if self.input.type not in ORT_DTYPES:
-            raise UsageError(f"{path.name!r} takes {self.input.type}; bench feeds float inputs only.")
+            raise UsageError(f"{path.name!r} takes {self.input.type}; bench feeds float inputs and int32/int64 token ids only.")
         self.feed: dict[str, np.ndarray] = {}
 
     def prepare(self, batch_size: int) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from compressor.deploy.runners import (BACKENDS, ENGINE_SUFFIXES, ONNX_SUFFIXES, Runner, RunnerOptions, _model_path,
                                        random_input)
 from compressor.errors import UsageError
@@ -30,7 +32,10 @@ class TorchRunner(Runner):
     def prepare(self, batch_size: int) -> None:
         import torch
 
-        self.example = torch.from_numpy(random_input([batch_size, *self.input_shape]))
+        from compressor.models.hf import HFText
+
+        dtype = np.int64 if isinstance(self.module, HFText) else np.float32  # a text model takes token ids
+        self.example = torch.from_numpy(random_input([batch_size, *self.input_shape], dtype))
 
     def run_once(self) -> None:
         import torch
@@ -57,10 +62,13 @@ def _load_torch_model(model: Any, options: RunnerOptions):
         raise UsageError("the torch backend needs the input shape of one sample: --input-shape C,H,W.")
     if given:
         return model
-    if len(input_shape) != 3:
-        raise UsageError(f"--input-shape must be C,H,W for the torch backend, not {','.join(map(str, input_shape))}.")
+    if len(input_shape) not in (1, 3):
+        raise UsageError(f"--input-shape must be C,H,W (or a text model's sequence length) for the torch backend, "
+                         f"not {','.join(map(str, input_shape))}.")
     from compressor.models.loading import load_model
     from compressor.models.config import ModelConfig
 
-    return load_model(model, ModelConfig(arch=None, input_shape=list(input_shape), in_channels=input_shape[0]),
+    kind = "tokens" if len(input_shape) == 1 else "image"
+    return load_model(model, ModelConfig(arch=None, inputs=kind, input_shape=list(input_shape),
+                                         in_channels=input_shape[0] if kind == "image" else 3),
                       trust_checkpoint=options.trust_checkpoint)

@@ -1,0 +1,93 @@
+"""A pruned Hugging Face model written with `save_pretrained` where `from_pretrained` can rebuild it.
+
+from_pretrained builds every layer from config.json, so a folder is only useful when the config can describe the
+pruned shapes: an MLP width (intermediate_size; DistilBERT's hidden_dim) pruned to one value in every layer is
+written into the config; anything else (different widths per layer, pruned attention heads: transformers 5 removed
+config.pruned_heads, so every layer would be rebuilt with num_attention_heads heads, and BERT derives the head
+width from hidden_size / num_attention_heads) cannot be, and the folder is not written. Whatever is written is
+reloaded with from_pretrained and its logits compared with the pruned model's before it is published; the slim
+format (slim.json + weights.safetensors) reloads every shape regardless.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from compressor.models.hf import HFLogits, HFText, quiet
+
+# config attribute -> the Linear whose out_features it sets, by module-name suffix (BERT/RoBERTa/ViT/DeiT, DistilBERT)
+MLP_FIELDS = {"intermediate_size": (".intermediate.dense",), "hidden_dim": (".ffn.lin1",)}
+TOLERANCE = 1e-4
+
+
+def config_for(model: nn.Module) -> tuple[Optional[Any], Optional[str]]:
+    """(a config describing `model`'s shapes, None) or (None, why no config can): the MLP width is set when every
+    layer has the same one, then every tensor's shape is compared with a model built from that config."""
+    from compressor.prune.heads import head_counts
+
+    config = copy.deepcopy(model.config)
+    heads = set(head_counts(model).values())
+    expected = getattr(config, "num_attention_heads", getattr(config, "n_heads", None))
+    if heads and heads != {expected}:
+        return None, (f"attention heads were pruned ({min(heads)}-{max(heads)} per layer, config has {expected}); "
+                      "transformers' from_pretrained rebuilds every layer with the config's head count (it has no "
+                      "pruned_heads since version 5)")
+    for attr, suffixes in MLP_FIELDS.items():
+        widths = {m.out_features for name, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and name.endswith(suffixes)}
+        if hasattr(config, attr) and len(widths) == 1:
+            setattr(config, attr, widths.pop())
+    with torch.device("meta"):
+        rebuilt = type(model)(config).state_dict()
+    for name, tensor in model.state_dict().items():
+        want = rebuilt.get(name)
+        if want is not None and tuple(want.shape) != tuple(tensor.shape):
+            return None, (f"{name} is {list(tensor.shape)} after pruning, a model built from config.json has "
+                          f"{list(want.shape)} (the config has one size for what pruning made different)")
+    return config, None
+
+
+def save_pretrained_checked(wrapper: nn.Module, folder: Path, example: torch.Tensor,
+                            tokenizer: Any = None) -> dict[str, Any]:
+    """Write `wrapper.model` (HFText / HFLogits) to `folder` with save_pretrained when from_pretrained rebuilds it
+    with the same logits (checked); otherwise write nothing. Returns {written, path | reason, max_abs_diff}."""
+    model = wrapper.model
+    config, reason = config_for(model)
+    if folder.exists():
+        shutil.rmtree(folder)
+    if config is None:
+        return {"written": False, "reason": reason}
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix=".hf.", dir=folder.parent) as tmp:
+        staged = Path(tmp) / folder.name
+        original = model.config
+        model.config = config
+        try:
+            with quiet(transformers):
+                model.save_pretrained(str(staged))
+        finally:
+            model.config = original
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staged))
+        try:
+            with quiet(transformers):
+                reloaded = type(model).from_pretrained(str(staged), local_files_only=True).eval()
+        except (OSError, ValueError, RuntimeError) as exc:
+            return {"written": False, "reason": f"from_pretrained cannot rebuild it ({type(exc).__name__}: "
+                                                f"{' '.join(str(exc).split())[:200]})"}
+        rebuilt = (HFText(reloaded, wrapper.pad_token_id) if isinstance(wrapper, HFText)
+                   else HFLogits(reloaded, wrapper.argument))
+        with torch.no_grad():
+            diff = float((wrapper.eval()(example) - rebuilt(example)).abs().max())
+        if diff > TOLERANCE:
+            return {"written": False, "reason": f"from_pretrained rebuilds it with different logits (max abs diff "
+                                                f"{diff:.3g})"}
+        staged.rename(folder)
+    return {"written": True, "path": str(folder), "max_abs_diff": diff}
