@@ -136,6 +136,15 @@ def tiny_maxvit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
                   head_dim=8, stochastic_depth_prob=0.0, num_classes=num_classes)
 
 
+def tiny_timm_swin(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """timm's Swin Transformer (v1 WindowAttention with a relative position bias table) on 32x32: 2 and 4 heads of 8."""
+    import timm
+
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=4,
+                             embed_dim=16, depths=(1, 1), num_heads=(2, 4), num_classes=num_classes,
+                             in_chans=in_channels)
+
+
 def tiny_swin(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """torchvision's Swin Transformer (shifted-window attention, patch merging) on 32x32."""
     from torchvision.models import SwinTransformer

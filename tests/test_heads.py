@@ -16,16 +16,18 @@ from compressor.prune import heads as H
 from compressor.prune import selection as sel
 from compressor.prune.importance import ImportanceConfig, build_scorer
 from tests.conftest import tiny_recipe
-from tests.helpers_models import tiny_hf_bert, tiny_hf_distilbert, tiny_hf_vit, tiny_timm_vit, tiny_vit4
+from tests.helpers_models import (tiny_hf_bert, tiny_hf_distilbert, tiny_hf_vit, tiny_timm_swin, tiny_timm_vit,
+                                  tiny_vit4)
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 FAMILIES = {"torchvision": (tiny_vit4, "encoder.layers.encoder_layer_0.self_attention"),
             "timm": (tiny_timm_vit, "blocks.0.attn"),
-            "hf-vit": (tiny_hf_vit, "model.vit.layers.0.attention")}
+            "hf-vit": (tiny_hf_vit, "model.vit.layers.0.attention"),
+            "timm-swin": (tiny_timm_swin, "layers.1.blocks.0.attn")}
 
 
 def _model(family: str) -> tuple[nn.Module, str]:
-    if family == "timm":
+    if family.startswith("timm"):
         pytest.importorskip("timm")
     if family.startswith("hf"):
         pytest.importorskip("transformers")
@@ -40,7 +42,7 @@ def _packed(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return module.in_proj_weight, module.in_proj_bias, module.out_proj.weight
 
 
-@pytest.mark.parametrize("family", ["torchvision", "timm"])
+@pytest.mark.parametrize("family", ["torchvision", "timm", "timm-swin"])
 def test_a_removed_heads_rows_and_columns_are_gone(family):
     model, layer = _model(family)
     weight, bias, out = (t.detach().clone() for t in _packed(model.get_submodule(layer)))
@@ -130,7 +132,7 @@ def test_a_pruned_multihead_attention_matches_torch_with_all_its_heads():
                 torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", ["hf-vit", "timm", "torchvision"])  # 4 heads in both layers; Swin below
 def test_the_planner_sees_heads_with_their_macs(family):
     model, layer = _model(family)
     scorer = build_scorer(ImportanceConfig())
@@ -193,7 +195,8 @@ def test_head_counts_survive_save_reload_and_onnx(tmp_path):
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family,factory", [("timm", "tiny_timm_vit"), ("hf-vit", "tiny_hf_vit")])
+@pytest.mark.parametrize("family,factory", [("timm", "tiny_timm_vit"), ("hf-vit", "tiny_hf_vit"),
+                                            ("timm-swin", "tiny_timm_swin")])
 def test_timm_and_hugging_face_head_counts_survive_save_and_reload(tmp_path, family, factory):
     from compressor.models.config import ModelConfig
     from compressor.models.slim import load_slim, save_slim
@@ -205,9 +208,11 @@ def test_timm_and_hugging_face_head_counts_survive_save_and_reload(tmp_path, fam
     save_slim(model, tmp_path, cfg)
     reloaded = load_slim(tmp_path)
     counts = H.head_counts(reloaded)
-    assert counts[H.head_root(layer)] == 3 and sorted(counts.values()) == [3, 4]
+    assert counts[H.head_root(layer)] == 3 and sorted(counts.values()) == ([2, 3] if family == "timm-swin" else [3, 4])
     if family == "timm":
         assert reloaded.blocks[0].attn.attn_dim == 24
+    if family == "timm-swin":  # the position-bias table lost the removed head's column
+        assert reloaded.get_submodule(layer).relative_position_bias_table.shape[1] == 3
     with torch.no_grad():
         torch.testing.assert_close(reloaded(X), model(X), rtol=0, atol=0)
 
@@ -326,3 +331,30 @@ def test_an_ignored_attention_layer_keeps_its_heads():
     snap = sel.snapshot(model, X[:1], [layer], 10, build_scorer(ImportanceConfig()), heads=True)
     roots = {c.root for c in snap.candidates if H.is_head_root(c.root)}
     assert roots == {"encoder.layers.encoder_layer_1.self_attention:heads"}
+
+
+def test_timm_swin_window_heads_are_planned_by_their_macs_and_compress(tmp_path):
+    """timm's Swin v1 window attention: its heads (q/k/v rows, proj columns, position-bias column) are candidates
+    whose predicted MACs the removal achieves, and a compress run removes some and reloads them."""
+    from compressor.app.pipeline import compress
+    from compressor.models.slim import load_slim
+
+    model, layer = _model("timm-swin")
+    snap = sel.snapshot(model, X[:1], [], 10, build_scorer(ImportanceConfig()), heads=True)
+    widths = {c.root: c.width for c in snap.candidates if H.is_head_root(c.root)}
+    assert widths == {"layers.0.blocks.0.attn:heads": 2, "layers.1.blocks.0.attn:heads": 4}
+    plan = {H.head_root(layer): [0, 3]}
+    predicted = snap.macs_after(plan)
+    sel.remove(model, X[:1], plan)
+    assert sel.snapshot_macs(model, X[:1])[0] == pytest.approx(predicted, rel=0.02) and predicted < snap.total_macs
+
+    recipe = recipe_from_dict(tiny_recipe(
+        model={"arch": "python:tests.helpers_models:tiny_timm_swin", "num_classes": 4, "in_channels": 3,
+               "input_shape": [3, 32, 32]},
+        prune={"method": "oneshot", "target": {"macs": 0.6}, "attention": {"heads": True}},
+        finetune={"epochs": 1}, bench={"backends": ["ort-cpu"], "batch_sizes": [1]}))
+    report = compress("python:tests.helpers_models:tiny_timm_swin", recipe, tmp_path / "run")
+    heads = {k: v for k, v in report["compressed"]["widths"].items() if k.endswith(":heads")}
+    assert len(heads) == 2 and sum(heads.values()) < 6, heads
+    assert report["parity"]["onnx"]["passed"]
+    assert H.head_counts(load_slim(tmp_path / "run")) == heads

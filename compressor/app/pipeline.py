@@ -217,6 +217,7 @@ def save_and_export(state: RunState) -> None:
         artifacts.update(_save_text_artifacts(state))
         onnx_info = export_onnx(state.model, example, out / "model.onnx", recipe.export.onnx, zipped=zipped)
         dense_onnx = export_onnx(state.dense_model, example, out / "dense.onnx", recipe.export.onnx, zipped=zipped)
+        fusion = _transformer_fusions(state)
     state.samples, _ = sample_batch(state.val_set, recipe.verify.samples)
     d, c = state.dense, state.compressed
     state.report = {
@@ -232,7 +233,8 @@ def save_and_export(state: RunState) -> None:
         "training": {"history": state.training.history, "seconds": state.training.seconds,
                      "resumed_from": state.training.resumed_from},
         "exports": {"onnx": onnx_info, "dense_onnx": dense_onnx,
-                    **({"hf_pretrained": state.hf_pretrained} if state.hf_pretrained else {})},
+                    **({"hf_pretrained": state.hf_pretrained} if state.hf_pretrained else {}),
+                    **({"ort_fusion": fusion} if fusion else {})},
         "artifacts": {**artifacts, "onnx": str(out / "model.onnx")},
     }
     for event in state.report["method"].get("events", []):
@@ -251,6 +253,22 @@ def _with_reference(model_cfg, checkpoint: str):
     if model_cfg.arch is None and is_reference(str(checkpoint)) and not Path(str(checkpoint)).is_file():
         return model_cfg.model_copy(update={"arch": str(checkpoint)})
     return model_cfg
+
+
+def _transformer_fusions(state: RunState) -> Optional[dict[str, Any]]:
+    """For a Hugging Face model: what ONNX Runtime's transformer optimizer fuses in dense.onnx and model.onnx. An
+    optimizer failure is reported, not raised: the exports themselves are fine."""
+    from compressor.models.hf import HFLogits, HFText
+
+    if not isinstance(state.model, (HFText, HFLogits)):
+        return None
+    from compressor.deploy.ort_fusion import fusion_report
+
+    try:
+        return fusion_report(state.out / "dense.onnx", state.out / "model.onnx",
+                             getattr(state.model.model.config, "model_type", None))
+    except Exception as exc:  # the optimizer raises whatever its pattern code hits on an unusual graph
+        return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
 
 
 def _save_text_artifacts(state: RunState) -> dict[str, Any]:

@@ -61,7 +61,8 @@ def render_markdown(r: dict[str, Any]) -> str:
               f"(MAC speedup x{t['achieved_mac_speedup']:.2f}). ONNX Runtime top-1 of the exported model: {onnx_top1}.", ""]
     lines += method_class(r).report_section(r.get("method") or {})
     lines += _latency_target_section(r)
-    lines += _latency_section(r) + _deployment_section(r) + _parity_section(r) + _round_to_section(r)
+    lines += _latency_section(r) + _deployment_section(r) + _parity_section(r) + _fusion_section(r)
+    lines += _round_to_section(r)
     lines += _widths_section(r)
     lines += _training_section(r)
     if r.get("gates"):
@@ -230,6 +231,22 @@ def _parity_section(r: dict[str, Any]) -> list[str]:
         if compat["findings"]:
             lines += table(["node", "op", "level", "reason"],
                             [[f["node"], f["op"], f["level"], f["reason"]] for f in compat["findings"]])
+    return lines
+
+
+def _fusion_section(r: dict[str, Any]) -> list[str]:
+    """The transformer optimizer's fused operators, dense vs compressed (deploy/ort_fusion.py)."""
+    fusion = (r.get("exports") or {}).get("ort_fusion")
+    if not fusion:
+        return []
+    lines = [f"## ONNX Runtime transformer fusions (optimizer model type `{fusion.get('model_type', '?')}`)", ""]
+    if "error" in fusion:
+        return lines + [f"Not counted: {fusion['error']}", ""]
+    ops = sorted(set(fusion["dense"]) | set(fusion["compressed"]))
+    rows = [[op, fusion["dense"].get(op, 0), fusion["compressed"].get(op, 0)] for op in ops]
+    lines += table(["fused operator", "dense", "compressed"], rows) if rows else ["No fusion in either export.", ""]
+    if "Attention" not in ops and "MultiHeadAttention" not in ops:
+        lines += ["No attention fusion in either export (the dense one included), so pruning did not break one.", ""]
     return lines
 
 

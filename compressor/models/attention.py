@@ -181,6 +181,8 @@ def head_count(module: nn.Module, family: str) -> int:
 
 
 def head_width(module: nn.Module, family: str) -> int:
+    if family == "window":  # timm's WindowAttention keeps no head_dim; its forward reshapes with -1
+        return int(module.qkv.out_features // (3 * module.num_heads))
     return int(_path(module, separate_spec(module)[3]) if family == "sep" else module.head_dim)
 
 
@@ -203,6 +205,9 @@ def head_layout(module: nn.Module, family: str) -> HeadLayout:
         gate = getattr(module, "gate", None)
         if isinstance(gate, nn.Linear):
             tensors += linear(gate, inner)
+        return HeadLayout(h, d, tensors + linear(module.proj, inner, rows=False), [("qkv", packed)], "proj")
+    if family == "window":  # the position-bias table has one column per head (scored by the q/k/v rows alone)
+        tensors = linear(module.qkv, packed) + [(module, "relative_position_bias_table", 1, list(range(h)), False)]
         return HeadLayout(h, d, tensors + linear(module.proj, inner, rows=False), [("qkv", packed)], "proj")
     if family == "mha":
         tensors = [(module, "in_proj_weight", 0, packed, True)]
@@ -231,6 +236,10 @@ def set_head_count(module: nn.Module, family: str, heads: int) -> None:
         gate = getattr(module, "gate", None)
         if isinstance(gate, nn.Linear):
             gate.out_features = inner
+    elif family == "window":
+        module.num_heads = heads
+        module.qkv.out_features = 3 * inner
+        module.proj.in_features = inner
     elif family == "mha":
         module.num_heads = heads
         module.out_proj.in_features = inner
@@ -277,6 +286,26 @@ def _qkv_ok(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _is_timm_window(module: nn.Module) -> bool:
+    return type(module).__name__ == "WindowAttention" and type(module).__module__.startswith("timm.")
+
+
+def _window_ok(module: nn.Module) -> Optional[str]:
+    """timm's Swin (v1) WindowAttention: packed qkv, proj, and a [positions, heads] relative position bias table;
+    its forward splits the heads with reshape(..., num_heads, -1) and joins them with reshape(..., -1)."""
+    qkv, proj, heads = getattr(module, "qkv", None), getattr(module, "proj", None), getattr(module, "num_heads", None)
+    table = getattr(module, "relative_position_bias_table", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)):
+        return "no packed qkv / proj Linear layers or num_heads"
+    if hasattr(module, "logit_scale") or hasattr(module, "cpb_mlp"):
+        return "Swin v2 window attention (per-head logit scale and a position-bias MLP)"
+    if not (isinstance(table, torch.Tensor) and table.ndim == 2 and table.shape[1] == heads):
+        return "its relative position bias table is not [positions, num_heads]"
+    if qkv.out_features % (3 * heads) or proj.in_features != qkv.out_features // 3:
+        return "its qkv width is not 3 x num_heads x head width, or proj does not read the heads"
+    return None
+
+
 def _mha_ok(module: nn.MultiheadAttention) -> Optional[str]:
     if not getattr(module, "_qkv_same_embed_dim", True) or getattr(module, "in_proj_weight", None) is None:
         return "separate q/k/v projection weights (kdim or vdim differ from embed_dim)"
@@ -308,6 +337,9 @@ def attention_family(module: nn.Module) -> tuple[Optional[str], Optional[str]]:
         reason = _mha_ok(module) if isinstance(module, nn.MultiheadAttention) else None
         return (None, reason) if reason else ("mha", None)
     if hasattr(module, "qkv") and hasattr(module, "num_heads"):
+        if _is_timm_window(module):
+            reason = _window_ok(module)
+            return (None, reason) if reason else ("window", None)
         reason = _qkv_ok(module)
         return (None, reason) if reason else ("qkv", None)
     if separate_spec(module) is not None:
