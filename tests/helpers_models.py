@@ -136,6 +136,21 @@ def tiny_maxvit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
                   head_dim=8, stochastic_depth_prob=0.0, num_classes=num_classes)
 
 
+def tiny_swin_shifted(num_classes: int = 10, in_channels: int = 3, v2: bool = False) -> nn.Module:
+    """torchvision's Swin (v1, or v2 with cosine attention and a position-bias MLP) on 32x32 with window 2, so that
+    both stages have shifted windows: stages of 2 and 4 heads of 8, two blocks each."""
+    from torchvision.models import SwinTransformer
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+
+    extra = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[2, 2],
+                           num_classes=num_classes, **extra)
+
+
+def tiny_swin_v2(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return tiny_swin_shifted(num_classes, in_channels, v2=True)
+
+
 def tiny_timm_swin(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """timm's Swin Transformer (v1 WindowAttention with a relative position bias table) on 32x32: 2 and 4 heads of 8."""
     import timm

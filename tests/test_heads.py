@@ -16,14 +16,16 @@ from compressor.prune import heads as H
 from compressor.prune import selection as sel
 from compressor.prune.importance import ImportanceConfig, build_scorer
 from tests.conftest import tiny_recipe
-from tests.helpers_models import (tiny_hf_bert, tiny_hf_distilbert, tiny_hf_vit, tiny_timm_swin, tiny_timm_vit,
-                                  tiny_vit4)
+from tests.helpers_models import (tiny_hf_bert, tiny_hf_distilbert, tiny_hf_vit, tiny_swin_shifted, tiny_swin_v2,
+                                  tiny_timm_swin, tiny_timm_vit, tiny_vit4)
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 FAMILIES = {"torchvision": (tiny_vit4, "encoder.layers.encoder_layer_0.self_attention"),
             "timm": (tiny_timm_vit, "blocks.0.attn"),
             "hf-vit": (tiny_hf_vit, "model.vit.layers.0.attention"),
-            "timm-swin": (tiny_timm_swin, "layers.1.blocks.0.attn")}
+            "timm-swin": (tiny_timm_swin, "layers.1.blocks.0.attn"),
+            "torchvision-swin": (tiny_swin_shifted, "features.3.1.attn"),  # a shifted-window block
+            "torchvision-swin-v2": (tiny_swin_v2, "features.3.1.attn")}
 
 
 def _model(family: str) -> tuple[nn.Module, str]:
@@ -42,7 +44,7 @@ def _packed(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return module.in_proj_weight, module.in_proj_bias, module.out_proj.weight
 
 
-@pytest.mark.parametrize("family", ["torchvision", "timm", "timm-swin"])
+@pytest.mark.parametrize("family", ["torchvision", "timm", "timm-swin", "torchvision-swin"])
 def test_a_removed_heads_rows_and_columns_are_gone(family):
     model, layer = _model(family)
     weight, bias, out = (t.detach().clone() for t in _packed(model.get_submodule(layer)))
@@ -196,7 +198,8 @@ def test_head_counts_survive_save_reload_and_onnx(tmp_path):
 
 
 @pytest.mark.parametrize("family,factory", [("timm", "tiny_timm_vit"), ("hf-vit", "tiny_hf_vit"),
-                                            ("timm-swin", "tiny_timm_swin")])
+                                            ("timm-swin", "tiny_timm_swin"), ("torchvision-swin", "tiny_swin_shifted"),
+                                            ("torchvision-swin-v2", "tiny_swin_v2")])
 def test_timm_and_hugging_face_head_counts_survive_save_and_reload(tmp_path, family, factory):
     from compressor.models.config import ModelConfig
     from compressor.models.slim import load_slim, save_slim
@@ -208,7 +211,8 @@ def test_timm_and_hugging_face_head_counts_survive_save_and_reload(tmp_path, fam
     save_slim(model, tmp_path, cfg)
     reloaded = load_slim(tmp_path)
     counts = H.head_counts(reloaded)
-    assert counts[H.head_root(layer)] == 3 and sorted(counts.values()) == ([2, 3] if family == "timm-swin" else [3, 4])
+    expected = {"timm-swin": [2, 3], "torchvision-swin": [2, 2, 3, 4], "torchvision-swin-v2": [2, 2, 3, 4]}
+    assert counts[H.head_root(layer)] == 3 and sorted(counts.values()) == expected.get(family, [3, 4])
     if family == "timm":
         assert reloaded.blocks[0].attn.attn_dim == 24
     if family == "timm-swin":  # the position-bias table lost the removed head's column
@@ -274,9 +278,8 @@ def test_inspect_lists_attention_layers_and_their_heads():
     assert report.heads == {f"encoder.layers.encoder_layer_{i}.self_attention": {"heads": 4, "head_dim": 8}
                             for i in range(2)}
     swin = inspect_model(tiny_swin(), cfg.model_copy(update={"arch": "python:tests.helpers_models:tiny_swin"}))
-    reasons = {info.get("reason", "") for info in swin.heads.values()}
-    assert swin.heads and all("reason" in info for info in swin.heads.values()), swin.heads
-    assert reasons == {"ShiftedWindowAttention: window attention with a per-head position bias or scale"}
+    assert swin.heads == {"features.1.0.attn": {"heads": 2, "head_dim": 8},  # embed 16, then 32 after merging
+                          "features.3.0.attn": {"heads": 2, "head_dim": 16}}
 
 
 def _hf_dir(tmp_path, text: bool = False):
@@ -358,3 +361,48 @@ def test_timm_swin_window_heads_are_planned_by_their_macs_and_compress(tmp_path)
     assert len(heads) == 2 and sum(heads.values()) < 6, heads
     assert report["parity"]["onnx"]["passed"]
     assert H.head_counts(load_slim(tmp_path / "run")) == heads
+
+
+@pytest.mark.parametrize("build", [tiny_swin_shifted, tiny_swin_v2], ids=["v1", "v2"])
+def test_torchvision_swin_with_all_heads_computes_what_torchvision_computes(build):
+    """The head-width-aware forward a torchvision Swin layer gets before its heads go (models/swin_heads.py) is
+    torchvision's own function when no head is gone: shifted and unshifted windows, v1 bias table and v2 cosine
+    attention."""
+    from compressor.models.swin_heads import adopt
+
+    torch.manual_seed(0)
+    model = build().eval()
+    expected = model(X)
+    from compressor.models.attention import attention_modules
+
+    layers = [m for _, m, family, _ in attention_modules(model)]
+    assert len(layers) == 4 and all(not type(m).__name__.startswith("HeadPruned") for m in layers)
+    for module in layers:
+        adopt(module)
+    assert all(type(m).__name__.startswith("HeadPruned") for m in layers)
+    torch.testing.assert_close(model(X), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_torchvision_swin_heads_compress_export_and_reload(tmp_path):
+    from compressor.app.pipeline import compress
+    from compressor.models.slim import load_slim
+
+    ref = "python:tests.helpers_models:tiny_swin_shifted"
+    recipe = recipe_from_dict(tiny_recipe(
+        model={"arch": ref, "num_classes": 4, "in_channels": 3, "input_shape": [3, 32, 32]},
+        prune={"method": "oneshot", "target": {"macs": 0.6}, "attention": {"heads": True}},
+        finetune={"epochs": 1}, bench={"backends": ["ort-cpu"], "batch_sizes": [1]}))
+    report = compress(ref, recipe, tmp_path / "run")
+    heads = {k: v for k, v in report["compressed"]["widths"].items() if k.endswith(":heads")}
+    assert len(heads) == 4 and sum(heads.values()) < 12, heads
+    assert report["parity"]["onnx"]["passed"] and report["parity"]["onnx"]["max_abs_diff"] < 1e-4
+    assert H.head_counts(load_slim(tmp_path / "run")) == heads
+
+
+def test_window_attention_this_version_cannot_slice_says_why():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=32, window_size=4, embed_dim=16,
+                              depths=(1, 1), num_heads=(2, 2), num_classes=4)
+    reasons = set(H.unsupported_sites(model).values())
+    assert reasons == {"WindowAttention: Swin v2 window attention whose per-head logit scale and position-bias MLP "
+                       "this version cannot slice"}

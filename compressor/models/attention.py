@@ -206,8 +206,13 @@ def head_layout(module: nn.Module, family: str) -> HeadLayout:
         if isinstance(gate, nn.Linear):
             tensors += linear(gate, inner)
         return HeadLayout(h, d, tensors + linear(module.proj, inner, rows=False), [("qkv", packed)], "proj")
-    if family == "window":  # the position-bias table has one column per head (scored by the q/k/v rows alone)
-        tensors = linear(module.qkv, packed) + [(module, "relative_position_bias_table", 1, list(range(h)), False)]
+    if family == "window":  # per-head position bias / scale entries go with their head (scored by q/k/v alone)
+        per_head = list(range(h))
+        tensors = linear(module.qkv, packed)
+        if hasattr(module, "logit_scale"):  # torchvision's Swin v2: a scale per head, the bias MLP's row per head
+            tensors += [(module, "logit_scale", 0, per_head, False), (module.cpb_mlp[-1], "weight", 0, per_head, False)]
+        else:
+            tensors.append((module, "relative_position_bias_table", 1, per_head, False))
         return HeadLayout(h, d, tensors + linear(module.proj, inner, rows=False), [("qkv", packed)], "proj")
     if family == "mha":
         tensors = [(module, "in_proj_weight", 0, packed, True)]
@@ -237,9 +242,15 @@ def set_head_count(module: nn.Module, family: str, heads: int) -> None:
         if isinstance(gate, nn.Linear):
             gate.out_features = inner
     elif family == "window":
+        from compressor.models.swin_heads import adopt, is_torchvision_window
+
+        if is_torchvision_window(module):  # its forward would take the head width from the input width
+            adopt(module)
         module.num_heads = heads
         module.qkv.out_features = 3 * inner
         module.proj.in_features = inner
+        if hasattr(module, "cpb_mlp"):
+            module.cpb_mlp[-1].out_features = heads
     elif family == "mha":
         module.num_heads = heads
         module.out_proj.in_features = inner
@@ -290,17 +301,30 @@ def _is_timm_window(module: nn.Module) -> bool:
     return type(module).__name__ == "WindowAttention" and type(module).__module__.startswith("timm.")
 
 
+def _is_torchvision_window(module: nn.Module) -> bool:
+    from compressor.models.swin_heads import is_torchvision_window
+
+    return is_torchvision_window(module)
+
+
 def _window_ok(module: nn.Module) -> Optional[str]:
-    """timm's Swin (v1) WindowAttention: packed qkv, proj, and a [positions, heads] relative position bias table;
-    its forward splits the heads with reshape(..., num_heads, -1) and joins them with reshape(..., -1)."""
+    """Swin window attention: packed qkv, proj, and per-head position-bias entries. timm's v1 WindowAttention
+    (its forward splits the heads with reshape(..., num_heads, -1) and joins them with reshape(..., -1)), and
+    torchvision's v1 and v2 (models/swin_heads.py gives them a forward that reads the head width from qkv)."""
     qkv, proj, heads = getattr(module, "qkv", None), getattr(module, "proj", None), getattr(module, "num_heads", None)
-    table = getattr(module, "relative_position_bias_table", None)
     if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)):
         return "no packed qkv / proj Linear layers or num_heads"
     if hasattr(module, "logit_scale") or hasattr(module, "cpb_mlp"):
-        return "Swin v2 window attention (per-head logit scale and a position-bias MLP)"
-    if not (isinstance(table, torch.Tensor) and table.ndim == 2 and table.shape[1] == heads):
-        return "its relative position bias table is not [positions, num_heads]"
+        scale, mlp = getattr(module, "logit_scale", None), getattr(module, "cpb_mlp", None)
+        last = mlp[-1] if isinstance(mlp, nn.Sequential) else None
+        if not _is_torchvision_window(module) or not (
+                isinstance(scale, torch.Tensor) and scale.shape[0] == heads and isinstance(last, nn.Linear)
+                and last.out_features == heads and last.bias is None):
+            return "Swin v2 window attention whose per-head logit scale and position-bias MLP this version cannot slice"
+    else:
+        table = getattr(module, "relative_position_bias_table", None)
+        if not (isinstance(table, torch.Tensor) and table.ndim == 2 and table.shape[1] == heads):
+            return "its relative position bias table is not [positions, num_heads]"
     if qkv.out_features % (3 * heads) or proj.in_features != qkv.out_features // 3:
         return "its qkv width is not 3 x num_heads x head width, or proj does not read the heads"
     return None
@@ -337,7 +361,7 @@ def attention_family(module: nn.Module) -> tuple[Optional[str], Optional[str]]:
         reason = _mha_ok(module) if isinstance(module, nn.MultiheadAttention) else None
         return (None, reason) if reason else ("mha", None)
     if hasattr(module, "qkv") and hasattr(module, "num_heads"):
-        if _is_timm_window(module):
+        if _is_timm_window(module) or _is_torchvision_window(module):
             reason = _window_ok(module)
             return (None, reason) if reason else ("window", None)
         reason = _qkv_ok(module)
