@@ -117,6 +117,17 @@ def tiny_hf_bert(num_classes: int = 3) -> nn.Module:
     return HFLogits(BertForSequenceClassification(config), "input_ids")
 
 
+def tiny_hf_roberta(num_classes: int = 3) -> nn.Module:
+    """Hugging Face's RobertaForSequenceClassification (pad id 1, positions counted from it), 4 heads of 8."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from compressor.models.hf import HFText
+
+    config = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, num_labels=num_classes, max_position_embeddings=66, pad_token_id=1)
+    return HFText(RobertaForSequenceClassification(config), pad_token_id=1)
+
+
 def tiny_hf_distilbert(num_classes: int = 3) -> nn.Module:
     """Hugging Face's DistilBertForSequenceClassification (q_lin/k_lin/v_lin/out_lin), 4 heads of 8."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification

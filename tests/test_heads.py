@@ -16,7 +16,7 @@ from compressor.prune import heads as H
 from compressor.prune import selection as sel
 from compressor.prune.importance import ImportanceConfig, build_scorer
 from tests.conftest import tiny_recipe
-from tests.helpers_models import (tiny_hf_bert, tiny_hf_distilbert, tiny_hf_vit, tiny_swin_shifted, tiny_swin_v2,
+from tests.helpers_models import (tiny_hf_bert, tiny_hf_distilbert, tiny_hf_roberta, tiny_hf_vit, tiny_swin_shifted, tiny_swin_v2,
                                   tiny_timm_swin, tiny_timm_vit, tiny_vit4)
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -95,7 +95,8 @@ def test_the_pruned_model_computes_what_the_masked_model_computes(family):
     torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("build", [tiny_hf_bert, tiny_hf_distilbert], ids=["bert", "distilbert"])
+@pytest.mark.parametrize("build", [tiny_hf_bert, tiny_hf_distilbert, tiny_hf_roberta], ids=["bert", "distilbert",
+                                                                                             "roberta"])
 def test_text_encoders_compute_what_their_masked_model_computes(build):
     pytest.importorskip("transformers")
     torch.manual_seed(0)

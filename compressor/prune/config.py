@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from compressor.config import Strict
 
@@ -60,6 +60,17 @@ class AttentionConfig(Strict):
 
     heads: bool = Field(False, description="remove whole attention heads (q, k, v rows and output-projection "
                                            "columns); each layer keeps its own head count")
+    embed: bool = Field(False, description="prune the embedding width (the residual stream every attention layer "
+                                           "reads and writes): not built, only false is accepted")
+
+    @field_validator("embed")
+    @classmethod
+    def _embed(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("true is not built: the embedding width of attention layers always stays (attention "
+                             "layers are single nodes of the dependency graph); set embed: false and use heads: true "
+                             "and the MLP widths")
+        return v
 
 
 class ScheduleConfig(Strict):
