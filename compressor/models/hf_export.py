@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from compressor.models.attention import attention_modules, head_count
 from compressor.models.hf import HFLogits, HFText, quiet
 
 # config attribute -> the Linear whose out_features it sets, by module-name suffix (BERT/RoBERTa/ViT/DeiT, DistilBERT)
@@ -29,10 +30,8 @@ TOLERANCE = 1e-4
 def config_for(model: nn.Module) -> tuple[Optional[Any], Optional[str]]:
     """(a config describing `model`'s shapes, None) or (None, why no config can): the MLP width is set when every
     layer has the same one, then every tensor's shape is compared with a model built from that config."""
-    from compressor.prune.heads import head_counts
-
     config = copy.deepcopy(model.config)
-    heads = set(head_counts(model).values())
+    heads = {head_count(m, family) for _, m, family, _ in attention_modules(model) if family is not None}
     expected = getattr(config, "num_attention_heads", getattr(config, "n_heads", None))
     if heads and heads != {expected}:
         return None, (f"attention heads were pruned ({min(heads)}-{max(heads)} per layer, config has {expected}); "
