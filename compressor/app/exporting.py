@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from compressor.deploy.config import OnnxConfig
 from compressor.deploy.export import export_onnx, remove_onnx
 
@@ -69,7 +67,7 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
         samples, _ = sample_batch(build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))[1], verify_cfg.samples)
         source = f"{len(samples)} {recipe.data.kind} validation samples"
     else:
-        samples = torch.randn(min(verify_cfg.samples, 64), *model_cfg.input_shape, generator=torch.Generator().manual_seed(0))
+        samples = example_inputs(model_cfg, min(verify_cfg.samples, 64))
         source = f"{len(samples)} random inputs (give --recipe to verify on real data)"
     try:
         info["parity"] = {**verify_onnx(model, target, samples, verify_cfg), "source": source}
