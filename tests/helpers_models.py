@@ -106,6 +106,17 @@ def tiny_hf_vit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return HFLogits(ViTForImageClassification(config), "pixel_values")
 
 
+def tiny_hf_deit(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Hugging Face's DeiTForImageClassification (the same attention layout as ViT), 4 heads."""
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    from compressor.models.hf import HFLogits
+
+    config = DeiTConfig(image_size=32, patch_size=8, num_channels=in_channels, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, num_labels=num_classes)
+    return HFLogits(DeiTForImageClassification(config), "pixel_values")
+
+
 def tiny_hf_bert(num_classes: int = 3) -> nn.Module:
     """Hugging Face's BertForSequenceClassification on token ids (vocabulary 100), 4 heads of 8."""
     from transformers import BertConfig, BertForSequenceClassification

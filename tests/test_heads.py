@@ -16,13 +16,14 @@ from compressor.prune import heads as H
 from compressor.prune import selection as sel
 from compressor.prune.importance import ImportanceConfig, build_scorer
 from tests.conftest import tiny_recipe
-from tests.helpers_models import (tiny_hf_bert, tiny_hf_distilbert, tiny_hf_roberta, tiny_hf_vit, tiny_swin_shifted, tiny_swin_v2,
+from tests.helpers_models import (tiny_hf_bert, tiny_hf_deit, tiny_hf_distilbert, tiny_hf_roberta, tiny_hf_vit, tiny_swin_shifted, tiny_swin_v2,
                                   tiny_timm_swin, tiny_timm_vit, tiny_vit4)
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 FAMILIES = {"torchvision": (tiny_vit4, "encoder.layers.encoder_layer_0.self_attention"),
             "timm": (tiny_timm_vit, "blocks.0.attn"),
             "hf-vit": (tiny_hf_vit, "model.vit.layers.0.attention"),
+            "hf-deit": (tiny_hf_deit, "model.deit.layers.1.attention"),
             "timm-swin": (tiny_timm_swin, "layers.1.blocks.0.attn"),
             "torchvision-swin": (tiny_swin_shifted, "features.3.1.attn"),  # a shifted-window block
             "torchvision-swin-v2": (tiny_swin_v2, "features.3.1.attn")}
@@ -199,6 +200,7 @@ def test_head_counts_survive_save_reload_and_onnx(tmp_path):
 
 
 @pytest.mark.parametrize("family,factory", [("timm", "tiny_timm_vit"), ("hf-vit", "tiny_hf_vit"),
+                                            ("hf-deit", "tiny_hf_deit"),
                                             ("timm-swin", "tiny_timm_swin"), ("torchvision-swin", "tiny_swin_shifted"),
                                             ("torchvision-swin-v2", "tiny_swin_v2")])
 def test_timm_and_hugging_face_head_counts_survive_save_and_reload(tmp_path, family, factory):
