@@ -148,6 +148,9 @@ def test_unlabelled_text_is_labelled_by_the_dense_model(text_task, tmp_path):
     assert report["dense"]["top1"] == 100.0  # agreement of the dense model with itself
     assert any("the dense model's predictions are the labels" in n for n in report["notes"])
     assert 0.0 <= report["compressed"]["top1"] <= 100.0
+    recipe_file = _recipe_file(tmp_path, recipe)
+    result = invoke_cli("eval", str(tmp_path / "run"), "--recipe", str(recipe_file))
+    assert result.returncode == 2 and "is unlabelled (data.text.label_column: null)" in result.stderr
 
 
 def _datasets(task, tmp_path, **text):

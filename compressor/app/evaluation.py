@@ -10,6 +10,7 @@ import torch
 from compressor.models.loading import load_model
 from compressor.train.data import build_datasets, make_loader
 from compressor.train.loop import evaluate
+from compressor.train.text import require_labels
 
 if TYPE_CHECKING:
     from compressor.app.recipe import Recipe
@@ -25,9 +26,11 @@ def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool 
 
         session = open_onnx_session(Path(model_ref), "ort-cpu")
         _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))
+        require_labels(val_set, "compressor eval")
         return evaluate_onnx(Path(model_ref), val_set, batch_size=batch, session=session)
     model = load_model(model_ref, recipe.model, trust_checkpoint=trust_checkpoint)
     _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))
+    require_labels(val_set, "compressor eval")
     return evaluate(model, val_set, batch_size=batch, device=device)
 
 

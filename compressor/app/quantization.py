@@ -133,9 +133,11 @@ def quantize_for_export(model, fp32_path: Path, recipe: "Recipe", samples, *, mo
     from compressor.app.evaluation import evaluate_onnx
     from compressor.deploy.verify import torch_outputs
     from compressor.train.data import build_datasets, sample_batch
+    from compressor.train.text import pseudo_label
 
     cfg = recipe.export.quantize
     train_set, val_set = build_datasets(recipe.data, recipe.model, model_ref=model_ref)
+    pseudo_label(val_set, model)  # unlabelled text: the fp32 model's predictions, so top-1 is agreement with it
     batch = recipe.data.eval_batch_size or max(recipe.data.batch_size, 256)
     calibration = sample_batch(train_set, cfg.calibration.samples)[0].numpy() if cfg.mode == "int8" else None
 

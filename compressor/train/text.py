@@ -215,3 +215,13 @@ def pseudo_label(dataset: Dataset, model: torch.nn.Module, batch_size: int = 64)
     base.labels = torch.cat(predictions).to(torch.int64)
     model.train(was_training)
     return True
+
+
+def require_labels(dataset: Dataset, command: str) -> None:
+    """DataError when `dataset` is unlabelled text: `command` has no reference model to label it with."""
+    base = root_dataset(dataset)
+    if isinstance(base, TokenizedText) and not base.labelled:
+        raise DataError(f"{command}: {base.source} is unlabelled (data.text.label_column: null), so there is no "
+                        "accuracy to measure.",
+                        hint="Give a labelled file (a label column), or run compressor compress, which labels "
+                             "unlabelled text with the dense model's predictions.")
