@@ -113,6 +113,12 @@ def test_a_text_model_compresses_exports_with_dynamic_axes_and_reloads(text_task
         expected = slim(ids).numpy()
     np.testing.assert_allclose(session.run(None, {"input_ids": ids.numpy()})[0], expected, atol=1e-4)
 
+    unsized = invoke_cli("bench", str(run / "model.onnx"), "--batch", "1")
+    assert unsized.returncode == 2 and "give --input-shape, e.g. 128 (the sequence length" in unsized.stderr
+    timed = invoke_cli("bench", str(run / "model.onnx"), "--baseline", str(run / "dense.onnx"), "--input-shape", "16",
+                       "--batch", "2", "--min-runs", "3", "--min-seconds", "0.05", "--warmup-ms", "10")
+    assert timed.returncode == 0, timed.stderr
+
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(_text_recipe(text_task)))
     result = invoke_cli("eval", str(run), "--recipe", str(recipe_file))  # the tokenizer comes from run/tokenizer

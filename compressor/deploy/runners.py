@@ -141,8 +141,10 @@ def open_onnx_session(path: str | Path, backend: str = "ort-cpu", **options: Any
                                  hint="Check the CUDA/cuDNN/TensorRT libraries and the NVIDIA driver.") from exc
 
 
-def _onnx_input_shape(dims: Sequence[Any], batch_size: int, input_shape: Optional[Sequence[int]]) -> list[int]:
-    """The ONNX input's shape at `batch_size`: dynamic batch filled in, other dims fixed or from --input-shape."""
+def _onnx_input_shape(dims: Sequence[Any], batch_size: int, input_shape: Optional[Sequence[int]],
+                      example: str = "3,224,224") -> list[int]:
+    """The ONNX input's shape at `batch_size`: dynamic batch filled in, other dims fixed or from --input-shape
+    (`example`: what the error suggests)."""
     batch_dim, sample_dims = dims[0], list(dims[1:])
     if isinstance(batch_dim, int) and batch_dim != batch_size:
         raise UsageError(f"the ONNX model has a fixed batch size of {batch_dim}; it cannot run batch {batch_size}. "
@@ -155,7 +157,7 @@ def _onnx_input_shape(dims: Sequence[Any], batch_size: int, input_shape: Optiona
         return [batch_size, *input_shape]
     if not all(isinstance(d, int) and d > 0 for d in sample_dims):
         raise UsageError(f"the ONNX input {dims} has dynamic dims besides the batch; "
-                         "give --input-shape, e.g. 3,224,224.")
+                         f"give --input-shape, e.g. {example}.")
     return [batch_size, *sample_dims]
 
 

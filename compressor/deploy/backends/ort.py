@@ -39,7 +39,9 @@ class OrtRunner(Runner):
         self.feed: dict[str, np.ndarray] = {}
 
     def prepare(self, batch_size: int) -> None:
-        shape = _onnx_input_shape(self.input.shape, batch_size, self.input_shape)
+        tokens = np.issubdtype(ORT_DTYPES[self.input.type], np.integer)  # a text model: [batch, sequence] ids
+        shape = _onnx_input_shape(self.input.shape, batch_size, self.input_shape,
+                                  "128 (the sequence length of the token ids)" if tokens else "3,224,224")
         self.feed = {self.input.name: random_input(shape, ORT_DTYPES[self.input.type])}
 
     def run_once(self) -> None:
