@@ -105,6 +105,7 @@ def agreement(dense_onnx: Path, pruned_onnx: Path, recipe_dict: dict[str, Any], 
 def run_encoder(out: Path, macs: float) -> list[dict[str, Any]]:
     """The dense fine-tune, then heads off / on; one row per pruned model."""
     from common import cpu_label, latency, parity_fields
+    from compressor.deploy.ort_fusion import fusion_report
 
     train, val = fortune_task(out / "fortunes")
     ref = f"hf:{encoder_dir()}"
@@ -130,7 +131,8 @@ def run_encoder(out: Path, macs: float) -> list[dict[str, Any]]:
             "agreement": agreement(Path(run) / "dense.onnx", Path(run) / "model.onnx", pruned, str(dense_dir)),
             "speedup_b1": latency(report, "ort-cpu", 1)["speedup"], "speedup_b8": latency(report, "ort-cpu", 8)["speedup"],
             "train_s": report["timings_s"]["prune_finetune"],
-            "hf_pretrained": report["exports"].get("hf_pretrained", {}), **parity_fields(report)})
+            "hf_pretrained": report["exports"].get("hf_pretrained", {}),
+            "ort_fusion": fusion_report(run / "dense.onnx", run / "model.onnx", "bert"), **parity_fields(report)})
     return rows
 
 

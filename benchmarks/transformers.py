@@ -109,7 +109,15 @@ def encoder_section(rows: list[dict]) -> str:
             "the dense ONNX's; speedup = interleaved ORT-CPU p50 at sequence length 128, 2 threads, one run.\n\n"
             + table(["model", "heads", "heads kept", "MLP hidden kept", "MACs kept", "dense top-1 %",
                      "pruned top-1 %", "agreement", "ORT-CPU b1", "ORT-CPU b8", "parity max diff (relative)",
-                     "fine-tune min"], cells))
+                     "fine-tune min"], cells)
+            + "\nONNX Runtime's transformer optimizer (model type bert), fused operators dense / pruned: "
+            + "; ".join(f"heads {'on' if r['heads'] else 'off'}: {_fused(r['ort_fusion'])}" for r in rows)
+            + ". No Attention fusion in either, the dense model included (docs/text.md).\n")
+
+
+def _fused(fusion: dict) -> str:
+    ops = sorted(set(fusion["dense"]) | set(fusion["compressed"]))
+    return ", ".join(f"{op} {fusion['dense'].get(op, 0)}/{fusion['compressed'].get(op, 0)}" for op in ops)
 
 
 if __name__ == "__main__":
