@@ -191,6 +191,16 @@ def test_string_labels_take_the_given_order_or_their_sorted_names(text_task, tmp
     assert backwards.labels.tolist() == [2 - i for i in train.labels.tolist()]
 
 
+def test_a_byte_order_mark_and_integral_float_labels_are_read_as_meant(text_task, tmp_path):
+    marked = tmp_path / "marked.csv"
+    marked.write_text("\ufefftext,label\ncat dog,0\nred blue,1\n", encoding="utf-8")
+    floats = _write(tmp_path / "floats.jsonl", [{"text": "cat dog", "label": 0.0}, {"text": "one two", "label": 2.0}])
+    train, _ = _datasets(text_task, tmp_path, train=str(marked))
+    assert train.labels.tolist() == [0, 1] and train.classes == []
+    train, _ = _datasets(text_task, tmp_path, train=str(floats))
+    assert train.labels.tolist() == [0, 2] and train.classes == []
+
+
 def test_bad_text_data_names_the_field_and_the_fix(text_task, tmp_path):
     wrong_column = _write(tmp_path / "wrong.csv", [{"body": "a b", "label": 0}])
     with pytest.raises(DataError, match=r"row 1 of .*wrong.csv has no 'text' value \(columns: body, label\)"):

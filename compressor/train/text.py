@@ -71,7 +71,7 @@ def read_records(path: Path, field: str) -> list[dict[str, Any]]:
                         hint="Name it .csv, .jsonl or .parquet.")
     try:
         if kind == "csv":
-            with path.open(newline="", encoding="utf-8") as fh:
+            with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
                 return list(csv.DictReader(fh))
         if kind == "jsonl":
             rows = []
@@ -108,11 +108,25 @@ def _column(rows: list[dict], name: str, field: str, path: Path) -> list[Any]:
     return [row[name] for row in rows]
 
 
+def _index(value: Any) -> Optional[int]:
+    """A label that is a class index: an int, an integral float (JSON's 1.0, parquet's float columns) or a string of
+    digits; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
 def class_names(values: list[Any], given: Optional[list[str]]) -> list[str]:
-    """The class order: data.text.labels, else none for integer labels, else the sorted distinct names."""
+    """The class order: data.text.labels, else none for index labels, else the sorted distinct names."""
     if given:
         return list(given)
-    if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in values):
+    if all(_index(v) is not None for v in values):
         return []
     return sorted({str(v) for v in values})
 
@@ -126,7 +140,7 @@ def encode_labels(values: list[Any], classes: list[str], num_classes: int, path:
                             hint="List every class in data.text.labels, or fix the file.")
         labels = [index[str(v)] for v in values]
     else:
-        labels = [int(v) for v in values]
+        labels = [_index(v) for v in values]
     bad = sorted({v for v in labels if not 0 <= v < num_classes})
     if bad:
         raise DataError(f"data.text: {path} has class indices {bad[:5]} outside [0, {num_classes}) "
