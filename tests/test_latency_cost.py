@@ -20,6 +20,7 @@ from compressor.prune import latency_target as lt
 from compressor.prune import selection as sel
 from compressor.prune.latency_cost import (Curve, LatencyCost, build_cost, group_widths, layer_signatures,
                                            row_signature)
+from compressor.prune.importance import ImportanceConfig, build_scorer
 from tests.conftest import tiny_recipe
 from tests.test_latency_table import _net
 
@@ -263,3 +264,40 @@ def test_compress_refuses_a_missing_table_and_a_table_without_a_latency_target(t
     assert mac_target.returncode == 2 and "prune.target" in mac_target.stderr
     assert "backend, batch and table belong to a latency target" in mac_target.stderr
     assert "Traceback" not in mac_target.stderr + missing.stderr and not (tmp_path / "run").exists()
+
+
+def test_attention_heads_the_table_cannot_time_are_priced_by_their_macs(tmp_path):
+    """torchvision's MultiheadAttention is one layer to the op counter and no row of the table (its projections are
+    not plain Linear layers): its heads cost the tabled layers' milliseconds per MAC, so the planner sees removing
+    one save time (before, they cost nothing and were removed last) and the prediction drops by that much."""
+    from compressor.models.loading import example_inputs
+    from tests.helpers_models import tiny_vit4
+
+    torch.manual_seed(0)
+    model = tiny_vit4(num_classes=4).eval()
+    recipe = recipe_from_dict(tiny_recipe(
+        model={"arch": "python:tests.helpers_models:tiny_vit4", "num_classes": 4, "in_channels": 3,
+               "input_shape": [3, 32, 32]},
+        prune={"method": "oneshot", "target": {"macs": 0.6}, "attention": {"heads": True}}))
+    example = example_inputs(recipe.model)
+    snap = sel.snapshot(model, example, [], 4, build_scorer(ImportanceConfig()), heads=True)
+    table = _synthetic_table(_export(model, (3, 32, 32), tmp_path / "vit.onnx"), 1)
+    table["model_p50_ms"]["1"] *= 4  # time outside the Linear layers: attention, norms, activations
+    cost = build_cost(table, model, example, snap, 1)
+    layers = ["encoder.layers.encoder_layer_0.self_attention", "encoder.layers.encoder_layer_1.self_attention"]
+    assert cost.source["mac_priced"] == layers
+    tabled = [n for n in cost.curves if n not in layers]
+    per_mac = sum(cost.curves[n].at(cost.curves[n].out) for n in tabled) / sum(snap.layer_macs[n] for n in tabled)
+    assert cost.curves[layers[0]].at(cost.curves[layers[0]].out) == pytest.approx(per_mac * snap.layer_macs[layers[0]])
+    head = next(c for c in snap.candidates if c.root == f"{layers[0]}:heads")
+    assert cost.channel_ms(snap, head) > 0
+    saved = cost.predict(snap, {}) - cost.predict(snap, {head.root: [0]})
+    assert saved == pytest.approx(per_mac * snap.layer_macs[layers[0]] / 4, rel=1e-6)  # one of its 4 heads
+    assert cost.dense_ms == pytest.approx(table["model_p50_ms"]["1"])  # the priced time came out of the fixed part
+    table["model_p50_ms"]["1"] = sum(r["p50_ms"]["1"][-1] for r in table["layers"]) + 1e-3  # hardly any time left
+    squeezed = build_cost(table, model, example, snap, 1)
+    priced = [squeezed.curves[n].at(squeezed.curves[n].out) for n in layers]
+    full = [cost.curves[n].at(cost.curves[n].out) for n in layers]
+    assert squeezed.fixed_ms == pytest.approx(0.0, abs=1e-9) and squeezed.dense_ms == pytest.approx(
+        table["model_p50_ms"]["1"])  # never more priced time than the table left outside its layers
+    assert priced[0] / priced[1] == pytest.approx(full[0] / full[1]) and sum(priced) < sum(full)  # scaled alike

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from compressor.deploy.latency_table import layer_factors, probe_ms
 from compressor.errors import UsageError
+from compressor.prune.heads import is_head_root
 
 if TYPE_CHECKING:
     import torch
@@ -270,16 +271,44 @@ def build_cost(table: dict[str, Any], model: "nn.Module", example: "torch.Tensor
     layers_ms = sum(c.at(c.out) for c in curves.values())
     whole = (table.get("model_p50_ms") or {}).get(key)
     fixed = max(0.0, float(whole) - layers_ms) if whole is not None else 0.0
+    head_layers = {layer for cand in snap.candidates if is_head_root(cand.root) for layer, *_ in cand.members}
+    priced = _mac_priced(snap, curves, head_layers, fixed)
+    curves.update(priced)
+    fixed = max(0.0, fixed - sum(c.at(c.out) for c in priced.values()))
     cost = LatencyCost(curves, fixed, snap.total_macs, source={
         "path": source, "backend": table["backend"], "batch": batch, "cpu": (table.get("environment") or {}).get("cpu"),
         "environment": table.get("environment") or {}, "model_p50_ms": whole, "layers_ms": layers_ms,
-        "layers": len(curves), "sha256": (table.get("model") or {}).get("sha256"),
+        "layers": len(curves) - len(priced), "mac_priced": sorted(priced),
+        "sha256": (table.get("model") or {}).get("sha256"),
         "context": (table.get("context") or {}).get(key)})
     for cand in snap.candidates:
         widths = group_widths(snap, cand, curves)
         if widths is not None:
             cost.kept_widths[cand.root] = widths
     return cost
+
+
+def _mac_priced(snap: "Snapshot", curves: dict[str, Curve], layers: set[str], fixed_ms: float) -> dict[str, Curve]:
+    """Curves for the attention layers whose heads the table cannot time (torchvision's MultiheadAttention, which
+    the op counter counts as one layer and the table has no row for: its time is in the model's time outside the
+    tabled layers; `layers`: the members of the head candidates, of which those without a curve): their
+    MACs at the tabled layers' milliseconds per MAC, linear in the kept width, so removing a head saves time in the
+    planner as it does on the device instead of costing nothing. Scaled down, all alike, where they would exceed the
+    untabled time the table measured."""
+    tabled_macs = sum(snap.layer_macs.get(name, 0.0) for name in curves)
+    if not curves or tabled_macs <= 0:
+        return {}
+    ms_per_mac = sum(c.at(c.out) for c in curves.values()) / tabled_macs
+    names = [n for n in sorted(layers - set(curves))
+             if snap.layer_macs.get(n, 0.0) > 0 and n in snap.layer_dims and snap.layer_dims[n][0] > 0]
+    wanted = {n: ms_per_mac * snap.layer_macs[n] for n in names}
+    scale = min(1.0, fixed_ms / sum(wanted.values())) if wanted else 1.0
+    priced = {}
+    for name, ms in wanted.items():
+        out, inputs, depthwise = snap.layer_dims[name]
+        if ms * scale > 0:
+            priced[name] = Curve([out], [ms * scale], out, inputs, depthwise)
+    return priced
 
 
 def _factors(table: dict[str, Any], batch: int, source: str) -> list[float]:
