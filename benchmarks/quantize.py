@@ -4,7 +4,8 @@ the dense fp32 and the pruned fp32 files on ONNX Runtime CPU.
 
     python benchmarks/quantize.py [--models resnet50 mobilenet_v2 efficientnet_b0] [--macs 0.5] [--threads 2]
 
-One row per model in benchmarks/results/quantize.json (kept across invocations, so models can be added later);
+One row per model and CPU class in benchmarks/results/quantize.json (kept across invocations, so models and
+machines can be added later);
 benchmarks/results/quantize.md is rewritten from it. Accuracy is meaningless on synthetic data; parity (top-1
 agreement and max abs diff relative to max |output| of the int8 file against the fp32 PyTorch model, on the
 validation samples) is what this table checks.
@@ -13,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
-from common import RESULTS, informative_init, input_size, latency, run_compress, table, write_result, zoo_overrides
+from common import RESULTS, cpu_label, informative_init, input_size, latency, run_compress, table, write_result, zoo_overrides
 
-from compressor.deploy.hardware import cpu_flags
 from compressor.deploy.quantize import int8_settings
 from compressor.errors import ParityError
 
@@ -101,15 +100,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quantize"))
     args = parser.parse_args()
     store = RESULTS / "quantize.json"
-    rows = json.loads(store.read_text()) if store.is_file() else {}
-    flags = cpu_flags()
-    machine = (f"{platform.processor() or platform.machine()}, "
-               f"{'VNNI' if flags & {'avx512_vnni', 'avx_vnni'} else 'AVX2, no VNNI' if 'avx2' in flags else '?'}")
+    # one row per model and CPU class: a VNNI machine's numbers do not replace an AVX2 machine's
+    rows = {f"{r['model']} | {r['machine']}": r for r in
+            (json.loads(store.read_text()) if store.is_file() else {}).values()}
+    machine = cpu_label()
     for name in args.models:
         row = one(name, args)
         row["machine"] = machine
         row["settings_auto"] = int8_settings().reason
-        rows[name] = row
+        rows[f"{name} | {machine}"] = row
         RESULTS.mkdir(parents=True, exist_ok=True)
         store.write_text(json.dumps(rows, indent=1) + "\n")
         print(json.dumps({k: row[k] for k in ("model", "macs_kept", "int8_agreement", "int8_relative_diff")}),
