@@ -17,7 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from common import RESULTS, cpu_label, informative_init, input_size, latency, run_compress, table, write_result, zoo_overrides
+from common import (RESULTS, cpu_label, informative_init, input_size, latency, run_compress, table, write_result,
+                    zoo_overrides)
 
 from compressor.deploy.quantize import int8_settings
 from compressor.errors import ParityError
@@ -91,6 +92,10 @@ def render(rows: dict) -> str:
                      "ONNX MiB dense / pruned / int8", "CPU"], lines))
 
 
+def row_key(row: dict) -> str:
+    return f"{row['model']} | {row['machine']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2", "efficientnet_b0"])
@@ -101,14 +106,13 @@ def main() -> None:
     args = parser.parse_args()
     store = RESULTS / "quantize.json"
     # one row per model and CPU class: a VNNI machine's numbers do not replace an AVX2 machine's
-    rows = {f"{r['model']} | {r['machine']}": r for r in
-            (json.loads(store.read_text()) if store.is_file() else {}).values()}
+    rows = {row_key(r): r for r in (json.loads(store.read_text()) if store.is_file() else {}).values()}
     machine = cpu_label()
     for name in args.models:
         row = one(name, args)
         row["machine"] = machine
         row["settings_auto"] = int8_settings().reason
-        rows[f"{name} | {machine}"] = row
+        rows[row_key(row)] = row
         RESULTS.mkdir(parents=True, exist_ok=True)
         store.write_text(json.dumps(rows, indent=1) + "\n")
         print(json.dumps({k: row[k] for k in ("model", "macs_kept", "int8_agreement", "int8_relative_diff")}),
