@@ -137,6 +137,24 @@ def test_every_layer_gets_its_time_inside_the_whole_model(tmp_path):
             assert factor * probe_ms(row, batch)[-1] == pytest.approx(row["context_ms"][batch])
 
 
+def test_a_layer_matches_its_node_in_the_blocked_layout_of_either_block_size():
+    """ORT-CPU pads blocked convolutions to its block (8 on AVX2, 16 on AVX-512) and profiles the padded shapes;
+    a 24-channel layer must find its node on both machine classes, and an input narrower than the block stays."""
+    from compressor.deploy.latency_table import _layer_keys
+
+    first = Layer("a", "Conv", (3, 16, 16), (24, 3, 3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]})
+    assert _layer_keys(first) == [("conv", (3, 16, 16), (24, 8, 8), (24, 3, 3, 3)),
+                                  ("conv", (3, 16, 16), (32, 8, 8), (32, 3, 3, 3))]
+    depthwise = Layer("d", "Conv", (24, 8, 8), (24, 1, 3, 3), {"pads": [1, 1, 1, 1], "group": 24})
+    assert ("conv", (32, 8, 8), (32, 8, 8), (32, 1, 3, 3)) in _layer_keys(depthwise)
+    pointwise = Layer("p", "Conv", (24, 8, 8), (20, 24, 1, 1), {})
+    keys = _layer_keys(pointwise)
+    assert keys[0] == ("conv", (24, 8, 8), (20, 8, 8), (20, 24, 1, 1))
+    assert keys.index(("conv", (24, 8, 8), (24, 8, 8), (24, 24, 1, 1))) < keys.index(
+        ("conv", (32, 8, 8), (32, 8, 8), (32, 32, 1, 1)))  # the AVX2 block is tried before the AVX-512 one
+    assert _layer_keys(Layer("g", "Gemm", (16,), (5, 16), {"transB": 1})) == [("linear", (16,), (5,), ())]
+
+
 def test_layers_the_profile_did_not_match_take_the_median_factor():
     from compressor.deploy.latency_table import layer_factors
 

@@ -24,6 +24,7 @@ from compressor.errors import UsageError
 
 FORMAT = "compressor-latency-table/1"
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+NCHWC_BLOCKS = (8, 16)  # ORT-CPU's blocked-layout channel blocks: MLAS picks 8 on AVX2, 16 on AVX-512
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,29 @@ def _layer_key(layer: Layer) -> tuple:
     return "conv" if layer.op == "Conv" else "linear", layer.input_shape, output_shape(layer), weight
 
 
+def _layer_keys(layer: Layer) -> list[tuple]:
+    """The keys a layer's node may carry in the profile, most literal first: its own shapes, then its shapes in
+    ORT-CPU's blocked layout, whose block (8 channels with AVX2, 16 with AVX-512) pads the output channels, and
+    the input channels where the previous node's output was padded (an input narrower than the block stays
+    unblocked); a depthwise convolution's groups pad with its channels."""
+    keys = [_layer_key(layer)]
+    if layer.op != "Conv":
+        return keys
+    out_c, in_c = layer.weight_shape[0], layer.input_shape[0]
+    out_shape = output_shape(layer)
+    for block in NCHWC_BLOCKS:
+        pad_out = -(-out_c // block) * block
+        for pad_in in dict.fromkeys((-(-in_c // block) * block if in_c >= block else in_c, in_c)):
+            if layer.depthwise:
+                weight = (pad_out, *layer.weight_shape[1:])
+            else:
+                weight = (pad_out, pad_in // int(layer.attributes.get("group", 1)), *layer.weight_shape[2:])
+            key = ("conv", (pad_in, *layer.input_shape[1:]), (pad_out, *out_shape[1:]), weight)
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
 def _node_key(node: dict[str, Any]) -> Optional[tuple]:
     """The profiled node's _layer_key: ONNX Runtime reports a convolution's logical input and weight shapes even
     when it runs it blocked (NCHWc) or fused with its activation or residual add; a Gemm / MatMul's pre-packed
@@ -276,7 +300,7 @@ def measure_context(model_path: str | Path, backend: str, batch: int, found: Seq
     scale = whole_ms * 1e3 / run_us if run_us else 1.0
     matched = 0
     for layer, row in zip(found, rows):
-        times = by_key.get(_layer_key(layer))
+        times = next((by_key[key] for key in _layer_keys(layer) if key in by_key), None)
         if times:
             row.setdefault("context_ms", {})[str(batch)] = sorted(times)[len(times) // 2] / 1e3 * scale
             matched += 1
