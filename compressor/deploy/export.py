@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressor.deploy.attention_graph import explicit_heads
 from compressor.deploy.config import OnnxConfig
 from compressor.errors import ExportError
 from compressor.rundir import publish
@@ -35,7 +36,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
     with _private_dir(path) as work:
         tmp = work / path.name  # the exporters name external-data files after the graph file and write them beside it
         try:
-            with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath(False):
+            with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath(False), _eager_attention(model):
                 warnings.simplefilter("ignore")
                 if cfg.dynamo:
                     shapes = {}
@@ -62,16 +63,21 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
             raise ExportError(f"the exported ONNX (opset {cfg.opset}) fails onnx.checker: {' '.join(str(exc).split())}",
                               hint="Try another export.onnx.opset (17 is the default).") from exc
         external = any(f.name != tmp.name for f in work.iterdir())
-        simplified, simplify_note = False, None
+        simplified, simplify_note, head_reshapes = False, None, 0
         try:
             if external:  # over protobuf's 2 GB: one data file beside the graph; onnxslim needs the model in one proto
                 nodes = consolidate_external_data(tmp)
             else:
                 proto = onnx.load(str(tmp))
-                if cfg.simplify:
+                head_reshapes = explicit_heads(proto)
+                if cfg.simplify and head_reshapes:
+                    simplify_note = ("onnxslim skipped: the graph has attention in the pattern ONNX Runtime's "
+                                     "transformer optimizer fuses, and onnxslim rewrites it beyond the optimizer's "
+                                     "reach (docs/export-and-bench.md).")
+                elif cfg.simplify:
                     proto, simplified, simplify_note = _simplify(proto)
-                    if simplified:
-                        onnx.save(proto, str(tmp))
+                if simplified or head_reshapes:
+                    onnx.save(proto, str(tmp))
                 nodes = len(proto.graph.node)
         except OSError as exc:
             if _disk_full(exc):
@@ -87,6 +93,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
     return {"path": str(path), "opset": cfg.opset, "bytes": onnx_bytes(path),
             "external_data": data.name if external else None, "zipped_bytes": zipped_size(path) if zipped else None,
             "nodes": nodes, "simplified": simplified, "simplify_note": simplify_note,
+            "explicit_head_reshapes": head_reshapes,
             "dynamic_batch": cfg.dynamic_batch, "exporter": "dynamo" if cfg.dynamo else "torchscript"}
 
 
@@ -182,6 +189,29 @@ def _mha_fastpath(enabled: bool):
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(before)
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module):
+    """Hugging Face models exported with their eager attention (matmul, softmax, matmul), the pattern ONNX Runtime's
+    transformer optimizer fuses; their default SDPA path exports as a graph it does not match. Same function: the
+    export's parity check compares the file with the model as the user runs it. Restored afterwards."""
+    switched, inside = [], set()
+    for module in model.modules():
+        current = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if id(module) in inside or not hasattr(module, "set_attn_implementation") or current in (None, "eager"):
+            continue
+        try:
+            module.set_attn_implementation("eager")  # transformers sets it on the whole model, submodels included
+        except (ValueError, ImportError, AttributeError):  # a model without an eager path keeps its own
+            continue
+        switched.append((module, current))
+        inside.update(id(m) for m in module.modules())
+    try:
+        yield
+    finally:
+        for module, current in reversed(switched):
+            module.set_attn_implementation(current)
 
 
 def zipped_size(path: str | Path) -> int:
