@@ -100,6 +100,7 @@ def test_a_text_model_compresses_exports_with_dynamic_axes_and_reloads(text_task
     assert {(r["backend"], r["batch_size"]) for r in report["latency"]} == {("ort-cpu", 1), ("ort-cpu", 2)}
     fusion = report["exports"]["ort_fusion"]
     assert fusion["model_type"] == "bert" and fusion["dense"].get("SkipLayerNormalization") == 4  # 2 per layer
+    assert fusion["dense"]["Attention"] == fusion["compressed"]["Attention"] == 2  # one per layer, heads pruned
     assert "ONNX Runtime transformer fusions" in (run / "report.md").read_text()
 
     slim = load_slim(run)  # no pickle: rebuilt from the hf: reference in slim.json

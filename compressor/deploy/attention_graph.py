@@ -8,6 +8,13 @@ head counts, does not have. `explicit_heads` replaces the -1 by the count the pr
 (out_features / head_size), which is the value the -1 resolves to: only where the reshaped tensor is a MatMul
 (+ bias) of a constant weight and B and S are entries 0 and 1 of the shape of that MatMul's input, so the
 rewrite cannot change what the graph computes (the export's parity check runs on the rewritten file).
+
+Two more spellings of the same attention stand between recent transformers exports and the optimizer's patterns:
+the softmax cast to its own dtype and back (`softmax(..., dtype=float32).to(dtype)`, two Casts that change nothing
+in a float32 graph), which `noop_casts` removes, and, without an attention mask, scores scaled by `* head_size**-0.5`
+where the optimizer's unmasked pattern expects `/ head_size**0.5`: `scale_as_div` writes that Mul as the Div by the
+reciprocal (the same value to within one rounding of the scale). `fusable_attention` runs all three and drops the
+constants they leave unused.
 """
 from __future__ import annotations
 
@@ -82,3 +89,105 @@ def explicit_heads(model) -> int:
         concat.input.extend([heads, size])
         changed += 1
     return changed
+
+
+def noop_casts(model) -> int:
+    """Remove every Cast to the type its input already has (types from onnx shape inference); a Cast whose output is
+    a graph output stays. Returns how many were removed."""
+    import onnx
+
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    outputs = {o.name for o in graph.output}
+    renamed: dict[str, str] = {}
+    keep = []
+    for node in graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        source = renamed.get(node.input[0], node.input[0]) if node.op_type == "Cast" else None
+        if source is not None and types.get(source) == to and node.output[0] not in outputs:
+            renamed[node.output[0]] = source
+            continue
+        keep.append(node)
+    if renamed:
+        for node in keep:
+            for i, name in enumerate(node.input):
+                node.input[i] = renamed.get(name, name)
+        del graph.node[:]
+        graph.node.extend(keep)
+    return len(renamed)
+
+
+def scale_as_div(model) -> int:
+    """On unmasked attention (MatMul -> Mul by a scalar constant -> Softmax -> MatMul), the Mul written as a Div by
+    the scalar's reciprocal. Returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = _constants(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    changed = 0
+    for softmax in list(graph.node):
+        if softmax.op_type != "Softmax" or not any(c.op_type == "MatMul" for c in consumers.get(softmax.output[0], [])):
+            continue
+        mul = producers.get(softmax.input[0])
+        if mul is None or mul.op_type != "Mul" or len(consumers.get(mul.output[0], [])) != 1:
+            continue
+        scalar = next((i for i in mul.input if i in constants and constants[i].size == 1), None)
+        scores = next((i for i in mul.input if i != scalar), None)
+        if scalar is None or scores is None or producers.get(scores) is None or producers[scores].op_type != "MatMul":
+            continue
+        value = constants[scalar]
+        if not np.issubdtype(value.dtype, np.floating) or float(value.reshape(-1)[0]) == 0.0:
+            continue
+        name = f"{mul.name or mul.output[0]}/reciprocal"
+        graph.initializer.append(numpy_helper.from_array((1 / value).astype(value.dtype), name))
+        div = helper.make_node("Div", [scores, name], list(mul.output), name=f"{mul.name or mul.output[0]}/as_div")
+        graph.node.insert(list(graph.node).index(mul), div)
+        graph.node.remove(mul)
+        changed += 1
+    return changed
+
+
+def _read_names(graph) -> set[str]:
+    """Every tensor name a node of `graph` or of its subgraphs (If / Loop / Scan bodies) reads."""
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                names |= _read_names(sub)
+    return names
+
+
+def drop_unused_constants(model) -> int:
+    """Remove Constant nodes and initializers nothing reads any more. Returns how many went."""
+    graph = model.graph
+    total = 0
+    while True:
+        used = _read_names(graph) | {o.name for o in graph.output} | {i.name for i in graph.input}
+        dead = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]
+        unused = [t for t in graph.initializer if t.name not in used]
+        if not dead and not unused:
+            return total
+        for node in dead:
+            graph.node.remove(node)
+        for tensor in unused:
+            graph.initializer.remove(tensor)
+        total += len(dead) + len(unused)
+
+
+def fusable_attention(model) -> dict[str, int]:
+    """Rewrite `model` in place so that ONNX Runtime's transformer optimizer can fuse its attention (module
+    docstring); nothing changes in a graph without the head-splitting pattern. Returns what each step changed."""
+    heads = explicit_heads(model)
+    if not heads:
+        return {"head_reshapes": 0, "noop_casts": 0, "scales_as_div": 0}
+    counts = {"head_reshapes": heads, "noop_casts": noop_casts(model), "scales_as_div": scale_as_div(model)}
+    drop_unused_constants(model)
+    return counts

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.deploy.attention_graph import explicit_heads
+from compressor.deploy.attention_graph import fusable_attention
 from compressor.deploy.config import OnnxConfig
 from compressor.errors import ExportError
 from compressor.rundir import publish
@@ -63,20 +63,20 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
             raise ExportError(f"the exported ONNX (opset {cfg.opset}) fails onnx.checker: {' '.join(str(exc).split())}",
                               hint="Try another export.onnx.opset (17 is the default).") from exc
         external = any(f.name != tmp.name for f in work.iterdir())
-        simplified, simplify_note, head_reshapes = False, None, 0
+        simplified, simplify_note, attention = False, None, {}
         try:
             if external:  # over protobuf's 2 GB: one data file beside the graph; onnxslim needs the model in one proto
                 nodes = consolidate_external_data(tmp)
             else:
                 proto = onnx.load(str(tmp))
-                head_reshapes = explicit_heads(proto)
-                if cfg.simplify and head_reshapes:
+                attention = fusable_attention(proto)
+                if cfg.simplify and attention["head_reshapes"]:
                     simplify_note = ("onnxslim skipped: the graph has attention in the pattern ONNX Runtime's "
                                      "transformer optimizer fuses, and onnxslim rewrites it beyond the optimizer's "
                                      "reach (docs/export-and-bench.md).")
                 elif cfg.simplify:
                     proto, simplified, simplify_note = _simplify(proto)
-                if simplified or head_reshapes:
+                if simplified or attention.get("head_reshapes"):
                     onnx.save(proto, str(tmp))
                 nodes = len(proto.graph.node)
         except OSError as exc:
@@ -93,7 +93,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: 
     return {"path": str(path), "opset": cfg.opset, "bytes": onnx_bytes(path),
             "external_data": data.name if external else None, "zipped_bytes": zipped_size(path) if zipped else None,
             "nodes": nodes, "simplified": simplified, "simplify_note": simplify_note,
-            "explicit_head_reshapes": head_reshapes,
+            "attention_rewrites": attention,
             "dynamic_batch": cfg.dynamic_batch, "exporter": "dynamo" if cfg.dynamo else "torchscript"}
 
 
