@@ -10,7 +10,10 @@ its measure-prune loop (prune/latency_target.py) starts at the MAC target 1/S (m
 so the loop's first try is the MAC-targeted model, measured in the same process; the final row is the speedup the
 bench measured on the compressed model (dense and pruned interleaved). A cell counts as met when that final
 speedup is within 5% of S. One JSON per finished cell in benchmarks/results/latency_target/ (a later run resumes);
-benchmarks/results/latency_target.md is rewritten from them after every cell. With `--planner table` each
+benchmarks/results/latency_target.md is rewritten from them after every cell. Cells are kept per CPU class
+(a subfolder named after common.cpu_label, the table one section per CPU), so a run on another machine adds its own
+rows instead of resuming the other machine's. ViT-B/16 prunes its attention heads too
+(`prune.attention.heads: true`): with heads locked its MLPs alone cannot reach x3. With `--planner table` each
 model's dense export gets a latency table first (`compressor latency-table` at the cell's batch, kept in --out) and
 the cells plan from it (results in latency_target_table/ and latency_target_table.md); their MAC-target columns
 come from the same cell of the MAC planner's run, where it exists.
@@ -19,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
-from common import RESULTS, informative_init, input_size, table, write_result, zoo_overrides
+from common import RESULTS, cpu_label, informative_init, input_size, table, write_result, zoo_overrides
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
-STORE = RESULTS / "latency_target"
+ROOT = RESULTS / "latency_target"  # one subfolder per CPU class (cpu_folder)
+STORE = ROOT
 
 
 def tag(model: str, speedup: float, batch: int) -> str:
@@ -55,7 +58,8 @@ def run_cell(model: str, speedup: float, batch: int, args: argparse.Namespace) -
 
     checkpoint, _ = informative_init(model, args.out / f"{model}.init.pt")
     table = f", table: {dense_table(model, checkpoint, batch, args)}" if args.planner == "table" else ""
-    overrides = zoo_overrides(model, input_size(model), 0.5) + [
+    heads = ["prune.attention.heads=true"] if model.startswith("vit") else []
+    overrides = zoo_overrides(model, input_size(model), 0.5) + heads + [
         f"prune.target={{latency_speedup: {speedup}, batch: {batch}{table}}}", f"bench.batch_sizes=[{batch}]",
         "bench.backends=[ort-cpu]", f"bench.threads={args.threads}", "bench.min_runs=20", "bench.min_seconds=3",
         "bench.warmup_ms=500", "export.onnx.simplify=false"]
@@ -65,7 +69,7 @@ def run_cell(model: str, speedup: float, batch: int, args: argparse.Namespace) -
     t = report["target"]["latency"]
     first = t["tries"][0]
     if args.planner == "table":  # the table's first try is a latency budget, not the MAC target 1/S
-        twin = RESULTS / "latency_target" / f"{tag(model, speedup, batch)}.json"
+        twin = RESULTS / "latency_target" / cpu_folder(cpu_label()) / f"{tag(model, speedup, batch)}.json"
         first = json.loads(twin.read_text())["tries"][0] if twin.is_file() else None
     return {"model": model, "asked": speedup, "batch": batch, "tries": t["tries"], "planned_macs": t["macs"],
             "loop_speedup": t["measured_speedup"], "final_speedup": t["final_speedup"], "final_met": t["final_met"],
@@ -74,7 +78,7 @@ def run_cell(model: str, speedup: float, batch: int, args: argparse.Namespace) -
                                      "realised_ratio": first["speedup"] * first["macs"]},
             "dense_ms": report["latency"][0]["dense"]["p50"], "pruned_ms": report["latency"][0]["compressed"]["p50"],
             "loop_seconds": report["timings_s"].get("latency_target"), "wall_s": time.perf_counter() - start,
-            "cpu": platform.processor() or platform.machine(), "threads": args.threads, "planner": args.planner,
+            "cpu": cpu_label(), "threads": args.threads, "planner": args.planner, "heads": bool(heads),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -82,25 +86,38 @@ def _mac_cells(m: dict | None) -> list[str]:
     return ["", ""] if not m else [f"{m['macs']:.3f}", f"x{m['speedup']:.2f} ({m['realised_ratio']:.2f})"]
 
 
+def cpu_folder(label: str) -> str:
+    """A results subfolder name for a CPU label: 'Intel(R) Xeon(R) Processor (AVX-512 VNNI)' -> 'intel-xeon-...'."""
+    return "-".join("".join(c if c.isalnum() else " " for c in label.replace("(R)", "")).lower().split())
+
+
+def _cells(rows: list[dict]) -> list[list]:
+    return [[r["model"], r["batch"], f"x{r['asked']:g}", *_mac_cells(r.get("mac_target")),
+             f"{r['macs_kept']:.3f}", len(r["tries"]), f"x{r['loop_speedup']:.2f}",
+             f"x{r['final_speedup']:.2f}", "yes" if r["final_met"] else "**no**",
+             f"{r['dense_ms']:.2f} / {r['pruned_ms']:.2f}", f"{r['loop_seconds']:.0f}"] for r in rows]
+
+
 def render(planner: str = "macs") -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(STORE.glob("*.json"))]
+    rows = [json.loads(p.read_text()) for p in sorted(ROOT.glob("*/*.json"))]
     rows.sort(key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 99, r["batch"], r["asked"]))
-    met = sum(1 for r in rows if r["final_met"])
-    lines = [[r["model"], r["batch"], f"x{r['asked']:g}", *_mac_cells(r.get("mac_target")),
-              f"{r['macs_kept']:.3f}", len(r["tries"]), f"x{r['loop_speedup']:.2f}",
-              f"x{r['final_speedup']:.2f}", "yes" if r["final_met"] else "**no**",
-              f"{r['dense_ms']:.2f} / {r['pruned_ms']:.2f}", f"{r['loop_seconds']:.0f}"] for r in rows]
-    return ("# Latency targets on ONNX Runtime CPU\n\n`python benchmarks/latency_target.py`: torchvision models at their "
-            "own input size, no fine-tuning (synthetic data), `prune.target: {latency_speedup: S, batch: B}` on "
+    text = ("# Latency targets on ONNX Runtime CPU\n\n`python benchmarks/latency_target.py`: torchvision models at "
+            "their own input size, no fine-tuning (synthetic data), `prune.target: {latency_speedup: S, batch: B}` on "
             f"ort-cpu with 2 threads{', planned from each model`s latency table (--planner table)' if planner == 'table' else ''}"
-            f". {met} of {len(rows)} cells within 5% of the asked speedup.\n\n"
-            "MAC target 1/S: the loop's first try (the plan a `macs: 1/S` recipe gets), its measured speedup and "
+            ". MAC target 1/S: the loop's first try (the plan a `macs: 1/S` recipe gets), its measured speedup and "
             "realised ratio (speedup x MACs kept). Latency target: the MAC fraction the loop settled on, its tries, "
             "the speedup it measured, and the speedup the final bench measured on the compressed model (dense and "
-            "pruned interleaved, p50).\n\n"
-            + table(["model", "batch", "asked", "MAC target 1/S: MACs", "its speedup (realised)",
-                     "latency target: MACs", "tries", "loop speedup", "final speedup", "within 5%",
-                     "dense / pruned ms", "loop s"], lines))
+            "pruned interleaved, p50). One section per CPU class.\n")
+    header = ["model", "batch", "asked", "MAC target 1/S: MACs", "its speedup (realised)", "latency target: MACs",
+              "tries", "loop speedup", "final speedup", "within 5%", "dense / pruned ms", "loop s"]
+    for cpu in sorted({r["cpu"] for r in rows}):
+        own = [r for r in rows if r["cpu"] == cpu]
+        met = sum(1 for r in own if r["final_met"])
+        loop = sum(1 for r in own if abs(r["loop_speedup"] / r["asked"] - 1) <= 0.05)
+        text += (f"\n## {cpu}\n\nFinal bench within 5% of the asked speedup in **{met} of {len(own)}** cells (the "
+                 f"loop's own measurement in {loop}); finished {min(r['finished'] for r in own)[:10]} to "
+                 f"{max(r['finished'] for r in own)[:10]}.\n\n" + table(header, _cells(own)))
+    return text
 
 
 def main() -> None:
@@ -114,9 +131,10 @@ def main() -> None:
                         help="table: each model's latency table (measured here first) plans by importance per ms")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-latency-target"))
     args = parser.parse_args()
-    global STORE
+    global ROOT, STORE
     if args.planner == "table":
-        STORE = RESULTS / "latency_target_table"
+        ROOT = RESULTS / "latency_target_table"
+    STORE = ROOT / cpu_folder(cpu_label())
     STORE.mkdir(parents=True, exist_ok=True)
     name = "latency_target.md" if args.planner == "macs" else "latency_target_table.md"
     for model in args.models:

@@ -136,6 +136,68 @@ def run_encoder(out: Path, macs: float) -> list[dict[str, Any]]:
     return rows
 
 
+def run_fusion(out: Path, macs: float, repeats: int = 3) -> dict[str, Any]:
+    """The pretrained encoder (new head, no fine-tune: fusion and speed do not depend on the weights' values) pruned
+    with heads to `macs`; ONNX Runtime's transformer optimizer run on dense.onnx and model.onnx; the four files
+    (dense / pruned, as exported / fused) timed round robin at batch 1 and 8, sequence 128, medians of `repeats`
+    rounds; the fused files' outputs compared with the exported ones on the validation text."""
+    import statistics
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from common import cpu_label
+    from compressor.deploy.bench import make_runner, measure_round_robin, summarize
+    from compressor.deploy.ort_fusion import fusion_report
+
+    train, val = fortune_task(out / "fortunes")
+    run = out / "minilm-fusion"
+    report = _compress(f"hf:{encoder_dir()}", recipe(train, val, prune={
+        "method": "oneshot", "host": "depgraph", "target": {"macs": macs}, "attention": {"heads": True}},
+        finetune={"epochs": 0}), run)
+    files = {}
+    heads = {}
+    for side in ("dense", "model"):
+        optimized = optimize_model(str(run / f"{side}.onnx"), model_type="bert", num_heads=0, hidden_size=0).model
+        files[side], files[f"{side}.fused"] = run / f"{side}.onnx", run / f"{side}.fused.onnx"
+        onnx.save(optimized, str(files[f"{side}.fused"]))
+        heads[side] = [next(a.i for a in n.attribute if a.name == "num_heads")
+                       for n in optimized.graph.node if n.op_type == "Attention"]
+    sessions = {k: ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for k, f in files.items()}
+    ids = _validation_ids(val, report)
+    diff = {side: float(max(np.abs(sessions[f"{side}.fused"].run(None, {"input_ids": x})[0]
+                                   - sessions[side].run(None, {"input_ids": x})[0]).max() for x in ids))
+            for side in ("dense", "model")}
+    p50 = {}
+    for batch in (1, 8):
+        rounds: dict[str, list[float]] = {k: [] for k in files}
+        for _ in range(repeats):
+            runners = [make_runner("ort-cpu", f, 2, input_shape=[128], interleaved=True) for f in files.values()]
+            times = measure_round_robin(runners, batch, warmup_ms=500, min_runs=20, min_seconds=3)
+            for runner in runners:
+                runner.close()
+            for key, own in zip(files, times):
+                rounds[key].append(summarize(own, batch).p50)
+        p50[batch] = {k: statistics.median(v) for k, v in rounds.items()}
+    return {"model": "all-MiniLM-L6-v2", "cpu": cpu_label(), "sequence": 128, "repeats": repeats,
+            "macs_kept": report["compressed"]["macs"] / report["dense"]["macs"],
+            "ort_fusion": fusion_report(run / "dense.onnx", run / "model.onnx", "bert"),
+            "attention_heads": heads, "fused_max_abs_diff": diff, "p50_ms": p50}
+
+
+def _validation_ids(val: Path, report: dict[str, Any]) -> list[Any]:
+    """Token ids of the first validation texts in batches of 8, with the run's tokenizer (padded to 128)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(report["run_dir"]) / "tokenizer")
+    with val.open(encoding="utf-8") as fh:
+        texts = [row["text"] for row in csv.DictReader(fh)][:64]
+    return [tokenizer(texts[i:i + 8], padding="max_length", truncation=True, max_length=128,
+                      return_tensors="np")["input_ids"].astype("int64") for i in range(0, len(texts), 8)]
+
+
 def _compress(ref: str, recipe_dict: dict[str, Any], out: Path) -> dict[str, Any]:
     """cached_compress with a recipe given as a dict (written beside the run so that it can be reproduced)."""
     import yaml

@@ -6,6 +6,8 @@ interleaved on ORT-CPU at batch 1 and 8, medians over repeats, with the ONNX par
 
 Part `encoder` (benchmarks/text_encoder.py): a real pretrained Hugging Face encoder (all-MiniLM-L6-v2) on real
 text (Debian's fortunes), heads on and off after a short distillation fine-tune, with its task accuracy.
+Part `fusion`: that encoder pruned with heads (no fine-tune), ONNX Runtime's transformer optimizer on the dense and
+pruned exports (fused operators, Attention heads per layer) and the exported vs fused files timed side by side.
 
 Heads off: only the MLP hidden widths are pruned (the embedding width feeds every attention layer). Heads on
 (`prune.attention.heads: true`): whole heads go too, every layer keeping its own count. Uniform per-layer ranking
@@ -31,7 +33,8 @@ from common import (RESULTS, cpu_label, informative_init, latency, parity_cell, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["vit", "encoder"], default=["vit", "encoder"])
+    parser.add_argument("--parts", nargs="+", choices=["vit", "encoder", "fusion"],
+                        default=["vit", "encoder", "fusion"])
     parser.add_argument("--models", nargs="+", default=["vit_b_16"])
     parser.add_argument("--macs", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=2)
@@ -73,8 +76,13 @@ def main() -> None:
         for row in run_encoder(args.out, args.macs):
             kept[f"minilm/heads={row['heads']}"] = row
             store.write_text(json.dumps(kept, indent=1) + "\n")
-    vit = {k: r for k, r in kept.items() if "top1" not in r}
-    encoder = [r for r in kept.values() if "top1" in r]
+    if "fusion" in args.parts:
+        from text_encoder import run_fusion
+
+        kept["minilm/fusion"] = run_fusion(args.out, args.macs)
+        store.write_text(json.dumps(kept, indent=1) + "\n")
+    vit = {k: r for k, r in kept.items() if not k.startswith("minilm/")}
+    encoder = [r for k, r in kept.items() if k.startswith("minilm/heads=")]
     rows = [[r["model"], "on" if r["heads"] else "off", f"{r['heads_kept']}/{r['heads_dense']}",
              f"{r['mlp_kept']}/{r['mlp_dense']}", f"{r['macs_kept']:.3f}", f"x{r['speedup_b1']:.2f}",
              f"x{r['speedup_b8']:.2f}", f"{r['realised_b1']:.2f} / {r['realised_b8']:.2f}", parity_cell(r),
@@ -88,6 +96,8 @@ def main() -> None:
                      "realised ratio b1 / b8", "parity max diff (relative)", "repeats"], rows))
     if encoder:
         text += encoder_section(encoder)
+    if "minilm/fusion" in kept:
+        text += fusion_section(kept["minilm/fusion"])
     write_result("transformers.md", text)
 
 
@@ -112,7 +122,29 @@ def encoder_section(rows: list[dict]) -> str:
                      "fine-tune min"], cells)
             + "\nONNX Runtime's transformer optimizer (model type bert), fused operators dense / pruned: "
             + "; ".join(f"heads {'on' if r['heads'] else 'off'}: {_fused(r['ort_fusion'])}" for r in rows)
-            + ". No Attention fusion in either, the dense model included (docs/text.md).\n")
+            + " (counted on the exports of the run's own version; see the fusion section for the current one).\n")
+
+
+def fusion_section(r: dict) -> str:
+    p50 = {int(b): v for b, v in r["p50_ms"].items()}
+    cells = [[name, *(f"{p50[b][key]:.2f}" for b in (1, 8) for key in (side, f"{side}.fused")),
+              *(f"x{p50[b][side] / p50[b][side + '.fused']:.2f}" for b in (1, 8)),
+              f"{r['fused_max_abs_diff'][side]:.1e}"]
+             for name, side in (("dense", "dense"), ("pruned (heads on)", "model"))]
+    return ("\n## Attention fusion: the exports as ONNX Runtime's transformer optimizer leaves them\n\n"
+            f"`python benchmarks/transformers.py --parts fusion` (CPU: {r['cpu']}): the pretrained encoder with a new "
+            f"head, pruned with heads to {r['macs_kept']:.3f} of the MACs (no fine-tune: what fuses and how fast it "
+            "runs do not depend on the weights' values); `onnxruntime.transformers.optimizer.optimize_model` "
+            "(model type bert, num_heads 0) on dense.onnx and model.onnx. Fused operators dense / pruned: "
+            f"{_fused(r['ort_fusion'])}; Attention heads per layer: dense {r['attention_heads']['dense']}, pruned "
+            f"{r['attention_heads']['model']}. ORT-CPU p50 in ms at sequence length {r['sequence']}, 2 threads, the "
+            f"four files round robin, median of {r['repeats']} rounds; max |fused - exported| on 64 validation "
+            "texts.\n\n"
+            + table(["model", "b1 exported", "b1 fused", "b8 exported", "b8 fused", "fused gain b1", "fused gain b8",
+                     "max abs diff"], cells)
+            + f"\nPruned over dense, fused files: x{p50[1]['dense.fused'] / p50[1]['model.fused']:.2f} (b1), "
+            f"x{p50[8]['dense.fused'] / p50[8]['model.fused']:.2f} (b8); exported files: "
+            f"x{p50[1]['dense'] / p50[1]['model']:.2f} / x{p50[8]['dense'] / p50[8]['model']:.2f}.\n")
 
 
 def _fused(fusion: dict) -> str:
