@@ -138,3 +138,35 @@ def test_a_repeated_secant_bisects_the_bracket_instead(monkeypatch):
     assert lt.next_try([(0.4, 1.9), (0.457, 2.1)], 2.0) is None  # contradicting measurements: keep the best
     monkeypatch.setattr(lt, "next_macs", lambda points, asked: 0.43)
     assert lt.next_try(pts, 2.0) == 0.43  # an untried proposal is taken as it is
+
+
+def test_the_loop_aims_inside_the_band_while_it_has_time(monkeypatch):
+    """A first try 4% off meets the target but the loop tries again for the middle of the band (the final bench
+    re-measures); once AIM_SECONDS are spent, a try within the tolerance ends it."""
+    from compressor.deploy import bench
+    from compressor.models.loading import build_arch, example_inputs
+    from compressor.prune import round_to, selection as sel
+
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"latency_speedup": 2.0}},
+                                          bench={"backends": ["ort-cpu"]}))
+    example = example_inputs(recipe.model)
+    dense_macs = []
+
+    def fake_runner(model, recipe, backend, path):
+        macs = sel.snapshot_macs(model, example)[0]
+        dense_macs.append(macs) if not dense_macs else None
+        return FakeRunner(macs / dense_macs[0])
+
+    def fake_timing(runners, batch, *args):  # speedup = MACs^-0.94: x1.92 (4% slow) at the first try's 0.5
+        return [[1e-3 * r.macs ** 0.94] * 5 for r in runners]
+
+    monkeypatch.setattr(round_to, "timing_runner", fake_runner)
+    monkeypatch.setattr(bench, "measure_round_robin", fake_timing)
+    record = lt.measure_latency_target(build_arch("zoo:resnet20", 4, 1), recipe)
+    first = record["tries"][0]["speedup"]
+    assert lt.AIM < abs(first / 2.0 - 1) <= lt.TOLERANCE
+    assert len(record["tries"]) > 1 and abs(record["measured_speedup"] / 2.0 - 1) < abs(first / 2.0 - 1)
+
+    monkeypatch.setattr(lt, "AIM_SECONDS", 0.0)  # no time left to aim: the first try within the band is taken
+    record = lt.measure_latency_target(build_arch("zoo:resnet20", 4, 1), recipe)
+    assert len(record["tries"]) == 1 and record["met"]
