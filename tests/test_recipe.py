@@ -204,9 +204,3 @@ def test_set_alone_may_make_a_recipe_and_a_directory_is_refused(tmp_path):
     assert load_recipe(empty, ["name=from-set"]).name == "from-set"
     with pytest.raises(RecipeError, match="is a directory"):
         load_recipe(tmp_path)
-
-
-def test_pruning_the_embedding_width_is_refused_with_the_alternative():
-    message = error_of(tiny_recipe(prune={"method": "oneshot", "attention": {"heads": True, "embed": True}}))
-    assert "prune.attention.embed:" in message and "set embed: false and use heads: true" in message
-    assert recipe_from_dict(tiny_recipe(prune={"attention": {"heads": True, "embed": False}})).prune.attention.heads

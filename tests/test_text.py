@@ -127,6 +127,39 @@ def test_a_text_model_compresses_exports_with_dynamic_axes_and_reloads(text_task
     assert f"top-1 {report['compressed']['top1']:.2f}%" in result.stdout
 
 
+@pytest.mark.parametrize("method,extra,epochs", [
+    ("oneshot", {}, 1), ("dpm", {"schedule": {"events": 1, "end_epoch": 1}, "dpm": {"steps": 2, "interval": 1}}, 1),
+    ("fggp", {"fggp": {"granularity": "structured", "interval": 1}}, 1),
+    ("ocsp", {"ocsp": {"latest_prune_epoch": 1}}, 2)])
+def test_the_embedding_width_compresses_exports_fuses_and_reloads(text_task, tmp_path, method, extra, epochs):
+    """prune.attention.embed with heads: the residual stream narrows everywhere alike, the export matches, still
+    fuses one Attention per layer, and the slim model reloads; save_pretrained says why it cannot describe it."""
+    from compressor.app.pipeline import compress
+    from compressor.models.slim import load_slim
+    from tests.test_embed import _residual_widths
+
+    recipe = _text_recipe(text_task, prune={"method": method, "target": {"macs": 0.5},
+                                            "attention": {"heads": True, "embed": True}, **extra},
+                          finetune={"epochs": epochs})
+    run = tmp_path / "run"
+    report = compress(text_task["ref"], recipe_from_dict(recipe), run)
+    slim = load_slim(run)
+    (width,) = _residual_widths(slim)
+    assert width < 32, f"{method} kept the whole embedding width"
+    assert report["compressed"]["macs"] / report["dense"]["macs"] == pytest.approx(0.5, abs=0.08)
+    assert report["parity"]["onnx"]["passed"] and report["parity"]["onnx"]["max_abs_diff"] < 1e-4
+    fusion = report["exports"]["ort_fusion"]
+    assert fusion["compressed"]["Attention"] == 2 and fusion["compressed"]["SkipLayerNormalization"] == 4
+    assert report["exports"]["hf_pretrained"]["written"] is False
+    assert f"the embedding width was pruned (32 -> {width}" in report["exports"]["hf_pretrained"]["reason"]
+    ids = torch.randint(5, 120, (2, 9))
+    with torch.no_grad():
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(run / "model.onnx"))
+        np.testing.assert_allclose(session.run(None, {"input_ids": ids.numpy()})[0], slim(ids).numpy(), atol=1e-4)
+
+
 def test_right_padding_does_not_change_the_logits(text_task):
     from compressor.models.config import ModelConfig
     from compressor.models.loading import load_model

@@ -23,7 +23,7 @@ from compressor.progress import info
 from compressor.prune.methods import METHODS, PruningMethod
 from compressor.prune.latency_target import latency_target_note, resolve_latency_target
 from compressor.prune.round_to import resolve_round_to
-from compressor.prune.selection import MISS_TOLERANCE, relative_miss, snapshot_macs
+from compressor.prune.selection import MISS_TOLERANCE, check_embed, relative_miss, snapshot_macs
 from compressor.train.data import build_datasets, sample_batch
 from compressor.train.loop import check_method_schedule, dense_teacher, evaluate, fit
 from compressor import rundir
@@ -144,6 +144,8 @@ def load_inputs(state: RunState) -> None:
     """The model and the datasets; then round_to: auto measured on this machine (round_to.json in the run)."""
     with state.timer("load"):
         state.model = load_model(state.checkpoint, state.recipe.model, trust_checkpoint=state.trust_checkpoint)
+        if state.recipe.prune.attention.embed:  # before any training: layers that cannot take it name themselves
+            check_embed(state.model)
         state.train_set, state.val_set = build_datasets(state.recipe.data, state.recipe.model,
                                                       model_ref=state.checkpoint)
         _label_unlabelled_text(state)

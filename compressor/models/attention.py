@@ -387,6 +387,61 @@ def attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, Option
         yield name, module, family, reason
 
 
+EMBED_FAMILIES = ("sep",)  # layers whose q/k/v width does not follow the embedding width (prune.attention.embed)
+
+
+def embed_tensors(module: nn.Module) -> Optional[tuple[list[tuple[nn.Module, str, int]], list[tuple[nn.Module, str, int]]]]:
+    """The tensors an attention layer's embedding width (the residual stream it reads and writes) runs along, as
+    (input side, output side) lists of (owner, attribute, dim): the q/k/v weights' columns in, the output
+    projection's rows and bias out, and a LayerNorm over the output inside the layer (BERT's BertSelfOutput). None
+    where the layer's family does not allow it (packed q/k/v whose head width is embed / heads, window attention)."""
+    family, _ = attention_family(module)
+    if family not in EMBED_FAMILIES:
+        return None
+    projections, out, _, _ = separate_spec(module)
+    inputs = [(_path(module, p), "weight", 1) for p in projections]
+    out_layer = _path(module, out)
+    outputs = [(out_layer, "weight", 0)] + ([(out_layer, "bias", 0)] if out_layer.bias is not None else [])
+    for norm in module.modules():
+        if isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (out_layer.out_features,):
+            outputs += [(norm, attr, 0) for attr in ("weight", "bias") if getattr(norm, attr) is not None]
+    return inputs, outputs
+
+
+def embed_linears(module: nn.Module) -> tuple[list[str], list[str]]:
+    """Names (relative to the layer) of the Linear layers reading (q, k, v) and writing (output projection) the
+    embedding width of an EMBED_FAMILIES layer: where the MAC model counts what embed pruning saves."""
+    projections, out, _, _ = separate_spec(module)
+    return list(projections), [out]
+
+
+def prune_embed(module: nn.Module, side: str, drop: Sequence[int]) -> None:
+    """Remove embedding channels `drop` on one side ("in" or "out") of an EMBED_FAMILIES layer, in place."""
+    found = embed_tensors(module)
+    if found is None:
+        raise ValueError(f"{type(module).__name__}: its embedding width cannot be pruned")
+    gone = {int(i) for i in drop}
+    for owner, attr, dim in found[0 if side == "in" else 1]:
+        width = getattr(owner, attr).shape[dim]
+        keep_index(owner, attr, dim, torch.tensor([i for i in range(width) if i not in gone], dtype=torch.long))
+        if isinstance(owner, nn.Linear):
+            owner.out_features, owner.in_features = owner.weight.shape
+        elif isinstance(owner, nn.LayerNorm):
+            owner.normalized_shape = tuple(owner.weight.shape)
+
+
+def keep_index(owner: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:
+    """Keep `index` along `dim` of owner.attr and of its gradient, as a new Parameter (as torch-pruning does: an
+    autograd graph recorded before the removal, as in FGGP's events between backward and the optimizer step,
+    still refers to the old one)."""
+    old = getattr(owner, attr)
+    index = index.to(old.device)
+    new = nn.Parameter(old.detach().index_select(dim, index).contiguous(), requires_grad=old.requires_grad)
+    if old.grad is not None:
+        new.grad = old.grad.index_select(dim, index).contiguous()
+    setattr(owner, attr, new)
+
+
 def _relative(module: nn.Module, owner: nn.Module) -> str:
     """`owner`'s name inside `module` with a trailing dot ('' for the module itself)."""
     return next((f"{n}." if n else "" for n, m in module.named_modules() if m is owner), "")

@@ -4,7 +4,8 @@ from_pretrained builds every layer from config.json, so a folder is only useful 
 pruned shapes: an MLP width (intermediate_size; DistilBERT's hidden_dim) pruned to one value in every layer is
 written into the config; anything else (different widths per layer, pruned attention heads: transformers 5 removed
 config.pruned_heads, so every layer would be rebuilt with num_attention_heads heads, and BERT derives the head
-width from hidden_size / num_attention_heads) cannot be, and the folder is not written. Whatever is written is
+width from hidden_size / num_attention_heads, which also rules out a pruned embedding width) cannot be, and the
+folder is not written. Whatever is written is
 reloaded with from_pretrained and its logits compared with the pruned model's before it is published; the slim
 format (slim.json + weights.safetensors) reloads every shape regardless.
 """
@@ -31,6 +32,12 @@ def config_for(model: nn.Module) -> tuple[Optional[Any], Optional[str]]:
     """(a config describing `model`'s shapes, None) or (None, why no config can): the MLP width is set when every
     layer has the same one, then every tensor's shape is compared with a model built from that config."""
     config = copy.deepcopy(model.config)
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hidden = getattr(config, "hidden_size", getattr(config, "dim", None))
+    if isinstance(embedding, nn.Embedding) and hidden is not None and embedding.embedding_dim != hidden:
+        return None, (f"the embedding width was pruned ({hidden} -> {embedding.embedding_dim}, "
+                      "prune.attention.embed); transformers derives each head's width from hidden_size / "
+                      "num_attention_heads, so a config cannot keep the heads' width with a narrower embedding")
     heads = {head_count(m, family) for _, m, family, _ in attention_modules(model) if family is not None}
     expected = getattr(config, "num_attention_heads", getattr(config, "n_heads", None))
     if heads and heads != {expected}:

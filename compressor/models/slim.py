@@ -47,6 +47,8 @@ def _fix_attributes(module: nn.Module) -> None:
         module.num_channels = module.weight.shape[0]
     elif isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.shape[0]
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
 
 
 def conform_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:

@@ -55,22 +55,14 @@ class TargetConfig(Strict):
 
 
 class AttentionConfig(Strict):
-    """prune.attention: whether attention heads are structures too (prune/heads.py, docs/heads.md). The embedding
-    width (each attention layer's input and output) always stays."""
+    """prune.attention: whether attention heads are structures too (prune/heads.py, docs/heads.md), and whether
+    the embedding width (each attention layer's input and output) may go too (embed; docs/heads.md)."""
 
     heads: bool = Field(False, description="remove whole attention heads (q, k, v rows and output-projection "
                                            "columns); each layer keeps its own head count")
     embed: bool = Field(False, description="prune the embedding width (the residual stream every attention layer "
-                                           "reads and writes): not built, only false is accepted")
-
-    @field_validator("embed")
-    @classmethod
-    def _embed(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("true is not built: the embedding width of attention layers always stays (attention "
-                             "layers are single nodes of the dependency graph); set embed: false and use heads: true "
-                             "and the MLP widths")
-        return v
+                                           "reads and writes, the embeddings and every LayerNorm on it): Hugging "
+                                           "Face layers with separate q/k/v projections only")
 
 
 class ScheduleConfig(Strict):

@@ -13,6 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compressor.errors import NotPrunableError, RecipeError
+from compressor.models.attention import embed_tensors, prune_embed
 from compressor.models.layers import is_depthwise
 from compressor.prune.limits import LimitExceeded, default_memory_growth, limited
 from compressor.registry import did_you_mean
@@ -54,8 +55,10 @@ class _OpaqueAttention(tp.pruner.function.BasePruningFunc):
     """Makes a custom attention layer one node of the dependency graph, with its input and output widths.
 
     torch-pruning's index mapping does not terminate through the window partitions and torch.roll of torchvision's
-    Swin and MaxViT; seen from outside, the layer is a width-C to width-C map whose widths are fixed anyway (see
-    attention_layers), so it is traced as a leaf and never pruned."""
+    Swin and MaxViT; seen from outside, the layer is a width-C to width-C map, so it is traced as a leaf. Its widths
+    stay (see attention_layers) unless prune.attention.embed unlocks the embedding width of a layer whose q/k/v
+    width does not follow it (models/attention.EMBED_FAMILIES): then its q/k/v columns and its output rows (and
+    a LayerNorm over its output) lose the residual stream's removed channels."""
 
     @staticmethod
     def _linears(layer: nn.Module) -> list[nn.Linear]:
@@ -72,6 +75,20 @@ class _OpaqueAttention(tp.pruner.function.BasePruningFunc):
 
     def prune_out_channels(self, layer: nn.Module, idxs):
         raise NotPrunableError(f"the widths of attention layer {type(layer).__name__} are not pruned.")
+
+
+class _ResidualAttention(_OpaqueAttention):
+    """An attention layer whose embedding width can go (models/attention.embed_tensors): its input and output are
+    one channel space, the residual stream (BERT adds the input inside the layer, before its LayerNorm; ViT and
+    DistilBERT outside), so torch-pruning couples them as it couples a norm's (one function for both sides), and
+    removing channels removes them from the q/k/v columns and the output rows (and that LayerNorm) at once."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs):
+        prune_embed(layer, "in", idxs)
+        prune_embed(layer, "out", idxs)
+        return layer
+
+    prune_in_channels = prune_out_channels
 
 
 def _is_attention(module: nn.Module) -> bool:
@@ -91,7 +108,8 @@ def _opaque_attention(model: nn.Module) -> dict[type, tp.pruner.function.BasePru
         if module in inside or isinstance(module, nn.MultiheadAttention):
             continue
         if _is_attention(module) and _OpaqueAttention._linears(module):
-            opaque.setdefault(type(module), _OpaqueAttention())
+            kind = _ResidualAttention if embed_tensors(module) is not None else _OpaqueAttention
+            opaque.setdefault(type(module), kind())
             inside.update(module.modules())
     return opaque
 
@@ -167,16 +185,19 @@ def module_names(model: nn.Module) -> dict[nn.Module, str]:
     return {module: name for name, module in model.named_modules()}
 
 
-def attention_layers(model: nn.Module) -> dict[nn.Module, str]:
+def attention_layers(model: nn.Module, embed: bool = False) -> dict[nn.Module, str]:
     """Every module inside an attention layer (nn.MultiheadAttention, or a class named *Attention*: torchvision's
     Swin and MaxViT, timm's ViT), mapped to that layer's name. Their widths are tied to the head layout (q/k/v are
     packed and split into heads by reshapes, torchvision's ViT keeps hidden_dim), so groups that touch them are
-    not pruned; the rest of the network (MLP hidden widths, convolutions) is."""
+    not pruned; the rest of the network (MLP hidden widths, convolutions) is. With `embed`, the layer itself is
+    left out where its embedding width can go (models/attention.embed_tensors): the residual stream's group, in
+    which the layer is one node, becomes prunable; its insides stay locked (their other widths are its heads)."""
     locked: dict[nn.Module, str] = {}
     for name, module in model.named_modules():
         if _is_attention(module):
             for sub in module.modules():
-                locked.setdefault(sub, name)
+                if not (embed and sub is module and module not in locked and embed_tensors(module) is not None):
+                    locked.setdefault(sub, name)
     return locked
 
 
@@ -211,11 +232,11 @@ def custom_layers(model: nn.Module) -> dict[nn.Module, str]:
     return found
 
 
-def _locked(model: nn.Module) -> dict[nn.Module, str]:
+def _locked(model: nn.Module, embed: bool = False) -> dict[nn.Module, str]:
     """Every module whose channels are never pruned (attention_layers, grouped_convs, custom_layers), with the
     reason."""
-    reasons = {m: f"part of attention layer {name} (its embedding width stays; its heads: prune.attention.heads)"
-               for m, name in attention_layers(model).items()}
+    reasons = {m: f"part of attention layer {name} (its embedding width stays unless prune.attention.embed; its "
+                  "heads: prune.attention.heads)" for m, name in attention_layers(model, embed).items()}
     reasons.update({m: f"grouped convolution (groups={m.groups}; its groups would have to shrink together)"
                     for m in grouped_convs(model)})
     reasons.update({m: f"recurrent layer ({type(m).__name__} hidden widths are not pruned)"
@@ -249,11 +270,12 @@ def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
             hint=UNSUPPORTED_HINT) from None
 
 
-def prunable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
+def prunable_groups(graph: tp.DependencyGraph, ignored: list[nn.Module], *, embed: bool = False) -> list:
     """torch-pruning groups whose root is a conv/linear layer, that touch no ignored layer's outputs and no locked
-    layer (see _locked), and whose index mapping can be trusted (see _index_problem). The layers of groups left out
-    for the last reason are kept in graph.rejected_groups ({module: reason}) for `inspect`."""
-    locked = _locked(graph.model)
+    layer (see _locked; `embed`: prune.attention.embed), and whose index mapping can be trusted (see
+    _index_problem). The layers of groups left out for the last reason are kept in graph.rejected_groups
+    ({module: reason}) for `inspect`."""
+    locked = _locked(graph.model, embed)
     names = module_names(graph.model)
     kept, rejected = [], {}
     for group in _all_groups(graph, ignored):

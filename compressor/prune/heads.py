@@ -26,7 +26,7 @@ from torch import nn
 
 from compressor.errors import NotPrunableError
 from compressor.models.attention import (HEAD_SUFFIX, HeadLayout, attention_family, attention_modules, head_count,
-                                         head_layout, head_width, replace_mha, set_head_count)
+                                         head_layout, head_width, keep_index, replace_mha, set_head_count)
 from compressor.prune.importance import Slice
 
 
@@ -101,22 +101,10 @@ class HeadSite:
         layout = head_layout(module, self.family)
         with torch.no_grad():
             for owner, attr, dim, of, _ in layout.tensors:
-                _keep(owner, attr, dim, torch.tensor([i for i, h in enumerate(of) if h not in gone]))
+                keep_index(owner, attr, dim, torch.tensor([i for i, h in enumerate(of) if h not in gone]))
         set_head_count(module, self.family, layout.heads - len(gone))
         self.module = module
         return module
-
-
-def _keep(owner: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:
-    """Keep `index` along `dim` of owner.attr and of its gradient, as a new Parameter (as torch-pruning does: an
-    autograd graph recorded before the removal, as in FGGP's events between backward and the optimizer step,
-    still refers to the old one)."""
-    old = getattr(owner, attr)
-    index = index.to(old.device)
-    new = nn.Parameter(old.detach().index_select(dim, index).contiguous(), requires_grad=old.requires_grad)
-    if old.grad is not None:
-        new.grad = old.grad.index_select(dim, index).contiguous()
-    setattr(owner, attr, new)
 
 
 def head_sites(model: nn.Module, ignored: tuple[nn.Module, ...] = (), *, prunable: bool = True) -> list[HeadSite]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from compressor.config import Strict
 from compressor.errors import RecipeError
+from compressor.models.attention import embed_tensors
 from compressor.models.layers import is_depthwise
 from compressor.prune.graph import is_out_handler
 from compressor.registry import Registry
@@ -255,6 +256,11 @@ def channel_slices(module: nn.Module, handler, idxs: list[int], root_idxs: list[
                 pairs.append((Slice(param, 0, idxs, True), root_idxs))
     elif isinstance(module, nn.PReLU) and module.weight.numel() > 1:
         pairs.append((Slice(module.weight, 0, idxs, True), root_idxs))
+    elif (embed := embed_tensors(module)) is not None:  # an attention layer on the residual stream
+        # (prune.attention.embed): one node for both sides, so its output rows and, unless out_only, its q/k/v columns
+        pairs += [(Slice(getattr(owner, attr), dim, idxs, True), root_idxs) for owner, attr, dim in embed[1]]
+        if not out_only:
+            pairs += [(Slice(getattr(owner, attr), dim, idxs, False), root_idxs) for owner, attr, dim in embed[0]]
     return pairs
 
 

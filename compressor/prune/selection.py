@@ -19,7 +19,7 @@ from torch import nn
 from torch_pruning.utils import op_counter
 
 from compressor.errors import NotPrunableError, RecipeError
-from compressor.models.attention import HeadPrunedMultiheadAttention
+from compressor.models.attention import HeadPrunedMultiheadAttention, attention_modules, embed_linears, embed_tensors
 from compressor.models.layers import is_depthwise
 from compressor.prune import heads as heads_mod
 from compressor.prune.importance import Scorer
@@ -166,19 +166,23 @@ def _dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
 
 
 def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str], num_classes: int,
-             scorer: Scorer, *, normalize: bool = True, heads: bool = False) -> Snapshot:
+             scorer: Scorer, *, normalize: bool = True, heads: bool = False, embed: bool = False) -> Snapshot:
     """Trace the current model, score every prunable group and record per-layer MAC costs.
 
     With normalize (the default) each group's scores are divided by their mean, so global ranking compares
     channels within their group's scale; scorers that are already comparable across layers pass False.
     With heads, every attention layer whose heads can be removed is one more candidate whose structures are its
-    heads (prune/heads.py; root `<layer>:heads`).
+    heads (prune/heads.py; root `<layer>:heads`). With embed, the residual stream's group, which runs through
+    every attention layer's input and output, is a candidate too (graph.attention_layers); attention layers whose
+    q/k/v width follows the embedding width refuse it (RecipeError naming the layer).
     """
     with dg.quiet_eval(model):
         macs, params, per_layer, _ = count_ops(model, example, layer_wise=True)
     ignored = dg.resolve_ignored(model, ignored_patterns, num_classes)
+    if embed:
+        check_embed(model)
     graph = dg.build_graph(model, example, ignored)
-    groups = dg.prunable_groups(graph, ignored)
+    groups = dg.prunable_groups(graph, ignored, embed=embed)
     dg.require_prunable(groups)
     names = dg.module_names(model)
     candidates = []
@@ -195,7 +199,10 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
             if name is None:
                 continue
             roots = None if item.root_idxs is None or any(r is None for r in item.root_idxs) else list(item.root_idxs)
-            members.append((name, "out" if dg.is_out_handler(item.dep.handler) else "in", roots, len(item.idxs)))
+            side = "out" if dg.is_out_handler(item.dep.handler) else "in"
+            members += [(layer, own, roots, len(item.idxs))  # an attention layer on the residual stream is
+                        for layer, own in _mac_layers(item.dep.target.module, name, side)  # reached from both sides
+                        if not any(m[0] == layer and m[1] == own for m in members)]
         root_module = group[0].dep.target.module
         classes = merge_classes(coupled_classes(graph, root_module, group[0].dep.handler, len(group[0].idxs)),
                                 norm_group_classes(group))
@@ -218,7 +225,30 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
 def recipe_snapshot(model: nn.Module, example: torch.Tensor, recipe, scorer: Scorer, **kwargs) -> Snapshot:
     """snapshot() with the recipe's ignored layers, classes and prune.attention.heads."""
     return snapshot(model, example, recipe.model.ignore, recipe.model.num_classes, scorer,
-                    heads=recipe.prune.attention.heads, **kwargs)
+                    heads=recipe.prune.attention.heads, embed=recipe.prune.attention.embed, **kwargs)
+
+
+def check_embed(model: nn.Module) -> None:
+    """prune.attention.embed on a model with an attention layer whose q/k/v width is the embedding width."""
+    for name, module, _, _ in attention_modules(model):
+        if embed_tensors(module) is None:
+            raise RecipeError(
+                f"prune.attention.embed: attention layer {name} ({type(module).__name__}) cannot lose embedding "
+                "channels: its q/k/v width follows the embedding width (packed projections, torch's "
+                "MultiheadAttention, window attention). Only layers with separate q/k/v projections (Hugging Face "
+                "BERT, RoBERTa, DistilBERT, ViT, DeiT) take it.",
+                hint="Set prune.attention.embed: false and prune the heads (prune.attention.heads: true) and the "
+                     "MLP widths instead.")
+
+
+def _mac_layers(module: nn.Module, name: str, side: str) -> list[tuple[str, str]]:
+    """(layer, side) pairs whose MACs a group member's channels scale: the member itself, or for an attention layer
+    on the residual stream (one node of the graph, both of whose sides prune.attention.embed narrows at once) its
+    q/k/v inputs and its output projection's outputs, which the op counter counts."""
+    if embed_tensors(module) is None:
+        return [(name, side)]
+    reads, writes = embed_linears(module)
+    return [(f"{name}.{rel}", "in") for rel in reads] + [(f"{name}.{rel}", "out") for rel in writes]
 
 
 def _head_candidates(model: nn.Module, ignored: tuple[nn.Module, ...], scorer: Scorer, layer_macs: dict[str, float],
