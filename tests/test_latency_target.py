@@ -66,9 +66,8 @@ class FakeRunner:
         """Nothing to release (the loop closes every runner it makes)."""
 
 
-def test_the_loop_converges_on_a_runtime_with_a_realised_exponent(monkeypatch):
-    """Latency ~ MACs^0.6 (a runtime that turns 60% of the MAC reduction into time, in log terms): x2 needs
-    about 0.315 of the MACs, not 0.5; the loop finds it within its tolerance."""
+def _fake_runtime(monkeypatch, exponent: float):
+    """A recipe asking x2 and a stand-in runtime whose latency is MACs^exponent of the dense model's."""
     from compressor.deploy import bench
     from compressor.models.loading import example_inputs
     from compressor.prune import round_to, selection as sel
@@ -84,12 +83,19 @@ def test_the_loop_converges_on_a_runtime_with_a_realised_exponent(monkeypatch):
         return FakeRunner(macs / dense_macs[0])
 
     def fake_timing(runners, batch, *args):
-        return [[1e-3 * r.macs ** 0.6] * 5 for r in runners]
+        return [[1e-3 * r.macs ** exponent] * 5 for r in runners]
 
     monkeypatch.setattr(round_to, "timing_runner", fake_runner)
     monkeypatch.setattr(bench, "measure_round_robin", fake_timing)
+    return recipe
+
+
+def test_the_loop_converges_on_a_runtime_with_a_realised_exponent(monkeypatch):
+    """Latency ~ MACs^0.6 (a runtime that turns 60% of the MAC reduction into time, in log terms): x2 needs
+    about 0.315 of the MACs, not 0.5; the loop finds it within its tolerance."""
     from compressor.models.loading import build_arch
 
+    recipe = _fake_runtime(monkeypatch, 0.6)
     record = lt.measure_latency_target(build_arch("zoo:resnet20", 4, 1), recipe)
     assert record["met"] and abs(record["measured_speedup"] / 2.0 - 1) <= lt.TOLERANCE
     assert 1 < len(record["tries"]) <= lt.MAX_TRIES and record["tries"][0]["asked_macs"] == 0.5
@@ -143,25 +149,9 @@ def test_a_repeated_secant_bisects_the_bracket_instead(monkeypatch):
 def test_the_loop_aims_inside_the_band_while_it_has_time(monkeypatch):
     """A first try 4% off meets the target but the loop tries again for the middle of the band (the final bench
     re-measures); once AIM_SECONDS are spent, a try within the tolerance ends it."""
-    from compressor.deploy import bench
-    from compressor.models.loading import build_arch, example_inputs
-    from compressor.prune import round_to, selection as sel
+    from compressor.models.loading import build_arch
 
-    recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"latency_speedup": 2.0}},
-                                          bench={"backends": ["ort-cpu"]}))
-    example = example_inputs(recipe.model)
-    dense_macs = []
-
-    def fake_runner(model, recipe, backend, path):
-        macs = sel.snapshot_macs(model, example)[0]
-        dense_macs.append(macs) if not dense_macs else None
-        return FakeRunner(macs / dense_macs[0])
-
-    def fake_timing(runners, batch, *args):  # speedup = MACs^-0.94: x1.92 (4% slow) at the first try's 0.5
-        return [[1e-3 * r.macs ** 0.94] * 5 for r in runners]
-
-    monkeypatch.setattr(round_to, "timing_runner", fake_runner)
-    monkeypatch.setattr(bench, "measure_round_robin", fake_timing)
+    recipe = _fake_runtime(monkeypatch, 0.94)  # speedup = MACs^-0.94: x1.92 (4% slow) at the first try's 0.5
     record = lt.measure_latency_target(build_arch("zoo:resnet20", 4, 1), recipe)
     first = record["tries"][0]["speedup"]
     assert lt.AIM < abs(first / 2.0 - 1) <= lt.TOLERANCE
