@@ -454,3 +454,8 @@ def cpu_label() -> str:
     isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else \
         "AVX2" if "avx2" in flags else platform.machine()
     return f"{environment()['cpu'] or platform.machine()} ({isa})"
+
+
+def cpu_folder(label: str) -> str:
+    """A results subfolder name for a CPU label: 'Intel(R) Xeon(R) Processor (AVX-512 VNNI)' -> 'intel-xeon-...'."""
+    return "-".join("".join(c if c.isalnum() else " " for c in label.replace("(R)", "")).lower().split())

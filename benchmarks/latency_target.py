@@ -25,7 +25,7 @@ import json
 import time
 from pathlib import Path
 
-from common import RESULTS, cpu_label, informative_init, input_size, table, write_result, zoo_overrides
+from common import RESULTS, cpu_folder, cpu_label, informative_init, input_size, table, write_result, zoo_overrides
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
 ROOT = RESULTS / "latency_target"  # one subfolder per CPU class (cpu_folder)
@@ -84,11 +84,6 @@ def run_cell(model: str, speedup: float, batch: int, args: argparse.Namespace) -
 
 def _mac_cells(m: dict | None) -> list[str]:
     return ["", ""] if not m else [f"{m['macs']:.3f}", f"x{m['speedup']:.2f} ({m['realised_ratio']:.2f})"]
-
-
-def cpu_folder(label: str) -> str:
-    """A results subfolder name for a CPU label: 'Intel(R) Xeon(R) Processor (AVX-512 VNNI)' -> 'intel-xeon-...'."""
-    return "-".join("".join(c if c.isalnum() else " " for c in label.replace("(R)", "")).lower().split())
 
 
 def _cells(rows: list[dict]) -> list[list]:

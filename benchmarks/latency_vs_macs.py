@@ -12,7 +12,9 @@ recipe with `prune.target: {latency_speedup: S, batch: 1}`, S that speedup, plan
 (measured once on the dense export at the start of the phase) unless `--no-table`, and times the result head to
 head against the MAC-targeted model. Equal or better top-1 at the same measured speedup is the goal.
 The bench runs ORT-CPU only (no torch rows), so a run costs less than the quickstart. One JSON per finished run in
-benchmarks/results/latency_vs_macs/ (a later session resumes); the markdown is rewritten after every run.
+benchmarks/results/latency_vs_macs/<CPU class>/ (a later session on the same CPU class resumes; another CPU class
+gets its own rows, since the speedups and so the latency-targeted plans depend on the CPU); the markdown, one
+section per CPU class, is rewritten after every run.
 """
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ import json
 import statistics
 from pathlib import Path
 
-from common import RESULTS, cached_compress, cpu_label, latency, onnx_speed, table, write_result
+from common import RESULTS, cached_compress, cpu_folder, cpu_label, latency, onnx_speed, table, write_result
 
 CHECKPOINT = "samples/resnet20-fmnist.safetensors"
 RECIPE = "recipes/resnet20-fmnist-dpm.yaml"
-STORE = RESULTS / "latency_vs_macs"
+ROOT = RESULTS / "latency_vs_macs"  # one subfolder per CPU class (common.cpu_folder)
 BATCH = 1
 # the accuracy gate off: a run that loses more than the quickstart's 2 pp is a result here, not a failure
 COMMON = ["bench.backends=[ort-cpu]", "bench.batch_sizes=[1, 8]", "bench.min_seconds=3", "gates.max_accuracy_drop=null"]
@@ -79,6 +81,19 @@ def run_latency(seed: int, out: Path, lut: Path | None) -> dict:
 
 
 def render(rows: list[dict]) -> str:
+    text = ("# Latency target vs MAC target: Fashion-MNIST sample at the quickstart budget\n\n"
+            "`python benchmarks/latency_vs_macs.py`, one section per CPU class. The latency-targeted run of a seed "
+            "asks for the ORT-CPU batch-1 speedup the MAC-targeted model of that seed measures (its dense and pruned "
+            "exports timed again, interleaved, before the run; shown in parentheses); speedups in the b1 / b8 "
+            "columns are the run's own bench; the last column times the latency-targeted model head to head "
+            "against the MAC-targeted one (> 1: faster). `latency+table`: planned from a latency table of the "
+            "dense export; `latency`: the closed loop with the MAC ranking alone (`--no-table`).\n")
+    for cpu in sorted({r["cpu"] for r in rows}):
+        text += f"\n## {cpu}\n\n" + _section([r for r in rows if r["cpu"] == cpu])
+    return text
+
+
+def _section(rows: list[dict]) -> str:
     by_seed = {r["seed"]: r for r in rows if r["kind"] == "mac"}
     lines = ["| run | seed | top-1 | Δ vs MAC run (pp) | MACs kept | ORT-CPU b1 (asked) | ORT-CPU b8 | "
              "vs the MAC model b1 / b8 |", "|---|---|---|---|---|---|---|---|"]
@@ -94,14 +109,7 @@ def render(rows: list[dict]) -> str:
         top = [r["top1"] for r in rows if r["kind"] == kind]
         summary.append([kind, len(top), f"{statistics.mean(top):.2f}" + (f" ± {statistics.stdev(top):.2f}" if len(top) > 1 else ""),
                         f"x{statistics.median(r['speedup_b1'] for r in rows if r['kind'] == kind):.2f}"])
-    cpus = sorted({r["cpu"] for r in rows})
-    return ("# Latency target vs MAC target: Fashion-MNIST sample at the quickstart budget\n\n"
-            f"`python benchmarks/latency_vs_macs.py` (CPU: {', '.join(cpus)}). The latency-targeted run of a seed "
-            "asks for the ORT-CPU batch-1 speedup the MAC-targeted model of that seed measures (its dense and pruned "
-            "exports timed again, interleaved, before the run; shown in parentheses); speedups in the b1 / b8 "
-            "columns are the run's own bench; the last column times the latency-targeted model head to head "
-            "against the MAC-targeted one (> 1: faster).\n\n"
-            + "\n".join(lines) + "\n\n" + table(["run", "seeds", "top-1", "median b1 speedup"], summary))
+    return "\n".join(lines) + "\n\n" + table(["run", "seeds", "top-1", "median b1 speedup"], summary)
 
 
 def main() -> None:
@@ -111,7 +119,8 @@ def main() -> None:
     parser.add_argument("--no-table", action="store_true", help="latency phase: the closed loop alone, no table")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/runs/latency_vs_macs"))
     args = parser.parse_args()
-    STORE.mkdir(parents=True, exist_ok=True)
+    store = ROOT / cpu_folder(cpu_label())
+    store.mkdir(parents=True, exist_ok=True)
     lut = None if args.no_table or args.phase != "latency" else dense_table(args.out)
     for seed in args.seeds if args.phase != "table" else []:
         if args.phase == "mac":
@@ -119,9 +128,9 @@ def main() -> None:
         else:
             result = run_latency(seed, args.out, lut)
             name = f"latency-s{seed}{'-lut' if lut else ''}.json"
-        (STORE / name).write_text(json.dumps(result, indent=1) + "\n")
+        (store / name).write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k != "widths"}), flush=True)
-    rows = [json.loads(p.read_text()) for p in sorted(STORE.glob("*.json"))]
+    rows = [json.loads(p.read_text()) for p in sorted(ROOT.glob("*/*.json"))]
     if rows:
         write_result("latency_vs_macs.md", render(rows))
 
