@@ -38,7 +38,11 @@ def test_latency_table_and_bench_run_in_a_venv_without_torch(tmp_path):
     _run(cli, "latency-table", model, "--out", tmp_path / "lut.json", "--batch", "1", "--min-runs", "3",
          "--warmup-ms", "1", "--threads", "1")
     table = json.loads((tmp_path / "lut.json").read_text())
-    assert [r["widths"] for r in table["layers"]] == [[8, 16], [4]]
+    from compressor.deploy.hardware import ort_cpu_block
+    from compressor.deploy.latency_table import sample_widths
+
+    block = ort_cpu_block()  # the default step, derived on the device: [8, 16] with AVX2, [16] with AVX-512
+    assert table["step"] == block and [r["widths"] for r in table["layers"]] == [sample_widths(16, block), [4]]
     assert table["environment"]["torch_version"] is None  # measured where torch does not exist
     _run(cli, "bench", model, "--batch", "1", "--min-runs", "3", "--min-seconds", "0", "--warmup-ms", "1",
          "--json", tmp_path / "bench.json")

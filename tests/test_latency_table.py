@@ -71,7 +71,8 @@ def test_the_table_is_measured_without_torch_and_refuses_other_targets(tmp_path)
     out = tmp_path / "lut.json"
     code = ("import sys; sys.modules['torch'] = None\n"  # as on an edge device: importing torch fails
             "from compressor.app.cli import main; sys.argv = ['compressor', 'latency-table', sys.argv[1], '--out', "
-            "sys.argv[2], '--batch', '1,2', '--min-runs', '3', '--warmup-ms', '1', '--threads', '1']; main()")
+            "sys.argv[2], '--batch', '1,2', '--step', '8', '--min-runs', '3', '--warmup-ms', '1', '--threads', '1']; "
+            "main()")
     result = subprocess.run([sys.executable, "-c", code, str(model), str(out)], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -125,7 +126,12 @@ def test_every_layer_gets_its_time_inside_the_whole_model(tmp_path):
     scaled so that the profiler's own slowdown is taken out."""
     from compressor.deploy.latency_table import layer_factors, measure_table, probe_ms
 
+    from compressor.deploy.hardware import ort_cpu_block
+    from compressor.deploy.latency_table import default_step
+
     table = measure_table(_export(tmp_path, _net()), batches=(1, 2), warmup_ms=1, min_runs=3, min_seconds=0.0)
+    assert table["step"] == ort_cpu_block() == default_step("ort-cpu")  # this CPU's block: 16 with AVX-512, else 8
+    assert default_step("ort-cuda") == default_step("ort-trt") == 8
     for batch in ("1", "2"):
         context = table["context"][batch]
         assert context["matched"] == context["layers"] == len(table["layers"]) == 4

@@ -148,7 +148,17 @@ def _signature(layer: Layer) -> tuple:
     return layer.op, layer.input_shape, layer.weight_shape, frozen
 
 
-def measure_table(model_path: str | Path, backend: str = "ort-cpu", batches: Sequence[int] = (1,), *, step: int = 8,
+def default_step(backend: str) -> int:
+    """The width step a table samples at by default: on ORT-CPU its channel block on this CPU (16 with AVX-512,
+    8 with AVX2: widths between two blocks run padded to the next one, so sampling finer measures the same time
+    twice and, worse, makes round_to auto take the finer step), 8 on the GPU backends."""
+    from compressor.deploy.hardware import ort_cpu_block
+
+    return ort_cpu_block() if backend == "ort-cpu" else 8
+
+
+def measure_table(model_path: str | Path, backend: str = "ort-cpu", batches: Sequence[int] = (1,), *,
+                  step: Optional[int] = None,
                   max_widths: Optional[int] = 16, threads: Optional[int] = None, warmup_ms: float = 100.0,
                   min_runs: int = 20, min_seconds: float = 0.05, layers: Optional[Sequence[str]] = None,
                   progress: Any = None) -> dict[str, Any]:
@@ -156,6 +166,8 @@ def measure_table(model_path: str | Path, backend: str = "ort-cpu", batches: Seq
     with the same operator, shapes and attributes as one measured before shares its row's times."""
     from compressor.deploy.bench import environment, make_runner, measure_round_robin, summarize
     from compressor.deploy.runners import load_onnx_proto
+
+    step = step or default_step(backend)
 
     if not backend.startswith("ort-"):
         raise UsageError(f"--backend {backend}: latency tables are measured with ONNX Runtime probe graphs "
