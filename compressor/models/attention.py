@@ -420,14 +420,13 @@ def prune_embed(module: nn.Module, side: str, drop: Sequence[int]) -> None:
     found = embed_tensors(module)
     if found is None:
         raise ValueError(f"{type(module).__name__}: its embedding width cannot be pruned")
+    from compressor.models.slim import fix_attributes  # slim imports this module
+
     gone = {int(i) for i in drop}
     for owner, attr, dim in found[0 if side == "in" else 1]:
         width = getattr(owner, attr).shape[dim]
         keep_index(owner, attr, dim, torch.tensor([i for i in range(width) if i not in gone], dtype=torch.long))
-        if isinstance(owner, nn.Linear):
-            owner.out_features, owner.in_features = owner.weight.shape
-        elif isinstance(owner, nn.LayerNorm):
-            owner.normalized_shape = tuple(owner.weight.shape)
+        fix_attributes(owner)
 
 
 def keep_index(owner: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ def _resize_tensors(module: nn.Module, prefix: str, state: Mapping[str, torch.Te
     return changed
 
 
-def _fix_attributes(module: nn.Module) -> None:
+def fix_attributes(module: nn.Module) -> None:
     """Update the width attributes that forward() and repr() read, after the tensors were resized."""
     if isinstance(module, nn.modules.conv._ConvNd):
         out_ch, in_per_group = module.weight.shape[:2]
@@ -60,7 +60,7 @@ def conform_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if _resize_tensors(module, prefix, state):
-            _fix_attributes(module)
+            fix_attributes(module)
             changed.append(name)
     return changed
 
