@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -59,15 +60,16 @@ def test_next_macs_stays_in_range_when_nothing_is_faster():
 class FakeRunner:
     """Stands in for a bench runner: carries the MAC fraction the fake timing turns into milliseconds."""
 
-    def __init__(self, macs: float) -> None:
-        self.macs = macs
+    def __init__(self, macs: float, planner: str = "") -> None:
+        self.macs, self.planner = macs, planner
 
     def close(self) -> None:
         """Nothing to release (the loop closes every runner it makes)."""
 
 
-def _fake_runtime(monkeypatch, exponent: float):
-    """A recipe asking x2 and a stand-in runtime whose latency is MACs^exponent of the dense model's."""
+def _fake_runtime(monkeypatch, exponent: float, fastest: dict[str, float] | None = None):
+    """A recipe asking x2 and a stand-in runtime whose latency is MACs^exponent of the dense model's; `fastest`
+    caps the speedup of one planner's plans (a layout step its widths cannot get past)."""
     from compressor.deploy import bench
     from compressor.models.loading import example_inputs
     from compressor.prune import round_to, selection as sel
@@ -80,10 +82,14 @@ def _fake_runtime(monkeypatch, exponent: float):
     def fake_runner(model, recipe, backend, path):
         macs = sel.snapshot_macs(model, example)[0]
         dense_macs.append(macs) if not dense_macs else None
-        return FakeRunner(macs / dense_macs[0])
+        return FakeRunner(macs / dense_macs[0], Path(path).stem.split("-")[0])  # the loop names "<planner>-try<i>"
+
+    real_timing = bench.measure_round_robin
 
     def fake_timing(runners, batch, *args):
-        return [[1e-3 * r.macs ** exponent] * 5 for r in runners]
+        if not all(isinstance(r, FakeRunner) for r in runners):  # the per-layer probes of the chosen plan
+            return real_timing(runners, batch, *args)
+        return [[1e-3 * max(r.macs ** exponent, 1 / (fastest or {}).get(r.planner, math.inf))] * 5 for r in runners]
 
     monkeypatch.setattr(round_to, "timing_runner", fake_runner)
     monkeypatch.setattr(bench, "measure_round_robin", fake_timing)

@@ -112,14 +112,15 @@ def _latency_target_section(r: dict[str, Any]) -> list[str]:
     tabled = t.get("planner") == "table"
     if t.get("table"):
         src = t["table"]
-        lines += [f"Planned from the latency table `{src['path']}` ({src['layers']} layers matched; measured on "
-                  f"{src.get('cpu')}, {src['backend']} batch {src['batch']}: the tabled layers "
-                  f"{src['layers_ms']:.3f} ms of the model's {src.get('model_p50_ms') or 0:.3f} ms end to end, the "
-                  "rest held fixed): channels ranked by importance per millisecond, each group keeping only the "
-                  "widths where its measured latency steps down.", ""]
+        lines += [f"{'Planned from' if tabled else 'Given'} the latency table `{src['path']}` ({src['layers']} "
+                  f"layers matched; measured on {src.get('cpu')}, {src['backend']} batch {src['batch']}: the tabled "
+                  f"layers {src['layers_ms']:.3f} ms of the model's {src.get('model_p50_ms') or 0:.3f} ms end to "
+                  "end, the rest held fixed)" + (": channels ranked by importance per millisecond, each group keeping "
+                  "only the widths where its measured latency steps down." if tabled else
+                  ": it predicts the chosen plan per layer below; the plan is the MAC ranking's."), ""]
         if t.get("choice"):
-            lines += [f"Both the table's plan and the MAC ranking's were measured: {t['choice']} (of the plans "
-                      "within the tolerance, the one keeping more of the network).", ""]
+            lines += [f"Choice of plan: {t['choice']} (the MAC ranking's plan is kept whenever it reaches the "
+                      "speedup; the table's where it does not).", ""]
     if t.get("open_loop"):
         lines += [f"The table was measured on another machine, so the plan is its prediction "
                   f"(x{t['tries'][0]['predicted_speedup']:.2f}, {t['achieved_macs']:.3f} of the MACs) and nothing "

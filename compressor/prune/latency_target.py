@@ -175,8 +175,9 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     asked = recipe.prune.target.asked_latency_speedup()
     backend, batch = target_backend(recipe)
     example = example_inputs(recipe.model)
-    planners = {"table": sel.constraints_from(recipe, cost=cost)} if cost is not None else {}
-    planners["macs"] = sel.constraints_from(recipe, cost=None)
+    planners = {"macs": sel.constraints_from(recipe, cost=None)}  # the host's ranking first (see choose_planner)
+    if cost is not None:
+        planners["table"] = sel.constraints_from(recipe, cost=cost)
     source = {"table": cost.source} if cost else {}
 
     def plan_at(fraction: float, planner: str) -> tuple[Any, dict[str, Any]]:
@@ -216,7 +217,9 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     with tempfile.TemporaryDirectory(prefix="compressor-latency-") as tmp:
         dense = timing_runner(base, recipe, backend, Path(tmp) / "dense.onnx")
         try:
-            for planner in planners:  # the table's plan first, then the MAC ranking's (see choose_planner)
+            for planner in planners:  # the table's plan only where the MAC ranking's misses (see choose_planner)
+                if best and any(within(b, asked) for b in best.values()):
+                    break
                 own: list[dict[str, Any]] = []
                 macs = 1.0 / asked
                 for i in range(MAX_TRIES):
@@ -246,34 +249,47 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
         finally:
             dense.close()
         planner, why = choose_planner(best, asked)
+        if cost is not None and len(best) == 1:
+            why = (f"the MAC ranking's plan reached x{best['macs']['speedup']:.2f}, within {TOLERANCE:.0%}, with "
+                   f"{best['macs']['macs']:.3f} of the MACs, so the table's plan was not needed")
         chosen = best[planner]
         if why:
             info(f"      latency target: {why}")
         layers = layers_at(chosen["asked_macs"], planner, Path(tmp)) if cost is not None else None
     return {"asked_speedup": asked, "backend": backend, "batch": batch, "macs": chosen["asked_macs"],
             "achieved_macs": chosen["macs"], "measured_speedup": chosen["speedup"],
-            "met": abs(chosen["speedup"] / asked - 1) <= TOLERANCE, "tolerance": TOLERANCE, "tries": tries,
+            "met": within(chosen, asked), "tolerance": TOLERANCE, "tries": tries,
             **({"layers": layers} if layers is not None else {}), "planner": planner,
             **({"choice": why} if why else {}), **source}
 
 
+def within(measured: dict[str, Any], asked: float) -> bool:
+    """Whether a measured try is within TOLERANCE of the asked speedup."""
+    return abs(measured["speedup"] / asked - 1) <= TOLERANCE
+
+
 def choose_planner(best: dict[str, dict[str, Any]], asked: float) -> tuple[str, Optional[str]]:
-    """The planner whose measured plan the run takes, and why when there was a choice: of the plans within
-    TOLERANCE of the asked speedup, the one that keeps more MACs (the same speed for less of the network
-    removed); if neither is within it, the one nearer the asked speedup. The table's plan is the table's bet that
-    some layers cost more time than their MACs; the measured comparison keeps it only where that bet pays."""
+    """The planner whose measured plan the run takes, and why when a table was given: the MAC ranking's plan
+    (the host's importance, a MAC budget moved until the measured speedup holds) whenever it is within TOLERANCE
+    of the asked speedup; else the table's if that one is; else the nearer of the two.
+
+    Both plans reach the same measured speed, so the choice is about accuracy, which the loop cannot measure
+    before fine-tuning (BatchNorm statistics are off until training). The table's plan ranks channels by
+    importance per millisecond, a bet that some layers cost more time than their MACs. On the Fashion-MNIST sample
+    (3 seeds on each of two CPUs) the earlier rule, "the plan keeping more MACs", took the table's plan in 5 of 6
+    runs, and each fine-tuned worse than the MAC-targeted model at the same speed (-0.05 to -42.9 pp; it cut
+    the last stage's residual stream, cheap per millisecond, to a quarter). So the
+    table's allocation is taken where it is needed: the MAC ranking cannot reach the speed (a layout step, a model
+    whose time does not follow its MACs), or the table comes from another device (the open loop)."""
     if len(best) == 1:
         return next(iter(best)), None
-    met = {k: v for k, v in best.items() if abs(v["speedup"] / asked - 1) <= TOLERANCE}
-    pool = met or best
-    key = (lambda k: pool[k]["macs"]) if met else (lambda k: -abs(math.log(pool[k]["speedup"] / asked)))
-    winner = max(pool, key=key)
-    other = next(k for k in best if k != winner)
-    a, b = best[winner], best[other]
+    met = [k for k in ("macs", "table") if k in best and within(best[k], asked)]
+    winner = met[0] if met else min(best, key=lambda k: abs(math.log(best[k]["speedup"] / asked)))
     names = {"table": "the latency table's plan", "macs": "the MAC ranking's plan"}
-    return winner, (f"{names[winner]} kept {a['macs']:.3f} of the MACs at x{a['speedup']:.2f}, {names[other]} "
-                    f"{b['macs']:.3f} at x{b['speedup']:.2f}: the run plans with "
-                    f"{'the latency table' if winner == 'table' else 'the MAC ranking'}")
+    plans = ", ".join(f"{names[k]} kept {v['macs']:.3f} of the MACs at x{v['speedup']:.2f} "
+                      f"({'within' if within(v, asked) else 'not within'} {TOLERANCE:.0%})" for k, v in best.items())
+    return winner, (f"{plans}: the run plans with {'the latency table' if winner == 'table' else 'the MAC ranking'}"
+                    + ("" if met else ", the nearer"))
 
 
 def measured_layers(model: "nn.Module", recipe: "Recipe", backend: str, batch: int, folder: Path) -> dict[str, float]:
