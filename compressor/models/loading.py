@@ -36,8 +36,12 @@ def is_reference(text: str) -> bool:
     return any(text.startswith(f"{scheme}:") for scheme in SCHEMES)
 
 
+ARCH_SEED = 0  # a reference without weights builds the same model whatever ran before
+
+
 def build_arch(ref: str, num_classes: int, in_channels: int) -> nn.Module:
-    """Build a randomly initialised model from a `scheme:id` reference."""
+    """Build a randomly initialised model from a `scheme:id` reference: initialised from torch's generator seeded
+    with ARCH_SEED (the caller's random state is left as it was), so a run on a reference alone is repeatable."""
     scheme, sep, name = ref.partition(":")
     builders: dict[str, Callable[[str, int, int], nn.Module]] = {
         "zoo": _build_zoo,
@@ -48,7 +52,9 @@ def build_arch(ref: str, num_classes: int, in_channels: int) -> nn.Module:
     }
     if not sep or scheme not in builders or not name:
         raise ModelLoadError(f"model reference {ref!r} is not understood; use {ACCEPTED_FORMS}.")
-    return builders[scheme](name, num_classes, in_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ARCH_SEED)
+        return builders[scheme](name, num_classes, in_channels)
 
 
 def _build_hf(directory: str, num_classes: int, in_channels: int) -> nn.Module:
