@@ -166,3 +166,36 @@ def test_the_loop_aims_inside_the_band_while_it_has_time(monkeypatch):
     monkeypatch.setattr(lt, "AIM_SECONDS", 0.0)  # no time left to aim: the first try within the band is taken
     record = lt.measure_latency_target(build_arch("zoo:resnet20", 4, 1), recipe)
     assert len(record["tries"]) == 1 and record["met"]
+
+
+def test_of_the_tries_inside_the_band_the_one_keeping_most_macs_is_taken():
+    """The aim band is 2% fast to 1% slow; inside it the try keeping the most MACs wins, outside it the nearest; a
+    try more than 1% fast does not settle the loop (a fraction nearer the asked speedup keeps more)."""
+    def tries(*pairs):
+        return [{"macs": m, "speedup": s} for m, s in pairs]
+
+    fast, near, slow = tries((0.47, 2.035), (0.49, 1.995), (0.51, 1.97))
+    assert lt.pick([fast, near, slow], 2.0) is near  # slow is 1.5% slow: outside the band
+    assert lt.pick([fast, slow], 2.0) is fast
+    assert lt.pick(tries((0.40, 2.3), (0.55, 1.8)), 2.0)["macs"] == 0.55  # none inside: the nearer in log ratio
+    assert not lt.settled([fast], 2.0) and not lt.settled([fast, slow], 2.0)
+    assert lt.settled([fast, near], 2.0) and lt.settled(tries((0.5, 2.02)), 2.0)
+    assert lt.aimed({"speedup": 2.04}, 2.0) and not lt.aimed({"speedup": 2.05}, 2.0)
+    assert lt.aimed({"speedup": 1.98}, 2.0) and not lt.aimed({"speedup": 1.97}, 2.0)
+
+
+def test_a_try_inside_the_band_but_fast_is_followed_by_one_keeping_more(monkeypatch):
+    """A first try 1.5% faster than asked is inside the band; the loop measures a larger fraction, nearer the
+    asked speedup, and takes it: the model keeps more of its MACs at the speed asked."""
+    from compressor.models.loading import build_arch
+
+    recipe = _fake_runtime(monkeypatch, 1.0)
+    monkeypatch.setattr(lt, "AIM_SECONDS", 0.0)
+    first = lt.measure_latency_target(build_arch("zoo:resnet20", 4, 1), recipe)["tries"][0]["macs"]
+    exponent = math.log(2.03) / -math.log(first)  # the first try (same plan) now measures x2.03
+    recipe = _fake_runtime(monkeypatch, exponent)
+    monkeypatch.setattr(lt, "AIM_SECONDS", 60.0)
+    record = lt.measure_latency_target(build_arch("zoo:resnet20", 4, 1), recipe)
+    assert record["tries"][0]["speedup"] == pytest.approx(2.03)
+    assert len(record["tries"]) > 1 and record["achieved_macs"] > first
+    assert lt.aimed({"speedup": record["measured_speedup"]}, 2.0) and record["met"]

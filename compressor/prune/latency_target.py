@@ -5,7 +5,10 @@ Every structured method plans to a MAC fraction; which MAC fraction gives a late
 the runtime and the CPU (realised ratios 0.4-1.2 across torchvision). So before training the target is translated:
 plan a MAC fraction m with magnitude scores on a copy of the model, remove, export, and time it interleaved with
 the dense model on the target's backend and batch; then move m until the measured speedup is within 2% of S
-(AIM; after AIM_SECONDS of measuring, or when no untried fraction is left, within 5%, TOLERANCE, is accepted). The
+(AIM; after AIM_SECONDS of measuring, or when no untried fraction is left, within 5%, TOLERANCE, is accepted).
+Of the tries inside the aim band the one keeping the most MACs is taken (the user asked for a speed; the rest of
+the network is accuracy), and a try faster than S by more than half the band does not end the loop while it has
+time: a fraction nearer S, keeping more of the network, is tried first (see pick). The
 speedup is modelled locally as S(m) = m^(-r): the first try at m = 1/S measures r, later tries interpolate
 between the two nearest measured points in log space (secant), bounded to MAX_TRIES measurements; a try that
 was not faster than dense halves m. The measured speedup is a noisy step function of the widths (a layout or kernel
@@ -238,14 +241,14 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
                          f"{'latency budget' if planner == 'table' else 'MACs'} {macs:.3f} (MACs {row['macs']:.3f}) "
                          f"-> {dense_ms:.3f} / {pruned_ms:.3f} ms (x{speedup:.2f}{predicted})")
                     error = abs(speedup / asked - 1)
-                    if error <= AIM or (error <= TOLERANCE and time.perf_counter() - start >= AIM_SECONDS):
+                    if settled(own, asked) or (error <= TOLERANCE and time.perf_counter() - start >= AIM_SECONDS):
                         break
                     following = next_try([(t["asked_macs"], t["speedup"]) for t in own], asked)
                     if following is None:
                         break  # the bracket is narrower than the planner's granularity: nothing new to try
                     macs = following
                 tries += own
-                best[planner] = min(own, key=lambda t: abs(math.log(t["speedup"] / asked)))
+                best[planner] = pick(own, asked)
         finally:
             dense.close()
         planner, why = choose_planner(best, asked)
@@ -261,6 +264,30 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
             "met": within(chosen, asked), "tolerance": TOLERANCE, "tries": tries,
             **({"layers": layers} if layers is not None else {}), "planner": planner,
             **({"choice": why} if why else {}), **source}
+
+
+def aimed(measured: dict[str, Any], asked: float) -> bool:
+    """Whether a try is inside the aim band: at most AIM faster or AIM / 2 slower than asked (the final bench
+    re-measures, and a try at the slow edge would be a model slower than asked)."""
+    return asked * (1 - AIM / 2) <= measured["speedup"] <= asked * (1 + AIM)
+
+
+def settled(tries: list[dict[str, Any]], asked: float) -> bool:
+    """Whether the loop can stop aiming: the try it would take is inside the band and at most AIM / 2 faster than
+    asked (a faster one leaves MACs that a fraction nearer the asked speedup keeps)."""
+    inside = [t for t in tries if aimed(t, asked)]
+    return bool(inside) and pick(inside, asked)["speedup"] <= asked * (1 + AIM / 2)
+
+
+def pick(tries: list[dict[str, Any]], asked: float) -> dict[str, Any]:
+    """The try a planner's loop ends with: of those inside the aim band the one keeping the most MACs (under one
+    planner's ranking a larger fraction keeps a superset of the channels; on the Fashion-MNIST sample the earlier
+    rule, the try nearest the asked speedup, kept 3-7% fewer MACs than the MAC-targeted model at the same speed in
+    5 of 6 runs and fine-tuned 0.03-0.50 pp worse in each), else the one nearest the asked speedup."""
+    inside = [t for t in tries if aimed(t, asked)]
+    if inside:
+        return max(inside, key=lambda t: t["macs"])
+    return min(tries, key=lambda t: abs(math.log(t["speedup"] / asked)))
 
 
 def within(measured: dict[str, Any], asked: float) -> bool:
