@@ -282,7 +282,7 @@ def settled(tries: list[dict[str, Any]], asked: float) -> bool:
 def pick(tries: list[dict[str, Any]], asked: float) -> dict[str, Any]:
     """The try a planner's loop ends with: of those inside the aim band the one keeping the most MACs (under one
     planner's ranking a larger fraction keeps a superset of the channels; on the Fashion-MNIST sample the earlier
-    rule, the try nearest the asked speedup, kept 3-7% fewer MACs than the MAC-targeted model at the same speed in
+    rule, the try nearest the asked speedup, kept up to 7% fewer MACs than the MAC-targeted model at the same speed in
     5 of 6 runs and fine-tuned 0.03-0.50 pp worse in each), else the one nearest the asked speedup."""
     inside = [t for t in tries if aimed(t, asked)]
     if inside:
