@@ -3,8 +3,9 @@ then `compressor latency-table` at batch 1 and 8 with its defaults (issue 16: un
 
     python benchmarks/latency_table_cost.py [--model resnet50] [--batch 1 8]
 
-Writes benchmarks/results/latency_table_cost.json (one entry per model) with the wall time, the number of layers,
-of distinct layers measured and of probes, and the share of the model's end-to-end time the layers explain.
+Writes benchmarks/results/latency_table_cost.json (one entry per model and CPU class, "resnet50 @ <CPU>") with
+the wall time, the number of layers, of distinct layers measured and of probes, and the share of the model's
+end-to-end time the layers explain.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, input_size
+from common import RESULTS, cpu_label, input_size
 
 
 def main() -> None:
@@ -45,10 +46,11 @@ def main() -> None:
               "layers": len(rows), "distinct": sum(1 for r in rows if "same_as" not in r),
               "probes": sum(len(r["widths"]) + 1 for r in rows if "same_as" not in r) * len(args.batch),
               "model_p50_ms": table["model_p50_ms"], "layers_share_of_model": explained,
-              "cpu": environment()["cpu"], "onnxruntime": environment()["onnxruntime_version"]}
+              "cpu": cpu_label(), "onnxruntime": environment()["onnxruntime_version"],
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     store = RESULTS / "latency_table_cost.json"
     done = json.loads(store.read_text()) if store.is_file() else {}
-    done[args.model] = result
+    done[f"{args.model} @ {result['cpu']}"] = result
     store.write_text(json.dumps(done, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
