@@ -203,5 +203,14 @@ def test_alignment_wins_over_cooldown_when_only_excluded_channels_can_complete_t
                              dense_widths={"g": 16})
     n = sel.allowed_count(narrow, 3, cons13)
     assert n == 5 and sel._choose(narrow, n, cons13, fill=True) == [0, 1, 10, 11, 12]
+    # nothing decaying, all channels cooling, the width off the grid (a DPM run on the sample: 64 -> 37 after 22
+    # + 15 releases; it ran x0.95 of the aligned model's speed with fewer MACs): 5 cooling channels go, 32 stay
+    wide = sel.Candidate("g", 37, torch.arange(37, dtype=torch.float32), [("g", "out", list(range(37)), 37)])
+    all_cooling = sel.Constraints(round_to=16, excluded={"g": set(range(37))}, dense_widths={"g": 64})
+    n = sel.allowed_count(wide, 0, all_cooling)
+    assert n == 5 and sel._choose(wide, n, all_cooling, fill=True) == [0, 1, 2, 3, 4]
+    aligned = sel.Candidate("g", 32, torch.arange(32, dtype=torch.float32), [("g", "out", list(range(32)), 32)])
+    assert sel.allowed_count(aligned, 0, sel.Constraints(round_to=16, excluded={"g": set(range(32))},
+                                                         dense_widths={"g": 64})) == 0  # on the grid: stays
     without_cooling = sel.Constraints(round_to=8, frozen={"g": set(range(9, 16))})
     assert sel.allowed_count(cand, 7, without_cooling) == 8 and len(sel._choose(cand, 8, without_cooling)) == 8
