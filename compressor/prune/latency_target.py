@@ -4,9 +4,9 @@ measure-prune loop on the machine that runs the compression (docs/planning.md, "
 Every structured method plans to a MAC fraction; which MAC fraction gives a latency speedup S depends on the model,
 the runtime and the CPU (realised ratios 0.4-1.2 across torchvision). So before training the target is translated:
 plan a MAC fraction m with magnitude scores on a copy of the model, remove, export, and time it interleaved with
-the dense model on the target's backend and batch; then move m until the measured speedup is within 2% of S
-(AIM; after AIM_SECONDS of measuring, or when no untried fraction is left, within 5%, TOLERANCE, is accepted).
-Of the tries inside the aim band the one keeping the most MACs is taken (the user asked for a speed; the rest of
+the dense model on the target's backend and batch; then move m until the measured speedup is at most 2% above
+or 1% below S (AIM; after AIM_SECONDS of measuring, or when no untried fraction is left, within 5%, TOLERANCE, is
+accepted). Of the tries inside the aim band the one keeping the most MACs is taken (the user asked for a speed; the rest of
 the network is accuracy), and a try faster than S by more than half the band does not end the loop while it has
 time: a fraction nearer S, keeping more of the network, is tried first (see pick). The
 speedup is modelled locally as S(m) = m^(-r): the first try at m = 1/S measures r, later tries interpolate
@@ -275,8 +275,8 @@ def aimed(measured: dict[str, Any], asked: float) -> bool:
 def settled(tries: list[dict[str, Any]], asked: float) -> bool:
     """Whether the loop can stop aiming: the try it would take is inside the band and at most AIM / 2 faster than
     asked (a faster one leaves MACs that a fraction nearer the asked speedup keeps)."""
-    inside = [t for t in tries if aimed(t, asked)]
-    return bool(inside) and pick(inside, asked)["speedup"] <= asked * (1 + AIM / 2)
+    chosen = pick(tries, asked)
+    return aimed(chosen, asked) and chosen["speedup"] <= asked * (1 + AIM / 2)
 
 
 def pick(tries: list[dict[str, Any]], asked: float) -> dict[str, Any]:

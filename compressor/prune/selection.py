@@ -413,7 +413,7 @@ def _count_allowed(cand: Candidate, wanted: int, cons: Constraints, floor: int =
     blocked = len(cons.excluded.get(cand.root, set()) - cons.frozen.get(cand.root, set()))
     every = allowed_removals(cand.width, cons, cand.root, cand.unit)
     allowed = [a for a in every if a <= cand.width - blocked]
-    if (floor > 0 or 0 not in every) and not any(a >= floor for a in allowed) and any(a >= floor for a in every):
+    if not any(a >= floor for a in allowed) and any(a >= floor for a in every):
         # the excluded (cooling) channels leave no aligned count that covers the decaying ones, or the group is
         # already off its widths with nothing decaying (DPM: the rest of its channels released): an unaligned width
         # (9 or 13 of 16, 37 of 64) runs outside the runtime's blocked layout, so alignment wins and _choose takes
