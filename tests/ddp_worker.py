@@ -19,7 +19,52 @@ from tests.conftest import tiny_recipe
 from tests.method_settings import invariant_recipe
 
 
+def compress_run(out_dir: Path) -> None:
+    """`compress` under two ranks with round_to: auto (measured for real) and then a latency target's loop (a
+    counted stand-in): rank 0 measures and writes, rank 1 adopts. Writes ranks.json with each rank's counts."""
+    from compressor.app import pipeline
+    from compressor.deploy import bench
+    from compressor.prune import latency_target as lt
+
+    timed, loops, written = [], [], []
+    original_rr, original_write = bench.measure_round_robin, rundir.write_text
+
+    def counting_rr(*args, **kwargs):
+        timed.append(1)
+        return original_rr(*args, **kwargs)
+
+    def canned_loop(model, recipe, *args):
+        loops.append(1)
+        return {"asked_speedup": 1.5, "backend": "ort-cpu", "batch": 1, "macs": 0.6, "measured_speedup": 1.5,
+                "met": True, "tolerance": 0.05, "tries": [{"macs": 0.6, "speedup": 1.5}]}
+
+    def recording_write(path, text):
+        written.append(Path(path).name)
+        return original_write(path, text)
+
+    bench.measure_round_robin, lt.measure_latency_target, rundir.write_text = counting_rr, canned_loop, recording_write
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"macs": 0.5}, "round_to": "auto"},
+                                          finetune={"epochs": 1}, bench={"backends": []}))
+    report = pipeline.compress("zoo:resnet20", recipe, out_dir / "run")
+    latency = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"latency_speedup": 1.5}}))
+    torch.manual_seed(0)
+    model = build_arch(latency.model.arch, latency.model.num_classes, latency.model.in_channels)
+    (out_dir / "loop").mkdir(exist_ok=True)
+    resolved, record = lt.resolve_latency_target(latency, model, out=out_dir / "loop")
+    facts = {"rank": dist.get_rank(), "timed": len(timed), "loops": len(loops), "written": written,
+             "round_to": report.get("round_to", {}).get("value"), "loop_macs": resolved.prune.target.macs,
+             "record_macs": record["macs"], "status": report.get("status")}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, facts)
+    if dist.get_rank() == 0:
+        (out_dir / "ranks.json").write_text(json.dumps(gathered))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(out_dir: Path, method_name: str = "none", mode: str = "", *extra: str) -> None:
+    if method_name == "compress":
+        return compress_run(out_dir)
     writes = []
     original = rundir.save_torch
 

@@ -46,3 +46,16 @@ def test_two_rank_dpm_takes_identical_head_decisions(tmp_path):
     packed = [shape[0] for name, shape in ranks[0]["widths"].items() if name.endswith("self_attention.in_proj_weight")]
     assert len(packed) == 2 and sum(packed) < 2 * 3 * 32, packed  # heads were removed (4 heads of 8 each, dense)
 
+
+
+def test_two_rank_compress_measures_and_writes_on_rank_0_only(tmp_path):
+    """round_to: auto and a latency target's loop run once, on rank 0, before training; rank 1 adopts the results
+    and writes nothing (the process group starts before the run directory is prepared)."""
+    first, second = launch(tmp_path, "compress")
+    assert first["timed"] > 0 and second["timed"] == 0  # round_to candidates timed on rank 0 alone
+    assert first["loops"] == 1 and second["loops"] == 0
+    assert second["written"] == []
+    assert first["written"].count("round_to.json") == 1 and first["written"].count("latency_target.json") == 1
+    assert first["written"].count("recipe.yaml") == 1
+    assert first["round_to"] in (1, 4, 8, 16, 32) and first["status"] == "ok"
+    assert first["loop_macs"] == second["loop_macs"] == first["record_macs"] == second["record_macs"] == 0.6

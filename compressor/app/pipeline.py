@@ -27,6 +27,7 @@ from compressor.prune.selection import MISS_TOLERANCE, check_embed, relative_mis
 from compressor.train.data import build_datasets, sample_batch
 from compressor.train.loop import check_method_schedule, dense_teacher, evaluate, fit
 from compressor import rundir
+from compressor.ranks import compute_device, init_process_group, main_then_share
 
 
 class Timer:
@@ -73,6 +74,7 @@ def preflight(recipe: Recipe, device: str) -> list[str]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendUnavailable(f"--device {device} was asked for but PyTorch sees no CUDA GPU.",
                                  hint="Use --device cpu, or install a CUDA build of PyTorch on a GPU machine.")
+    compute_device(device)  # under torchrun a fixed cuda:N is refused here, before any work
     from compressor.deploy.runners import check_backend
 
     for backend in recipe.bench.backends:
@@ -203,7 +205,7 @@ def prune_and_finetune(state: RunState) -> None:
 def measure_compressed(state: RunState) -> None:
     info("[3/6] evaluating the compressed model")
     with state.timer("eval"):
-        state.compressed = _measure(state, state.model)
+        state.compressed = _measure(state, state.model, device=state.device)
     c, d = state.compressed, state.dense
     info(f"      top-1 {c.metrics['top1']:.2f}% ({c.metrics['top1'] - d.metrics['top1']:+.2f} pp), "
          f"MACs {c.macs / d.macs:.3f} of dense, params {c.params / d.params:.3f}")
@@ -420,7 +422,10 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
         recipe = load_recipe(recipe, list(overrides))
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
     notes = preflight(recipe, device)
-    out = prepare_run_dir(out, recipe, resume=resume, overwrite=overwrite)
+    # under torchrun the group starts here, before anything measures or writes: rank 0 prepares the run directory
+    # (and later measures round_to: auto and a latency target), the other ranks wait and adopt
+    init_process_group(device)
+    out = main_then_share(lambda: prepare_run_dir(out, recipe, resume=resume, overwrite=overwrite))
     state = RunState(checkpoint=str(checkpoint), recipe=recipe, out=out, device=device, resume=resume,
                      trust_checkpoint=trust_checkpoint, notes=notes)
     for stage in TRAINING_STAGES:

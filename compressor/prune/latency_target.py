@@ -22,7 +22,6 @@ The loop is saved in the run directory (latency_target.json): --resume and every
 from __future__ import annotations
 
 import copy
-import json
 import math
 import statistics
 import tempfile
@@ -111,19 +110,15 @@ def resolve_latency_target(recipe: "Recipe", model: "nn.Module", *,
     target = recipe.prune.target
     if not target.is_latency:
         return recipe, None
-    from compressor.prune.round_to import _shared, magnitude_snapshot
+    from compressor.prune.round_to import magnitude_snapshot, saved_or_measured
+    from compressor.ranks import main_then_share
 
     base, snap = magnitude_snapshot(model, recipe)
     cost = table_cost(recipe, base, snap)  # every rank builds it from the file: deterministic
     saved = out / STATE_FILE if out is not None else None
-    if saved is not None and saved.is_file():
-        record = json.loads(saved.read_text())
-    else:
-        record = _shared(lambda: measure_latency_target(model, recipe, cost, (base, snap)))
-        if saved is not None:
-            from compressor.rundir import write_json
-
-            write_json(saved, record)
+    # under DDP rank 0 reads or measures and writes; every rank adopts its record
+    record = main_then_share(lambda: saved_or_measured(saved, lambda: measure_latency_target(model, recipe, cost,
+                                                                                             (base, snap))))
     return with_mac_target(recipe, record["macs"], cost if record.get("planner") == "table" else None), record
 
 

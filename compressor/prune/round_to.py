@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from compressor.deploy.hardware import auto_round_to
 from compressor.deploy.runners import gpu_backends
+from compressor.ranks import main_then_share
 
 if TYPE_CHECKING:
     from torch import nn
@@ -47,20 +48,14 @@ def resolve_round_to(recipe: "Recipe", model: Optional["nn.Module"] = None, *,
     if recipe.prune.round_to != "auto":
         return recipe, None
     saved = out / STATE_FILE if out is not None else None
-    if saved is not None and saved.is_file():
-        result = json.loads(saved.read_text())
-    elif recipe.prune.target.table is not None:  # the table's curves choose each tabled group's widths
-        value, reason = _table_step(recipe.prune.target.table)
+    if recipe.prune.target.table is not None and not (saved is not None and saved.is_file()):
+        value, reason = _table_step(recipe.prune.target.table)  # the table's curves choose each group's widths
         result = {"value": value, "reason": reason, "measured": False}
-    elif model is None or _backend(recipe) is None:
+    elif (model is None or _backend(recipe) is None) and not (saved is not None and saved.is_file()):
         value, reason = auto_round_to(recipe)
         result = {"value": value, "reason": reason, "measured": False}
-    else:
-        result = _shared(lambda: measure_round_to(model, recipe))
-        if saved is not None:
-            from compressor.rundir import write_json
-
-            write_json(saved, result)
+    else:  # under DDP rank 0 reads or measures and writes; every rank adopts its result
+        result = main_then_share(lambda: saved_or_measured(saved, lambda: measure_round_to(model, recipe)))
     resolved = recipe.model_copy(deep=True)
     resolved.prune.round_to = int(result["value"])
     resolved.prune._round_to_auto = True
@@ -84,15 +79,16 @@ def _backend(recipe: "Recipe") -> Optional[str]:
     return next((b for b in backends if b in ("ort-cpu", "torch")), "ort-cpu")
 
 
-def _shared(measure) -> dict[str, Any]:
-    """Under DDP rank 0 measures and every rank adopts its result (timings differ between processes)."""
-    import torch.distributed as dist
+def saved_or_measured(saved: Optional[Path], measure) -> dict[str, Any]:
+    """The record saved in the run directory (--resume), else a new measurement, saved there."""
+    if saved is not None and saved.is_file():
+        return json.loads(saved.read_text())
+    result = measure()
+    if saved is not None:
+        from compressor.rundir import write_json
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return measure()
-    box = [measure() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        write_json(saved, result)
+    return result
 
 
 def measure_round_to(model: "nn.Module", recipe: "Recipe", candidates: tuple[int, ...] = CANDIDATES) -> dict[str, Any]:

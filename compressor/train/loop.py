@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Subset
 
 from compressor.errors import ModelLoadError, RecipeError, TrainingError
 from compressor.progress import info, is_main_process, track
+from compressor.ranks import compute_device, init_process_group
 from compressor.prune.methods.base import PruningMethod
 from compressor.train.config import DataConfig, FinetuneConfig, SchedulerConfig
 from compressor.train.data import make_loader, subset_indices
@@ -28,18 +29,6 @@ from compressor import rundir
 
 
 # ---------------------------------------------------------------------------------------------- distributed
-def init_distributed(device: str) -> tuple[int, int]:
-    """Join the process group when launched by torchrun; returns (rank, world_size)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def all_reduce_sum(tensor: torch.Tensor, world: int = 0) -> torch.Tensor:
     """Sum a tensor over ranks (identity without a process group, or when the caller runs alone: world 1)."""
     import torch.distributed as dist
@@ -147,8 +136,11 @@ class TrainContext:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu",
              rank: int = 0, world: int = 1, description: str = "eval") -> dict[str, float]:
-    """Top-1, top-5 (percent) and mean cross-entropy over the dataset; sharded over ranks under DDP."""
-    device = torch.device(device)
+    """Top-1, top-5 (percent) and mean cross-entropy over the dataset; sharded over ranks under DDP. The model runs
+    on `device` (under torchrun `cuda` is the rank's own GPU) and is returned to the device it came on."""
+    device = compute_device(device)
+    home = _model_device(model)
+    model.to(device)
     was_training = model.training
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
@@ -166,9 +158,16 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
                                   (top == targets[:, None]).any(1).sum().item(), len(targets)], dtype=torch.float64)
             bar.advance()
     model.train(was_training)
+    model.to(home)
     loss, top1, top5, count = all_reduce_sum(sums, world).tolist()
     count = max(count, 1.0)
     return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "count": int(count)}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU for a module with neither)."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -236,8 +235,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
     `alone`: this process trains by itself even under torchrun (QAT runs on the main process after the DDP stages:
     no collective may wait for ranks that have finished)."""
     method = method or PruningMethod()
-    rank, world = (0, 1) if alone else init_distributed(device)
-    dev = torch.device(device if not device.startswith("cuda") or world == 1 else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    rank, world = (0, 1) if alone else init_process_group(device)
+    dev = compute_device(device)
     model.to(dev).train()
     if teacher is not None:
         teacher.to(dev).eval()
