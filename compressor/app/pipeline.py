@@ -3,6 +3,7 @@ report.json / report.md / plots in the run directory. The library entry point be
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,11 +22,14 @@ from compressor.models.loading import example_inputs, load_model
 from compressor.models.slim import layer_widths, save_slim
 from compressor.progress import info
 from compressor.prune.methods import METHODS, PruningMethod
+from compressor.prune.latency_target import STATE_FILE as LATENCY_TARGET_FILE
 from compressor.prune.latency_target import latency_target_note, resolve_latency_target
+from compressor.prune.round_to import STATE_FILE as ROUND_TO_FILE
 from compressor.prune.round_to import resolve_round_to
 from compressor.prune.selection import MISS_TOLERANCE, check_embed, relative_miss, snapshot_macs
 from compressor.train.data import build_datasets, sample_batch
 from compressor.train.loop import check_method_schedule, dense_teacher, evaluate, fit
+from compressor.train.text import TOKENIZER_DIR
 from compressor import rundir
 from compressor.ranks import compute_device, init_process_group, main_then_share
 
@@ -47,19 +51,44 @@ class Timer:
         return _Span()
 
 
+# what a run writes beside recipe.yaml, as globs: the report (report.json last: the mark of a finished run), the
+# checkpoint, round_to / latency-target choices, the slim model, the ONNX files (with external data), the
+# quantized copies, TensorRT engines with their logs and calibration caches, a text model's tokenizer/ and hf/
+REPORT_FILES = ("report.json", "report.md", "plot_*.png")
+RUN_ARTIFACTS = (*REPORT_FILES, Path(rundir.CHECKPOINT).parts[0], ROUND_TO_FILE, LATENCY_TARGET_FILE, "model.pt",
+                 "slim.json", "weights.safetensors", "model.onnx", "dense.onnx", "model.*.onnx", "*.onnx.data",
+                 "model*.engine", "model*.build.log", "model*.layers.json", "model*.calib-*.cache", TOKENIZER_DIR, "hf")
+
+
+def remove_artifacts(out: Path, patterns: tuple[str, ...]) -> None:
+    """Delete what matches `patterns` in `out` (files, or folders with their contents); nothing else."""
+    for pattern in patterns:
+        for path in out.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
 def prepare_run_dir(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> Path:
-    """Create the run directory; refuse to mix runs (a different recipe, or an old run without --resume)."""
+    """Create the run directory; refuse to mix runs (a different recipe, or an old run without --resume) and to
+    write into a folder that holds something other than a run. --overwrite removes everything a run writes
+    (RUN_ARTIFACTS), --resume the old report, so that a run that stops early never leaves a finished-looking one."""
     recipe_file = out / "recipe.yaml"
     rundir.check_output_dir(out, "--out")
     # a run that stopped before its first artifact (bad checkpoint or data) left only recipe.yaml: not a run to keep
     if out.exists() and any(p.name != recipe_file.name for p in out.iterdir()):
+        if not recipe_file.is_file() and not (out / "report.json").is_file():
+            raise UsageError(f"--out {out} holds files but no compressor run (no recipe.yaml or report.json), so "
+                             "compress neither writes into it nor removes anything from it.",
+                             hint=f"Choose a new or empty folder for the run, e.g. --out {out / recipe.name}.")
         if resume:
             if recipe_file.is_file() and recipe_file.read_text() != dump_recipe(recipe):
                 raise UsageError(f"--resume: {recipe_file} differs from the recipe given now; resume with the same "
                                  "recipe and --set values, or start a new --out.")
+            remove_artifacts(out, REPORT_FILES)
         elif overwrite:
-            for stale in ("report.json", "report.md", rundir.CHECKPOINT, "round_to.json", "latency_target.json"):
-                (out / stale).unlink(missing_ok=True)
+            remove_artifacts(out, RUN_ARTIFACTS)
         else:
             raise UsageError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                              "or choose another --out.")
@@ -235,7 +264,8 @@ def save_and_export(state: RunState) -> None:
         "round_to": _round_to_summary(recipe, out, state.round_note),
         "method": state.method.summary(),
         "training": {"history": state.training.history, "seconds": state.training.seconds,
-                     "resumed_from": state.training.resumed_from},
+                     "resumed_from": state.training.resumed_from,
+                     "bn_recalibration": state.training.bn_recalibration},
         "exports": {"onnx": onnx_info, "dense_onnx": dense_onnx,
                     **({"hf_pretrained": state.hf_pretrained} if state.hf_pretrained else {}),
                     **({"ort_fusion": fusion} if fusion else {})},

@@ -276,12 +276,19 @@ def _widths_section(r: dict[str, Any]) -> list[str]:
 
 
 def _training_section(r: dict[str, Any]) -> list[str]:
-    history = (r.get("training") or {}).get("history") or []
-    if not history:
-        return []
-    rows = [[h["epoch"], f"{h['train_loss']:.4f}", f"{h.get('val_top1', float('nan')):.2f}", f"{h['lr']:.5f}",
-             h.get("params", "-"), f"{h['seconds']:.1f}"] for h in history]
-    return ["## Fine-tuning", ""] + table(["epoch", "train loss", "val top-1 %", "lr", "params", "seconds"], rows)
+    training = r.get("training") or {}
+    history, recalibrated = training.get("history") or [], training.get("bn_recalibration")
+    lines = []
+    if history:
+        rows = [[h["epoch"], f"{h['train_loss']:.4f}", f"{h.get('val_top1', float('nan')):.2f}", f"{h['lr']:.5f}",
+                 h.get("params", "-"), f"{h['seconds']:.1f}"] for h in history]
+        lines += ["## Fine-tuning", ""] + table(["epoch", "train loss", "val top-1 %", "lr", "params", "seconds"], rows)
+    if recalibrated:
+        lines += ["" if lines else "## Fine-tuning", "",
+                  f"Batch-norm statistics of {recalibrated['layers']} layers re-estimated on "
+                  f"{recalibrated['samples']} training samples after the last pruning change "
+                  "(finetune.bn_recalibration); the compressed model's top-1 above is measured after it.", ""]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- plots

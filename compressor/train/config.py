@@ -94,6 +94,12 @@ class DistillConfig(Strict):
     temperature: float = Field(4.0, gt=0.0)
 
 
+class BNRecalibrationConfig(Strict):
+    enabled: bool = Field(True, description="after a pruning method's last change to the model, re-estimate the "
+                                            "batch-norm running statistics on training batches (no training)")
+    batches: int = Field(32, gt=0, description="training batches (data.batch_size each) to average them over")
+
+
 class FinetuneConfig(Strict):
     epochs: int = Field(10, ge=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -105,4 +111,5 @@ class FinetuneConfig(Strict):
                                          "autocast on CPU (fast only on CPUs with native bf16, e.g. AMX or "
                                          "AVX512-BF16; elsewhere it can be slower than float32)")
     grad_clip: Optional[float] = Field(None, gt=0.0)
+    bn_recalibration: BNRecalibrationConfig = Field(default_factory=BNRecalibrationConfig)
     seed: int = 0

@@ -23,6 +23,7 @@ from compressor.errors import ModelLoadError, RecipeError, TrainingError
 from compressor.progress import info, is_main_process, track
 from compressor.ranks import compute_device, init_process_group
 from compressor.prune.methods.base import PruningMethod
+from compressor.train.bn_recalibration import batch_norms, recalibrate_batch_norm
 from compressor.train.config import DataConfig, FinetuneConfig, SchedulerConfig
 from compressor.train.data import make_loader, subset_indices
 from compressor import rundir
@@ -221,6 +222,7 @@ class FitResult:
     final: dict[str, float]
     seconds: float
     resumed_from: Optional[int] = None
+    bn_recalibration: Optional[dict[str, Any]] = None  # {layers, batches, samples} when statistics were re-estimated
 
 
 def _seed_epoch(seed: int, epoch: int) -> int:
@@ -281,8 +283,21 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
             save_checkpoint(checkpoint, ctx, method)
         ctx.epoch += 1
     method.finalize(ctx)
+    recalibrated = _recalibrate(ctx, method)
     final = ctx.history[-1] if ctx.history else {}
-    return FitResult(history=ctx.history, final=final, seconds=time.perf_counter() - start, resumed_from=resumed_from)
+    return FitResult(history=ctx.history, final=final, seconds=time.perf_counter() - start, resumed_from=resumed_from,
+                     bn_recalibration=recalibrated)
+
+
+def _recalibrate(ctx: TrainContext, method: PruningMethod) -> Optional[dict[str, Any]]:
+    """finetune.bn_recalibration after a pruning method's last change (finalize ran): the batch-norm statistics
+    re-estimated on ctx.calibration batches, the same on every rank. None for plain fine-tuning or when off."""
+    cfg = ctx.cfg.bn_recalibration
+    if not cfg.enabled or method.name == PruningMethod.name or not batch_norms(ctx.model):
+        return None
+    done = recalibrate_batch_norm(ctx.model, ctx.calibration(cfg.batches), ctx.device, ctx.channels_last)
+    info(f"batch-norm statistics re-estimated on {done['samples']} training samples ({done['layers']} layers)")
+    return done
 
 
 def check_method_schedule(method: PruningMethod, train_size: int, cfg: FinetuneConfig, data_cfg: DataConfig, *,
