@@ -215,7 +215,7 @@ def _parity_section(r: dict[str, Any]) -> list[str]:
     parity = r.get("parity") or {}
     rows = [[name, p.get("precision", "fp32"), p.get("samples", "-"), f"{p['max_abs_diff']:.2e}" if "max_abs_diff" in p else "-",
              f"{p['mean_abs_diff']:.2e}" if "mean_abs_diff" in p else "-",
-             f"{p['top1_agreement']:.4f}" if "top1_agreement" in p else "-",
+             f"{p['top1_agreement']:.4f}" if p.get("top1_agreement") is not None else "-",
              f"{p['allowed_abs_diff']:.2e}" if "allowed_abs_diff" in p else p.get("atol", "-"),
              "yes" if p.get("passed") else "**no**"] for name, p in parity.items()]
     trt = (r.get("exports") or {}).get("tensorrt") or {}

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from compressor.deploy.agreement import top1_agreement
 from compressor.deploy.hardware import cpu_flags
 from compressor.errors import ExportError, RecipeError
 from compressor.rundir import atomic_path
@@ -239,9 +240,10 @@ def convert_fp16(fp32_path: Path, out: Path, *, exclude: Sequence[str] = ()) -> 
 
 # ---------------------------------------------------------------------------------------------- sensitivity
 def output_error(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement and max abs diff relative to max |reference| of two (N, classes) outputs."""
+    """Top-1 agreement (agreement.py: per sample, or per pixel of a segmentation map) and max abs diff relative to
+    max |reference| of two (N, classes, ...) outputs."""
     scale = float(np.abs(reference).max()) or 1.0
-    return {"top1_agreement": float(np.mean(reference.argmax(-1) == candidate.argmax(-1))),
+    return {"top1_agreement": top1_agreement(reference, candidate),
             "relative_diff": float(np.abs(reference - candidate).max()) / scale}
 
 

@@ -8,21 +8,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressor.deploy.agreement import top1_agreement, top_classes
 from compressor.deploy.config import VerifyConfig
 from compressor.errors import ParityError
 
 
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Max / mean absolute difference and top-1 agreement of two (N, classes) logit arrays."""
+    """Max / mean absolute difference and top-1 agreement of two (N, classes, ...) outputs: per sample for logits,
+    per pixel for a segmentation map; the agreement is None (not checked) for an output without classes."""
     if reference.shape != candidate.shape:
         raise ParityError(f"output shapes differ: PyTorch {reference.shape} vs export {candidate.shape}.")
     diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
-    agree = float(np.mean(reference.argmax(1) == candidate.argmax(1))) if reference.ndim == 2 else 1.0
     scale = float(np.abs(reference).max())
-    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "top1_agreement": agree,
+    classes = top_classes(reference)
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "top1_agreement": top1_agreement(reference, candidate),
             "max_abs_reference": scale, "relative_diff": float(diff.max()) / scale if scale > 0 else None,
             "samples": int(reference.shape[0]),
-            "distinct_top1": int(len(np.unique(reference.argmax(1)))) if reference.ndim == 2 else None,
+            "distinct_top1": None if classes is None else int(len(np.unique(classes))),
             "same_output_for_all": bool(len(reference) > 1 and np.all(reference == reference[:1]))}
 
 
@@ -48,7 +51,8 @@ def check(metrics: dict[str, float], cfg: VerifyConfig, label: str, *, precision
         cfg.min_top1_agreement if precision == "fp32" else cfg.reduced_min_top1_agreement)
     result = {**metrics, "atol": atol, "rtol": rtol, "allowed_abs_diff": allowed, "min_top1_agreement": agreement,
               "precision": precision, "artifact": label}
-    result["passed"] = metrics["max_abs_diff"] <= allowed and metrics["top1_agreement"] >= agreement
+    agrees = metrics["top1_agreement"] is None or metrics["top1_agreement"] >= agreement
+    result["passed"] = metrics["max_abs_diff"] <= allowed and agrees
     if (precision != "fp32" and metrics.get("distinct_top1") == 1 and metrics["samples"] > 1
             and not metrics.get("same_output_for_all")):  # reduced precision: agreement is half the check
         result["note"] = (f"{label}: the PyTorch model predicts the same class for all {metrics['samples']} samples, "
@@ -61,8 +65,9 @@ def check(metrics: dict[str, float], cfg: VerifyConfig, label: str, *, precision
         raise ParityError(
             f"{label} disagrees with the PyTorch model on {metrics['samples']} validation samples: max abs diff "
             f"{metrics['max_abs_diff']:.3g} (allowed {allowed:.3g} = atol {atol:g} + rtol {rtol:g} x max |output| "
-            f"{metrics.get('max_abs_reference', 0.0):.3g}), top-1 agreement {metrics['top1_agreement']:.4f} "
-            f"(required {agreement}).",
+            f"{metrics.get('max_abs_reference', 0.0):.3g}), " + (
+                "no top-1 agreement (the output has no class axis)." if metrics["top1_agreement"] is None else
+                f"top-1 agreement {metrics['top1_agreement']:.4f} (required {agreement})."),
             hint="The export is not written as verified; inspect the model for ops that export differently.")
     return result
 
