@@ -1,7 +1,7 @@
 """Markdown tables for report.md and the methods' report sections."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -16,3 +16,8 @@ def number(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return "-" if value is None else str(value)
+
+
+def speedup_label(value: Optional[float]) -> str:
+    """'x1.23', or 'n/a' for a speedup that has no value (a latency table that prices a plan at no time)."""
+    return "n/a" if value is None else f"x{value:.2f}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -87,8 +88,26 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+def write_json(path: str | Path, data: Any, indent: int = 2) -> Path:
+    """Strict JSON: a non-finite float (an infinite speedup, a NaN loss) is written as null, never as the
+    `Infinity` / `NaN` that JSON parsers other than Python's refuse."""
+    return write_text(path, to_json(data, indent))
+
+
+def to_json(data: Any, indent: int = 2) -> str:
+    return json.dumps(_finite(data), indent=indent, default=lambda value: _finite(_jsonable(value)),
+                      allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float (in dicts, lists and tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def save_torch(obj: Any, path: str | Path) -> Path:
@@ -102,8 +121,8 @@ def save_torch(obj: Any, path: str | Path) -> Path:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, tensors of any size
+        return value.tolist()
     if hasattr(value, "item"):
         return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -19,7 +19,7 @@ from compressor.errors import UsageError
 from compressor.prune import latency_target as lt
 from compressor.prune import selection as sel
 from compressor.prune.latency_cost import (Curve, LatencyCost, build_cost, group_widths, layer_signatures,
-                                           row_signature)
+                                           predicted_speedup, row_signature)
 from compressor.prune.importance import ImportanceConfig, build_scorer
 from tests.conftest import tiny_recipe
 from tests.test_latency_table import _net
@@ -83,6 +83,24 @@ def _two_groups(score_a: float, score_b: float, ms_a: float, ms_b: float):
     cost = LatencyCost(curves, 0.0, 200.0)
     cost.kept_widths = {c.root: group_widths(snap, c, curves) for c in cands}
     return snap, cost
+
+
+def test_a_plan_the_table_prices_at_no_time_has_no_predicted_speedup(tmp_path):
+    """Removing every tabled channel with no time outside the tabled layers predicts 0 ms: no finite speedup, so
+    None (null in latency_target.json and report.json; it was inf, written as `Infinity`), shown as n/a."""
+    from compressor.app.report import _latency_target_section
+
+    snap, cost = _two_groups(score_a=1.0, score_b=1.0, ms_a=1.0, ms_b=1.0)
+    everything = {"a": list(range(16)), "b": list(range(16))}
+    assert cost.predict(snap, everything) == 0.0 and predicted_speedup(cost, snap, everything) is None
+    assert predicted_speedup(cost, snap, {"a": [0, 1, 2, 3]}) == pytest.approx(8 / 7)  # 8 ms -> 3 + 4 ms
+    table = {"path": "lut.json", "cpu": "Some Edge SoC", "layers": 2, "backend": "ort-cpu", "batch": 1,
+             "layers_ms": 8.0, "model_p50_ms": 8.0}
+    record = {"asked_speedup": 2.0, "backend": "ort-cpu", "batch": 1, "planner": "table", "table": table,
+              "macs": 0.0, "achieved_macs": 0.0, "open_loop": True, "tries": [{"predicted_speedup": None}],
+              "final_speedup": None, "tolerance": 0.05}
+    assert "predicted n/a;" in lt.latency_target_note(record)
+    assert "(n/a, 0.000 of the MACs)" in "\n".join(_latency_target_section({"target": {"latency": record}}))
 
 
 def test_channels_are_ranked_by_importance_per_millisecond():

@@ -2,11 +2,17 @@
 that is not a run, and --resume never leaves the old report beside a run that may stop early."""
 from __future__ import annotations
 
+import json
+import math
+
+import numpy as np
 import pytest
+import torch
 
 from compressor.app.pipeline import prepare_run_dir
 from compressor.app.recipe import recipe_from_dict
 from compressor.errors import UsageError
+from compressor.rundir import write_json
 
 from .conftest import tiny_recipe
 
@@ -55,3 +61,13 @@ def test_resume_removes_the_old_report_but_keeps_the_checkpoint(tmp_path):
     for name in ("report.json", "report.md", "plot_widths.png"):
         assert not (tmp_path / name).exists(), name  # a resumed run that stops early leaves no finished report
     assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "round_to.json").is_file()
+
+
+def test_json_files_are_strict_json_with_null_for_non_finite_numbers(tmp_path):
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    write_json(tmp_path / "r.json", {"inf": math.inf, "list": [float("nan"), 1.5], "np": np.float32("inf"),
+                                     "tensor": torch.tensor([-math.inf, 2.0]), "tuple": ({"x": -math.inf},)})
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse) == {
+        "inf": None, "list": [None, 1.5], "np": None, "tensor": [None, 2.0], "tuple": [{"x": None}]}

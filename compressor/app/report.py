@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compressor.markdown import table
+from compressor.markdown import speedup_label, table
 from compressor import rundir
 
 
@@ -123,8 +123,9 @@ def _latency_target_section(r: dict[str, Any]) -> list[str]:
                       "speedup; the table's where it does not).", ""]
     if t.get("open_loop"):
         lines += [f"The table was measured on another machine, so the plan is its prediction "
-                  f"(x{t['tries'][0]['predicted_speedup']:.2f}, {t['achieved_macs']:.3f} of the MACs) and nothing "
-                  "was measured here; on the device: `compressor bench model.onnx --baseline dense.onnx`.", ""]
+                  f"({speedup_label(t['tries'][0]['predicted_speedup'])}, {t['achieved_macs']:.3f} of the MACs) "
+                  "and nothing was measured here; on the device: `compressor bench model.onnx --baseline "
+                  "dense.onnx`.", ""]
         return lines
     budget = "predicted-latency fraction" if tabled else "MAC fraction"
     lines += [f"Measured before fine-tuning (magnitude plan on a copy, dense and pruned interleaved), the {budget} "
@@ -135,7 +136,7 @@ def _latency_target_section(r: dict[str, Any]) -> list[str]:
     head = ["try", *(["planner"] if with_table else []), "budget asked" if with_table else "MACs asked", "MACs",
             *(["predicted"] if with_table else []), "dense ms", "pruned ms", "measured"]
     lines += table(head, [[i + 1, *([x.get("planner", "table")] if with_table else []), f"{x['asked_macs']:.3f}",
-                           f"{x['macs']:.3f}", *([f"x{x['predicted_speedup']:.2f}"] if with_table else []),
+                           f"{x['macs']:.3f}", *([speedup_label(x['predicted_speedup'])] if with_table else []),
                            f"{x['dense_ms']:.3f}", f"{x['pruned_ms']:.3f}", f"x{x['speedup']:.2f}"]
                           for i, x in enumerate(t["tries"])])
     layers = t.get("layers") or []

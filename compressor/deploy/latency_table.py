@@ -353,11 +353,9 @@ def _probe_input(layer: Layer, width: int) -> tuple[int, ...]:
 
 
 def write_table(table: dict[str, Any], out: str | Path) -> Path:
-    from compressor.rundir import write_text
+    from compressor.rundir import write_json
 
-    out = Path(out)
-    write_text(out, json.dumps(table, indent=1) + "\n")
-    return out
+    return write_json(out, table, indent=1)
 
 
 def read_table(path: str | Path, *, backend: str, batch: int) -> dict[str, Any]:

@@ -319,6 +319,8 @@ def _factors(table: dict[str, Any], batch: int, source: str) -> list[float]:
                          hint="Measure the table again with `compressor latency-table`.") from None
 
 
-def predicted_speedup(cost: LatencyCost, snap: "Snapshot", plan: "Plan") -> float:
+def predicted_speedup(cost: LatencyCost, snap: "Snapshot", plan: "Plan") -> Optional[float]:
+    """Dense over predicted milliseconds; None where the table prices the plan (or the dense model) at no time,
+    which has no finite speedup."""
     predicted = cost.predict(snap, plan)
-    return cost.dense_ms / predicted if predicted > 0 else math.inf
+    return cost.dense_ms / predicted if predicted > 0 and cost.dense_ms > 0 else None

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from compressor.markdown import speedup_label
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -204,7 +206,8 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     if cost is not None and not same_machine(cost):
         _, row = plan_at(1.0 / asked, "table")
         info(f"      latency target x{asked:.2f}: the table was measured on {cost.source.get('cpu')}, not this "
-             f"machine; planned from it alone (predicted x{row['predicted_speedup']:.2f}), not measured here")
+             f"machine; planned from it alone (predicted {speedup_label(row['predicted_speedup'])}), not measured "
+             "here")
         return {"asked_speedup": asked, "backend": backend, "batch": batch, "macs": row["asked_macs"],
                 "achieved_macs": row["macs"], "measured_speedup": None, "met": None, "open_loop": True,
                 "tolerance": TOLERANCE, "tries": [row], "layers": layers_at(row["asked_macs"], "table"),
@@ -231,7 +234,7 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
                     dense_ms, pruned_ms = statistics.median(t_dense) * 1e3, statistics.median(t_pruned) * 1e3
                     speedup = dense_ms / pruned_ms
                     own.append({**row, "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": speedup})
-                    predicted = f", predicted x{row['predicted_speedup']:.2f}" if cost is not None else ""
+                    predicted = f", predicted {speedup_label(row['predicted_speedup'])}" if cost is not None else ""
                     info(f"      latency target x{asked:.2f} on {backend} batch {batch}: "
                          f"{'latency budget' if planner == 'table' else 'MACs'} {macs:.3f} (MACs {row['macs']:.3f}) "
                          f"-> {dense_ms:.3f} / {pruned_ms:.3f} ms (x{speedup:.2f}{predicted})")
@@ -350,9 +353,9 @@ def latency_target_note(t: dict[str, Any]) -> str:
     if t.get("choice"):
         head += f" ({t['choice']})"
     if t.get("open_loop"):
-        return (head + f", predicted x{t['tries'][0]['predicted_speedup']:.2f}; the table was measured on "
-                f"{t['table'].get('cpu')}, not on this machine, so nothing was measured here: check the result "
-                "on that device with `compressor bench model.onnx --baseline dense.onnx`")
+        return (head + f", predicted {speedup_label(t['tries'][0]['predicted_speedup'])}; the table was "
+                f"measured on {t['table'].get('cpu')}, not on this machine, so nothing was measured here: check "
+                "the result on that device with `compressor bench model.onnx --baseline dense.onnx`")
     return (head + f", measured x{t['measured_speedup']:.2f} before fine-tuning after {len(t['tries'])} tries" +
             ("" if t["met"] else f" (not within {t['tolerance']:.0%}: the planner's granularity or the runtime "
                                  "allows no closer)"))
