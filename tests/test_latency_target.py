@@ -67,15 +67,18 @@ class FakeRunner:
         """Nothing to release (the loop closes every runner it makes)."""
 
 
-def _fake_runtime(monkeypatch, exponent: float, fastest: dict[str, float] | None = None):
-    """A recipe asking x2 and a stand-in runtime whose latency is MACs^exponent of the dense model's; `fastest`
-    caps the speedup of one planner's plans (a layout step its widths cannot get past)."""
+def _fake_runtime(monkeypatch, exponent: float, fastest: dict[str, float] | None = None, asked: float = 2.0,
+                  **sections):
+    """A recipe asking x`asked` (x2; `sections` override the tiny recipe's) and a stand-in runtime whose latency is
+    MACs^exponent of the dense model's; `fastest` caps the speedup of one planner's plans (a layout step its widths
+    cannot get past, or a runtime whose fixed costs stay)."""
     from compressor.deploy import bench
     from compressor.models.loading import example_inputs
     from compressor.prune import round_to, selection as sel
 
-    recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"latency_speedup": 2.0}},
-                                          bench={"backends": ["ort-cpu"]}))
+    recipe = recipe_from_dict(tiny_recipe(**{"bench": {"backends": ["ort-cpu"]}, **sections,
+                                             "prune": {"method": "oneshot", "target": {"latency_speedup": asked},
+                                                       **sections.get("prune", {})}}))
     example = example_inputs(recipe.model)
     dense_macs = []
 
@@ -199,3 +202,69 @@ def test_a_try_inside_the_band_but_fast_is_followed_by_one_keeping_more(monkeypa
     assert record["tries"][0]["speedup"] == pytest.approx(2.03)
     assert len(record["tries"]) > 1 and record["achieved_macs"] > first
     assert lt.aimed({"speedup": record["measured_speedup"]}, 2.0) and record["met"]
+
+
+def test_an_unreachable_target_stops_before_training_with_what_the_loop_measured(tmp_path, monkeypatch):
+    """x40 asked where the runtime's fixed costs cap every plan at x2.5 (the Fashion-MNIST sample measured x2.5 at
+    most): compress exits 2 before training, naming the fastest measured speedup, its MACs and widths (the
+    planner's floor under max_layer_ratio 0.8) and the fix; latency_target.json keeps the tries, no report is
+    written, and --resume stops the same way without measuring again."""
+    from compressor.app import pipeline
+    from compressor.prune import round_to
+
+    recipe = _fake_runtime(monkeypatch, 1.0, fastest={"macs": 2.5}, asked=40.0, finetune={"epochs": 1})
+    monkeypatch.setattr(pipeline, "fit", lambda *a, **k: pytest.fail("trained towards an unreachable target"))
+    with pytest.raises(RecipeError) as err:
+        pipeline.compress("zoo:resnet20", recipe, tmp_path / "run")
+    text, run = err.value.render(), tmp_path / "run"
+    assert err.value.exit_code == 2
+    assert "speedup of x40.00 on ort-cpu batch 1, but the fastest plan the measure-prune loop timed ran x2.50" in text
+    assert "group widths 4 of 16, 7 of 32, 13 of 64; 1 try)" in text and "nothing was trained" in text
+    assert "That plan is the planner's floor" in text and "prune.max_layer_ratio 0.8 keeps at least 20%" in text
+    assert "Lower prune.target.latency_speedup to at most 2.50" in text and "relax prune.max_layer_ratio" in text
+    saved = json.loads((run / lt.STATE_FILE).read_text())
+    assert saved["unreachable"]["at_floor"] and saved["unreachable"]["speedup"] == pytest.approx(2.5)
+    assert saved["unreachable"]["macs"] == saved["tries"][0]["macs"] < 0.06
+    assert not (run / "report.json").exists() and not (run / "report.md").exists()
+
+    monkeypatch.setattr(round_to, "timing_runner", lambda *a: pytest.fail("measured again on --resume"))
+    with pytest.raises(RecipeError, match="ran x2.50"):
+        pipeline.compress("zoo:resnet20", recipe, run, resume=True)
+
+
+def test_the_loop_stops_at_the_planner_floor_and_a_target_within_the_tolerance_is_met(monkeypatch):
+    """A runtime whose speedup barely follows the MACs (MACs^-0.1) is led by the secant to the planner's floor,
+    measures x1.34 there and ends (nothing faster to plan), recording the target as unreachable with the floor's
+    widths; capped at x1.94, 3% short of x2, it meets the target as before."""
+    from compressor.models.loading import build_arch
+
+    monkeypatch.setattr(lt, "AIM_SECONDS", 0.0)
+    record = lt.measure_latency_target(build_arch("zoo:resnet20", 4, 1), _fake_runtime(monkeypatch, 0.1))
+    assert [t.get("at_floor", False) for t in record["tries"]] == [False, True]
+    u = record["unreachable"]
+    assert u["at_floor"] and u["speedup"] == pytest.approx(u["macs"] ** -0.1) and u["floor_speedup"] == u["speedup"]
+    assert u["widths"] == [[4, 16], [7, 32], [13, 64]]
+    assert u["floor_without_limits"] < u["floor_without_round_to"] == u["floor_macs"]
+
+    record = lt.measure_latency_target(build_arch("zoo:resnet20", 4, 1), _fake_runtime(monkeypatch, 1.0,
+                                                                                      fastest={"macs": 1.94}))
+    assert record["met"] and "unreachable" not in record and record["measured_speedup"] == pytest.approx(1.94)
+
+
+def test_the_unreachable_message_names_each_limit_that_holds_the_floor():
+    record = {"asked_speedup": 40.0, "backend": "ort-cpu", "batch": 8, "tolerance": lt.TOLERANCE,
+              "tries": [{}, {}, {}],
+              "unreachable": {"speedup": 2.5, "macs": 0.121, "planner": "macs", "at_floor": False,
+                              "floor_speedup": None, "widths": [[8, 16], [8, 32], [8, 64]], "floor_macs": 0.11,
+                              "floor_without_round_to": 0.021, "floor_without_limits": 0.007, "round_to": 8,
+                              "max_layer_ratio": 0.9, "ignore": ["fc"]}}
+    text = lt.unreachable_error(record, Path("run/latency_target.json")).render()
+    assert "is 0.110 (not measured: the loop plans no fewer than 0.02 of the MACs" in text
+    assert "prune.round_to 8 keeps every width on its multiple (without it the floor is 0.021)" in text
+    assert "prune.max_layer_ratio 0.9 keeps at least 10% of every group's channels (at 1.0 the floor is 0.007)" in text
+    assert "model.ignore: fc" in text and "the MACs alone would give x8.3" in text and "3 tries" in text
+    assert "The tries are in run/latency_target.json." in text
+    assert text.endswith("or relax prune.round_to / prune.max_layer_ratio so the planner can keep fewer MACs.")
+    record["unreachable"].update(floor_speedup=2.4, floor_without_round_to=0.11, ignore=[])
+    text = lt.unreachable_error(record).render()
+    assert "(0.110), measured x2.40" in text and "prune.round_to" not in text and "model.ignore" not in text

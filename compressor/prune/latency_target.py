@@ -17,6 +17,11 @@ instead, and it ends when no untried fraction is left between the two. The chose
 becomes the run's MAC target, so oneshot, iterative, DPM (release and backfill included), FGGP structured and
 OCSP all plan to it; after fine-tuning the report measures the speedup again and says whether the target held.
 
+A target out of reach, the fastest try more than TOLERANCE slower than asked, stops the run before training: a
+RecipeError (exit 2) gives the most the loop measured, at which MACs and widths, and what keeps the planner from
+fewer MACs (max_layer_ratio, round_to, widths no group narrows); see unreachable_error. A planner's loop ends as
+soon as its floor (its fewest MACs) measures short of that. A fastest try within TOLERANCE meets the target.
+
 The loop is saved in the run directory (latency_target.json): --resume and every DDP rank use the same m.
 """
 from __future__ import annotations
@@ -121,6 +126,8 @@ def resolve_latency_target(recipe: "Recipe", model: "nn.Module", *,
     # under DDP rank 0 reads or measures and writes; every rank adopts its record
     record = main_then_share(lambda: saved_or_measured(saved, lambda: measure_latency_target(model, recipe, cost,
                                                                                              (base, snap))))
+    if record.get("unreachable"):  # before any training, on every rank; the saved record keeps the measurements
+        raise unreachable_error(record, saved)
     return with_mac_target(recipe, record["macs"], cost if record.get("planner") == "table" else None), record
 
 
@@ -180,11 +187,15 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
         planners["table"] = sel.constraints_from(recipe, cost=cost)
     source = {"table": cost.source} if cost else {}
 
+    floors = {name: sel.plan_for_macs(snap, 0.0, cons) for name, cons in planners.items()}  # the fewest MACs
+
     def plan_at(fraction: float, planner: str) -> tuple[Any, dict[str, Any]]:
         work = copy.deepcopy(base)
         plan = sel.plan_for_target(snap, TargetConfig(macs=fraction), planners[planner])
         sel.remove(work, example, plan)
         row = {"planner": planner, "asked_macs": fraction, "macs": sel.snapshot_macs(work, example)[0] / snap.total_macs}
+        if plan == floors[planner]:
+            row["at_floor"] = True  # no plan of this planner has fewer MACs
         if cost is not None:
             row["predicted_speedup"] = predicted_speedup(cost, snap, plan)
         return work, row
@@ -241,6 +252,8 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
                     error = abs(speedup / asked - 1)
                     if settled(own, asked) or (error <= TOLERANCE and time.perf_counter() - start >= AIM_SECONDS):
                         break
+                    if row.get("at_floor") and short(own[-1], asked):
+                        break  # the planner's fewest MACs and still too slow: nothing faster to try
                     following = next_try([(t["asked_macs"], t["speedup"]) for t in own], asked)
                     if following is None:
                         break  # the bracket is narrower than the planner's granularity: nothing new to try
@@ -257,11 +270,17 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
         if why:
             info(f"      latency target: {why}")
         layers = layers_at(chosen["asked_macs"], planner, Path(tmp)) if cost is not None else None
-    return {"asked_speedup": asked, "backend": backend, "batch": batch, "macs": chosen["asked_macs"],
-            "achieved_macs": chosen["macs"], "measured_speedup": chosen["speedup"],
-            "met": within(chosen, asked), "tolerance": TOLERANCE, "tries": tries,
-            **({"layers": layers} if layers is not None else {}), "planner": planner,
-            **({"choice": why} if why else {}), **source}
+    record = {"asked_speedup": asked, "backend": backend, "batch": batch, "macs": chosen["asked_macs"],
+              "achieved_macs": chosen["macs"], "measured_speedup": chosen["speedup"],
+              "met": within(chosen, asked), "tolerance": TOLERANCE, "tries": tries,
+              **({"layers": layers} if layers is not None else {}), "planner": planner,
+              **({"choice": why} if why else {}), **source}
+    fastest = max(tries, key=lambda t: (t["speedup"], -t["macs"]))  # of equally fast tries the fewest MACs
+    if short(fastest, asked):
+        cons = planners[fastest["planner"]]
+        record["unreachable"] = out_of_reach(recipe, snap, cons, tries, fastest,
+                                             sel.plan_for_target(snap, TargetConfig(macs=fastest["asked_macs"]), cons))
+    return record
 
 
 def aimed(measured: dict[str, Any], asked: float) -> bool:
@@ -291,6 +310,82 @@ def pick(tries: list[dict[str, Any]], asked: float) -> dict[str, Any]:
 def within(measured: dict[str, Any], asked: float) -> bool:
     """Whether a measured try is within TOLERANCE of the asked speedup."""
     return abs(measured["speedup"] / asked - 1) <= TOLERANCE
+
+
+def short(measured: dict[str, Any], asked: float) -> bool:
+    """Whether a measured try is slower than asked by more than TOLERANCE (a try within it meets the target)."""
+    return measured["speedup"] < asked * (1 - TOLERANCE)
+
+
+def out_of_reach(recipe: "Recipe", snap, cons, tries: list[dict[str, Any]], fastest: dict[str, Any],
+                 plan) -> dict[str, Any]:
+    """What the record of an unreachable target keeps for its error: the fastest try (`plan`, under `cons`), its
+    group widths, and the planner's floor (the fewest MACs it can keep; its speedup where a try measured it) with
+    what holds it there: the floor again without round_to, and without round_to and max_layer_ratio (what is left
+    lies in layers no group narrows). MAC fractions of plans not removed are the planner's estimates."""
+    from dataclasses import replace
+
+    from compressor.prune import selection as sel
+
+    def floor(c) -> float:
+        return snap.macs_after(sel.plan_for_macs(snap, 0.0, c)) / snap.total_macs
+
+    no_round = replace(cons, round_to=None, clamp=False, cost=None)
+    widths = sorted({(c.width - len(plan.get(c.root, ())), c.width) for c in snap.candidates}, key=lambda w: (w[1], w[0]))
+    return {"speedup": fastest["speedup"], "macs": fastest["macs"], "planner": fastest["planner"],
+            "at_floor": bool(fastest.get("at_floor")), "widths": [list(w) for w in widths],
+            "floor_speedup": max((t["speedup"] for t in tries if t.get("at_floor")
+                                  and t["planner"] == fastest["planner"]), default=None),
+            "floor_macs": floor(cons), "floor_without_round_to": floor(no_round),
+            "floor_without_limits": floor(replace(no_round, max_layer_ratio=1.0)),
+            "round_to": recipe.prune.round_to, "max_layer_ratio": recipe.prune.max_layer_ratio,
+            "ignore": list(recipe.model.ignore)}
+
+
+def unreachable_error(record: dict[str, Any], saved: Optional[Path] = None):
+    """The RecipeError (exit 2) of a latency target whose fastest measured try is short of it by more than
+    TOLERANCE: what was asked, the most the loop measured and at which MACs and widths, what keeps the planner
+    from fewer MACs, and the fix."""
+    from compressor.errors import RecipeError
+
+    u, asked = record["unreachable"], record["asked_speedup"]
+    shown = ", ".join(f"{k} of {d}" for k, d in u["widths"][:8]) + (", ..." if len(u["widths"]) > 8 else "")
+    message = (f"prune.target asks for a latency speedup of x{asked:.2f} on {record['backend']} batch "
+               f"{record['batch']}, but the fastest plan the measure-prune loop timed ran x{u['speedup']:.2f} "
+               f"({u['macs']:.3f} of the dense MACs, group widths {shown}; {len(record['tries'])} "
+               f"{'try' if len(record['tries']) == 1 else 'tries'}), short of "
+               f"it by more than the {record['tolerance']:.0%} tolerance, so nothing was trained. ")
+    if u["at_floor"]:
+        message += "That plan is the planner's floor, the fewest MACs it can keep: "
+    elif u.get("floor_speedup") is not None:
+        message += (f"The planner's floor, the fewest MACs it can keep ({u['floor_macs']:.3f}), measured "
+                    f"x{u['floor_speedup']:.2f}: ")
+    else:
+        message += (f"The planner's floor, the fewest MACs it can keep, is {u['floor_macs']:.3f} (not measured: the "
+                    f"loop plans no fewer than {MAC_RANGE[0]} of the MACs and makes at most {MAX_TRIES} tries): ")
+    limits, names = [], []
+    if u["floor_without_round_to"] < u["floor_macs"] * 0.99:
+        names.append("prune.round_to")
+        limits.append(f"prune.round_to {u['round_to']} keeps every width on its multiple (without it the floor is "
+                      f"{u['floor_without_round_to']:.3f})")
+    if u["floor_without_limits"] < u["floor_without_round_to"] * 0.99:
+        names.append("prune.max_layer_ratio")
+        limits.append(f"prune.max_layer_ratio {u['max_layer_ratio']:g} keeps at least "
+                      f"{1 - u['max_layer_ratio']:.0%} of every group's channels (at 1.0 the floor is "
+                      f"{u['floor_without_limits']:.3f})")
+    ignored = f"; model.ignore: {', '.join(u['ignore'])}" if u["ignore"] else ""
+    limits.append(f"the last {u['floor_without_limits']:.3f} lies in widths no group narrows (the network's input "
+                  f"and output, layers outside every prunable group{ignored})")
+    message += "; ".join(limits) + "."
+    if u["speedup"] < 0.5 / u["macs"]:
+        message += (f" At {u['macs']:.3f} of the MACs the runtime measured x{u['speedup']:.2f} where the MACs alone "
+                    f"would give x{1 / u['macs']:.1f}: most of its time there is not in the pruned layers.")
+    if saved is not None:
+        message += f" The tries are in {saved}."
+    hint = f"Lower prune.target.latency_speedup to at most {u['speedup']:.2f} (the fastest measured)"
+    if names:
+        hint += f", or relax {' / '.join(names)} so the planner can keep fewer MACs"
+    return RecipeError(message, hint=hint + ".")
 
 
 def choose_planner(best: dict[str, dict[str, Any]], asked: float) -> tuple[str, Optional[str]]:
