@@ -46,7 +46,7 @@ def test_attention_widths_are_kept_and_named(tmp_path):
 
     model = tiny_vit()
     example = torch.randn(1, 3, 32, 32)
-    ignored = dg.resolve_ignored(model, [], 10)
+    ignored = dg.resolve_ignored(model, [], example)
     graph = dg.build_graph(model, example, ignored)
     groups = dg.prunable_groups(graph, ignored)
     roots = {dg.module_names(model)[g[0].dep.target.module] for g in groups}
@@ -75,7 +75,7 @@ def test_grouped_convolutions_keep_their_widths_and_the_rest_is_pruned(tmp_path)
 
     model = tiny_resnext()
     example = torch.randn(1, 3, 32, 32)
-    ignored = dg.resolve_ignored(model, [], 10)
+    ignored = dg.resolve_ignored(model, [], example)
     graph = dg.build_graph(model, example, ignored)
     groups = dg.prunable_groups(graph, ignored)
     grouped = dg.grouped_convs(model)

@@ -56,7 +56,7 @@ def _residual_widths(model: nn.Module) -> set[int]:
 @pytest.mark.parametrize("family", sorted(TEXT) + sorted(IMAGE))
 def test_the_residual_stream_is_one_structure_removed_from_every_tensor_along_it(family):
     model, x, classes = _build(family)
-    snap = sel.snapshot(model, x, [], classes, build_scorer(ImportanceConfig()), heads=True, embed=True)
+    snap = sel.snapshot(model, x, [], build_scorer(ImportanceConfig()), heads=True, embed=True)
     residual = _residual(snap)
     assert residual.width == 32
     sides = {(m[0].rsplit(".", 1)[-1], m[1]) for m in residual.members}
@@ -101,15 +101,15 @@ def test_attention_whose_qkv_width_follows_the_embedding_refuses_it(build, layer
     torch.manual_seed(0)
     model = build().eval()
     with pytest.raises(RecipeError) as caught:
-        sel.snapshot(model, torch.randn(1, 3, 32, 32), [], 10, build_scorer(ImportanceConfig()), embed=True)
+        sel.snapshot(model, torch.randn(1, 3, 32, 32), [], build_scorer(ImportanceConfig()), embed=True)
     assert f"prune.attention.embed: attention layer {layer}" in str(caught.value)
     assert "prune.attention.embed: false" in caught.value.hint
-    sel.snapshot(model, torch.randn(1, 3, 32, 32), [], 10, build_scorer(ImportanceConfig()))  # off: fine
+    sel.snapshot(model, torch.randn(1, 3, 32, 32), [], build_scorer(ImportanceConfig()))  # off: fine
 
 
 def test_without_embed_the_residual_stream_stays():
     model, x, classes = _build("bert")
-    snap = sel.snapshot(model, x, [], classes, build_scorer(ImportanceConfig()), heads=True)
+    snap = sel.snapshot(model, x, [], build_scorer(ImportanceConfig()), heads=True)
     assert not [c for c in snap.candidates if any(m[0].endswith("query") and m[1] == "in" for m in c.members)]
     assert recipe_from_dict(tiny_recipe(prune={"attention": {"embed": True}})).prune.attention.embed
 

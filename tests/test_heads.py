@@ -140,8 +140,8 @@ def test_a_pruned_multihead_attention_matches_torch_with_all_its_heads():
 def test_the_planner_sees_heads_with_their_macs(family):
     model, layer = _model(family)
     scorer = build_scorer(ImportanceConfig())
-    plain = sel.snapshot(model, X[:1], [], 10, scorer)
-    snap = sel.snapshot(model, X[:1], [], 10, scorer, heads=True)
+    plain = sel.snapshot(model, X[:1], [], scorer)
+    snap = sel.snapshot(model, X[:1], [], scorer, heads=True)
     roots = {c.root: c for c in snap.candidates}
     assert not any(H.is_head_root(c.root) for c in plain.candidates)
     heads = {r: c for r, c in roots.items() if H.is_head_root(r)}
@@ -164,7 +164,7 @@ def test_heads_ranked_by_their_joint_norm():
         for sl, heads in site.slices(out_only=False):
             rows = [i for i, h in zip(sl.idxs, heads) if h == 3]
             sl.param.index_copy_(sl.dim, torch.tensor(rows), sl.param.index_select(sl.dim, torch.tensor(rows)) * 0.01)
-    snap = sel.snapshot(model, X[:1], [], 10, build_scorer(ImportanceConfig()), heads=True)
+    snap = sel.snapshot(model, X[:1], [], build_scorer(ImportanceConfig()), heads=True)
     scores = next(c for c in snap.candidates if c.root == H.head_root(layer)).scores
     assert int(scores.argmin()) == 3 and scores.mean() == pytest.approx(1.0)
     assert sel.plan_global(snap, 1, sel.Constraints()) in ({H.head_root(layer): [3]},)
@@ -237,7 +237,7 @@ def test_a_head_cannot_be_removed_twice_or_all_of_them():
 def test_importances_without_head_scores_are_a_recipe_error():
     model, _ = _model("torchvision")
     with pytest.raises(RecipeError, match="prune.attention.heads"):
-        sel.snapshot(model, X[:1], [], 10, build_scorer(ImportanceConfig(kind="gate")), heads=True)
+        sel.snapshot(model, X[:1], [], build_scorer(ImportanceConfig(kind="gate")), heads=True)
 
 
 def _vit_recipe(method: str, epochs: int = 1, **prune):
@@ -334,7 +334,7 @@ def test_hugging_face_references_say_what_does_not_fit(tmp_path):
 
 def test_an_ignored_attention_layer_keeps_its_heads():
     model, layer = _model("torchvision")
-    snap = sel.snapshot(model, X[:1], [layer], 10, build_scorer(ImportanceConfig()), heads=True)
+    snap = sel.snapshot(model, X[:1], [layer], build_scorer(ImportanceConfig()), heads=True)
     roots = {c.root for c in snap.candidates if H.is_head_root(c.root)}
     assert roots == {"encoder.layers.encoder_layer_1.self_attention:heads"}
 
@@ -346,7 +346,7 @@ def test_timm_swin_window_heads_are_planned_by_their_macs_and_compress(tmp_path)
     from compressor.models.slim import load_slim
 
     model, layer = _model("timm-swin")
-    snap = sel.snapshot(model, X[:1], [], 10, build_scorer(ImportanceConfig()), heads=True)
+    snap = sel.snapshot(model, X[:1], [], build_scorer(ImportanceConfig()), heads=True)
     widths = {c.root: c.width for c in snap.candidates if H.is_head_root(c.root)}
     assert widths == {"layers.0.blocks.0.attn:heads": 2, "layers.1.blocks.0.attn:heads": 4}
     plan = {H.head_root(layer): [0, 3]}

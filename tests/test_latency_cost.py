@@ -332,7 +332,7 @@ def test_attention_heads_the_table_cannot_time_are_priced_by_their_macs(tmp_path
                "input_shape": [3, 32, 32]},
         prune={"method": "oneshot", "target": {"macs": 0.6}, "attention": {"heads": True}}))
     example = example_inputs(recipe.model)
-    snap = sel.snapshot(model, example, [], 4, build_scorer(ImportanceConfig()), heads=True)
+    snap = sel.snapshot(model, example, [], build_scorer(ImportanceConfig()), heads=True)
     table = _synthetic_table(_export(model, (3, 32, 32), tmp_path / "vit.onnx"), 1)
     table["model_p50_ms"]["1"] *= 4  # time outside the Linear layers: attention, norms, activations
     cost = build_cost(table, model, example, snap, 1)

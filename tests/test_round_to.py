@@ -116,7 +116,7 @@ def test_every_method_keeps_widths_on_round_to(method, prune, finetune, forced):
 @pytest.mark.parametrize("global_ranking, round_to", [(True, None), (True, 8), (False, None), (False, 8)])
 def test_ghostnet_like_model_meets_the_mac_target_within_two_percent(global_ranking, round_to):
     model, example = tiny_ghostnet(10, 3).eval(), torch.randn(1, 3, 32, 32)
-    snap = sel.snapshot(model, example, [], 10, build_scorer(ImportanceConfig(kind="magnitude")))
+    snap = sel.snapshot(model, example, [], build_scorer(ImportanceConfig(kind="magnitude")))
     assert any(c.classes for c in snap.candidates)  # the ghost modules couple channel i with i + width/2
     plan = sel.plan_for_macs(snap, 0.7 * snap.total_macs, sel.Constraints(round_to=round_to,
                                                                             global_ranking=global_ranking))
@@ -131,7 +131,7 @@ def test_without_the_coupled_classes_the_plan_would_miss(monkeypatch):
     # the check above can fail: blind to the coupling, the cost model under-counts what torch-pruning removes
     monkeypatch.setattr(sel, "coupled_classes", lambda *args: None)
     model, example = tiny_ghostnet(10, 3).eval(), torch.randn(1, 3, 32, 32)
-    snap = sel.snapshot(model, example, [], 10, build_scorer(ImportanceConfig(kind="magnitude")))
+    snap = sel.snapshot(model, example, [], build_scorer(ImportanceConfig(kind="magnitude")))
     plan = sel.plan_for_macs(snap, 0.85 * snap.total_macs, sel.Constraints(max_layer_ratio=0.4))
     work = copy.deepcopy(model)
     sel.remove(work, example, plan)

@@ -31,7 +31,7 @@ def model():
 
 
 def snap(model, kind="magnitude"):
-    return sel.snapshot(model, example_inputs(CFG), CFG.ignore, CFG.num_classes, build_scorer(ImportanceConfig(kind=kind)))
+    return sel.snapshot(model, example_inputs(CFG), CFG.ignore, build_scorer(ImportanceConfig(kind=kind)))
 
 
 @pytest.mark.parametrize("global_ranking", [True, False])
@@ -62,7 +62,7 @@ def test_round_to_and_max_layer_ratio(model):
 
 def test_ignored_layers_and_classifier_are_untouched(model):
     cfg = CFG.model_copy(update={"ignore": ["fc", "layer1.0.conv1"]})
-    s = sel.snapshot(model, example_inputs(cfg), cfg.ignore, 10, build_scorer(ImportanceConfig()))
+    s = sel.snapshot(model, example_inputs(cfg), cfg.ignore, build_scorer(ImportanceConfig()))
     assert "layer1.0.conv1" not in {c.root for c in s.candidates}
     plan = sel.plan_for_macs(s, 0.3 * s.total_macs, sel.Constraints())
     sel.remove(model, example_inputs(cfg), plan)
@@ -142,7 +142,7 @@ def test_every_importance_scores_every_group(model, kind):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         scorer.observe(model)
         model.eval()
-    s = sel.snapshot(model, example_inputs(CFG), CFG.ignore, 10, scorer)
+    s = sel.snapshot(model, example_inputs(CFG), CFG.ignore, scorer)
     assert len(s.candidates) == 12
     for cand in s.candidates:
         assert cand.scores.shape == (cand.width,)

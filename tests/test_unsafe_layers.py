@@ -25,7 +25,7 @@ CFG = ModelConfig(num_classes=10, in_channels=3, input_shape=[3, 16, 16])
 
 
 def _prune(model: nn.Module, macs: float = 0.6, **cons):
-    snap = sel.snapshot(model, EXAMPLE[:1], [], 10, build_scorer(ImportanceConfig(kind="magnitude")))
+    snap = sel.snapshot(model, EXAMPLE[:1], [], build_scorer(ImportanceConfig(kind="magnitude")))
     plan = sel.plan_for_macs(snap, macs * snap.total_macs, sel.Constraints(**cons))
     work = copy.deepcopy(model).eval()
     sel.remove(work, EXAMPLE[:1], plan)
@@ -57,7 +57,7 @@ def test_single_group_groupnorm_loses_any_channels():
 
 def test_groupnorm_group_is_one_class_of_channels():
     model = hm.tiny_groupnorm().eval()
-    snap = sel.snapshot(model, EXAMPLE[:1], [], 10, build_scorer(ImportanceConfig(kind="magnitude")))
+    snap = sel.snapshot(model, EXAMPLE[:1], [], build_scorer(ImportanceConfig(kind="magnitude")))
     first = next(c for c in snap.candidates if c.root == "0")
     assert first.unit == 8 and sorted(len(c) for c in first.classes) == [8, 8, 8]
     assert sel.allowed_removals(24, sel.Constraints(max_layer_ratio=0.9), "0", first.unit) == [0, 8, 16]
@@ -97,7 +97,7 @@ def test_a_model_broken_by_the_removal_names_the_failing_layer():
 def test_groups_with_out_of_range_indices_are_rejected():
     model = hm.tiny_groupnorm().eval()
     graph = dg.trace(model, EXAMPLE[:1])
-    groups = dg._all_groups(graph, dg.resolve_ignored(model, [], 10))
+    groups = dg._all_groups(graph, dg.resolve_ignored(model, [], EXAMPLE[:1]))
     assert dg._index_problem(graph, groups[0], dg.module_names(model)) is None
     first = groups[0][0]
     broken = [SimpleNamespace(dep=first.dep, idxs=[*first.idxs[:-1], 999]), *groups[0][1:]]  # a mis-mapped split

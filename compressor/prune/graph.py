@@ -21,8 +21,9 @@ from compressor.registry import did_you_mean
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 
 
-def resolve_ignored(model: nn.Module, patterns: Iterable[str], num_classes: int | None = None) -> list[nn.Module]:
-    """Modules never pruned: recipe names and re:patterns, plus the classifier (its outputs are the classes)."""
+def resolve_ignored(model: nn.Module, patterns: Iterable[str], example: torch.Tensor) -> list[nn.Module]:
+    """Modules never pruned: recipe names and re:patterns, plus the output layers (output_layers: the classifier,
+    whose outputs are the classes)."""
     names = {name: module for name, module in model.named_modules() if name}
     ignored: list[nn.Module] = []
     for pattern in patterns:
@@ -36,19 +37,61 @@ def resolve_ignored(model: nn.Module, patterns: Iterable[str], num_classes: int 
             raise RecipeError(f"model.ignore: {pattern!r} matches no module of the model{hint}.",
                               hint="`compressor inspect` lists the module names.")
         ignored += [m for m in hits if m not in ignored]
-    for module in output_layers(model, num_classes):
+    for module in output_layers(model, example):
         if module not in ignored:
             ignored.append(module)
     return ignored
 
 
-def output_layers(model: nn.Module, num_classes: int | None) -> list[nn.Module]:
-    """Layers whose outputs are the model's outputs: Linear (or 1x1 conv) heads producing num_classes."""
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and (num_classes is None or m.out_features == num_classes)]
-    if not heads:
-        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes]
-        heads = convs[-1:]
-    return heads[-1:] if num_classes is None else heads
+def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """The layers (ROOT_TYPES) whose outputs reach the model's outputs with no other such layer in between, found
+    on one forward of `example` in eval mode: a classifier with whatever follows it (pooling, upsampling, a
+    reshape, a sum of two heads), the main head of a segmentation model. A layer that only feeds an unused or
+    training-only output (an auxiliary head) is not one; nor is a layer that merely has num_classes outputs."""
+    produced: dict[object, nn.Module] = {}  # autograd node of each layer output -> the layer
+
+    def record(module: nn.Module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            produced[output.grad_fn] = module
+
+    frozen = [p for p in model.parameters() if not p.requires_grad]  # every layer output needs an autograd node
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, ROOT_TYPES)]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with quiet_eval(model), torch.enable_grad():
+            outputs = model(example.detach().requires_grad_(example.is_floating_point()))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p in frozen:
+            p.requires_grad_(False)
+    found: set[nn.Module] = set()
+    seen: set[object] = set()
+    stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in produced:  # a layer's output: the layer is an output layer, and nothing before it
+            found.add(produced[node])
+            continue
+        stack += [child for child, _ in node.next_functions if child is not None]
+    return [m for m in model.modules() if m in found]
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors of a model output: a tensor, or those in a tuple, list or dict (or a dataclass-like output)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    elif hasattr(value, "to_tuple"):  # transformers' ModelOutput
+        value = list(value.to_tuple())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
 
 
 class _OpaqueAttention(tp.pruner.function.BasePruningFunc):

@@ -165,8 +165,8 @@ def _dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
     return heads_mod.site_dims(module) if counted_whole(module) else None
 
 
-def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str], num_classes: int,
-             scorer: Scorer, *, normalize: bool = True, heads: bool = False, embed: bool = False) -> Snapshot:
+def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str], scorer: Scorer, *,
+             normalize: bool = True, heads: bool = False, embed: bool = False) -> Snapshot:
     """Trace the current model, score every prunable group and record per-layer MAC costs.
 
     With normalize (the default) each group's scores are divided by their mean, so global ranking compares
@@ -178,7 +178,7 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
     """
     with dg.quiet_eval(model):
         macs, params, per_layer, _ = count_ops(model, example, layer_wise=True)
-    ignored = dg.resolve_ignored(model, ignored_patterns, num_classes)
+    ignored = dg.resolve_ignored(model, ignored_patterns, example)
     if embed:
         check_embed(model)
     graph = dg.build_graph(model, example, ignored)
@@ -223,9 +223,9 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
 
 
 def recipe_snapshot(model: nn.Module, example: torch.Tensor, recipe, scorer: Scorer, **kwargs) -> Snapshot:
-    """snapshot() with the recipe's ignored layers, classes and prune.attention.heads."""
-    return snapshot(model, example, recipe.model.ignore, recipe.model.num_classes, scorer,
-                    heads=recipe.prune.attention.heads, embed=recipe.prune.attention.embed, **kwargs)
+    """snapshot() with the recipe's ignored layers and prune.attention.heads / embed."""
+    return snapshot(model, example, recipe.model.ignore, scorer, heads=recipe.prune.attention.heads,
+                    embed=recipe.prune.attention.embed, **kwargs)
 
 
 def check_embed(model: nn.Module) -> None:

@@ -154,12 +154,12 @@ class FGGP(PruningMethod):
         self.t0 = self.t1 = 0
 
     # ------------------------------------------------------------------------------------------ setup
-    def prunable_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+    def prunable_layers(self, model: nn.Module, example: torch.Tensor) -> dict[str, nn.Module]:
         """Conv/linear layers whose weights FGGP masks (first conv and classifier per the recipe)."""
         layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
         names = list(layers)
-        heads = {id(m) for m in dg.output_layers(model, self.recipe.model.num_classes)}
-        ignored = {id(m) for m in dg.resolve_ignored(model, self.recipe.model.ignore, None)}
+        heads = {id(m) for m in dg.output_layers(model, example)}
+        ignored = {id(m) for m in dg.resolve_ignored(model, self.recipe.model.ignore, example)}
         keep = {}
         for name, module in layers.items():
             if name == names[0] and not self.cfg.prune_first_conv:
@@ -179,7 +179,7 @@ class FGGP(PruningMethod):
         self.steps = event_steps(self.t0, self.t1, self.cfg.interval)
         self.masks = {n: m.to(ctx.device) for n, m in self.masks.items()}  # masks restored by a resume are on CPU
         if not self.masks and not self.structured:
-            layers = self.prunable_layers(ctx.model)
+            layers = self.prunable_layers(ctx.model, self._example(ctx))
             if not layers:
                 raise RecipeError(f"prune.fggp: no layer of the model can be pruned with granularity {self.cfg.granularity}.")
             self.masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}

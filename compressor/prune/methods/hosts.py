@@ -151,7 +151,7 @@ class SparseLearningHost(Host):
 
     def _sparse_pruner(self, ctx) -> tp.pruner.GroupNormPruner:
         cfg = self.cfg.sparse_learning
-        ignored = dg.resolve_ignored(ctx.model, self.recipe.model.ignore, self.recipe.model.num_classes)
+        ignored = dg.resolve_ignored(ctx.model, self.recipe.model.ignore, self.example(ctx))
         with dg.quiet_eval(ctx.model):  # tracing in train mode would move the BatchNorm statistics (resume differed)
             return tp.pruner.GroupNormPruner(
                 ctx.model, self.example(ctx), importance=tp.importance.GroupMagnitudeImportance(p=2), reg=cfg.reg,
