@@ -128,3 +128,29 @@ def test_a_disk_filling_up_mid_export_is_named_and_leaves_nothing(tmp_path, monk
         export_onnx(small(0), torch.randn(1, 3, 12, 12), tmp_path / "model.onnx", OnnxConfig())
     assert "the disk filled up while writing" in str(err.value) and "Free disk space" in err.value.render()
     assert list(tmp_path.iterdir()) == []
+
+
+class ResizedWhenTraced(nn.Module):
+    """DINOv2 with registers' pattern: while traced (torch.jit.is_tracing) it resizes a tensor to its own size with
+    antialiased bicubic interpolation, an operator the TorchScript exporter has no ONNX form for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small(0)
+        self.pos = nn.Parameter(torch.randn(1, 3, 4, 4))
+
+    def forward(self, x):
+        pos = self.pos
+        if torch.jit.is_tracing():
+            pos = nn.functional.interpolate(pos, size=(4, 4), mode="bicubic", align_corners=False, antialias=True)
+        return self.net(x + pos.repeat(1, 1, 3, 3))
+
+
+def test_an_operator_the_torchscript_exporter_lacks_exports_with_dynamo(tmp_path):
+    """It was an ExportError (after training, in compress) although export.onnx.dynamo exports the model."""
+    x = torch.randn(2, 3, 12, 12)
+    model = ResizedWhenTraced().eval()
+    info = export_onnx(model, x[:1], tmp_path / "model.onnx", OnnxConfig())
+    assert info["exporter"] == "dynamo" and "aten::_upsample_bicubic2d_aa" in info["fallback"]
+    with torch.no_grad():
+        np.testing.assert_allclose(ort_out(tmp_path / "model.onnx", x), model(x).numpy(), rtol=1e-4, atol=1e-5)

@@ -29,6 +29,7 @@ class Inspection:
     prediction: Optional[dict[str, Any]] = None
     notes: list[str] = field(default_factory=list)
     heads: dict[str, dict[str, Any]] = field(default_factory=dict)  # attention layer -> heads, head_dim or reason
+    num_classes: Optional[int] = None  # the model section's (without a recipe: an hf:DIR model's own num_labels)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,7 +63,7 @@ def inspect_model(model: nn.Module, model_cfg: ModelConfig, label: str = "model"
         notes.append("no prunable group: compress would stop with NotPrunableError")
     return Inspection(model=label, input_shape=list(model_cfg.input_shape), macs=macs, params=params, layers=rows,
                       groups=infos, ignored=[names[m] for m in ignored], unprunable=unprunable, notes=notes,
-                      heads=attention_heads(model, tuple(ignored)))
+                      heads=attention_heads(model, tuple(ignored)), num_classes=model_cfg.num_classes)
 
 
 def attention_heads(model: nn.Module, ignored: tuple[nn.Module, ...]) -> dict[str, dict[str, Any]]:
@@ -77,12 +78,22 @@ def attention_heads(model: nn.Module, ignored: tuple[nn.Module, ...]) -> dict[st
 
 
 def inspect_checkpoint(checkpoint: str, recipe: Optional[Recipe], *, trust_checkpoint: bool = False) -> Inspection:
-    model_cfg = recipe.model if recipe is not None else ModelConfig()
+    model_cfg = recipe.model if recipe is not None else _model_without_recipe(str(checkpoint))
     model = load_model(checkpoint, model_cfg, trust_checkpoint=trust_checkpoint)
     report = inspect_model(model, model_cfg, label=str(checkpoint))
     if recipe is not None and recipe.prune.method != "none":
         report.prediction = predict_target(model, recipe)
     return report
+
+
+def _model_without_recipe(checkpoint: str) -> ModelConfig:
+    """The model section when no recipe gives one: the defaults, or for hf:DIR the model's own labels, channels and
+    input size (config.json)."""
+    if checkpoint.startswith("hf:"):
+        from compressor.models.hf import model_section
+
+        return ModelConfig(**model_section(checkpoint[len("hf:"):]))
+    return ModelConfig()
 
 
 def predict_target(model: nn.Module, recipe: Recipe) -> Optional[dict[str, Any]]:
@@ -102,8 +113,8 @@ def _fmt(n: float) -> str:
 
 
 def render_inspection(report: Inspection, console: Console, *, show_layers: bool = True) -> None:
-    console.print(f"[bold]{report.model}[/]  input {report.input_shape}  MACs {_fmt(report.macs)}  "
-                  f"params {_fmt(report.params)}")
+    console.print(f"[bold]{report.model}[/]  input {report.input_shape}  classes {report.num_classes}  "
+                  f"MACs {_fmt(report.macs)}  params {_fmt(report.params)}")
     if show_layers:
         table = Table("layer", "type", "MACs", "% MACs", "params", title="layers")
         for row in report.layers:

@@ -251,6 +251,9 @@ def save_and_export(state: RunState) -> None:
         onnx_info = export_onnx(state.model, example, out / "model.onnx", recipe.export.onnx, zipped=zipped)
         dense_onnx = export_onnx(state.dense_model, example, out / "dense.onnx", recipe.export.onnx, zipped=zipped)
         fusion = _transformer_fusions(state)
+    if onnx_info.get("fallback"):
+        state.notes.append(f"model.onnx and dense.onnx: {onnx_info['fallback']}")
+        info(f"      note: {state.notes[-1]}")
     state.samples, _ = sample_batch(state.val_set, recipe.verify.samples)
     d, c = state.dense, state.compressed
     state.report = {

@@ -22,7 +22,25 @@ TOKENS_NAME = "input_ids"  # a text model's one input: int64 token ids (batch, s
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, cfg: OnnxConfig, *,
                 zipped: bool = False) -> dict[str, Any]:
     """Export `model` to `path` (written atomically), check it, and simplify it with onnxslim when asked. `zipped`:
-    also measure the DEFLATE size (what unstructured zeros save; 24 s for ViT-B/16's two files, so only then)."""
+    also measure the DEFLATE size (what unstructured zeros save; 24 s for ViT-B/16's two files, so only then).
+    A model with an operator the TorchScript exporter has no ONNX form for is exported with dynamo instead (DINOv2
+    with registers resizes its position embeddings with antialiasing whenever it is traced, even to their own size;
+    torch.export does not take that branch): the result's `fallback` says why."""
+    try:
+        return _export(model, example, path, cfg, zipped)
+    except ExportError as first:
+        if cfg.dynamo or not isinstance(first.__cause__, torch.onnx.errors.UnsupportedOperatorError):
+            raise
+        try:
+            result = _export(model, example, path, cfg.model_copy(update={"dynamo": True}), zipped)
+        except ExportError as second:
+            raise ExportError(f"{first.message} The dynamo exporter failed too: {second.message}",
+                              hint=first.hint) from second
+        return {**result, "fallback": "exported with dynamo: the TorchScript exporter has no ONNX form for an "
+                                      f"operator of this model ({_first_line(first.__cause__)})"}
+
+
+def _export(model: nn.Module, example: torch.Tensor, path: Path | str, cfg: OnnxConfig, zipped: bool) -> dict[str, Any]:
     import onnx
 
     path = Path(path)

@@ -14,6 +14,7 @@ shapes hold (conform_heads, for reloading without pickle).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional, Sequence
 
@@ -152,6 +153,8 @@ SEPARATE = (
     (("self.query", "self.key", "self.value"), "output.dense", "self.num_attention_heads", "self.attention_head_size"),
     (("q_proj", "k_proj", "v_proj"), "o_proj", "num_attention_heads", "head_dim"),  # ViT, DeiT in transformers 5
     (("q_lin", "k_lin", "v_lin"), "out_lin", "n_heads", "attention_head_size"),  # DistilBERT
+    (("attention.query", "attention.key", "attention.value"), "output.dense", "attention.num_attention_heads",
+     "attention.attention_head_size"),  # Data2Vec-Vision
 )
 
 
@@ -174,6 +177,46 @@ def separate_spec(module: nn.Module):
         if all(isinstance(_path(module, p), nn.Linear) for p in (*spec[0], spec[1])):
             return spec
     return None
+
+
+# Per-head position-bias entries of Hugging Face layers with separate q/k/v: a relative position bias table
+# [positions, heads] (Swin, Donut-Swin, Data2Vec-Vision inside the layer; BEiT's beside it, in its parent layer:
+# _SIBLING_BIAS), and Swin v2's logit scale [heads, 1, 1] and position-bias MLP (its last Linear has a row per
+# head). They go with their head (scored by the projections' slices alone).
+BIAS_TABLE = "relative_position_bias_table"
+_SIBLING_BIAS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _holds_table(module: nn.Module) -> bool:
+    return isinstance(getattr(module, BIAS_TABLE, None), torch.Tensor)
+
+
+def per_head_entries(module: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """(owner, attribute, dim) of every per-head position-bias tensor of a `sep` layer, its own and the one its
+    parent keeps beside it."""
+    owners = [m for m in module.modules() if _holds_table(m)]
+    if module in _SIBLING_BIAS:
+        owners.append(_SIBLING_BIAS[module])
+    found = [(owner, BIAS_TABLE, 1) for owner in owners]
+    for owner in module.modules():
+        if isinstance(getattr(owner, "logit_scale", None), torch.Tensor):
+            found.append((owner, "logit_scale", 0))
+        mlp = getattr(owner, "continuous_position_bias_mlp", None)
+        if isinstance(mlp, nn.Sequential) and isinstance(mlp[-1], nn.Linear):
+            found += [(mlp[-1], attr, 0) for attr in ("weight", "bias") if getattr(mlp[-1], attr) is not None]
+    return found
+
+
+def _link_sibling_biases(model: nn.Module) -> None:
+    """A layer whose children are one `sep` attention layer and one relative-position-bias module (BEiT in
+    transformers 5: BeitLayer.attention beside BeitLayer.relative_position_bias): the bias is that attention
+    layer's, remembered in _SIBLING_BIAS."""
+    for parent in model.modules():
+        children = list(parent.children())
+        tables = [c for c in children if _holds_table(c)]
+        layers = [c for c in children if separate_spec(c) is not None]
+        if len(tables) == 1 and len(layers) == 1:
+            _SIBLING_BIAS[layers[0]] = tables[0]
 
 
 def head_count(module: nn.Module, family: str) -> int:
@@ -222,6 +265,7 @@ def head_layout(module: nn.Module, family: str) -> HeadLayout:
         return HeadLayout(h, d, tensors + linear(module.out_proj, inner, rows=False), [], "out_proj")
     projections, out, _, _ = separate_spec(module)
     tensors = [t for p in projections for t in linear(_path(module, p), inner)]
+    tensors += [(owner, attr, dim, list(range(h)), False) for owner, attr, dim in per_head_entries(module)]
     return HeadLayout(h, d, tensors + linear(_path(module, out), inner, rows=False),
                       [(p, inner) for p in projections], out)
 
@@ -233,8 +277,9 @@ def set_head_count(module: nn.Module, family: str, heads: int) -> None:
         module.num_heads = heads
         module.qkv.out_features = 3 * inner
         module.proj.in_features = inner
-        if hasattr(module, "attn_dim"):
-            module.attn_dim = inner
+        for attr in INNER_WIDTH:
+            if hasattr(module, attr):
+                setattr(module, attr, inner)
         norm = getattr(module, "norm", None)
         if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
             norm.normalized_shape = (inner,)
@@ -263,6 +308,9 @@ def set_head_count(module: nn.Module, family: str, heads: int) -> None:
         for p in projections:
             _path(module, p).out_features = inner
         _path(module, out).in_features = inner
+        for owner, _, _ in per_head_entries(module):
+            if isinstance(owner, nn.Linear):  # Swin v2's position-bias MLP: one output per head
+                owner.out_features = heads
 
 
 def replace_mha(mha: nn.MultiheadAttention, heads: int) -> HeadPrunedMultiheadAttention:
@@ -275,6 +323,11 @@ def replace_mha(mha: nn.MultiheadAttention, heads: int) -> HeadPrunedMultiheadAt
             p.grad = grads[name].clone()
     new.train(mha.training)
     return new
+
+
+# the attribute a packed layer's forward joins its heads to (timm's Attention; Hugging Face's Hiera mask-unit
+# attention): set to the inner width when heads go
+INNER_WIDTH = ("attn_dim", "hidden_size_output")
 
 
 def _qkv_ok(module: nn.Module) -> Optional[str]:
@@ -291,7 +344,10 @@ def _qkv_ok(module: nn.Module) -> Optional[str]:
         return "its qkv width is not 3 x num_heads x head_dim"
     if proj.in_features != heads * dim:
         return "its output projection does not read num_heads x head_dim"
-    if not hasattr(module, "attn_dim") and qkv.in_features == heads * dim:
+    widths = {attr: getattr(module, attr) for attr in INNER_WIDTH if hasattr(module, attr)}
+    if any(width != heads * dim for width in widths.values()):
+        return f"its {', '.join(widths)} is not num_heads x head_dim"
+    if not widths and qkv.in_features == heads * dim:
         return ("its forward reshapes the heads back to the input width (no attn_dim: a timm version before the "
                 "inner width could differ)")
     return None
@@ -350,6 +406,10 @@ def _sep_ok(module: nn.Module) -> Optional[str]:
     owner = _path(module, count.rpartition(".")[0]) if "." in count else module
     if getattr(owner, "position_embedding_type", "absolute") != "absolute" or hasattr(owner, "distance_embedding"):
         return "relative position embeddings per head"
+    for bias, attr, dim in per_head_entries(module):
+        shape = list(getattr(bias, attr).shape)
+        if len(shape) <= dim or shape[dim] != heads:
+            return f"its per-head position bias {attr} {shape} does not have one entry per head along dim {dim}"
     return None
 
 
@@ -375,8 +435,11 @@ def attention_family(module: nn.Module) -> tuple[Optional[str], Optional[str]]:
 
 
 def attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, Optional[str], Optional[str]]]:
-    """(name, module, family, reason) of every outermost attention layer."""
-    inside: set[nn.Module] = set()
+    """(name, module, family, reason) of every outermost attention layer. A relative position bias table held
+    outside every attention layer (BEiT's use_shared_relative_position_bias) is shared by the layers: those with
+    as many heads as it has columns keep their heads (reason says why)."""
+    _link_sibling_biases(model)
+    found, inside = [], set()
     for name, module in model.named_modules():
         if module in inside:
             continue
@@ -384,6 +447,14 @@ def attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, Option
         if family is None and reason is None:
             continue
         inside.update(module.modules())
+        found.append((name, module, family, reason))
+    owned = inside | set(_SIBLING_BIAS.get(m) for _, m, _, _ in found)
+    shared = {name: m for name, m in model.named_modules() if _holds_table(m) and m not in owned}
+    for name, module, family, reason in found:
+        for table_name, table in shared.items():
+            if family is not None and getattr(table, BIAS_TABLE).shape[-1] == head_count(module, family):
+                family, reason = None, (f"a relative position bias table shared by the layers ({table_name}) has one "
+                                        "column per head, so no layer can lose a head alone")
         yield name, module, family, reason
 
 

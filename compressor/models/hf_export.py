@@ -7,7 +7,10 @@ config.pruned_heads, so every layer would be rebuilt with num_attention_heads he
 width from hidden_size / num_attention_heads, which also rules out a pruned embedding width) cannot be, and the
 folder is not written. Whatever is written is
 reloaded with from_pretrained and its logits compared with the pruned model's before it is published; the slim
-format (slim.json + weights.safetensors) reloads every shape regardless.
+format (slim.json + weights.safetensors) reloads every shape regardless. Vision models (no token embedding:
+their get_input_embeddings raises NotImplementedError) go through the same checks: a pruned convolution's width
+is a tensor shape the config cannot describe, so their folder is written only when nothing but such an MLP width
+changed.
 """
 from __future__ import annotations
 
@@ -28,29 +31,45 @@ MLP_FIELDS = {"intermediate_size": (".intermediate.dense",), "hidden_dim": (".ff
 TOLERANCE = 1e-4
 
 
+def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    """The model's token embedding, None for a model without one (vision models raise NotImplementedError)."""
+    try:
+        return model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _heads(model: nn.Module) -> dict[str, int]:
+    return {name: head_count(m, family) for name, m, family, _ in attention_modules(model) if family is not None}
+
+
 def config_for(model: nn.Module) -> tuple[Optional[Any], Optional[str]]:
     """(a config describing `model`'s shapes, None) or (None, why no config can): the MLP width is set when every
-    layer has the same one, then every tensor's shape is compared with a model built from that config."""
+    layer has the same one, then every layer's heads and every tensor's shape are compared with a model built from
+    that config."""
     config = copy.deepcopy(model.config)
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embedding = _input_embeddings(model)
     hidden = getattr(config, "hidden_size", getattr(config, "dim", None))
     if isinstance(embedding, nn.Embedding) and hidden is not None and embedding.embedding_dim != hidden:
         return None, (f"the embedding width was pruned ({hidden} -> {embedding.embedding_dim}, "
                       "prune.attention.embed); transformers derives each head's width from hidden_size / "
                       "num_attention_heads, so a config cannot keep the heads' width with a narrower embedding")
-    heads = {head_count(m, family) for _, m, family, _ in attention_modules(model) if family is not None}
-    expected = getattr(config, "num_attention_heads", getattr(config, "n_heads", None))
-    if heads and heads != {expected}:
-        return None, (f"attention heads were pruned ({min(heads)}-{max(heads)} per layer, config has {expected}); "
-                      "transformers' from_pretrained rebuilds every layer with the config's head count (it has no "
-                      "pruned_heads since version 5)")
     for attr, suffixes in MLP_FIELDS.items():
         widths = {m.out_features for name, m in model.named_modules()
                   if isinstance(m, nn.Linear) and name.endswith(suffixes)}
         if hasattr(config, attr) and len(widths) == 1:
             setattr(config, attr, widths.pop())
     with torch.device("meta"):
-        rebuilt = type(model)(config).state_dict()
+        rebuilt_model = type(model)(config)
+    heads, rebuilt_heads = _heads(model), _heads(rebuilt_model)
+    if any(rebuilt_heads.get(name) != count for name, count in heads.items()):
+        given = sorted(set(rebuilt_heads.values())) or [0]
+        config_has = str(given[0]) if len(given) == 1 else f"{given[0]}-{given[-1]}"
+        return None, (f"attention heads were pruned ({min(heads.values())}-{max(heads.values())} per layer, config "
+                      f"has {config_has}); "
+                      "transformers' from_pretrained rebuilds every layer with the config's head count (it has no "
+                      "pruned_heads since version 5)")
+    rebuilt = rebuilt_model.state_dict()
     for name, tensor in model.state_dict().items():
         want = rebuilt.get(name)
         if want is not None and tuple(want.shape) != tuple(tensor.shape):

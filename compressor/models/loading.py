@@ -156,7 +156,7 @@ def load_model(checkpoint: str | Path, model_cfg: ModelConfig, *, trust_checkpoi
         if checkpoint.startswith("hf:"):
             from compressor.models.hf import check_inputs
 
-            check_inputs(model, checkpoint, model_cfg.inputs, model_cfg.input_shape)
+            check_inputs(model, checkpoint, model_cfg.inputs, model_cfg.input_shape, model_cfg.num_classes)
         return model
     if not path.exists():
         scheme = re.match(r"([A-Za-z][\w.+-]*):", str(checkpoint))

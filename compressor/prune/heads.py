@@ -12,9 +12,11 @@ Layer families (models/attention.attention_family, which also knows each family'
   DeiT, BEiT-style Attention. An optional `norm` over the inner width and a `gate` Linear lose the head's entries.
 - `mha`: torch's nn.MultiheadAttention with the packed projection (torchvision's ViT), replaced on removal by
   models/attention.HeadPrunedMultiheadAttention, which holds the same parameters with fewer heads.
-- `sep`: Hugging Face layers with separate q/k/v projections (BERT, RoBERTa, DistilBERT, ViT, DeiT).
-Attention layers of other shapes (Swin's window attention with its per-head relative position bias, grouped-query
-attention) keep their heads; `unsupported_sites` says why.
+- `sep`: Hugging Face layers with separate q/k/v projections (BERT, RoBERTa, DistilBERT, ViT, DeiT, and with
+  their per-head position-bias entries BEiT, Data2Vec-Vision, Swin, Swin v2).
+- `window`: timm's and torchvision's Swin window attention.
+Attention layers of other shapes (grouped-query attention, a position bias shared by every layer) keep their heads;
+`unsupported_sites` says why.
 """
 from __future__ import annotations
 
