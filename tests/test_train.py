@@ -182,7 +182,7 @@ def test_single_thread_training_avoids_the_onednn_channels_last_crash():
     import subprocess
     import sys
 
-    from compressor.train.loop import onednn_channels_last_safe
+    from compressor.train.memory_format import onednn_channels_last_safe
 
     risky = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 16, 1, stride=2))
     before = torch.get_num_threads()
@@ -265,16 +265,23 @@ def test_hooks_see_unscaled_gradients_under_a_loss_scaler(monkeypatch, rebuild):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_overflow_step_is_skipped_by_hooks_and_optimizer(monkeypatch):
-    made = _scaled(monkeypatch)
-    recipe, model, train, val = setup(finetune={"epochs": 1})
+def _overflow_once(model: nn.Module) -> dict[str, int]:
+    """Make the model's second backward overflow, as float16 gradients under too large a loss scale do; returns the
+    count of backward passes."""
     calls = {"n": 0}
 
-    def poison(grad):  # the second backward overflows, as float16 gradients under too large a scale do
+    def poison(grad):
         calls["n"] += 1
         return grad * float("inf") if calls["n"] == 2 else grad
 
     model.fc.weight.register_hook(poison)
+    return calls
+
+
+def test_overflow_step_is_skipped_by_hooks_and_optimizer(monkeypatch):
+    made = _scaled(monkeypatch)
+    recipe, model, train, val = setup(finetune={"epochs": 1})
+    calls = _overflow_once(model)
     steps = []
 
     class Counting(_GradProbe):
@@ -289,6 +296,24 @@ def test_overflow_step_is_skipped_by_hooks_and_optimizer(monkeypatch):
     assert all(torch.isfinite(s).all() for s in probe.scorer.sums.values())  # the scores stay finite
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the optimizer skipped that step
     assert made[0].get_scale() == 2.0 ** 11  # and the scaler backed off once
+
+
+def test_resume_restores_the_loss_scaler(monkeypatch, tmp_path):
+    """The scale that backed off in epoch 1 and its growth tracker (which decide when the scale grows again, so which
+    later steps overflow) come back from the checkpoint as the uninterrupted run kept them."""
+    made = _scaled(monkeypatch)
+    recipe, model_a, train, val = setup(finetune={"epochs": 2})
+    _overflow_once(model_a)
+    fit(model_a, train, val, recipe.finetune, recipe.data, checkpoint=tmp_path / "a.pt")
+    _, model_b, _, _ = setup()
+    _overflow_once(model_b)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model_b, train, val, recipe.finetune, recipe.data, checkpoint=tmp_path / "b.pt", method=Interrupt(1))
+    _, model_c, _, _ = setup()
+    fit(model_c, train, val, recipe.finetune, recipe.data, checkpoint=tmp_path / "b.pt", resume=True)
+    uninterrupted, resumed = made[0], made[-1]
+    assert uninterrupted.get_scale() == 2.0 ** 11 and uninterrupted.state_dict()["_growth_tracker"] == 6
+    assert resumed.state_dict() == uninterrupted.state_dict()
 
 
 def test_amp_on_cpu_trains_in_bfloat16_without_a_scaler():
