@@ -5,8 +5,8 @@ oneDNN runs convolutions several times faster on channels-last tensors at the wi
 multiples of the CPU's channel block (8 floats with AVX2, 16 with AVX-512: the block ONNX Runtime's NCHWc layout
 uses too, deploy/hardware.py). Pruning makes other widths, and there channels-last can be far slower: the
 Fashion-MNIST sample pruned to widths 4 / 7 / 13 trained at 0.115 s per batch of 128 in contiguous memory and took
-more than 4 minutes for one batch in channels-last (oneDNN's backward on odd, tiny channel counts); on the 2-core
-AVX2 EPYC of this project 2.8 s against 1.2 s.
+more than 4 minutes for one batch in channels-last (oneDNN's backward on odd, tiny channel counts; issue 31); on
+a shared 2-core AVX2 EPYC, 2.8 s against 1.2 s (one step each, under load).
 
 So the choice is
 1. contiguous off the CPU, without a Conv2d, where oneDNN's channels-last backward crashes
