@@ -25,6 +25,7 @@ from compressor.progress import info, is_main_process, track
 from compressor.ranks import compute_device, init_process_group
 from compressor.prune.methods.base import PruningMethod
 from compressor.train.bn_recalibration import batch_norms, recalibrate_batch_norm
+from compressor.train.memory_format import channels_last_candidate, training_channels_last
 from compressor.train.config import DataConfig, FinetuneConfig, SchedulerConfig
 from compressor.train.data import make_loader, subset_indices
 from compressor import rundir
@@ -107,17 +108,15 @@ class TrainContext:
     loss_fn: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = None
     channels_last: bool = False
     calibration: Optional[Callable[[int], Any]] = None  # n -> n batches of a seeded random training subset
+    memory_formats: dict[str, bool] = field(default_factory=dict)  # structure -> channels-last (memory_format.py)
 
     def rebuild(self) -> None:
         """Call after a structural change: new optimizer over the current parameters, DDP re-wrapped.
 
         The LR schedule continues from ctx.step (it is a function of the step, not optimizer state).
         """
-        if self.channels_last and not onednn_channels_last_safe(self.model):  # the removal made a crashing shape
-            self.channels_last = False
-            set_memory_format(self.model, False)
-        if self.channels_last:
-            set_memory_format(self.model, True)  # 4-D tensors only (a Conv3d's 5-D weight stays)
+        self.channels_last = training_channels_last(self)  # per structure: guarded, then measured
+        set_memory_format(self.model, self.channels_last)  # 4-D tensors only (a Conv3d's 5-D weight stays)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.set_lr()
         self.module = self.model
@@ -150,7 +149,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     sums = torch.zeros(4, dtype=torch.float64)
     with track(description, len(loader)) as bar:
         for inputs, targets in loader:
-            if inputs.ndim == 4 and prefers_channels_last(model, device):
+            if inputs.ndim == 4 and channels_last_candidate(model, device):
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             inputs, targets = inputs.to(device), targets.to(device)
             logits = model(inputs).float()
@@ -192,15 +191,20 @@ def make_loss(cfg: FinetuneConfig, teacher: Optional[nn.Module]):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, ctx: TrainContext, method: PruningMethod) -> None:
+def save_checkpoint(path: Path, ctx: TrainContext, method: PruningMethod,
+                    scaler: Optional[torch.amp.GradScaler] = None) -> None:
+    """Everything a resume needs to continue as if uninterrupted: weights, optimizer, the method's (and its host's)
+    state, and the loss scaler's scale and growth tracker ({} when the scaler is disabled)."""
     if not is_main_process():
         return
     rundir.save_torch({"epoch": ctx.epoch, "step": ctx.step, "model": ctx.model.state_dict(),
                        "optimizer": ctx.optimizer.state_dict(), "method": method.state_dict(),
-                       "history": ctx.history}, path)
+                       "scaler": scaler.state_dict() if scaler is not None else {},
+                       "history": ctx.history, "memory_formats": ctx.memory_formats}, path)
 
 
-def load_checkpoint(path: Path, ctx: TrainContext, method: PruningMethod) -> None:
+def load_checkpoint(path: Path, ctx: TrainContext, method: PruningMethod,
+                    scaler: Optional[torch.amp.GradScaler] = None) -> None:
     from compressor.models.slim import conform_to_state_dict
 
     try:
@@ -212,8 +216,11 @@ def load_checkpoint(path: Path, ctx: TrainContext, method: PruningMethod) -> Non
     ctx.model.to(ctx.device)
     ctx.epoch, ctx.step, ctx.history = state["epoch"] + 1, state["step"], state["history"]
     method.load_state_dict(state["method"])
+    ctx.memory_formats.update(state.get("memory_formats", {}))  # train in the format the interrupted run chose
     ctx.rebuild()
     ctx.optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):  # a checkpoint of a run without a scaler (or older) has none
+        scaler.load_state_dict(state["scaler"])
 
 
 # ---------------------------------------------------------------------------------------------- fit
@@ -248,16 +255,16 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
     steps_per_epoch = _batches_per_epoch(len(train_set), data_cfg.batch_size, world)
     ctx = TrainContext(model=model, cfg=cfg, device=dev, steps_per_epoch=steps_per_epoch,
                        total_steps=steps_per_epoch * cfg.epochs, rank=rank, world=world,
-                       loss_fn=make_loss(cfg, teacher), channels_last=prefers_channels_last(model, dev))
+                       loss_fn=make_loss(cfg, teacher))
     ctx.calibration = lambda n: _calibration_batches(train_set, data_cfg.batch_size, n)
     ctx.rebuild()
-    resumed_from = None
-    if resume and checkpoint is not None and checkpoint.is_file():
-        load_checkpoint(checkpoint, ctx, method)
-        resumed_from = ctx.epoch
-        info(f"resumed after epoch {ctx.epoch - 1} (step {ctx.step})")
     amp_dtype = autocast_dtype(cfg, dev)
     scaler = _make_scaler(amp_dtype)
+    resumed_from = None
+    if resume and checkpoint is not None and checkpoint.is_file():
+        load_checkpoint(checkpoint, ctx, method, scaler)
+        resumed_from = ctx.epoch
+        info(f"resumed after epoch {ctx.epoch - 1} (step {ctx.step})")
     method.on_train_start(ctx)
     start = time.perf_counter()
     eval_batch = data_cfg.eval_batch_size or max(data_cfg.batch_size, 256)
@@ -281,7 +288,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
         ctx.history.append(dict(ctx.metrics))
         _log_epoch(ctx)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, ctx, method)
+            save_checkpoint(checkpoint, ctx, method, scaler)
         ctx.epoch += 1
     method.finalize(ctx)
     recalibrated = _recalibrate(ctx, method)
@@ -351,23 +358,6 @@ def _grads_finite(model: nn.Module) -> bool:
     """Whether every gradient is finite (one device sync)."""
     flags = [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
     return bool(torch.stack(flags).all()) if flags else True
-
-
-def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
-    """On CPU, oneDNN convolutions run several times faster on channels-last tensors."""
-    return (device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
-            and onednn_channels_last_safe(model))
-
-
-def onednn_channels_last_safe(model: nn.Module) -> bool:
-    """False where torch 2.14's oneDNN corrupts the heap: the backward of a channels-last strided 1x1 convolution
-    with fewer than 8 input channels on a single intra-op thread ("double free or corruption", measured with
-    OMP_NUM_THREADS=1; 8+ input channels or 2 threads are fine). Pruning can create such a layer (a ResNet
-    shortcut fed by a 4-channel stage), so this is checked again after every structural change."""
-    if torch.get_num_threads() > 1:
-        return True
-    return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 8
-                   for m in model.modules())
 
 
 def _batches_per_epoch(size: int, batch_size: int, world: int) -> int:
