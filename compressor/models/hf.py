@@ -129,9 +129,9 @@ def named_classifier(config, kind: str) -> bool:
 
 
 def model_kind(config, directory: str) -> str:
-    """"image" or "text", from transformers' Auto mappings: a classifier class named in config.json's
-    architectures, else the model_type's entries (an image-classification family without a sequence-classification
-    one is an image model); ModelLoadError for a model in neither."""
+    """Whether the model is an "image" or a "text" model, from transformers' Auto mappings: a classifier class
+    named in config.json's architectures, else the model_type's entries (an image-classification family without a
+    sequence-classification one is an image model); ModelLoadError for a model in neither."""
     for kind in ("image", "text"):
         if named_classifier(config, kind):
             return kind

@@ -136,7 +136,8 @@ def site_dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
 def site_of(model: nn.Module, root: str) -> HeadSite:
     name = layer_of(root)
     module = model.get_submodule(name)
-    family, reason = attention_family(module)
+    # as attention_modules sees it: a position bias its parent keeps beside it is its own, a shared one refuses
+    family, reason = next(((f, r) for _, m, f, r in attention_modules(model) if m is module), attention_family(module))
     if family is None:
         raise NotPrunableError(f"{name} ({type(module).__name__}) is not an attention layer whose heads can be "
                                f"removed: {reason or 'not an attention layer'}.")
