@@ -259,7 +259,7 @@ def test_the_unreachable_message_names_each_limit_that_holds_the_floor():
                               "floor_without_round_to": 0.021, "floor_without_limits": 0.007, "round_to": 8,
                               "max_layer_ratio": 0.9, "ignore": ["fc"]}}
     text = lt.unreachable_error(record, Path("run/latency_target.json")).render()
-    assert "is 0.110 (not measured: the loop plans no fewer than 0.02 of the MACs" in text
+    assert "The planner's floor, the fewest MACs it can keep, is 0.110 (not measured): prune.round_to" in text
     assert "prune.round_to 8 keeps every width on its multiple (without it the floor is 0.021)" in text
     assert "prune.max_layer_ratio 0.9 keeps at least 10% of every group's channels (at 1.0 the floor is 0.007)" in text
     assert "model.ignore: fc" in text and "the MACs alone would give x8.3" in text and "3 tries" in text
@@ -268,3 +268,29 @@ def test_the_unreachable_message_names_each_limit_that_holds_the_floor():
     record["unreachable"].update(floor_speedup=2.4, floor_without_round_to=0.11, ignore=[])
     text = lt.unreachable_error(record).render()
     assert "(0.110), measured x2.40" in text and "prune.round_to" not in text and "model.ignore" not in text
+
+
+@pytest.mark.parametrize("floor_exponent, unreachable", [(1.0, False), (0.2, True)])
+def test_a_loop_ending_short_above_the_floor_measures_the_floor_before_calling_it_unreachable(
+        monkeypatch, floor_exponent, unreachable):
+    """A loop stopped above the planner's floor with every try short (out of tries, or contradicting measurements
+    on a loaded machine) measures the floor once more: fast enough there (x18), the target is not out of reach
+    and the run trains as before; short there too (x1.79), it is, with the floor as the fastest try."""
+    from compressor.deploy import bench
+    from compressor.models.loading import build_arch
+
+    recipe = _fake_runtime(monkeypatch, 0.2)
+
+    def timing(runners, batch, *args):
+        return [[1e-3 * r.macs ** (floor_exponent if r.macs < 0.06 else 0.2)] * 5 for r in runners]
+
+    monkeypatch.setattr(bench, "measure_round_robin", timing)
+    monkeypatch.setattr(lt, "next_try", lambda points, asked: None)  # the loop stops after its first try
+    record = lt.measure_latency_target(build_arch("zoo:resnet20", 4, 1), recipe)
+    first, floor = record["tries"]
+    assert first["asked_macs"] == 0.5 and lt.short(first, 2.0) and not first.get("at_floor")
+    assert floor["at_floor"] and floor["asked_macs"] < floor["macs"] < 0.06
+    assert floor["speedup"] == pytest.approx(floor["macs"] ** -floor_exponent)
+    assert ("unreachable" in record) is unreachable
+    if unreachable:
+        assert record["unreachable"]["at_floor"] and record["unreachable"]["speedup"] == floor["speedup"]

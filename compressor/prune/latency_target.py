@@ -19,8 +19,10 @@ OCSP all plan to it; after fine-tuning the report measures the speedup again and
 
 A target out of reach, the fastest try more than TOLERANCE slower than asked, stops the run before training: a
 RecipeError (exit 2) gives the most the loop measured, at which MACs and widths, and what keeps the planner from
-fewer MACs (max_layer_ratio, round_to, widths no group narrows); see unreachable_error. A planner's loop ends as
-soon as its floor (its fewest MACs) measures short of that. A fastest try within TOLERANCE meets the target.
+fewer MACs (max_layer_ratio, round_to, widths no group narrows); see unreachable_error. It is only called so once
+the planner's floor (its fewest MACs) has been measured: a planner's loop ends as soon as its floor measures short,
+and a loop whose tries are all short without having tried the floor measures it once more. A fastest try within
+TOLERANCE meets the target.
 
 The loop is saved in the run directory (latency_target.json): --resume and every DDP rank use the same m.
 """
@@ -189,6 +191,14 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
 
     floors = {name: sel.plan_for_macs(snap, 0.0, cons) for name, cons in planners.items()}  # the fewest MACs
 
+    def floor_ask(planner: str) -> float:
+        """A fraction under the planner's floor in its own units (MACs, or the table's predicted latency), which
+        plans the floor itself."""
+        if planner == "table":
+            ratio = predicted_speedup(cost, snap, floors[planner])
+            return (1 / ratio if ratio else MAC_RANGE[0]) / 2
+        return snap.macs_after(floors[planner]) / snap.total_macs / 2
+
     def plan_at(fraction: float, planner: str) -> tuple[Any, dict[str, Any]]:
         work = copy.deepcopy(base)
         plan = sel.plan_for_target(snap, TargetConfig(macs=fraction), planners[planner])
@@ -228,6 +238,22 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compressor-latency-") as tmp:
         dense = timing_runner(base, recipe, backend, Path(tmp) / "dense.onnx")
+
+        def measure_at(macs: float, planner: str, name: str) -> dict[str, Any]:
+            work, row = plan_at(macs, planner)
+            pruned = timing_runner(work, recipe, backend, Path(tmp) / f"{planner}-{name}.onnx")
+            try:
+                t_dense, t_pruned = measure_round_robin([dense, pruned], batch, 300.0, MIN_RUNS, MEASURE_SECONDS)
+            finally:
+                pruned.close()
+            dense_ms, pruned_ms = statistics.median(t_dense) * 1e3, statistics.median(t_pruned) * 1e3
+            speedup = dense_ms / pruned_ms
+            predicted = f", predicted {speedup_label(row['predicted_speedup'])}" if cost is not None else ""
+            info(f"      latency target x{asked:.2f} on {backend} batch {batch}: "
+                 f"{'latency budget' if planner == 'table' else 'MACs'} {macs:.3f} (MACs {row['macs']:.3f}) "
+                 f"-> {dense_ms:.3f} / {pruned_ms:.3f} ms (x{speedup:.2f}{predicted})")
+            return {**row, "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": speedup}
+
         try:
             for planner in planners:  # the table's plan only where the MAC ranking's misses (see choose_planner)
                 if best and any(within(b, asked) for b in best.values()):
@@ -235,29 +261,19 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
                 own: list[dict[str, Any]] = []
                 macs = 1.0 / asked
                 for i in range(MAX_TRIES):
-                    work, row = plan_at(macs, planner)
-                    pruned = timing_runner(work, recipe, backend, Path(tmp) / f"{planner}-try{i}.onnx")
-                    try:
-                        t_dense, t_pruned = measure_round_robin([dense, pruned], batch, 300.0, MIN_RUNS,
-                                                                MEASURE_SECONDS)
-                    finally:
-                        pruned.close()
-                    dense_ms, pruned_ms = statistics.median(t_dense) * 1e3, statistics.median(t_pruned) * 1e3
-                    speedup = dense_ms / pruned_ms
-                    own.append({**row, "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": speedup})
-                    predicted = f", predicted {speedup_label(row['predicted_speedup'])}" if cost is not None else ""
-                    info(f"      latency target x{asked:.2f} on {backend} batch {batch}: "
-                         f"{'latency budget' if planner == 'table' else 'MACs'} {macs:.3f} (MACs {row['macs']:.3f}) "
-                         f"-> {dense_ms:.3f} / {pruned_ms:.3f} ms (x{speedup:.2f}{predicted})")
-                    error = abs(speedup / asked - 1)
+                    own.append(measure_at(macs, planner, f"try{i}"))
+                    error = abs(own[-1]["speedup"] / asked - 1)
                     if settled(own, asked) or (error <= TOLERANCE and time.perf_counter() - start >= AIM_SECONDS):
                         break
-                    if row.get("at_floor") and short(own[-1], asked):
+                    if own[-1].get("at_floor") and short(own[-1], asked):
                         break  # the planner's fewest MACs and still too slow: nothing faster to try
                     following = next_try([(t["asked_macs"], t["speedup"]) for t in own], asked)
                     if following is None:
                         break  # the bracket is narrower than the planner's granularity: nothing new to try
                     macs = following
+                if all(short(t, asked) for t in own) and not any(t.get("at_floor") for t in own):
+                    # before a target is called out of reach, the fewest MACs the planner allows is measured
+                    own.append(measure_at(floor_ask(planner), planner, "floor"))
                 tries += own
                 best[planner] = pick(own, asked)
         finally:
@@ -361,8 +377,7 @@ def unreachable_error(record: dict[str, Any], saved: Optional[Path] = None):
         message += (f"The planner's floor, the fewest MACs it can keep ({u['floor_macs']:.3f}), measured "
                     f"x{u['floor_speedup']:.2f}: ")
     else:
-        message += (f"The planner's floor, the fewest MACs it can keep, is {u['floor_macs']:.3f} (not measured: the "
-                    f"loop plans no fewer than {MAC_RANGE[0]} of the MACs and makes at most {MAX_TRIES} tries): ")
+        message += f"The planner's floor, the fewest MACs it can keep, is {u['floor_macs']:.3f} (not measured): "
     limits, names = [], []
     if u["floor_without_round_to"] < u["floor_macs"] * 0.99:
         names.append("prune.round_to")
