@@ -402,28 +402,64 @@ from torch import nn
 
 
 class Broken(nn.Module):
-    def __init__(self):
+    def __init__(self, batched_only):
         super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
+        self.conv, self.batched_only = nn.Conv2d(1, 4, 3), batched_only
 
     def forward(self, x):
-        return self.conv(x).flatten(1) @ torch.ones(5, 4)  # wrong shapes: a RuntimeError deep in torch
+        out = self.conv(x).mean((2, 3))
+        if len(x) > 1 or not self.batched_only:
+            out = out @ torch.ones(5, 4)  # wrong shapes: a RuntimeError deep in torch
+        return out
 
 
 def build(num_classes=4, in_channels=1):
-    return Broken()
+    return Broken(batched_only=False)
+
+
+def build_batched(num_classes=4, in_channels=1):
+    return Broken(batched_only=True)
 '''
 
 
-def test_unexpected_exception_through_the_entry_point(tmp_path):
+def test_a_model_that_fails_on_the_input_shape_is_a_model_error(tmp_path):
+    """It was an "internal error ... likely a bug in compressor" (exit 1) at the first evaluation."""
     (tmp_path / "broken_model.py").write_text(BROKEN_MODEL)
     recipe = _write_yaml(tmp_path / "r.yaml", _recipe(model={"arch": "python:broken_model:build"}))
+    result = run_cli("compress", "python:broken_model:build", "--recipe", recipe, "--out", tmp_path / "run",
+                     env={"PYTHONPATH": f"{REPO}:{tmp_path}"})
+    assert result.returncode == 2, result.stderr
+    assert ("model error: python:broken_model:build fails on one input of model.input_shape [1, 16, 16] (model.inputs "
+            "image): RuntimeError: mat1 and mat2 shapes cannot be multiplied") in result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_a_checkpoint_with_nan_or_inf_weights_is_refused_at_load_naming_the_tensors(tmp_path):
+    """Training started and stopped with "the training loss became nan ... lower finetune.optimizer.lr"."""
+    state = build_arch("zoo:resnet20", 4, 1).state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, :2] = float("nan")
+    state["bn1.running_var"][3] = float("-inf")
+    torch.save(state, tmp_path / "diverged.pt")
+    recipe = _write_yaml(tmp_path / "r.yaml", _recipe(finetune={"epochs": 1}))
+    result = invoke_cli("compress", tmp_path / "diverged.pt", "--recipe", recipe, "--out", tmp_path / "run")
+    assert result.returncode == 2, result.stderr
+    assert ("2 weight tensor(s) hold NaN or infinite values: bn1.running_var (0 NaN, 1 infinite of 16); "
+            "layer2.0.conv1.weight (2 NaN, 0 infinite of 4608).") in " ".join(result.stderr.split())
+    assert "training stopped" not in result.stderr and "loss became nan" not in result.stderr
+
+
+def test_unexpected_exception_through_the_entry_point(tmp_path):
+    """A model that runs on the load check's single input and fails on the evaluation's batches: the CLI's safety
+    net, one paragraph without a traceback (with one under --debug)."""
+    (tmp_path / "broken_model.py").write_text(BROKEN_MODEL)
+    recipe = _write_yaml(tmp_path / "r.yaml", _recipe(model={"arch": "python:broken_model:build_batched"}))
     env = {"PYTHONPATH": f"{REPO}:{tmp_path}"}
-    result = run_cli("eval", "python:broken_model:build", "--recipe", recipe, env=env)
+    result = run_cli("eval", "python:broken_model:build_batched", "--recipe", recipe, env=env)
     assert result.returncode == 1, result.stderr
     assert "internal error: RuntimeError:" in result.stderr and "--debug" in result.stderr
     assert "Traceback" not in result.stderr
-    debug = run_cli("--debug", "eval", "python:broken_model:build", "--recipe", recipe, env=env)
+    debug = run_cli("--debug", "eval", "python:broken_model:build_batched", "--recipe", recipe, env=env)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "broken_model.py" in debug.stderr
 
 

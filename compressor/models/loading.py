@@ -149,7 +149,51 @@ def _accepted_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str
 
 
 def load_model(checkpoint: str | Path, model_cfg: ModelConfig, *, trust_checkpoint: bool = False) -> nn.Module:
-    """Load a model from a reference, a state dict, a pickled module or a slim model."""
+    """Load a model from a reference, a state dict, a pickled module or a slim model, then check it before any work
+    (ModelLoadError, exit 2): every weight finite, and one forward pass on model.input_shape."""
+    model = _load(checkpoint, model_cfg, trust_checkpoint)
+    check_finite(model, str(checkpoint))
+    check_forward(model, model_cfg, str(checkpoint))
+    return model
+
+
+def check_finite(model: nn.Module, label: str) -> None:
+    """ModelLoadError naming the parameters and buffers that hold NaN or infinite values (a checkpoint saved
+    after its training diverged): training on them stops at its first step with a NaN loss."""
+    bad = [(name, t) for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return
+    shown = "; ".join(f"{name} ({int(t.isnan().sum())} NaN, {int(t.isinf().sum())} infinite of {t.numel()})"
+                      for name, t in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+    raise ModelLoadError(f"{label}: {len(bad)} weight tensor(s) hold NaN or infinite values: {shown}.",
+                         hint="Use a checkpoint saved before its training diverged, or repair these tensors; "
+                              "fine-tuning cannot start from them.")
+
+
+def check_forward(model: nn.Module, model_cfg: ModelConfig, label: str) -> None:
+    """One forward pass (eval mode, no gradients) on example_inputs(model_cfg): ModelLoadError naming
+    model.input_shape when the model's own code fails on it, or when it returns no tensor of class scores."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(example_inputs(model_cfg))
+    except Exception as exc:  # whatever the model's own code raises on an input it cannot take
+        raise ModelLoadError(
+            f"{label} fails on one input of model.input_shape {list(model_cfg.input_shape)} (model.inputs "
+            f"{model_cfg.inputs}): {type(exc).__name__}: {' '.join(str(exc).split())[:300]}.",
+            hint="Set model.input_shape (and model.in_channels) to the input the model takes: [C, H, W] of its "
+                 "images, or [sequence length] of its token ids.") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise ModelLoadError(f"{label} returns a {type(out).__name__}, not a tensor of class scores; compressor "
+                             "trains, exports and verifies models whose forward returns one [batch, classes] tensor.",
+                             hint="Wrap the model so that forward returns its logits (e.g. output['out']) and load "
+                                  "it with python:pkg.module:factory.")
+
+
+def _load(checkpoint: str | Path, model_cfg: ModelConfig, trust_checkpoint: bool) -> nn.Module:
     path = Path(checkpoint)
     if isinstance(checkpoint, str) and is_reference(checkpoint) and not path.is_file():
         model = build_arch(checkpoint, model_cfg.num_classes, model_cfg.in_channels)
