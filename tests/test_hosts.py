@@ -56,6 +56,52 @@ def test_sparse_learning_regularises_before_selection():
     assert event["epoch"] == 1 and event["step"] == 4 and event["regularised_steps"] == 4  # one epoch of 128 samples in batches of 32
 
 
+@pytest.mark.parametrize("host", ["taylor", "gate-decorator"])
+def test_host_state_carries_gradient_scores_by_parameter_name(host):
+    """The scores a gradient host accumulated go into the checkpoint by parameter name, as plain data, and attach to
+    the parameters of a restored model; a checkpoint from before they were saved restores no scores."""
+    import copy
+    import io
+    from types import SimpleNamespace
+
+    from compressor.prune.methods.hosts import make_host
+
+    recipe = recipe_from_dict(tiny_recipe(prune={"method": "iterative", "host": host}))
+    torch.manual_seed(0)
+    model = build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels)
+    saved = make_host(recipe)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model.zero_grad()
+        model(torch.randn(4, *recipe.model.input_shape)).square().mean().backward()
+        saved.scorer.observe(model)
+    saved.regularised_steps = 2
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)  # what load_checkpoint reads
+
+    restored_model = copy.deepcopy(model)  # a fresh process: other parameter objects, same names
+    restored = make_host(recipe)
+    restored.load_state_dict(state)
+    restored.on_train_start(SimpleNamespace(model=restored_model))
+    names = dict(restored_model.named_parameters())
+    assert restored.scorer.observed_batches == 2 and restored.regularised_steps == 2
+    assert len(restored.scorer.sums) == len(saved.scorer.sums) > 0
+    for param, total in saved.scorer.sums.items():
+        assert torch.equal(restored.scorer.sums[names[saved.scorer.names[param]]], total)
+
+    narrower = next(iter(state["scorer"]["sums"]))  # a sum in a shape the model no longer has is dropped
+    state["scorer"]["sums"][narrower] = torch.zeros(1)
+    restored.load_state_dict(state)
+    restored.on_train_start(SimpleNamespace(model=restored_model))
+    assert names[narrower] not in restored.scorer.sums and len(restored.scorer.sums) == len(saved.scorer.sums) - 1
+
+    restored.load_state_dict({})  # an older checkpoint
+    restored.on_train_start(SimpleNamespace(model=restored_model))
+    assert restored.scorer.observed_batches == 0 and not restored.scorer.sums and restored.regularised_steps == 0
+
+
 def test_event_schedule_and_shapes():
     recipe = recipe_from_dict(tiny_recipe(prune={"method": "iterative", "schedule": {"events": 4, "start_epoch": 1,
                                                                                     "end_epoch": 5}},

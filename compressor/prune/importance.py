@@ -3,11 +3,13 @@
 Scorers are separate from the execution (hosts, DPM, FGGP decide how and when). Gradient-based scorers
 accumulate between selection events through `observe()`, called by the training loop after each backward with
 true gradients (unscaled under AMP) and never on an AMP step whose gradients overflowed (see train._train_epoch).
+What they accumulated goes into the checkpoint by parameter name (`state_dict`) and comes back on the resumed
+model's parameters (`load_state_dict`, then `bind`), so a run resumed between two events scores as if uninterrupted.
 """
 from __future__ import annotations
 
 import abc
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch_pruning as tp
@@ -42,6 +44,16 @@ class Scorer(abc.ABC):
     @property
     def observed_batches(self) -> int:
         return 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs of the accumulated statistics (plain data; {} for scorers that accumulate none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what state_dict() returned; it applies to a model once bind() names it."""
+
+    def bind(self, model: nn.Module) -> None:
+        """Attach restored statistics to `model`'s parameters (training starts or resumes on `model`)."""
 
     @abc.abstractmethod
     def __call__(self, group) -> Optional[torch.Tensor]:
@@ -111,36 +123,59 @@ class _Accumulating(Scorer):
     def __init__(self, cfg: ImportanceConfig) -> None:
         super().__init__(cfg)
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
+        self.names: dict[nn.Parameter, str] = {}  # each summed parameter's name in the model (for checkpoints)
         self.batches = 0
+        self._restored: dict[str, torch.Tensor] = {}  # sums by name from a checkpoint, until bind()
 
     def reset(self) -> None:
-        self.sums, self.batches = {}, 0
+        self.sums, self.names, self.batches, self._restored = {}, {}, 0, {}
 
     @property
     def observed_batches(self) -> int:
         return self.batches
 
     @abc.abstractmethod
-    def _params(self, model: nn.Module):
-        """The parameters whose w * grad this scorer accumulates."""
+    def _params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the parameters whose w * grad this scorer accumulates."""
 
     @torch.no_grad()
     def observe(self, model: nn.Module) -> None:
-        for p in self._params(model):
+        for name, p in self._params(model):
             if p.grad is None:
                 continue
             contribution = (p.detach() * p.grad.detach()).float()
             previous = self.sums.get(p)
             self.sums[p] = contribution if previous is None or previous.shape != p.shape else previous + contribution
+            self.names[p] = name
         self.batches += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums by parameter name, in the current parameters' shapes (a removal resets them), and the count."""
+        return {"batches": self.batches, "sums": {self.names[p]: s.detach().cpu() for p, s in self.sums.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A checkpoint without scores (older, or saved right after an event) restores none."""
+        self.sums, self.names = {}, {}
+        self.batches, self._restored = int(state.get("batches", 0)), dict(state.get("sums", {}))
+
+    def bind(self, model: nn.Module) -> None:
+        """Restored sums onto the parameters of the same name; a sum whose shape no longer matches is dropped, as
+        observe() starts such a parameter over."""
+        if not self._restored:
+            return
+        for name, p in self._params(model):
+            restored = self._restored.get(name)
+            if restored is not None and restored.shape == p.shape:
+                self.sums[p], self.names[p] = restored.to(p.device), name
+        self._restored = {}
 
 
 @IMPORTANCES.register("taylor")
 class Taylor(_Accumulating):
     """Group first-order Taylor score |sum over batches of w * dL/dw|, summed over each channel's slices."""
 
-    def _params(self, model: nn.Module):
-        return [p for p in model.parameters() if p.requires_grad]
+    def _params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
     def __call__(self, group) -> Optional[torch.Tensor]:
         return self.slices([pair for item in group for pair in channel_slices(
@@ -162,8 +197,9 @@ class Taylor(_Accumulating):
 class Gate(_Accumulating):
     """Gate Decorator: |sum over batches of gamma * dL/dgamma| of the batch-norm scale gates in the group."""
 
-    def _params(self, model: nn.Module):
-        return [m.weight for m in model.modules() if isinstance(m, NORM_TYPES) and m.weight is not None]
+    def _params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(f"{name}.weight" if name else "weight", m.weight) for name, m in model.named_modules()
+                if isinstance(m, NORM_TYPES) and m.weight is not None]
 
     def __call__(self, group) -> Optional[torch.Tensor]:
         width = len(group[0].idxs)

@@ -68,6 +68,10 @@ class Host:
         return ImportanceConfig(kind=cls.fixed_importance)
 
     # -- hooks the executing method forwards
+    def on_train_start(self, ctx) -> None:
+        """Training starts, or resumes: gradient scores restored from the checkpoint attach to the model."""
+        self.scorer.bind(ctx.model)
+
     def after_backward(self, ctx) -> None:
         if self.scorer.needs_gradients:
             self.scorer.observe(ctx.model)
@@ -88,11 +92,14 @@ class Host:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data to resume the host exactly (beyond the dense widths the method saves)."""
-        return {}
+        """Plain data to resume the host exactly (beyond the dense widths the method saves): the gradient scores
+        accumulated since the last structural change, and the regularised steps. Subclasses add their own."""
+        return {"scorer": self.scorer.state_dict(), "regularised_steps": self.regularised_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what state_dict() returned."""
+        """Restore what state_dict() returned (a checkpoint from before these keys restores none: empty scores)."""
+        self.scorer.load_state_dict(state.get("scorer", {}))
+        self.regularised_steps = state.get("regularised_steps", 0)
 
     # -- planning
     def example(self, ctx) -> torch.Tensor:
@@ -148,6 +155,9 @@ class SparseLearningHost(Host):
         """Parameters were replaced: scores and the regulariser's groups are stale."""
         super().structure_changed()
         self.sparse = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"regularised_steps": self.regularised_steps}
 
     def _sparse_pruner(self, ctx) -> tp.pruner.GroupNormPruner:
         cfg = self.cfg.sparse_learning
@@ -238,6 +248,7 @@ class EventMethod(PruningMethod, abc.ABC):
 
     def on_train_start(self, ctx) -> None:
         self.steps = [round(e * ctx.steps_per_epoch) for e in self.epochs]
+        self.host.on_train_start(ctx)
         self._run_due(ctx)
 
     def after_step(self, ctx) -> None:

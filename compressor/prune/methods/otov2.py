@@ -156,10 +156,12 @@ class OTOv2Host(Host):
                 "zeroed": sum(len(v) for v in self.zero.values())}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"redundant": self.redundant, "zero": {r: sorted(v) for r, v in self.zero.items()},
-                "steps": self.steps, "dense_macs": self.dense_macs, "phases": self.phases}
+        return {**super().state_dict(), "redundant": self.redundant,
+                "zero": {r: sorted(v) for r, v in self.zero.items()}, "steps": self.steps,
+                "dense_macs": self.dense_macs, "phases": self.phases}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         redundant = state.get("redundant")
         self.redundant = None if redundant is None else {r: list(v) for r, v in redundant.items()}
         self.dense_macs = state.get("dense_macs")
