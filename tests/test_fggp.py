@@ -126,6 +126,23 @@ def test_two_of_four_pattern_holds_after_training():
     assert "conv1" not in fggp.masks  # the first conv (1 input channel) is not prunable in groups of 4
 
 
+def test_two_of_four_masks_of_a_model_training_in_channels_last(monkeypatch):
+    """Channels-last weights give channels-last masks, whose (groups, 4) view along the input dimension is a view
+    of the mask itself, not a copy: the event's write-back raised "some elements of the input tensor and the
+    written-to tensor refer to a single memory location" (training chooses channels-last where it is faster)."""
+    from compressor.train import loop
+
+    monkeypatch.setattr(loop, "training_channels_last", lambda ctx: True)
+    recipe, model, train, val = make("2:4", epochs=1)
+    fggp = FGGP(recipe)
+    fit(model, train, val, recipe.finetune, recipe.data, method=fggp)
+    assert any(m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous()
+               for m in fggp.masks.values())
+    for name in fggp.masks:
+        assert ((_input_groups(model.get_submodule(name).weight.detach()) != 0).sum(1) <= 2).all(), name
+    assert fggp.sparsity()["overall"] == pytest.approx(0.5)
+
+
 def test_structured_fggp_reaches_mac_target_and_slims():
     recipe, model, train, val = make("structured")
     dense_macs, dense_params = snapshot_macs(model, example_inputs(recipe.model))

@@ -321,7 +321,7 @@ class FGGP(PruningMethod):
             param = model.get_submodule(name).weight
             w = _input_groups(param.detach())
             g = _input_groups(param.grad.detach() if param.grad is not None else torch.zeros_like(param))
-            m = _input_groups(mask)
+            m = _input_groups(mask).clone()  # of a channels-last mask the grouping is a view of the mask itself
             active = m.sum(1)
             need = (zeros_wanted - (4 - active)).clamp_min(0)
             for count in need.unique().tolist():
