@@ -298,6 +298,7 @@ def write_table(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> No
     for row in rows.values():
         kind = next((k for k in ("ok", "refused", "build failed") if row["status"].startswith(k)), "internal error")
         counts[kind] += 1
+    missed = sum(1 for row in rows.values() if row["status"] == "ok" and not row.get("target_met", True))
     refusals = [f"- **{f}** ({rows[f].get('stage', '')}): {_cell(rows[f]['status'][len('refused: '):])}"
                 for f in order if rows[f]["status"].startswith("refused")]
     command = "python benchmarks/hf_vision.py" + (f" --macs {args.macs}" if args.macs != 0.7 else "")
@@ -314,7 +315,8 @@ def write_table(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> No
             "refused = compressor's own error (exit 2) and where it stopped; build failed = the small config does not "
             "build here (not compressor's verdict). save_pretrained (hf/) is written only where config.json can "
             "describe the pruned shapes, else the report's note says why (the slim model reloads every shape).\n\n"
-            f"{counts['ok']} ok, {counts['refused']} refused, {counts['build failed']} build failed, "
+            f"{counts['ok']} ok ({missed} of them with the MAC target missed by more than 2%: the report's note "
+            f"says why), {counts['refused']} refused, {counts['build failed']} build failed, "
             f"{counts['internal error']} internal errors, of {len(rows)} families.\n\n"
             + table(header, lines) + "\n## Refusals\n\n" + ("\n".join(refusals) or "none") + "\n")
     write_result("hf_vision.md", text, echo=False)

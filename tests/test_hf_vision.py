@@ -42,6 +42,8 @@ def _build(family: str, **extra):
         "hiera": lambda: t.HieraConfig(embed_dim=16, image_size=[32, 32], patch_size=[3, 3], patch_stride=[2, 2],
                                        patch_padding=[1, 1], depths=[1, 1], num_heads=[2, 4], masked_unit_size=[4, 4],
                                        query_stride=[2, 2], num_query_pool=1, mlp_ratio=2.0, num_labels=3),
+        "mobilevit": lambda: t.MobileViTConfig(image_size=32, patch_size=2, hidden_sizes=[16, 24, 32], num_labels=3,
+                                               neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_attention_heads=2),
         "imagegpt": lambda: t.ImageGPTConfig(vocab_size=17, n_positions=64, n_embd=32, n_layer=1, n_head=4, num_labels=3),
         "siglip2": lambda: t.Siglip2Config(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                               num_attention_heads=4, patch_size=8, num_patches=16),
@@ -100,11 +102,11 @@ def test_vision_families_compress_with_heads_and_parity(tmp_path, family):
     assert not saved["written"] and ("after pruning" in saved["reason"] or "heads were pruned" in saved["reason"])
 
 
-@pytest.mark.parametrize("family", ["swin", "swinv2", "beit", "data2vec-vision", "hiera"])
+@pytest.mark.parametrize("family", ["swin", "swinv2", "beit", "data2vec-vision", "mobilevit", "hiera"])
 def test_per_head_position_biases_go_with_their_heads(family):
     """Zeroing a head's q, k, v rows and removing it give the same function, with the relative position bias
     tables (Swin, BEiT's beside its attention, Data2Vec-Vision), Swin v2's logit scale and bias MLP rows and Hiera's
-    inner width following the heads (random tables: a column kept for the wrong head changes the output); a fresh
+    inner width following the heads (MobileViT: Data2Vec-Vision's layout without a table) (random tables: a column kept for the wrong head changes the output); a fresh
     model conformed to the pruned state dict (the slim reload) computes the same. Each raised after removal before."""
     from compressor.models.slim import conform_to_state_dict
 
