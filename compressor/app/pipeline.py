@@ -18,7 +18,7 @@ from compressor.deploy.export import export_onnx
 from compressor.deploy.trt_compat import check_onnx
 from compressor.deploy.verify import verify_onnx
 from compressor.errors import BackendUnavailable, GateError, ParityError, UsageError
-from compressor.models.loading import example_inputs, load_model
+from compressor.models.loading import check_device, example_inputs, load_model
 from compressor.models.slim import layer_widths, save_slim
 from compressor.progress import info
 from compressor.prune.methods import METHODS, PruningMethod
@@ -100,9 +100,7 @@ def prepare_run_dir(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool)
 def preflight(recipe: Recipe, device: str) -> list[str]:
     """Fail before any training when an explicitly requested backend or device is missing (exit 3)."""
     notes = []
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendUnavailable(f"--device {device} was asked for but PyTorch sees no CUDA GPU.",
-                                 hint="Use --device cpu, or install a CUDA build of PyTorch on a GPU machine.")
+    check_device(device)  # the form, and the GPU asked for (exit 3 when missing)
     compute_device(device)  # under torchrun a fixed cuda:N is refused here, before any work
     from compressor.deploy.runners import check_backend
 
