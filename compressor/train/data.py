@@ -263,6 +263,12 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, *, seed: int = SUBSE
     else:
         train, val = _python_datasets(cfg)
     _check_sample(val, cfg, model_cfg)
+    return keep_subsets(train, val, cfg, seed)
+
+
+def keep_subsets(train: Dataset, val: Dataset, cfg: DataConfig, seed: int = SUBSET_SEED) -> tuple[Dataset, Dataset]:
+    """`data.train_subset` / `data.val_subset`: a seeded random N samples of each set (all when not set); for the
+    recipe's data kinds and for the datasets given to the Python API alike."""
     if cfg.train_subset is not None:
         train = Subset(train, subset_indices(len(train), cfg.train_subset, seed))
     if cfg.val_subset is not None:

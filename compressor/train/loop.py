@@ -172,12 +172,18 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------- loss
-def make_loss(cfg: FinetuneConfig, teacher: Optional[nn.Module]):
-    """Cross-entropy with label smoothing, blended with KL distillation from `teacher` when enabled."""
+def make_loss(cfg: FinetuneConfig, teacher: Optional[nn.Module],
+              criterion: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+    """Cross-entropy with label smoothing, or the user's `criterion(outputs, targets) -> scalar tensor` (the Python
+    API's compress(loss=...); finetune.label_smoothing does not apply to it), blended with KL distillation from
+    `teacher` when enabled."""
 
     def loss_fn(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = module(inputs)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+        if criterion is None:
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+        else:
+            loss = _checked_loss(criterion(logits, targets), criterion)
         if teacher is not None and cfg.distill.enabled:
             with torch.no_grad():
                 soft = teacher(inputs).float()
@@ -188,6 +194,19 @@ def make_loss(cfg: FinetuneConfig, teacher: Optional[nn.Module]):
         return loss
 
     return loss_fn
+
+
+def _checked_loss(loss: Any, criterion: Callable[..., Any]) -> torch.Tensor:
+    """The user loss's value, or TrainingError naming what it returned instead of a scalar tensor."""
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad:
+        return loss.reshape(())
+    got = (f"a {'constant ' if isinstance(loss, torch.Tensor) and not loss.requires_grad else ''}tensor of shape "
+           f"{list(loss.shape)}" if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}")
+    name = getattr(criterion, "__qualname__", type(criterion).__name__)
+    raise TrainingError(f"the loss {name}(outputs, targets) returned {got}; training needs one scalar tensor that "
+                        "depends on the outputs (so that it has a gradient).",
+                        hint="Return e.g. a mean over the batch (reduction='mean'), computed from the outputs with "
+                             "torch operations.")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -239,9 +258,11 @@ def _seed_epoch(seed: int, epoch: int) -> int:
 
 def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneConfig, data_cfg: DataConfig, *,
         method: Optional[PruningMethod] = None, teacher: Optional[nn.Module] = None,
+        loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         checkpoint: Optional[Path] = None, resume: bool = False, device: str = "cpu",
         evaluate_every_epoch: bool = True, alone: bool = False) -> FitResult:
     """Train `model` in place for cfg.epochs, calling the method's hooks; returns the per-epoch history.
+    `loss`: the user's loss(outputs, targets) -> scalar tensor instead of cross-entropy (see make_loss).
     `alone`: this process trains by itself even under torchrun (QAT runs on the main process after the DDP stages:
     no collective may wait for ranks that have finished)."""
     method = method or PruningMethod()
@@ -255,7 +276,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
     steps_per_epoch = _batches_per_epoch(len(train_set), data_cfg.batch_size, world)
     ctx = TrainContext(model=model, cfg=cfg, device=dev, steps_per_epoch=steps_per_epoch,
                        total_steps=steps_per_epoch * cfg.epochs, rank=rank, world=world,
-                       loss_fn=make_loss(cfg, teacher))
+                       loss_fn=make_loss(cfg, teacher, loss))
     ctx.calibration = lambda n: _calibration_batches(train_set, data_cfg.batch_size, n)
     ctx.rebuild()
     amp_dtype = autocast_dtype(cfg, dev)
