@@ -136,9 +136,12 @@ class TrainContext:
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu",
-             rank: int = 0, world: int = 1, description: str = "eval") -> dict[str, float]:
+             rank: int = 0, world: int = 1, description: str = "eval",
+             metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None) -> dict[str, float]:
     """Top-1, top-5 (percent) and mean cross-entropy over the dataset; sharded over ranks under DDP. The model runs
-    on `device` (under torchrun `cuda` is the rank's own GPU) and is returned to the device it came on."""
+    on `device` (under torchrun `cuda` is the rank's own GPU) and is returned to the device it came on. `metric`
+    (the Python API's metric(outputs, targets) -> float, a batch mean): its mean over the samples, each batch
+    weighted by its size, under "metric"."""
     device = compute_device(device)
     home = _model_device(model)
     model.to(device)
@@ -146,7 +149,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
     loader = make_loader(shard, batch_size, shuffle=False, workers=0)
-    sums = torch.zeros(4, dtype=torch.float64)
+    sums = torch.zeros(5, dtype=torch.float64)
     with track(description, len(loader)) as bar:
         for inputs, targets in loader:
             if inputs.ndim == 4 and channels_last_candidate(model, device):
@@ -156,13 +159,33 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             sums += torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(),
                                   (top[:, 0] == targets).sum().item(),
-                                  (top == targets[:, None]).any(1).sum().item(), len(targets)], dtype=torch.float64)
+                                  (top == targets[:, None]).any(1).sum().item(), len(targets),
+                                  metric_value(metric, logits, targets) * len(targets) if metric else 0.0],
+                                 dtype=torch.float64)
             bar.advance()
     model.train(was_training)
     model.to(home)
-    loss, top1, top5, count = all_reduce_sum(sums, world).tolist()
+    loss, top1, top5, count, metric_sum = all_reduce_sum(sums, world).tolist()
     count = max(count, 1.0)
-    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "count": int(count)}
+    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "count": int(count),
+            **({"metric": metric_sum / count} if metric else {})}
+
+
+def metric_value(metric: Callable[[torch.Tensor, torch.Tensor], Any], outputs: torch.Tensor,
+                 targets: torch.Tensor) -> float:
+    """One batch's value of the user's metric(outputs, targets) as a float, or UsageError naming what it returned."""
+    from compressor.errors import UsageError
+
+    value = metric(outputs, targets)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        got = (f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor)
+               else repr(value) if isinstance(value, (int, float)) else f"a {type(value).__name__}")
+        name = getattr(metric, "__qualname__", type(metric).__name__)
+        raise UsageError(f"the metric {name}(outputs, targets) returned {got}; it must return one finite number, the "
+                         "batch's mean (compressor weights each batch by its size).")
+    return float(value)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -259,10 +282,12 @@ def _seed_epoch(seed: int, epoch: int) -> int:
 def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneConfig, data_cfg: DataConfig, *,
         method: Optional[PruningMethod] = None, teacher: Optional[nn.Module] = None,
         loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
         checkpoint: Optional[Path] = None, resume: bool = False, device: str = "cpu",
         evaluate_every_epoch: bool = True, alone: bool = False) -> FitResult:
     """Train `model` in place for cfg.epochs, calling the method's hooks; returns the per-epoch history.
-    `loss`: the user's loss(outputs, targets) -> scalar tensor instead of cross-entropy (see make_loss).
+    `loss`: the user's loss(outputs, targets) -> scalar tensor instead of cross-entropy (see make_loss); `metric`:
+    the user's metric(outputs, targets) -> float, evaluated with top-1 each epoch (history: val_metric).
     `alone`: this process trains by itself even under torchrun (QAT runs on the main process after the DDP stages:
     no collective may wait for ranks that have finished)."""
     method = method or PruningMethod()
@@ -301,7 +326,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
         ctx.metrics = dict(train_stats)
         if evaluate_every_epoch or ctx.epoch == cfg.epochs - 1:
             val = evaluate(model, val_set, batch_size=eval_batch, device=dev, rank=rank, world=world,
-                           description=f"epoch {ctx.epoch + 1} eval")
+                           description=f"epoch {ctx.epoch + 1} eval", metric=metric)
             ctx.metrics.update({f"val_{k}": v for k, v in val.items() if k != "count"})
         method.on_epoch_end(ctx)
         ctx.metrics.update({"epoch": ctx.epoch + 1, "seconds": time.perf_counter() - epoch_start,
