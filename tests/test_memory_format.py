@@ -84,6 +84,22 @@ def test_fit_trains_a_model_off_the_channel_block_in_contiguous_memory():
     assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_finetune_memory_format_contiguous_trains_nchw_without_timing(monkeypatch):
+    """finetune.memory_format: contiguous, on widths auto would time: no step timed, every conv trains NCHW (the
+    float path of a plain PyTorch loop; channels-last differs by ~1e-4 in the weights after 5 SGD steps of the
+    sample)."""
+    monkeypatch.setattr(mf, "_DECIDED", {})
+    monkeypatch.setattr(mf, "time_step", lambda *a, **k: pytest.fail("timed a step under memory_format: contiguous"))
+    ctx = _context(_aligned_widths())
+    ctx.cfg = ctx.cfg.model_copy(update={"memory_format": "contiguous"})
+    assert mf.channels_last_candidate(ctx.model, ctx.device)  # auto would have measured it
+    ctx.rebuild()
+    assert ctx.channels_last is False and ctx.memory_formats == {}
+    assert ctx.model[4].weight.is_contiguous() and not ctx.model[4].weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(Exception, match="memory_format"):
+        recipe_from_dict(tiny_recipe(finetune={"memory_format": "nhwc"}))
+
+
 def _context(model: nn.Module) -> TrainContext:
     recipe = recipe_from_dict(tiny_recipe())
     train, _ = build_datasets(recipe.data, recipe.model)

@@ -112,4 +112,9 @@ class FinetuneConfig(Strict):
                                          "AVX512-BF16; elsewhere it can be slower than float32)")
     grad_clip: Optional[float] = Field(None, gt=0.0)
     bn_recalibration: BNRecalibrationConfig = Field(default_factory=BNRecalibrationConfig)
+    memory_format: Literal["auto", "contiguous"] = Field(
+        "auto", description="CPU training memory format: auto measures channels-last against contiguous per "
+        "structure (train/memory_format.py; the two round differently, so runs on machines that choose differently "
+        "differ in the last bits); contiguous always trains NCHW, as a plain PyTorch loop does (bit-for-bit "
+        "comparisons with examples/plain_loop.py, the same float path on every machine)")
     seed: int = 0

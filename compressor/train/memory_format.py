@@ -8,7 +8,7 @@ Fashion-MNIST sample pruned to widths 4 / 7 / 13 trained at 0.115 s per batch of
 more than 4 minutes for one batch in channels-last (oneDNN's backward on odd, tiny channel counts; issue 31); on
 a shared 2-core AVX2 EPYC, 2.8 s against 1.2 s (one step each, under load).
 
-So the choice is
+So the choice is (finetune.memory_format: auto; `contiguous` skips it and always trains NCHW)
 1. contiguous off the CPU, without a Conv2d, where oneDNN's channels-last backward crashes
    (onednn_channels_last_safe), or where a conv's output width is not a multiple of the channel block
    (`channels_last_candidate`, the cheap guard; evaluation follows it too);
@@ -123,7 +123,7 @@ def _decide(ctx: "TrainContext") -> bool:
     from compressor.train.loop import autocast_dtype
 
     model = ctx.model
-    if not channels_last_candidate(model, ctx.device):
+    if ctx.cfg.memory_format == "contiguous" or not channels_last_candidate(model, ctx.device):
         return False
     with torch.random.fork_rng(devices=[]):  # the batch's loader and dropout draw from it: training's stream stays
         return _measured(ctx, model, autocast_dtype(ctx.cfg, ctx.device))
