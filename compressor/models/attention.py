@@ -317,10 +317,13 @@ def replace_mha(mha: nn.MultiheadAttention, heads: int) -> HeadPrunedMultiheadAt
     """A HeadPrunedMultiheadAttention holding `mha`'s parameters (all `heads` of them, sliced by the caller)."""
     new = HeadPrunedMultiheadAttention.like(mha, heads)
     new.load_state_dict(mha.state_dict(), strict=True)
-    grads = {name: p.grad for name, p in mha.named_parameters() if p.grad is not None}
+    from compressor.prune.lineage import record_replacement  # the optimizer follows (prune/lineage.py)
+
+    olds = dict(mha.named_parameters())
     for name, p in new.named_parameters():
-        if name in grads:
-            p.grad = grads[name].clone()
+        if olds[name].grad is not None:
+            p.grad = olds[name].grad.clone()
+        record_replacement(olds[name], p, 0, None)
     new.train(mha.training)
     return new
 
@@ -510,6 +513,9 @@ def keep_index(owner: nn.Module, attr: str, dim: int, index: torch.Tensor) -> No
     if old.grad is not None:
         new.grad = old.grad.index_select(dim, index).contiguous()
     setattr(owner, attr, new)
+    from compressor.prune.lineage import record_replacement  # the optimizer follows (prune/lineage.py)
+
+    record_replacement(old, new, dim, index)
 
 
 def _relative(module: nn.Module, owner: nn.Module) -> str:
