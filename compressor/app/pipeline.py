@@ -7,7 +7,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -155,6 +155,10 @@ class RunState:
     samples: Any = None
     hf_pretrained: Optional[dict[str, Any]] = None  # a Hugging Face model's save_pretrained folder, or why not
     report: dict[str, Any] = field(default_factory=dict)
+    # the Python API's in-memory inputs (app/in_memory.py): a model and datasets given here are not loaded
+    loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None  # None: cross-entropy
+    metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None
+    data_label: Optional[str] = None  # how the report names in-memory datasets (None: the recipe's data.kind)
 
     @property
     def example(self) -> torch.Tensor:
@@ -170,13 +174,16 @@ class RunState:
 
 
 def load_inputs(state: RunState) -> None:
-    """The model and the datasets; then round_to: auto measured on this machine (round_to.json in the run)."""
+    """The model and the datasets (unless the Python API gave them); then round_to: auto measured on this machine
+    (round_to.json in the run)."""
     with state.timer("load"):
-        state.model = load_model(state.checkpoint, state.recipe.model, trust_checkpoint=state.trust_checkpoint)
+        if state.model is None:
+            state.model = load_model(state.checkpoint, state.recipe.model, trust_checkpoint=state.trust_checkpoint)
         if state.recipe.prune.attention.embed:  # before any training: layers that cannot take it name themselves
             check_embed(state.model)
-        state.train_set, state.val_set = build_datasets(state.recipe.data, state.recipe.model,
-                                                      model_ref=state.checkpoint)
+        if state.train_set is None:
+            state.train_set, state.val_set = build_datasets(state.recipe.data, state.recipe.model,
+                                                          model_ref=state.checkpoint)
         _label_unlabelled_text(state)
     with state.timer("round_to"):  # recipe.yaml in the run keeps `auto` as written; the choice is in round_to.json
         state.recipe, state.round_note = resolve_round_to(state.recipe, state.model, out=state.out)
@@ -225,7 +232,7 @@ def prune_and_finetune(state: RunState) -> None:
     with state.timer("prune_finetune"):
         state.training = fit(state.model, state.train_set, state.val_set, recipe.finetune, recipe.data,
                              method=state.method, teacher=teacher, checkpoint=state.out / rundir.CHECKPOINT,
-                             resume=state.resume, device=state.device)
+                             resume=state.resume, device=state.device, loss=state.loss, metric=state.metric)
     state.model = state.model.cpu().eval().to(memory_format=torch.contiguous_format)
 
 
@@ -239,7 +246,9 @@ def measure_compressed(state: RunState) -> None:
 
 
 def save_and_export(state: RunState) -> None:
-    """The slim model, model.onnx and dense.onnx; then the report's body (method, target, training, exports)."""
+    """The slim model, model.onnx and dense.onnx; then the report's body (method, target, training, exports).
+    Under `deploy()` without a dense model there is no dense.onnx and the report's "dense" is None; without a
+    method or training (deploy) their sections are empty."""
     info("[4/6] saving the slim model and exporting to ONNX")
     recipe, out, example = state.recipe, state.out, state.example
     zipped = state.method_class.keeps_dense_shapes(recipe.prune)  # zeros in dense tensors: the zipped size matters
@@ -247,27 +256,36 @@ def save_and_export(state: RunState) -> None:
         artifacts = save_slim(state.model, out, _with_reference(recipe.model, state.checkpoint))
         artifacts.update(_save_text_artifacts(state))
         onnx_info = export_onnx(state.model, example, out / "model.onnx", recipe.export.onnx, zipped=zipped)
-        dense_onnx = export_onnx(state.dense_model, example, out / "dense.onnx", recipe.export.onnx, zipped=zipped)
+        dense_onnx = None if state.dense_model is None else export_onnx(
+            state.dense_model, example, out / "dense.onnx", recipe.export.onnx, zipped=zipped)
         fusion = _transformer_fusions(state)
     if onnx_info.get("fallback"):
-        state.notes.append(f"model.onnx and dense.onnx: {onnx_info['fallback']}")
+        state.notes.append(f"model.onnx{' and dense.onnx' if dense_onnx else ''}: {onnx_info['fallback']}")
         info(f"      note: {state.notes[-1]}")
-    state.samples, _ = sample_batch(state.val_set, recipe.verify.samples)
+    if "model_pt" not in artifacts:
+        state.notes.append(f"no model.pt: {type(state.model).__qualname__} does not pickle (a class defined inside a "
+                           "function); weights.safetensors and slim.json reload it into a fresh instance with "
+                           "compressor.models.slim.load_slim(run_dir, model=...)")
+        info(f"      note: {state.notes[-1]}")
+    if state.samples is None:  # deploy() without a validation set drew seeded random inputs already
+        state.samples, _ = sample_batch(state.val_set, recipe.verify.samples)
     d, c = state.dense, state.compressed
     state.report = {
         "status": "running", "recipe": json.loads(recipe.model_dump_json(by_alias=True)),
-        "checkpoint": str(state.checkpoint), "run_dir": str(out), "notes": state.notes,
-        "dense": {**d.metrics, "macs": d.macs, "params": d.params, "onnx_bytes": dense_onnx["bytes"],
-                  "onnx_zipped_bytes": dense_onnx["zipped_bytes"], "widths": d.widths},
+        "checkpoint": str(state.checkpoint), "inputs": _inputs_summary(state), "run_dir": str(out),
+        "notes": state.notes,
+        "dense": None if d is None else {**d.metrics, "macs": d.macs, "params": d.params,
+                                         "onnx_bytes": dense_onnx["bytes"],
+                                         "onnx_zipped_bytes": dense_onnx["zipped_bytes"], "widths": d.widths},
         "compressed": {**c.metrics, "macs": c.macs, "params": c.params, "onnx_bytes": onnx_info["bytes"],
                        "onnx_zipped_bytes": onnx_info["zipped_bytes"], "widths": c.widths},
-        "target": _target_summary(state, c.macs / d.macs),
+        "target": _target_summary(state, c.macs / d.macs if d is not None else None),
         "round_to": _round_to_summary(recipe, out, state.round_note),
-        "method": state.method.summary(),
-        "training": {"history": state.training.history, "seconds": state.training.seconds,
-                     "resumed_from": state.training.resumed_from,
-                     "bn_recalibration": state.training.bn_recalibration},
-        "exports": {"onnx": onnx_info, "dense_onnx": dense_onnx,
+        "method": state.method.summary() if state.method is not None else {},
+        "training": None if state.training is None else {
+            "history": state.training.history, "seconds": state.training.seconds,
+            "resumed_from": state.training.resumed_from, "bn_recalibration": state.training.bn_recalibration},
+        "exports": {"onnx": onnx_info, **({"dense_onnx": dense_onnx} if dense_onnx else {}),
                     **({"hf_pretrained": state.hf_pretrained} if state.hf_pretrained else {}),
                     **({"ort_fusion": fusion} if fusion else {})},
         "artifacts": {**artifacts, "onnx": str(out / "model.onnx")},
@@ -278,6 +296,19 @@ def save_and_export(state: RunState) -> None:
     if state.report["target"]["met"] is False:
         state.notes.append(_target_missed(recipe, state.report["target"]))
         info(f"      note: {state.notes[-1]}")
+
+
+def _inputs_summary(state: RunState) -> dict[str, Any]:
+    """What the run worked on: the model (a checkpoint or reference, or the Python API's in-memory model), the data
+    (the recipe's data.kind, or in-memory datasets), the training loss and the metric (the callables' names)."""
+    from compressor.app.in_memory import callable_name
+
+    loss = "cross-entropy" if state.loss is None else callable_name(state.loss)
+    if state.recipe.finetune.distill.enabled and state.training is not None:
+        loss += f", blended with distillation from the dense model (alpha {state.recipe.finetune.distill.alpha})"
+    return {"model": str(state.checkpoint), "data": state.data_label or state.recipe.data.kind,
+            "loss": loss if state.training is not None else None,
+            "metric": None if state.metric is None else callable_name(state.metric)}
 
 
 def _with_reference(model_cfg, checkpoint: str):
@@ -295,7 +326,7 @@ def _transformer_fusions(state: RunState) -> Optional[dict[str, Any]]:
     optimizer failure is reported, not raised: the exports themselves are fine."""
     from compressor.models.hf import HFLogits, HFText
 
-    if not isinstance(state.model, (HFText, HFLogits)):
+    if not isinstance(state.model, (HFText, HFLogits)) or state.dense_model is None:
         return None
     from compressor.deploy.ort_fusion import fusion_report
 
@@ -339,8 +370,9 @@ def verify_exports(state: RunState) -> None:
         with state.timer("verify"):
             report["parity"] = {"onnx": verify_onnx(state.model, out / "model.onnx", state.samples,
                                                     state.recipe.verify)}
-            report["compressed"]["onnx_top1"] = evaluate_onnx(out / "model.onnx", state.val_set,
-                                                              batch_size=state.eval_batch)["top1"]
+            if state.val_set is not None:  # deploy() without a validation set: parity on random inputs only
+                report["compressed"]["onnx_top1"] = evaluate_onnx(out / "model.onnx", state.val_set,
+                                                                  batch_size=state.eval_batch)["top1"]
         if "note" in report["parity"]["onnx"]:
             state.notes.append(report["parity"]["onnx"]["note"])
             info(f"      note: {state.notes[-1]}")
@@ -379,13 +411,16 @@ def quantize_export(state: RunState) -> None:
     def evaluate(path: Path) -> float:
         return evaluate_onnx(path, state.val_set, batch_size=state.eval_batch)["top1"]
 
+    # the accuracy the quantized file is held to: the dense model's, or under deploy() without one the slim model's
+    baseline = (state.dense or state.compressed).metrics["top1"]
+
     try:
         with state.timer("quantize"):
             report["quantized"] = quantize_model(
                 out / "model.onnx", state.recipe, calibration=calibration,
                 reference=torch_outputs(state.model, state.samples), samples=state.samples.numpy(),
-                evaluate=evaluate, baseline_top1=state.dense.metrics["top1"])
-        if needs_qat(state.recipe, report["quantized"], state.dense.metrics["top1"]):
+                evaluate=evaluate, baseline_top1=baseline)
+        if needs_qat(state.recipe, report["quantized"], baseline):
             with state.timer("qat"):
                 report["quantized"] = quantize_after_qat(
                     state.model, out / "model.int8.onnx", state.recipe, train_set=state.train_set,
@@ -414,10 +449,10 @@ def measure_latency(state: RunState) -> None:
         info("[6/6] latency: skipped (bench.backends is empty)")
     with state.timer("bench"):
         report["latency"], report["environment"] = _bench(recipe, state.out, state.dense_model, state.model,
-                                                          state.compressed.macs, state.dense.macs)
+                                                          state.compressed.macs, state.dense and state.dense.macs)
         if state.latency_target:
             report["target"]["latency"] = _latency_result(state.latency_target, report["latency"])
-        if "ort-cpu" in recipe.bench.backends:
+        if "ort-cpu" in recipe.bench.backends and state.dense_model is not None:  # it compares with dense.onnx
             report["ort_cpu_layout"] = _layout_check(recipe, state.out)
             for finding in report["ort_cpu_layout"]["findings"]:
                 info(f"      note: {finding}")
@@ -440,25 +475,56 @@ TRAINING_STAGES = (load_inputs, measure_dense, prune_and_finetune, measure_compr
 MAIN_STAGES = (save_and_export, verify_exports, quantize_export, build_engine, measure_latency, check_gates)
 
 
-def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optional[str | Path] = None, *,
-             device: str = "cpu", resume: bool = False, overwrite: bool = False, trust_checkpoint: bool = False,
+def compress(checkpoint: Optional[str | Path] = None, recipe: Recipe | dict | str | Path | None = None,
+             out_dir: Optional[str | Path] = None, *, model: Optional[nn.Module] = None, train_set: Any = None,
+             val_set: Any = None, loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+             metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
+             example_inputs: Optional[torch.Tensor] = None, ignore: Optional[list[str]] = None, device: str = "cpu",
+             resume: bool = False, overwrite: bool = False, trust_checkpoint: bool = False,
              overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the whole chain (TRAINING_STAGES, then MAIN_STAGES) and return the report (also written to
-    out_dir/report.json).
+    out_dir/report.json, beside report.md, the slim model and the ONNX files: the CLI's run directory).
 
-    Raises GateError (exit 1) after writing the report when a recipe gate fails, ParityError (exit 1) when an
-    export disagrees with PyTorch.
+    The model is a checkpoint or reference (`checkpoint`, loaded with the recipe's model section), or an in-memory
+    `model` (pruned and trained in place: afterwards it is the compressed model, on the CPU in eval mode). With
+    `model=`, the recipe's model section is replaced by what `example_inputs` (one batch; or the recipe's
+    model.input_shape) and the model's output say (app/in_memory.model_section); `ignore` (layer names or `re:`
+    patterns never pruned) defaults to the recipe's model.ignore. `train_set` / `val_set` (map-style datasets of
+    (input, class index) pairs) replace the recipe's data section; its batch sizes, workers and subsets still apply.
+    `loss(outputs, targets) -> scalar tensor` replaces cross-entropy in training (finetune.distill still blends in).
+    `metric(outputs, targets) -> float` (a batch mean, higher is better) is averaged over the validation set
+    weighted by batch size and reported beside top-1 (report "metric", history "val_metric"); gates.max_metric_drop
+    holds it (gates.max_accuracy_drop stays on top-1). `recipe`: a file, a shipped recipe's name, a Recipe or a dict;
+    `overrides`: `--set`-style assignments.
+
+    Raises UsageError (exit 2) for a missing or contradicting argument (no model, both a checkpoint and a model, no
+    example inputs, one dataset of two, a loss that is not callable, ...), ModelLoadError / DataError (exit 2) for a
+    model or dataset compressor cannot work with, GateError (exit 1) after writing the report when a recipe gate
+    fails, ParityError (exit 1) when an export disagrees with PyTorch.
     """
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, list(overrides))
+    from compressor.app.in_memory import check_arguments, check_datasets, data_label, model_label, model_section
+    from compressor.app.recipe import as_recipe
+    from compressor.train.data import keep_subsets
+
+    recipe = as_recipe(recipe, overrides)
+    check_arguments(checkpoint, model, example_inputs=example_inputs, ignore=ignore, loss=loss, metric=metric,
+                    gates=recipe.gates)
+    labels: dict[str, Any] = {}
+    if model is not None:
+        recipe = recipe.model_copy(update={"model": model_section(model, example_inputs, recipe.model, ignore=ignore)})
+    if train_set is not None or val_set is not None:
+        check_datasets(train_set, val_set, recipe.model)
+        labels["data_label"] = data_label(train_set, val_set)
+        train_set, val_set = keep_subsets(train_set, val_set, recipe.data)
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
     notes = preflight(recipe, device)
     # under torchrun the group starts here, before anything measures or writes: rank 0 prepares the run directory
     # (and later measures round_to: auto and a latency target), the other ranks wait and adopt
     init_process_group(device)
     out = main_then_share(lambda: prepare_run_dir(out, recipe, resume=resume, overwrite=overwrite))
-    state = RunState(checkpoint=str(checkpoint), recipe=recipe, out=out, device=device, resume=resume,
-                     trust_checkpoint=trust_checkpoint, notes=notes)
+    state = RunState(checkpoint=model_label(model) if model is not None else str(checkpoint), recipe=recipe, out=out,
+                     device=device, resume=resume, trust_checkpoint=trust_checkpoint, notes=notes, model=model,
+                     train_set=train_set, val_set=val_set, loss=loss, metric=metric, **labels)
     for stage in TRAINING_STAGES:
         stage(state)
     if not rundir_is_main():
@@ -469,7 +535,9 @@ def compress(checkpoint: str | Path, recipe: Recipe | str | Path, out_dir: Optio
 
 
 def _measure(state: RunState, model: nn.Module, device: str = "cpu") -> Measured:
-    metrics = evaluate(model, state.val_set, batch_size=state.eval_batch, device=device)
+    """Accuracy on the validation set (none under deploy() without one), MACs, parameters and layer widths."""
+    metrics = {} if state.val_set is None else evaluate(model, state.val_set, batch_size=state.eval_batch,
+                                                        device=device, metric=state.metric)
     macs, params = snapshot_macs(model.cpu(), state.example)
     return Measured(metrics=metrics, macs=macs, params=params, widths=layer_widths(model))
 
@@ -498,12 +566,14 @@ def _copy_for_bench(model):
     return copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
 
 
-def _target_summary(state: RunState, achieved: float) -> dict[str, Any]:
+def _target_summary(state: RunState, achieved: Optional[float]) -> dict[str, Any]:
+    """The MAC target asked and achieved; none asked under deploy() (it pruned nothing: state.method is None), and
+    no ratio achieved without a dense model."""
     recipe = state.recipe
     target = recipe.prune.target
-    if state.method_class.keeps_dense_shapes(recipe.prune):
+    if state.method is None or state.method_class.keeps_dense_shapes(recipe.prune):
         return {"asked": None, "asked_macs_ratio": None, "achieved_macs_ratio": achieved,
-                "achieved_mac_speedup": 1 / achieved if achieved > 0 else None, "met": None}
+                "achieved_mac_speedup": 1 / achieved if achieved else None, "met": None}
     asked = None if recipe.prune._latency_cost is not None else target.remaining_macs()  # a latency budget
     written = recipe.prune._latency_target or target  # a latency target as the recipe says it, not its MAC plan
     return {"asked": written.model_dump(exclude_none=True), "asked_macs_ratio": asked, "achieved_macs_ratio": achieved,
@@ -602,6 +672,10 @@ def evaluate_gates(recipe: Recipe, report: dict[str, Any]) -> list[dict[str, Any
         drop = report["dense"]["top1"] - report["compressed"]["top1"]
         gates.append({"name": "max_accuracy_drop", "value": drop, "limit": g.max_accuracy_drop,
                       "passed": drop <= g.max_accuracy_drop})
+    if g.max_metric_drop is not None:  # compress() refuses the gate without a metric
+        drop = report["dense"]["metric"] - report["compressed"]["metric"]
+        gates.append({"name": "max_metric_drop", "value": drop, "limit": g.max_metric_drop,
+                      "passed": drop <= g.max_metric_drop})
     quantized = report.get("quantized")
     if g.max_accuracy_drop is not None and quantized:
         drop = report["dense"]["top1"] - quantized["top1"]

@@ -27,6 +27,9 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 class GatesConfig(Strict):
     max_accuracy_drop: Optional[float] = Field(None, ge=0.0, description="percentage points of top-1")
+    max_metric_drop: Optional[float] = Field(None, ge=0.0, description="the Python API's metric (compress(metric="
+                                             "...), higher is better): dense minus compressed, in the metric's own "
+                                             "units; needs a metric")
     min_speedup: Optional[float] = Field(None, gt=0.0, description="latency speedup on the first bench backend")
     strict_schedule: bool = Field(False, description="a pruning schedule that cannot run as written within the "
                                                      "training budget (e.g. a DPM decay that would be forced at the "
@@ -302,6 +305,34 @@ def load_recipe(ref: Union[str, Path], overrides: tuple[str, ...] | list[str] = 
         for assignment in overrides:
             apply_override(data, assignment)
     return recipe_from_dict(data, str(path))
+
+
+def as_recipe(recipe: Union[Recipe, dict, str, Path, None], overrides: tuple[str, ...] | list[str] = (), *,
+              default_name: Optional[str] = None, who: str = "compress") -> Recipe:
+    """The recipe the Python API was given: a Recipe, a file or shipped recipe's name, or a dict of sections (not
+    changed; `name` defaults to `default_name` when given), with the `--set`-style `overrides` applied."""
+    if recipe is None:
+        from compressor.errors import UsageError
+
+        raise UsageError(f"{who} needs a recipe: a YAML file, a shipped recipe's name, a Recipe or a dict of "
+                         "sections (prune, finetune, export, verify, bench, gates).",
+                         hint="`compressor recipes list` shows the shipped recipes.")
+    if isinstance(recipe, (str, Path)):
+        return load_recipe(recipe, list(overrides))
+    if isinstance(recipe, Recipe):
+        if not overrides:
+            return recipe
+        data = json.loads(recipe.model_dump_json(by_alias=True))
+    elif isinstance(recipe, dict):
+        data = json.loads(json.dumps(recipe, default=str))  # a deep copy; Paths as strings
+        if default_name is not None:
+            data.setdefault("name", default_name)
+    else:
+        raise RecipeError(f"{who}: the recipe must be a file path, a shipped recipe's name, a Recipe or a dict, not "
+                          f"a {type(recipe).__name__}.")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return recipe_from_dict(data, "<dict>" if isinstance(recipe, dict) else f"{recipe.name} (with overrides)")
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compressor.markdown import speedup_label, table
+from compressor.markdown import number, speedup_label, table
 from compressor import rundir
 
 
@@ -34,31 +34,10 @@ def _kb(n: float | None) -> str:
 
 
 def render_markdown(r: dict[str, Any]) -> str:
-    recipe, dense, comp = r["recipe"], r["dense"], r["compressed"]
-    lines = [f"# compressor report: {recipe['name']}", "",
-             f"Status: **{r['status']}**. Checkpoint `{r['checkpoint']}`, method `{recipe['prune']['method']}` "
-             f"(host `{recipe['prune']['host']}`), target `{r['target']['asked'] or 'none'}`, "
-             f"{recipe['finetune']['epochs']} fine-tune epochs on `{recipe['data']['kind']}`.", ""]
-    lines += ["## Accuracy and size", ""]
-    onnx_top1 = f"{comp['onnx_top1']:.2f}" if "onnx_top1" in comp else "-"
-    lines += table(["", "top-1 %", "top-5 %", "loss", "MACs", "params", "ONNX file", "ONNX zipped"], [
-        ["dense", f"{dense['top1']:.2f}", f"{dense['top5']:.2f}", f"{dense['loss']:.4f}", _m(dense["macs"]),
-         _m(dense["params"]), _kb(dense["onnx_bytes"]), _kb(dense["onnx_zipped_bytes"])],
-        ["compressed", f"{comp['top1']:.2f}", f"{comp['top5']:.2f}", f"{comp['loss']:.4f}", _m(comp["macs"]),
-         _m(comp["params"]), _kb(comp["onnx_bytes"]), _kb(comp["onnx_zipped_bytes"])],
-        ["ratio / change", f"{comp['top1'] - dense['top1']:+.2f} pp", f"{comp['top5'] - dense['top5']:+.2f} pp", "",
-         f"{comp['macs'] / dense['macs']:.3f}", f"{comp['params'] / dense['params']:.3f}",
-         f"{comp['onnx_bytes'] / dense['onnx_bytes']:.3f}",
-         f"{comp['onnx_zipped_bytes'] / dense['onnx_zipped_bytes']:.3f}" if comp["onnx_zipped_bytes"] else "-"]])
-    t = r["target"]
-    if t.get("asked") is None:
-        asked = "none (this method keeps dense shapes)"
-    elif t.get("asked_macs_ratio") is None:
-        asked = "n/a (channel target)"
-    else:
-        asked = f"{t['asked_macs_ratio']:.3f}"
-    lines += [f"MAC target: asked {asked} of dense, achieved {t['achieved_macs_ratio']:.3f} "
-              f"(MAC speedup x{t['achieved_mac_speedup']:.2f}). ONNX Runtime top-1 of the exported model: {onnx_top1}.", ""]
+    recipe = r["recipe"]
+    lines = [f"# compressor report: {recipe['name']}", "", _summary_line(r), ""]
+    lines += _accuracy_section(r)
+    lines += [_target_line(r), ""]
     lines += method_class(r).report_section(r.get("method") or {})
     lines += _latency_target_section(r)
     lines += _latency_section(r) + _deployment_section(r) + _parity_section(r) + _fusion_section(r)
@@ -79,10 +58,81 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _summary_line(r: dict[str, Any]) -> str:
+    """Status, what was compressed (checkpoint, or the Python API's in-memory model and data), how, and with which
+    loss and metric; a deploy() report says the model was pruned outside compress."""
+    recipe, inputs = r["recipe"], r.get("inputs") or {}
+    status = f"Status: **{r['status']}**."
+    if r.get("training") is None and not r.get("method"):
+        line = (f"{status} Model `{r['checkpoint']}` pruned outside compress and deployed with `compressor.deploy` "
+                f"(export, parity, quantization, engine and bench of the given model); data: "
+                f"{inputs.get('data', 'none')}.")
+    else:
+        line = (f"{status} Checkpoint `{r['checkpoint']}`, method `{recipe['prune']['method']}` (host "
+                f"`{recipe['prune']['host']}`), target `{r['target']['asked'] or 'none'}`, "
+                f"{recipe['finetune']['epochs']} fine-tune epochs on `{inputs.get('data') or recipe['data']['kind']}`.")
+        if inputs.get("loss") not in (None, "cross-entropy"):
+            line += f" Training loss `{inputs['loss']}`."
+    if inputs.get("metric"):
+        line += (f" Metric `{inputs['metric']}` (the batch means averaged over the validation set; higher is better; "
+                 "gates.max_metric_drop holds it).")
+    return line
+
+
+def _accuracy_section(r: dict[str, Any]) -> list[str]:
+    """Dense and compressed accuracy (with the metric when one was given) and size; the dense row and the ratios only
+    when there is a dense model (a deploy() without one has none), accuracy only with a validation set."""
+    dense, comp = r.get("dense"), r["compressed"]
+    has_metric = "metric" in comp
+
+    def row(name: str, m: dict[str, Any]) -> list[str]:
+        return [name, number(m.get("top1"), 2), number(m.get("top5"), 2), number(m.get("loss"), 4),
+                *([number(m.get("metric"), 4)] if has_metric else []), _m(m["macs"]), _m(m["params"]),
+                _kb(m["onnx_bytes"]), _kb(m["onnx_zipped_bytes"])]
+
+    def change(key: str, digits: int, unit: str) -> str:
+        if dense.get(key) is None or comp.get(key) is None:
+            return "-"
+        return f"{comp[key] - dense[key]:+.{digits}f}{unit}"
+
+    rows = [row("dense", dense)] if dense else []
+    rows.append(row("compressed", comp))
+    if dense:
+        rows.append(["ratio / change", change("top1", 2, " pp"), change("top5", 2, " pp"), "",
+                     *([change("metric", 4, "")] if has_metric else []), f"{comp['macs'] / dense['macs']:.3f}",
+                     f"{comp['params'] / dense['params']:.3f}", f"{comp['onnx_bytes'] / dense['onnx_bytes']:.3f}",
+                     f"{comp['onnx_zipped_bytes'] / dense['onnx_zipped_bytes']:.3f}" if comp["onnx_zipped_bytes"]
+                     else "-"])
+    return ["## Accuracy and size", ""] + table(
+        ["", "top-1 %", "top-5 %", "loss", *(["metric"] if has_metric else []), "MACs", "params", "ONNX file",
+         "ONNX zipped"], rows)
+
+
+def _target_line(r: dict[str, Any]) -> str:
+    t, comp = r["target"], r["compressed"]
+    onnx_top1 = f"{comp['onnx_top1']:.2f}" if "onnx_top1" in comp else "-"
+    if t.get("achieved_macs_ratio") is None:
+        return (f"No dense model was given, so no MAC ratio or speedup (pass dense_model= to deploy()). ONNX Runtime "
+                f"top-1 of the exported model: {onnx_top1}.")
+    if t.get("asked") is None:
+        asked = "none (this method keeps dense shapes)" if r.get("training") is not None else "none (deploy)"
+    elif t.get("asked_macs_ratio") is None:
+        asked = "n/a (channel target)"
+    else:
+        asked = f"{t['asked_macs_ratio']:.3f}"
+    return (f"MAC target: asked {asked} of dense, achieved {t['achieved_macs_ratio']:.3f} (MAC speedup "
+            f"x{t['achieved_mac_speedup']:.2f}). ONNX Runtime top-1 of the exported model: {onnx_top1}.")
+
+
 def _latency_section(r: dict[str, Any]) -> list[str]:
     rows = r.get("latency") or []
     if not rows:
         return []
+    if not r.get("dense"):  # deploy() without a dense model: the slim model alone
+        lines = ["## Latency (no dense model given, so no speedup)", ""]
+        return lines + table(["backend", "batch", "p50 ms", "p90 ms", "throughput /s"],
+                             [[x["backend"], x["batch_size"], f"{x['compressed']['p50']:.3f}",
+                               f"{x['compressed']['p90']:.3f}", f"{x['compressed']['throughput']:.1f}"] for x in rows])
     mac_red = r["dense"]["macs"] / r["compressed"]["macs"]
     lines = ["## Latency (dense and compressed measured interleaved)", ""]
     lines += table(["backend", "batch", "dense p50 ms", "compressed p50 ms", "compressed p90 ms", "throughput /s",
@@ -166,7 +216,7 @@ def _deployment_section(r: dict[str, Any]) -> list[str]:
     """Dense fp32, pruned fp32 and the quantized file side by side: accuracy on the whole validation set and
     latency from the same round-robin bench."""
     q = r.get("quantized")
-    if not q:
+    if not q or not r.get("dense"):  # deploy() without a dense model: the parity and notes sections say the rest
         return []
     dense, comp = r["dense"], r["compressed"]
     timed = [x for x in r.get("latency") or [] if "quantized" in x]
@@ -220,7 +270,9 @@ def _parity_section(r: dict[str, Any]) -> list[str]:
              f"{p['allowed_abs_diff']:.2e}" if "allowed_abs_diff" in p else p.get("atol", "-"),
              "yes" if p.get("passed") else "**no**"] for name, p in parity.items()]
     trt = (r.get("exports") or {}).get("tensorrt") or {}
-    lines = ["## Export parity (real validation samples)", ""]
+    real = r["compressed"].get("top1") is not None  # deploy() without a validation set checks random inputs
+    lines = [f"## Export parity ({'real validation samples' if real else 'seeded random inputs: no validation set'})",
+             ""]
     lines += table(["artifact", "precision", "samples", "max abs diff", "mean abs diff", "top-1 agreement",
                      "allowed diff (atol + rtol x max |output|)", "passed"], rows)
     if trt.get("status") in ("skipped", "disabled"):
@@ -270,10 +322,19 @@ def _round_to_section(r: dict[str, Any]) -> list[str]:
 
 
 def _widths_section(r: dict[str, Any]) -> list[str]:
-    before, after = r["dense"].get("widths") or {}, r["compressed"].get("widths") or {}
+    after = r["compressed"].get("widths") or {}
+    if not r.get("dense"):  # deploy() without a dense model
+        return ["## Per-layer widths", ""] + table(["layer", "width"], [[n, w] for n, w in after.items()
+                                                                         if not _is_norm(n)])
+    before = r["dense"].get("widths") or {}
     rows = [[name, w, after.get(name, "-"), f"{after.get(name, 0) / w:.2f}"] for name, w in before.items()
-            if "norm" not in name.lower() and not name.split(".")[-1].startswith("bn")]
+            if not _is_norm(name)]
     return ["## Per-layer widths", ""] + table(["layer", "dense", "compressed", "kept"], rows)
+
+
+def _is_norm(name: str) -> bool:
+    """A normalisation layer's name (its width follows the layer before it)."""
+    return "norm" in name.lower() or name.split(".")[-1].startswith("bn")
 
 
 def _training_section(r: dict[str, Any]) -> list[str]:
@@ -281,9 +342,13 @@ def _training_section(r: dict[str, Any]) -> list[str]:
     history, recalibrated = training.get("history") or [], training.get("bn_recalibration")
     lines = []
     if history:
-        rows = [[h["epoch"], f"{h['train_loss']:.4f}", f"{h.get('val_top1', float('nan')):.2f}", f"{h['lr']:.5f}",
-                 h.get("params", "-"), f"{h['seconds']:.1f}"] for h in history]
-        lines += ["## Fine-tuning", ""] + table(["epoch", "train loss", "val top-1 %", "lr", "params", "seconds"], rows)
+        has_metric = any("val_metric" in h for h in history)
+        rows = [[h["epoch"], f"{h['train_loss']:.4f}", f"{h.get('val_top1', float('nan')):.2f}",
+                 *([number(h.get("val_metric"), 4)] if has_metric else []), f"{h['lr']:.5f}", h.get("params", "-"),
+                 f"{h['seconds']:.1f}"] for h in history]
+        lines += ["## Fine-tuning", ""] + table(["epoch", "train loss", "val top-1 %",
+                                                 *(["val metric"] if has_metric else []), "lr", "params", "seconds"],
+                                                rows)
     if recalibrated:
         lines += ["" if lines else "## Fine-tuning", "",
                   f"Batch-norm statistics of {recalibrated['layers']} layers re-estimated on "
@@ -315,12 +380,13 @@ def write_plots(r: dict[str, Any], out: Path) -> dict[str, str]:
 
 
 def _plot_widths(plt, r):
-    before, after = r["dense"].get("widths") or {}, r["compressed"].get("widths") or {}
-    names = [n for n in before if not n.split(".")[-1].startswith("bn") and "norm" not in n.lower()]
+    before, after = (r.get("dense") or {}).get("widths") or {}, r["compressed"].get("widths") or {}
+    names = [n for n in (before or after) if not _is_norm(n)]
     if not names:
         return None
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names)), 4))
-    ax.bar(range(len(names)), [before[n] for n in names], color="#c8d6e5", label="dense")
+    if before:
+        ax.bar(range(len(names)), [before[n] for n in names], color="#c8d6e5", label="dense")
     ax.bar(range(len(names)), [after.get(n, 0) for n in names], color="#2e86de", label="compressed")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_ylabel("output channels")
@@ -357,10 +423,12 @@ def _plot_latency(plt, r):
         return None
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.6), squeeze=False)
     for ax, row in zip(axes[0], rows):
-        series = [row["dense_ms"], row["compressed_ms"]] + ([row["quantized_ms"]] if "quantized_ms" in row else [])
-        ax.boxplot(series, showfliers=False)
-        ax.set_xticks(range(1, len(series) + 1), ["dense", "compressed", row.get("quantized_mode", "")][:len(series)])
-        ax.set_title(f"{row['backend']} batch {row['batch_size']}\nx{row['speedup']:.2f}", fontsize=9)
+        named = [("dense", row.get("dense_ms")), ("compressed", row["compressed_ms"]),
+                 (row.get("quantized_mode", ""), row.get("quantized_ms"))]
+        named = [(name, ms) for name, ms in named if ms]  # no dense series under deploy() without a dense model
+        ax.boxplot([ms for _, ms in named], showfliers=False)
+        ax.set_xticks(range(1, len(named) + 1), [name for name, _ in named])
+        ax.set_title(f"{row['backend']} batch {row['batch_size']}\n{speedup_label(row.get('speedup'))}", fontsize=9)
         ax.set_ylabel("ms")
     fig.suptitle("Latency distributions (dense and compressed interleaved)", y=1.03)
     fig.tight_layout()

@@ -1,7 +1,7 @@
 """Physical slimming support: reshape a freshly built model to a pruned model's widths, save and reload slim models."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -87,9 +87,12 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
 def save_slim(model: nn.Module, out_dir, model_cfg) -> dict[str, str]:
     """Write model.pt (whole module, for torch users), slim.json + weights.safetensors (reload without pickle).
 
-    Every file is written atomically; returns their paths.
+    Every file is written atomically; returns their paths. A model without an architecture reference (model_cfg.arch
+    None: the Python API's in-memory model) whose module does not pickle (a class defined inside a function) gets
+    no model.pt; its slim.json and weights reload into a fresh instance with load_slim(path, model=...).
     """
     import json
+    import pickle
     from pathlib import Path
 
     from safetensors.torch import save_model
@@ -107,13 +110,23 @@ def save_slim(model: nn.Module, out_dir, model_cfg) -> dict[str, str]:
             "in_channels": model_cfg.in_channels, "inputs": model_cfg.inputs, "input_shape": list(model_cfg.input_shape),
             "widths": layer_widths(model), "shapes": {k: list(v.shape) for k, v in state.items()}}
     write_text(out_dir / "slim.json", json.dumps(meta, indent=1) + "\n")
-    save_torch(model, out_dir / "model.pt")
-    return {"model_pt": str(out_dir / "model.pt"), "slim_json": str(out_dir / "slim.json"),
-            "weights": str(out_dir / "weights.safetensors")}
+    saved = {"slim_json": str(out_dir / "slim.json"), "weights": str(out_dir / "weights.safetensors")}
+    try:
+        save_torch(model, out_dir / "model.pt")
+    except (pickle.PicklingError, AttributeError, TypeError):
+        if model_cfg.arch is not None:
+            raise
+        return saved
+    return {"model_pt": str(out_dir / "model.pt"), **saved}
 
 
-def load_slim(path) -> nn.Module:
-    """Rebuild a slim model from slim.json (arch + shapes) and weights.safetensors, without unpickling."""
+def load_slim(path, model: Optional[nn.Module] = None) -> nn.Module:
+    """Rebuild a slim model from slim.json (arch + shapes) and weights.safetensors, without unpickling.
+
+    `model`: a fresh instance of the dense architecture to load into instead of building slim.json's reference; the
+    way to reload a run of the Python API's compress(model=...), whose slim.json records no reference (its layers
+    are resized to the recorded shapes, then the weights are loaded strictly).
+    """
     import json
     from pathlib import Path
 
@@ -131,14 +144,18 @@ def load_slim(path) -> nn.Module:
         raise ModelLoadError(f"{meta_path} is not valid JSON ({exc}).") from exc
     if meta.get("format") != SLIM_FORMAT:
         raise ModelLoadError(f"{meta_path} has format {meta.get('format')!r}; expected {SLIM_FORMAT}.")
-    if not meta.get("arch"):
-        raise ModelLoadError(f"{meta_path} records no architecture reference (the model came from a pickled module).",
-                             hint=f"Load {meta_path.parent / 'model.pt'} with --trust-checkpoint instead.")
+    if not meta.get("arch") and model is None:
+        raise ModelLoadError(f"{meta_path} records no architecture reference (the model came from a pickled module "
+                             "or from the Python API).",
+                             hint=f"Load {meta_path.parent / 'model.pt'} with --trust-checkpoint instead, or in Python "
+                                  "pass a fresh instance of the model: load_slim(path, model=MyModel()).")
     if not weights.is_file():
         raise ModelLoadError(f"{weights} is missing next to {meta_path}.")
-    model = build_arch(meta["arch"], meta["num_classes"], meta["in_channels"])
+    arch = meta.get("arch") or type(model).__qualname__
+    if model is None:
+        model = build_arch(meta["arch"], meta["num_classes"], meta["in_channels"])
     conform_to_state_dict(model, {k: torch.empty(shape, device="meta") for k, shape in meta["shapes"].items()})
-    load_state_dict_strict(model, _read_weights(weights), meta["arch"])
+    load_state_dict_strict(model, _read_weights(weights), arch)
     return model.eval()
 
 
