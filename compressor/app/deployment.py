@@ -16,8 +16,8 @@ from compressor.progress import info
 def deploy(slim_model: nn.Module, example_inputs: Optional[torch.Tensor] = None,
            out: Optional[str | Path] = None, *, recipe: Any = None, dense_model: Optional[nn.Module] = None,
            val_set: Any = None, train_set: Any = None,
-           metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None, device: str = "cpu",
-           overwrite: bool = False, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+           metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None, pruner: Any = None,
+           device: str = "cpu", overwrite: bool = False, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Export `slim_model` to ONNX, check parity, quantize, build a TensorRT engine and bench it as `compress` does
     after training (the same stage functions), and write report.json / report.md / the slim model / model.onnx in
     `out` (default runs/<recipe name>). Returns the report.
@@ -29,7 +29,9 @@ def deploy(slim_model: nn.Module, example_inputs: Optional[torch.Tensor] = None,
     interleaved bench's speedup); without it the report's "dense" is None. `val_set`: (input, class index) pairs for
     top-1 (and `metric`) of the PyTorch and ONNX models and for parity; without it parity runs on seeded random
     inputs of the example's shape (said in the notes). `train_set`: calibration samples for int8 (export.quantize
-    int8, export.tensorrt.int8). Both models are copied: the ones passed are left as they are.
+    int8, export.tensorrt.int8). `pruner`: the `compressor.Pruner` that pruned the model, whose prune section and
+    method summary (events, target asked and achieved) the report shows; without it the run's recipe says method
+    none. Both models are copied: the ones passed are left as they are.
 
     Raises UsageError (exit 2) when an argument is missing for what the recipe asks (a gate without a dense model or
     a validation set, int8 without training samples, no example inputs), ModelLoadError / DataError (exit 2) for a
@@ -40,7 +42,6 @@ def deploy(slim_model: nn.Module, example_inputs: Optional[torch.Tensor] = None,
     from compressor.app.pipeline import (MAIN_STAGES, RunState, _copy_for_bench, _measure, preflight,
                                          prepare_run_dir)
     from compressor.app.recipe import as_recipe
-    from compressor.prune.section import PruneConfig
     from compressor.ranks import init_process_group
 
     recipe = as_recipe(recipe if recipe is not None else {}, overrides, default_name="deploy", who="deploy")
@@ -48,8 +49,8 @@ def deploy(slim_model: nn.Module, example_inputs: Optional[torch.Tensor] = None,
     section = model_section(slim_model, example_inputs, recipe.model, who="deploy")
     if dense_model is not None:
         model_section(dense_model, example_inputs, section, who="deploy (dense_model)")
-    # deploy prunes nothing: the run's recipe.yaml and report say method none (its model section is the example's)
-    recipe = recipe.model_copy(update={"model": section, "prune": PruneConfig(method="none")})
+    # deploy prunes nothing: the run's recipe.yaml and report name the Pruner's prune section, or method none
+    recipe = recipe.model_copy(update={"model": section, "prune": _prune_section(pruner)})
     for name, dataset in (("train_set", train_set), ("val_set", val_set)):
         if dataset is not None:
             check_dataset(dataset, name, section, "deploy")
@@ -63,6 +64,7 @@ def deploy(slim_model: nn.Module, example_inputs: Optional[torch.Tensor] = None,
                      val_set=val_set, metric=metric,
                      data_label=data_label(train_set, val_set) if train_set is not None or val_set is not None
                      else "none")
+    state.method = pruner.method if pruner is not None else None
     info(f"deploy: measuring {state.checkpoint}" + (" and the dense model" if dense_model is not None else ""))
     with state.timer("eval"):
         if dense_model is not None:
@@ -74,6 +76,18 @@ def deploy(slim_model: nn.Module, example_inputs: Optional[torch.Tensor] = None,
     for stage in MAIN_STAGES:
         stage(state)
     return state.report
+
+
+def _prune_section(pruner: Any) -> Any:
+    from compressor.prune.section import PruneConfig
+    from compressor.pruner import Pruner
+
+    if pruner is None:
+        return PruneConfig(method="none")
+    if not isinstance(pruner, Pruner):
+        raise UsageError(f"deploy: pruner must be the compressor.Pruner that pruned the model, not a "
+                         f"{type(pruner).__name__}.")
+    return pruner.spec.prune
 
 
 def _check_needs(recipe: Any, *, dense_model: Any, val_set: Any, train_set: Any, metric: Any) -> None:

@@ -63,10 +63,12 @@ def _summary_line(r: dict[str, Any]) -> str:
     loss and metric; a deploy() report says the model was pruned outside compress."""
     recipe, inputs = r["recipe"], r.get("inputs") or {}
     status = f"Status: **{r['status']}**."
-    if r.get("training") is None and not r.get("method"):
-        line = (f"{status} Model `{r['checkpoint']}` pruned outside compress and deployed with `compressor.deploy` "
-                f"(export, parity, quantization, engine and bench of the given model); data: "
-                f"{inputs.get('data', 'none')}.")
+    if r.get("training") is None:
+        pruned = (f"pruned in the user's loop by a `compressor.Pruner` (method `{recipe['prune']['method']}`, host "
+                  f"`{recipe['prune']['host']}`, target `{r['target']['asked'] or 'none'}`)" if r.get("method")
+                  else "pruned outside compress")
+        line = (f"{status} Model `{r['checkpoint']}` {pruned} and deployed with `compressor.deploy` (export, parity, "
+                f"quantization, engine and bench of the given model); data: {inputs.get('data', 'none')}.")
     else:
         line = (f"{status} Checkpoint `{r['checkpoint']}`, method `{recipe['prune']['method']}` (host "
                 f"`{recipe['prune']['host']}`), target `{r['target']['asked'] or 'none'}`, "
