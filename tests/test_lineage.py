@@ -15,7 +15,11 @@ from torch import nn
 from compressor.errors import NotPrunableError
 from compressor.prune import heads as H
 from compressor.prune import lineage as L
+from compressor.prune.importance import ImportanceConfig, build_scorer
+from compressor.prune.planning import Constraints, plan_uniform
 from compressor.prune.removal import remove
+from compressor.prune.snapshot import snapshot
+from tests import helpers_models as M
 from tests.helpers_models import tiny_vit4
 
 BASE = tp.pruner.function.BasePruningFunc
@@ -277,6 +281,59 @@ def test_the_kept_heads_keep_their_state():
     optimizer.step()
 
 
+def depthwise() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+WHOLE_MODELS = {  # (factory, example, snapshot options, planned groups at least, a parameter that shrinks)
+    "depthwise": (depthwise, lambda: torch.randn(2, 3, 8, 8), {}, 1, ("3.weight", 0)),  # one group with the conv
+    "bare-parameter": (M.with_custom_scale, lambda: torch.randn(2, 3, 8, 8), {}, 1, ("scale", 1)),
+    "groupnorm": (M.tiny_groupnorm, lambda: torch.randn(2, 3, 8, 8), {}, 1, ("1.weight", 0)),
+    "timm-heads": (M.tiny_timm_vit, lambda: torch.randn(2, 3, 32, 32), {"heads": True}, 4,
+                   ("blocks.0.attn.qkv.weight", 0)),
+    "hf-heads-embed": (M.tiny_hf_distilbert, lambda: torch.randint(5, 100, (1, 12)), {"heads": True, "embed": True},
+                       5, ("model.distilbert.transformer.layer.0.attention.q_lin.weight", 1)),  # embedding columns
+}
+
+
+@pytest.mark.parametrize("family", list(WHOLE_MODELS))
+def test_every_parameter_of_a_planned_removal_carries_its_state(family):
+    """The oracle: AdamW's state is set to functions of each parameter (exp_avg = p, exp_avg_sq = p^2,
+    max_exp_avg_sq = |p|), so after any removal, by any path (torch-pruning's handlers, head removal, the embedding
+    width), each state tensor must equal that function of the new parameter, for every parameter of the model."""
+    build, example, options, at_least, (shrinks, dim) = WHOLE_MODELS[family]
+    if family.startswith("timm"):
+        pytest.importorskip("timm")
+    if family.startswith("hf"):
+        pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, x = build(), example()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, amsgrad=True)
+    for p in model.parameters():
+        optimizer.state[p].update(step=torch.tensor(5.0), exp_avg=p.detach().clone(),
+                                  exp_avg_sq=p.detach().square(), max_exp_avg_sq=p.detach().abs())
+    plan = plan_uniform(snapshot(model, x, [], build_scorer(ImportanceConfig()), **options), 0.4, Constraints())
+    assert len(plan) >= at_least, plan
+    dense, width = {id(p) for p in model.parameters()}, model.get_parameter(shrinks).shape[dim]
+    lineage = L.Lineage()
+    with lineage.recording(model):
+        remove(model, x, plan)
+    replaced = sum(id(p) not in dense for p in model.parameters())
+    assert replaced >= 2 * at_least and model.get_parameter(shrinks).shape[dim] < width
+    assert lineage.remap_optimizer(optimizer, model) == {"remapped": replaced, "dropped": 0, "reset": 0}
+    assert_same_objects(optimizer_params(optimizer), list(model.parameters()))
+    for name, p in model.named_parameters():
+        state, p = optimizer.state[p], p.detach()
+        assert torch.equal(state["step"], torch.tensor(5.0)), name
+        assert torch.equal(state["exp_avg"], p) and torch.equal(state["exp_avg_sq"], p.square()), name
+        assert torch.equal(state["max_exp_avg_sq"], p.abs()), name
+    optimizer.zero_grad()
+    model(x).float().square().mean().backward()
+    optimizer.step()
+
+
 def test_torch_pruning_multihead_attention_embed_width_composes_rows_then_columns():
     """torch-pruning's own MultiheadAttention handler cuts in_proj_weight twice (3 x rows, then columns) and
     out_proj twice: one chain each."""
@@ -310,29 +367,44 @@ def test_every_torch_pruning_handler_replaces_parameters_through_the_patched_fun
             assert "Parameter(" not in inspect.getsource(handler), handler
 
 
-@pytest.mark.parametrize("handler, layer, shape, attrs", [
-    (tp.pruner.function.LayernormPruner(), lambda: nn.LayerNorm(8), (4, 3, 8), ("weight", "bias")),
-    (tp.pruner.function.GroupNormPruner(), lambda: nn.GroupNorm(1, 8), (4, 8, 3), ("weight", "bias")),
-    (tp.pruner.function.PReLUPruner(), lambda: nn.PReLU(8), (4, 8, 3), ("weight",)),
-    (tp.pruner.function.EmbeddingPruner(), lambda: nn.Embedding(5, 8), None, ("weight",)),
-], ids=["layernorm", "groupnorm", "prelu", "embedding"])
-def test_norm_prelu_and_embedding_handlers_are_recorded(handler, layer, shape, attrs):
+F_ = tp.pruner.function
+HANDLERS = {  # handler call, layer, input, {parameter: dim cut}
+    "layernorm": (F_.LayernormPruner().prune_out_channels, lambda: nn.LayerNorm(8), (4, 3, 8),
+                  {"weight": 0, "bias": 0}),
+    "groupnorm": (F_.GroupNormPruner().prune_out_channels, lambda: nn.GroupNorm(1, 8), (4, 8, 3),
+                  {"weight": 0, "bias": 0}),
+    "instancenorm": (F_.InstanceNormPruner().prune_out_channels, lambda: nn.InstanceNorm1d(8, affine=True),
+                     (4, 8, 3), {"weight": 0, "bias": 0}),
+    "prelu": (F_.PReLUPruner().prune_out_channels, lambda: nn.PReLU(8), (4, 8, 3), {"weight": 0}),
+    "embedding": (F_.EmbeddingPruner().prune_out_channels, lambda: nn.Embedding(5, 8), None, {"weight": 1}),
+    "lstm-input": (F_.LSTMPruner().prune_in_channels, lambda: nn.LSTM(8, 4, bidirectional=True), (4, 3, 8),
+                   {"weight_ih_l0": 1, "weight_ih_l0_reverse": 1}),
+}
+
+
+@pytest.mark.parametrize("kind", list(HANDLERS))
+def test_norm_prelu_embedding_and_lstm_handlers_are_recorded(kind):
+    prune, layer, shape, cut = HANDLERS[kind]
     torch.manual_seed(0)
     module = layer()
     x = torch.randint(0, 5, (4, 3)) if shape is None else torch.randn(shape)
-    weights = torch.randn(module(x).shape)  # every channel its own gradient
+
+    def output():
+        out = module(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    weights = torch.randn(output().shape)  # every channel its own gradient
     optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
     for _ in range(2):
         optimizer.zero_grad()
-        (module(x) * weights).sum().backward()
+        (output() * weights).sum().backward()
         optimizer.step()
     before = state_by_name(module, optimizer)
     lineage = L.Lineage()
     with lineage.recording(module):
-        handler.prune_out_channels(module, [0, 6])
-    dim = 1 if isinstance(module, nn.Embedding) else 0
-    assert lineage.remap_optimizer(optimizer, module) == {"remapped": len(attrs), "dropped": 0, "reset": 0}
-    assert_cut(module, optimizer, before, {a: [(dim, keep(8, [0, 6]))] for a in attrs})
+        prune(module, [0, 6])
+    assert lineage.remap_optimizer(optimizer, module) == {"remapped": len(cut), "dropped": 0, "reset": 0}
+    assert_cut(module, optimizer, before, {name: [(dim, keep(8, [0, 6]))] for name, dim in cut.items()})
 
 
 def test_a_replacement_that_did_not_report_is_found_by_name_and_reset():
