@@ -26,7 +26,7 @@ from torch import nn
 
 _ACTIVE: list["Lineage"] = []  # the recording lineages, innermost last
 _LOCK = threading.RLock()
-_PATCHED: Optional[tuple[type, object]] = None  # (BasePruningFunc, its own _prune_parameter_and_grad) while patched
+_PATCHED: Optional[tuple[type, object]] = None  # (BasePruningFunc, its own _prune_parameter_and_grad), once patched
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,7 +54,7 @@ def record_replacement(old: torch.Tensor, new: torch.Tensor, dim: int,
     index = None
     if keep_idxs is not None:
         index = torch.as_tensor(keep_idxs, dtype=torch.long).detach().flatten().cpu().clone()
-        dim = dim % old.dim()
+        dim = dim % max(old.dim(), 1)
     step = _Step(old, new, dim, index)
     for lineage in dict.fromkeys(_ACTIVE):  # each once, also a lineage recording inside itself
         lineage._steps.setdefault(id(old), []).append(step)
@@ -75,11 +75,9 @@ def _install() -> None:
     BasePruningFunc._prune_parameter_and_grad = _recording_prune
 
 
-def _uninstall() -> None:
-    global _PATCHED
+def _uninstall() -> None:  # _PATCHED stays: a call that looked the patch up just before still finds the original
     owner, original = _PATCHED
     owner._prune_parameter_and_grad = original
-    _PATCHED = None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
