@@ -152,7 +152,7 @@ def test_recurrent_layers_are_counted_per_token_and_kept(tmp_path):
     """timm's Sequencer: torch-pruning's RNN counter took the sequence length for the batch and the feature width for
     the sequence length (73.6 GMACs for an 8 GMAC model), and pruning the LSTM's coupled widths removed 92% of the
     MACs for a planned 6%. An LSTM is counted as its weight matrices once per token and its widths are kept."""
-    from compressor.prune.selection import count_ops
+    from compressor.prune.op_count import count_ops
     from tests.helpers_models import tiny_lstm
 
     model = tiny_lstm().eval()

@@ -9,7 +9,9 @@ from torch import nn
 from compressor.app.recipe import recipe_from_dict
 from compressor.errors import RecipeError
 from compressor.prune import heads as H
-from compressor.prune import selection as sel
+from compressor.prune.op_count import snapshot_macs
+from compressor.prune.removal import remove
+from compressor.prune.snapshot import Candidate, Snapshot, snapshot
 from compressor.prune.importance import ImportanceConfig, build_scorer, channel_slices
 from tests.conftest import tiny_recipe
 from tests.helpers_models import (tiny_hf_bert, tiny_hf_deit, tiny_hf_distilbert, tiny_hf_roberta, tiny_hf_vit,
@@ -27,7 +29,7 @@ def _build(family: str) -> tuple[nn.Module, torch.Tensor, int]:
     return IMAGE[family]().eval(), torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)), 10
 
 
-def _residual(snap: sel.Snapshot) -> sel.Candidate:
+def _residual(snap: Snapshot) -> Candidate:
     found = [c for c in snap.candidates if not H.is_head_root(c.root)
              and any(m[0].endswith(("query", "q_lin", "q_proj")) and m[1] == "in" for m in c.members)]
     assert len(found) == 1, [c.root for c in snap.candidates]
@@ -56,7 +58,7 @@ def _residual_widths(model: nn.Module) -> set[int]:
 @pytest.mark.parametrize("family", sorted(TEXT) + sorted(IMAGE))
 def test_the_residual_stream_is_one_structure_removed_from_every_tensor_along_it(family):
     model, x, classes = _build(family)
-    snap = sel.snapshot(model, x, [], build_scorer(ImportanceConfig()), heads=True, embed=True)
+    snap = snapshot(model, x, [], build_scorer(ImportanceConfig()), heads=True, embed=True)
     residual = _residual(snap)
     assert residual.width == 32
     sides = {(m[0].rsplit(".", 1)[-1], m[1]) for m in residual.members}
@@ -64,10 +66,10 @@ def test_the_residual_stream_is_one_structure_removed_from_every_tensor_along_it
     assert {("dense", "out"), ("out_lin", "out"), ("o_proj", "out")} & sides
     plan = {residual.root: list(range(0, 32, 4))}  # 8 of 32 channels
     predicted = snap.macs_after(plan)
-    sel.remove(model, x, plan)
+    remove(model, x, plan)
     assert _residual_widths(model) == {24}
     assert set(H.head_counts(model).values()) == {4}  # the heads stay: their width is not the embedding's
-    actual = sel.snapshot_macs(model, x)[0]
+    actual = snapshot_macs(model, x)[0]
     assert predicted == pytest.approx(actual, rel=0.02)  # an upper bound: norms and embeddings are not modelled
     with torch.no_grad():
         out = model(x)
@@ -101,15 +103,15 @@ def test_attention_whose_qkv_width_follows_the_embedding_refuses_it(build, layer
     torch.manual_seed(0)
     model = build().eval()
     with pytest.raises(RecipeError) as caught:
-        sel.snapshot(model, torch.randn(1, 3, 32, 32), [], build_scorer(ImportanceConfig()), embed=True)
+        snapshot(model, torch.randn(1, 3, 32, 32), [], build_scorer(ImportanceConfig()), embed=True)
     assert f"prune.attention.embed: attention layer {layer}" in str(caught.value)
     assert "prune.attention.embed: false" in caught.value.hint
-    sel.snapshot(model, torch.randn(1, 3, 32, 32), [], build_scorer(ImportanceConfig()))  # off: fine
+    snapshot(model, torch.randn(1, 3, 32, 32), [], build_scorer(ImportanceConfig()))  # off: fine
 
 
 def test_without_embed_the_residual_stream_stays():
     model, x, classes = _build("bert")
-    snap = sel.snapshot(model, x, [], build_scorer(ImportanceConfig()), heads=True)
+    snap = snapshot(model, x, [], build_scorer(ImportanceConfig()), heads=True)
     assert not [c for c in snap.candidates if any(m[0].endswith("query") and m[1] == "in" for m in c.members)]
     assert recipe_from_dict(tiny_recipe(prune={"attention": {"embed": True}})).prune.attention.embed
 

@@ -12,7 +12,7 @@ from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.fggp import FGGP, _input_groups, cubic_sparsity, event_steps, two_step_select
 from compressor.models.loading import build_arch, example_inputs
 from compressor.app.recipe import recipe_from_dict
-from compressor.prune.selection import snapshot_macs
+from compressor.prune.op_count import snapshot_macs
 from compressor.train.loop import fit
 
 from .conftest import tiny_recipe

@@ -13,7 +13,10 @@ from compressor.app.recipe import recipe_from_dict
 from compressor.errors import RecipeError
 from compressor.models.attention import HeadPrunedMultiheadAttention
 from compressor.prune import heads as H
-from compressor.prune import selection as sel
+from compressor.prune.op_count import snapshot_macs
+from compressor.prune.planning import Constraints, allowed_removals, plan_global
+from compressor.prune.removal import remove
+from compressor.prune.snapshot import snapshot
 from compressor.prune.importance import ImportanceConfig, build_scorer
 from tests.conftest import tiny_recipe
 from tests.helpers_models import (tiny_hf_bert, tiny_hf_deit, tiny_hf_distilbert, tiny_hf_roberta, tiny_hf_vit, tiny_swin_shifted, tiny_swin_v2,
@@ -140,8 +143,8 @@ def test_a_pruned_multihead_attention_matches_torch_with_all_its_heads():
 def test_the_planner_sees_heads_with_their_macs(family):
     model, layer = _model(family)
     scorer = build_scorer(ImportanceConfig())
-    plain = sel.snapshot(model, X[:1], [], scorer)
-    snap = sel.snapshot(model, X[:1], [], scorer, heads=True)
+    plain = snapshot(model, X[:1], [], scorer)
+    snap = snapshot(model, X[:1], [], scorer, heads=True)
     roots = {c.root: c for c in snap.candidates}
     assert not any(H.is_head_root(c.root) for c in plain.candidates)
     heads = {r: c for r, c in roots.items() if H.is_head_root(r)}
@@ -149,12 +152,12 @@ def test_the_planner_sees_heads_with_their_macs(family):
     assert all(c.width == 4 and c.scores.shape == (4,) for c in heads.values())
     plan = {H.head_root(layer): [0, 1]}
     predicted = snap.macs_after(plan)
-    sel.remove(model, X[:1], plan)
-    achieved = sel.snapshot_macs(model, X[:1])[0]
+    remove(model, X[:1], plan)
+    achieved = snapshot_macs(model, X[:1])[0]
     assert predicted < snap.total_macs and achieved == pytest.approx(predicted, rel=0.02)
     # heads do not follow round_to (a kept width is heads x head_dim, aligned when head_dim is)
-    assert sel.allowed_removals(4, sel.Constraints(round_to=8, max_layer_ratio=0.8), H.head_root(layer)) == [0, 1, 2, 3]
-    assert sel.allowed_removals(4, sel.Constraints(round_to=8, max_layer_ratio=0.5), H.head_root(layer)) == [0, 1, 2]
+    assert allowed_removals(4, Constraints(round_to=8, max_layer_ratio=0.8), H.head_root(layer)) == [0, 1, 2, 3]
+    assert allowed_removals(4, Constraints(round_to=8, max_layer_ratio=0.5), H.head_root(layer)) == [0, 1, 2]
 
 
 def test_heads_ranked_by_their_joint_norm():
@@ -164,10 +167,10 @@ def test_heads_ranked_by_their_joint_norm():
         for sl, heads in site.slices(out_only=False):
             rows = [i for i, h in zip(sl.idxs, heads) if h == 3]
             sl.param.index_copy_(sl.dim, torch.tensor(rows), sl.param.index_select(sl.dim, torch.tensor(rows)) * 0.01)
-    snap = sel.snapshot(model, X[:1], [], build_scorer(ImportanceConfig()), heads=True)
+    snap = snapshot(model, X[:1], [], build_scorer(ImportanceConfig()), heads=True)
     scores = next(c for c in snap.candidates if c.root == H.head_root(layer)).scores
     assert int(scores.argmin()) == 3 and scores.mean() == pytest.approx(1.0)
-    assert sel.plan_global(snap, 1, sel.Constraints()) in ({H.head_root(layer): [3]},)
+    assert plan_global(snap, 1, Constraints()) in ({H.head_root(layer): [3]},)
 
 
 def test_head_counts_survive_save_reload_and_onnx(tmp_path):
@@ -237,7 +240,7 @@ def test_a_head_cannot_be_removed_twice_or_all_of_them():
 def test_importances_without_head_scores_are_a_recipe_error():
     model, _ = _model("torchvision")
     with pytest.raises(RecipeError, match="prune.attention.heads"):
-        sel.snapshot(model, X[:1], [], build_scorer(ImportanceConfig(kind="gate")), heads=True)
+        snapshot(model, X[:1], [], build_scorer(ImportanceConfig(kind="gate")), heads=True)
 
 
 def _vit_recipe(method: str, epochs: int = 1, **prune):
@@ -334,7 +337,7 @@ def test_hugging_face_references_say_what_does_not_fit(tmp_path):
 
 def test_an_ignored_attention_layer_keeps_its_heads():
     model, layer = _model("torchvision")
-    snap = sel.snapshot(model, X[:1], [layer], build_scorer(ImportanceConfig()), heads=True)
+    snap = snapshot(model, X[:1], [layer], build_scorer(ImportanceConfig()), heads=True)
     roots = {c.root for c in snap.candidates if H.is_head_root(c.root)}
     assert roots == {"encoder.layers.encoder_layer_1.self_attention:heads"}
 
@@ -346,13 +349,13 @@ def test_timm_swin_window_heads_are_planned_by_their_macs_and_compress(tmp_path)
     from compressor.models.slim import load_slim
 
     model, layer = _model("timm-swin")
-    snap = sel.snapshot(model, X[:1], [], build_scorer(ImportanceConfig()), heads=True)
+    snap = snapshot(model, X[:1], [], build_scorer(ImportanceConfig()), heads=True)
     widths = {c.root: c.width for c in snap.candidates if H.is_head_root(c.root)}
     assert widths == {"layers.0.blocks.0.attn:heads": 2, "layers.1.blocks.0.attn:heads": 4}
     plan = {H.head_root(layer): [0, 3]}
     predicted = snap.macs_after(plan)
-    sel.remove(model, X[:1], plan)
-    assert sel.snapshot_macs(model, X[:1])[0] == pytest.approx(predicted, rel=0.02) and predicted < snap.total_macs
+    remove(model, X[:1], plan)
+    assert snapshot_macs(model, X[:1])[0] == pytest.approx(predicted, rel=0.02) and predicted < snap.total_macs
 
     recipe = recipe_from_dict(tiny_recipe(
         model={"arch": "python:tests.helpers_models:tiny_timm_swin", "num_classes": 4, "in_channels": 3,

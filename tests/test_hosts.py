@@ -11,7 +11,7 @@ from compressor.prune.methods import HOSTS as HOST_REGISTRY
 from compressor.prune.methods.hosts import event_epochs, fraction_at
 from compressor.models.loading import build_arch, example_inputs
 from compressor.app.recipe import recipe_from_dict
-from compressor.prune.selection import snapshot_macs
+from compressor.prune.op_count import snapshot_macs
 from compressor.train.loop import fit
 
 from .conftest import tiny_recipe

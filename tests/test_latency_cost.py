@@ -17,7 +17,10 @@ from compressor.app.recipe import recipe_from_dict
 from compressor.deploy.latency_table import FORMAT, measure_table, prunable_layers, sample_widths, write_table
 from compressor.errors import UsageError
 from compressor.prune import latency_target as lt
-from compressor.prune import selection as sel
+from compressor.prune.planning import (Constraints, allowed_removals, constraints_from, plan_for_macs, plan_for_target,
+                                       plan_global)
+from compressor.prune.removal import remove
+from compressor.prune.snapshot import Candidate, Snapshot, snapshot
 from compressor.prune.latency_cost import (Curve, LatencyCost, build_cost, group_widths, layer_signatures,
                                            predicted_speedup, row_signature)
 from compressor.prune.importance import ImportanceConfig, build_scorer
@@ -75,9 +78,9 @@ def test_a_curve_interpolates_and_scales_with_kept_inputs():
 def _two_groups(score_a: float, score_b: float, ms_a: float, ms_b: float):
     """Two independent 16-channel layers a and b with equal MACs, and a cost model giving them ms_a / ms_b per
     4 channels."""
-    cands = [sel.Candidate(root, 16, torch.full((16,), s), [(root, "out", list(range(16)), 16)])
+    cands = [Candidate(root, 16, torch.full((16,), s), [(root, "out", list(range(16)), 16)])
              for root, s in (("a", score_a), ("b", score_b))]
-    snap = sel.Snapshot(cands, {"a": 100.0, "b": 100.0}, {"a": (16, 1, False), "b": (16, 1, False)}, 0.0, 200.0, 0)
+    snap = Snapshot(cands, {"a": 100.0, "b": 100.0}, {"a": (16, 1, False), "b": (16, 1, False)}, 0.0, 200.0, 0)
     curves = {root: Curve([4, 8, 12, 16], [ms * k for k in (1, 2, 3, 4)], 16, 1, False)
               for root, ms in (("a", ms_a), ("b", ms_b))}
     cost = LatencyCost(curves, 0.0, 200.0)
@@ -107,13 +110,13 @@ def test_channels_are_ranked_by_importance_per_millisecond():
     """b's channels score lower, so the MAC planner takes them first; a's cost ten times more time each, so per
     millisecond they are the cheaper importance to give up, and the table planner takes a's."""
     snap, cost = _two_groups(score_a=1.2, score_b=1.0, ms_a=1.0, ms_b=0.1)
-    by_macs = sel.plan_for_macs(snap, 150.0, sel.Constraints())
+    by_macs = plan_for_macs(snap, 150.0, Constraints())
     assert set(by_macs) == {"b"}
-    by_latency = sel.plan_for_macs(snap, 0.75 * 200.0, sel.Constraints(cost=cost))  # 0.75 of the predicted 4.4 ms
+    by_latency = plan_for_macs(snap, 0.75 * 200.0, Constraints(cost=cost))  # 0.75 of the predicted 4.4 ms
     # the ranking takes 4 of a's (3.4 ms), then the refinement one 4-channel step of b lands on the budget exactly
     assert {root: len(idxs) for root, idxs in by_latency.items()} == {"a": 4, "b": 4}
     assert cost.predict(snap, by_latency) == pytest.approx(3.3)
-    by_ranking = sel.plan_global(cost.weighted(snap), 8, sel.Constraints(cost=cost))
+    by_ranking = plan_global(cost.weighted(snap), 8, Constraints(cost=cost))
     assert {root: len(idxs) for root, idxs in by_ranking.items()} == {"a": 8}
 
 
@@ -141,7 +144,7 @@ def test_a_probe_bias_that_the_whole_model_contradicts_does_not_move_the_plan(tm
 
     def plan(table):
         cost = build_cost(table, base, example_inputs(recipe.model), snap, 1)
-        return cost, sel.plan_for_macs(snap, 0.6 * snap.total_macs, sel.constraints_from(recipe, cost=cost))
+        return cost, plan_for_macs(snap, 0.6 * snap.total_macs, constraints_from(recipe, cost=cost))
 
     (fair_cost, fair_plan), (cal_cost, cal_plan), (_, raw_plan) = plan(fair), plan(biased), plan(uncalibrated)
     assert {k: len(v) for k, v in cal_plan.items()} == {k: len(v) for k, v in fair_plan.items()}
@@ -150,12 +153,12 @@ def test_a_probe_bias_that_the_whole_model_contradicts_does_not_move_the_plan(tm
 
 
 def test_a_group_keeps_only_the_widths_where_its_latency_steps_down():
-    cand = sel.Candidate("a", 32, torch.ones(32), [("a", "out", list(range(32)), 32)])
-    snap = sel.Snapshot([cand], {"a": 1.0}, {"a": (32, 3, False)}, 0.0, 1.0, 0)
+    cand = Candidate("a", 32, torch.ones(32), [("a", "out", list(range(32)), 32)])
+    snap = Snapshot([cand], {"a": 1.0}, {"a": (32, 3, False)}, 0.0, 1.0, 0)
     curves = {"a": Curve([8, 16, 24, 32], [1.0, 1.0, 2.0, 2.0], 32, 3, False)}  # 24 costs what 32 does, 8 what 16 does
     assert group_widths(snap, cand, curves) == {32, 16}
     cost = LatencyCost(curves, 0.0, 1.0, kept_widths={"a": {32, 16}})
-    assert sel.allowed_removals(32, sel.Constraints(cost=cost), "a") == [0, 16]  # 8 is below max_layer_ratio 0.8 (6.4)
+    assert allowed_removals(32, Constraints(cost=cost), "a") == [0, 16]  # 8 is below max_layer_ratio 0.8 (6.4)
 
 
 def test_a_table_for_another_model_is_refused_naming_the_layer(tmp_path):
@@ -217,13 +220,13 @@ def test_every_method_plans_with_the_table_once_resolved(tmp_path):
     base, snap = magnitude_snapshot(model, recipe)
     cost = lt.table_cost(recipe, base, snap)
     resolved = lt.with_mac_target(recipe, 0.6, cost)
-    cons = sel.constraints_from(resolved)
+    cons = constraints_from(resolved)
     assert cons.cost is cost
-    plan = sel.plan_for_target(snap, resolved.prune.target, cons)
+    plan = plan_for_target(snap, resolved.prune.target, cons)
     assert cost.predict(snap, plan) == pytest.approx(0.6 * cost.dense_ms, rel=0.08)
     for cand in snap.candidates:
         assert cand.width - len(plan.get(cand.root, ())) in cost.kept_widths[cand.root]
-    sel.remove(base, example_inputs(recipe.model), plan)  # torch-pruning can carry the plan out
+    remove(base, example_inputs(recipe.model), plan)  # torch-pruning can carry the plan out
 
 
 def test_compress_plans_from_a_measured_table_and_reports_it(tmp_path, monkeypatch):
@@ -332,7 +335,7 @@ def test_attention_heads_the_table_cannot_time_are_priced_by_their_macs(tmp_path
                "input_shape": [3, 32, 32]},
         prune={"method": "oneshot", "target": {"macs": 0.6}, "attention": {"heads": True}}))
     example = example_inputs(recipe.model)
-    snap = sel.snapshot(model, example, [], build_scorer(ImportanceConfig()), heads=True)
+    snap = snapshot(model, example, [], build_scorer(ImportanceConfig()), heads=True)
     table = _synthetic_table(_export(model, (3, 32, 32), tmp_path / "vit.onnx"), 1)
     table["model_p50_ms"]["1"] *= 4  # time outside the Linear layers: attention, norms, activations
     cost = build_cost(table, model, example, snap, 1)

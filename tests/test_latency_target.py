@@ -74,7 +74,8 @@ def _fake_runtime(monkeypatch, exponent: float, fastest: dict[str, float] | None
     cannot get past, or a runtime whose fixed costs stay)."""
     from compressor.deploy import bench
     from compressor.models.loading import example_inputs
-    from compressor.prune import round_to, selection as sel
+    from compressor.prune import round_to
+    from compressor.prune.op_count import snapshot_macs
 
     recipe = recipe_from_dict(tiny_recipe(**{"bench": {"backends": ["ort-cpu"]}, **sections,
                                              "prune": {"method": "oneshot", "target": {"latency_speedup": asked},
@@ -83,7 +84,7 @@ def _fake_runtime(monkeypatch, exponent: float, fastest: dict[str, float] | None
     dense_macs = []
 
     def fake_runner(model, recipe, backend, path):
-        macs = sel.snapshot_macs(model, example)[0]
+        macs = snapshot_macs(model, example)[0]
         dense_macs.append(macs) if not dense_macs else None
         return FakeRunner(macs / dense_macs[0], Path(path).stem.split("-")[0])  # the loop names "<planner>-try<i>"
 

@@ -9,7 +9,8 @@ import torch
 from compressor.app.recipe import recipe_from_dict
 from compressor.models.loading import build_arch, example_inputs
 from compressor.models.slim import layer_widths, load_slim, save_slim
-from compressor.prune import selection as sel
+from compressor.prune.op_count import snapshot_macs
+from compressor.prune.planning import MISS_TOLERANCE
 from compressor.prune.methods import HOSTS, METHODS
 from compressor.train.data import build_datasets
 from compressor.train.loop import fit
@@ -68,17 +69,17 @@ def test_method_invariants(name, host, tmp_path):
     example = example_inputs(recipe.model)
 
     model = _model(recipe)
-    dense_widths, dense_macs = layer_widths(model), sel.snapshot_macs(model, example)[0]
+    dense_widths, dense_macs = layer_widths(model), snapshot_macs(model, example)[0]
     method = cls(recipe)
     fit(model, train, val, recipe.finetune, recipe.data, method=method, checkpoint=tmp_path / "a.pt")
-    widths, macs = layer_widths(model), sel.snapshot_macs(model, example)[0]
+    widths, macs = layer_widths(model), snapshot_macs(model, example)[0]
 
     # the MAC target, and widths on multiples of round_to
     changed = {n: w for n, w in widths.items() if w != dense_widths[n]}
     if cls.keeps_dense_shapes(recipe.prune):
         assert not changed and macs == dense_macs
     else:
-        assert macs / dense_macs == pytest.approx(0.5, rel=sel.MISS_TOLERANCE)
+        assert macs / dense_macs == pytest.approx(0.5, rel=MISS_TOLERANCE)
         assert changed and all(w % ROUND == 0 for w in changed.values()), {n: w for n, w in changed.items() if w % ROUND}
 
     # resume after an interruption in epoch 2 equals the uninterrupted run (weights, decisions and method state): the

@@ -11,7 +11,7 @@ from torch import nn
 
 from compressor.errors import ModelLoadError
 from compressor.models.loading import build_arch, example_inputs, load_model
-from compressor.prune.selection import snapshot_macs
+from compressor.prune.op_count import snapshot_macs
 from compressor.models.config import ModelConfig
 from compressor.models.zoo import ZOO
 

@@ -6,13 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from compressor.prune import selection as sel
 from compressor.train.data import build_datasets
 from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.ocsp import OCSP, jaccard, stability
 from compressor.models.loading import build_arch, example_inputs
 from compressor.app.recipe import recipe_from_dict
-from compressor.prune.selection import snapshot_macs
+from compressor.prune.op_count import snapshot_macs
 from compressor.train.loop import fit, lr_factor
 
 from .conftest import tiny_recipe

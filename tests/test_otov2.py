@@ -6,9 +6,11 @@ import torch
 
 from compressor.app.recipe import recipe_from_dict
 from compressor.models.loading import build_arch, example_inputs
-from compressor.prune import selection as sel
+from compressor.prune.op_count import snapshot_macs
+from compressor.prune.planning import MISS_TOLERANCE
+from compressor.prune.removal import remove
 from compressor.prune.importance import Slice
-from compressor.prune.methods import METHODS
+from compressor.prune.methods import METHODS, hosts
 from compressor.prune.methods.otov2 import half_space_project, rows_of
 from compressor.train.data import build_datasets
 from compressor.train.loop import check_method_schedule, fit
@@ -46,10 +48,10 @@ def test_zero_groups_are_removed_without_changing_the_outputs_and_the_target_hol
     model = build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels)
     train, val = build_datasets(recipe.data, recipe.model)
     example = example_inputs(recipe.model)
-    dense_macs = sel.snapshot_macs(model, example)[0]
+    dense_macs = snapshot_macs(model, example)[0]
     x = torch.randn(8, *recipe.model.input_shape)
     seen = {}
-    original = sel.remove
+    original = remove
 
     def watched(net, ex, plan):
         was = net.training
@@ -62,13 +64,13 @@ def test_zero_groups_are_removed_without_changing_the_outputs_and_the_target_hol
         net.train(was)
         return removed
 
-    monkeypatch.setattr(sel, "remove", watched)
+    monkeypatch.setattr(hosts, "remove", watched)
     method = METHODS.get("oneshot")(recipe)
     fit(model, train, val, recipe.finetune, recipe.data, method=method)
     phase = method.summary()["host_state"]["phases"][0]  # before the removal
     assert phase["redundant"] > 0 and phase["zeroed"] == phase["redundant"]  # HSPG drove every one to exact zero
     assert torch.allclose(seen["before"], seen["after"], rtol=0, atol=1e-5)  # removing zero groups: same outputs
-    assert sel.snapshot_macs(model, example)[0] / dense_macs == pytest.approx(0.5, rel=sel.MISS_TOLERANCE)
+    assert snapshot_macs(model, example)[0] / dense_macs == pytest.approx(0.5, rel=MISS_TOLERANCE)
 
 
 def test_an_event_before_any_hspg_step_is_a_schedule_warning():

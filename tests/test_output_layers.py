@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.prune import graph as dg
-from compressor.prune import selection as sel
+from compressor.prune.snapshot import snapshot
 from compressor.prune.importance import ImportanceConfig, build_scorer
 
 
@@ -53,7 +53,7 @@ class FrozenTokens(nn.Module):
 def test_the_main_head_of_a_segmentation_model_is_kept_and_its_auxiliary_head_is_not():
     model, x = Segmenter(), torch.randn(1, 3, 16, 16)
     assert dg.output_layers(model, x) == [model.classifier[2]]
-    snap = sel.snapshot(model, x, [], build_scorer(ImportanceConfig()))
+    snap = snapshot(model, x, [], build_scorer(ImportanceConfig()))
     pruned_out = {layer for c in snap.candidates for layer, side, *_ in c.members if side == "out"}
     assert "classifier.2" not in pruned_out and "classifier.0" in pruned_out  # the classes stay, the head's input not
 

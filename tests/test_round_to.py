@@ -8,7 +8,12 @@ import json
 import pytest
 import torch
 
-from compressor.prune import selection as sel
+from compressor.prune import snapshot as snapshot_module
+from compressor.prune.op_count import snapshot_macs
+from compressor.prune.planning import (Constraints, _count_allowed, allowed_count, allowed_removals, layer_round_to,
+                                       plan_for_macs, plan_mismatch)
+from compressor.prune.removal import remove
+from compressor.prune.snapshot import Candidate, Snapshot, snapshot
 from compressor.train.data import build_datasets
 from compressor.prune.importance import build_scorer
 from compressor.prune.methods import METHODS
@@ -28,39 +33,39 @@ ROUND = 8
 
 # ---------------------------------------------------------------------------------------------- allowed widths
 def test_allowed_removals_keep_multiples_of_round_to_or_the_whole_width():
-    strict = sel.Constraints(round_to=16, max_layer_ratio=0.9)
-    assert sel.allowed_removals(64, strict) == [0, 16, 32, 48]
-    assert sel.allowed_removals(16, strict) == [0]  # a 16-wide layer can only stay whole under a strict 16
-    assert sel.allowed_removals(20, strict) == [0, 4]  # kept 16 (or 20, whole)
-    auto = sel.Constraints(round_to=16, max_layer_ratio=0.9, clamp=True)
-    assert sel.layer_round_to(16, auto) == 8 and sel.allowed_removals(16, auto) == [0, 8]
-    assert sel.layer_round_to(64, auto) == 16
-    assert sel.allowed_removals(10, sel.Constraints(round_to=None, max_layer_ratio=0.5)) == [0, 1, 2, 3, 4, 5]
+    strict = Constraints(round_to=16, max_layer_ratio=0.9)
+    assert allowed_removals(64, strict) == [0, 16, 32, 48]
+    assert allowed_removals(16, strict) == [0]  # a 16-wide layer can only stay whole under a strict 16
+    assert allowed_removals(20, strict) == [0, 4]  # kept 16 (or 20, whole)
+    auto = Constraints(round_to=16, max_layer_ratio=0.9, clamp=True)
+    assert layer_round_to(16, auto) == 8 and allowed_removals(16, auto) == [0, 8]
+    assert layer_round_to(64, auto) == 16
+    assert allowed_removals(10, Constraints(round_to=None, max_layer_ratio=0.5)) == [0, 1, 2, 3, 4, 5]
 
 
 def test_decaying_channels_round_the_removal_up_to_the_next_allowed_count():
-    cons = sel.Constraints(round_to=8, max_layer_ratio=0.8)
-    cand = sel.Candidate(root="a", width=64, scores=torch.ones(64), members=[])
-    assert sel._count_allowed(cand, 20, cons) == 16  # kept widths round up: remove fewer
-    assert sel._count_allowed(cand, 3, cons, floor=9) == 16  # 9 already decaying: remove 16, not 9
-    assert sel.allowed_count(cand, 8, cons) == 8
-    pruned = sel.Candidate(root="a", width=57, scores=torch.ones(57), members=[])  # 64 -> 57 by an earlier removal
-    dense = sel.Constraints(round_to=8, max_layer_ratio=0.8, dense_widths={"a": 64})
-    assert sel.allowed_removals(57, dense, "a")[0] == 1  # staying at 57 is not allowed: back onto a multiple of 8
-    assert sel._count_allowed(pruned, 0, dense) == 1
+    cons = Constraints(round_to=8, max_layer_ratio=0.8)
+    cand = Candidate(root="a", width=64, scores=torch.ones(64), members=[])
+    assert _count_allowed(cand, 20, cons) == 16  # kept widths round up: remove fewer
+    assert _count_allowed(cand, 3, cons, floor=9) == 16  # 9 already decaying: remove 16, not 9
+    assert allowed_count(cand, 8, cons) == 8
+    pruned = Candidate(root="a", width=57, scores=torch.ones(57), members=[])  # 64 -> 57 by an earlier removal
+    dense = Constraints(round_to=8, max_layer_ratio=0.8, dense_widths={"a": 64})
+    assert allowed_removals(57, dense, "a")[0] == 1  # staying at 57 is not allowed: back onto a multiple of 8
+    assert _count_allowed(pruned, 0, dense) == 1
 
 
-def _toy_snapshot() -> sel.Snapshot:
-    cand = sel.Candidate(root="a", width=10, scores=torch.arange(10.0), members=[("a", "out", list(range(10)), 10)])
-    return sel.Snapshot([cand], {"a": 100.0}, {"a": (10, 1, False)}, 0.0, 100.0, 0)
+def _toy_snapshot() -> Snapshot:
+    cand = Candidate(root="a", width=10, scores=torch.arange(10.0), members=[("a", "out", list(range(10)), 10)])
+    return Snapshot([cand], {"a": 100.0}, {"a": (10, 1, False)}, 0.0, 100.0, 0)
 
 
 @pytest.mark.parametrize("target, expected", [(85.0, 80.0), (93.0, 100.0), (55.0, 40.0), (61.0, 80.0)])
 def test_plan_for_macs_takes_the_nearer_side_of_the_target(target, expected):
     # round_to 4 on 10 channels: kept 10, 8 or 4 -> 100, 80 or 40 MACs (max_layer_ratio 0.8)
     snap = _toy_snapshot()
-    cons = sel.Constraints(round_to=4, max_layer_ratio=0.8)
-    assert snap.macs_after(sel.plan_for_macs(snap, target, cons)) == expected
+    cons = Constraints(round_to=4, max_layer_ratio=0.8)
+    assert snap.macs_after(plan_for_macs(snap, target, cons)) == expected
 
 
 # ---------------------------------------------------------------------------------------------- every path
@@ -71,11 +76,11 @@ def _run(method: str, prune: dict, finetune: dict | None = None, probe=None):
     torch.manual_seed(0)
     model = build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels)
     dense = layer_widths(model)
-    dense_macs = sel.snapshot_macs(model, example_inputs(recipe.model))[0]
+    dense_macs = snapshot_macs(model, example_inputs(recipe.model))[0]
     train, val = build_datasets(recipe.data, recipe.model)
     pruner = METHODS.get(method)(recipe)
     fit(model, train, val, recipe.finetune, recipe.data, method=Chain(pruner, probe(pruner)) if probe else pruner)
-    return pruner, dense, layer_widths(model), sel.snapshot_macs(model, example_inputs(recipe.model))[0] / dense_macs
+    return pruner, dense, layer_widths(model), snapshot_macs(model, example_inputs(recipe.model))[0] / dense_macs
 
 
 def _pull_back(dpm):
@@ -116,28 +121,28 @@ def test_every_method_keeps_widths_on_round_to(method, prune, finetune, forced):
 @pytest.mark.parametrize("global_ranking, round_to", [(True, None), (True, 8), (False, None), (False, 8)])
 def test_ghostnet_like_model_meets_the_mac_target_within_two_percent(global_ranking, round_to):
     model, example = tiny_ghostnet(10, 3).eval(), torch.randn(1, 3, 32, 32)
-    snap = sel.snapshot(model, example, [], build_scorer(ImportanceConfig(kind="magnitude")))
+    snap = snapshot(model, example, [], build_scorer(ImportanceConfig(kind="magnitude")))
     assert any(c.classes for c in snap.candidates)  # the ghost modules couple channel i with i + width/2
-    plan = sel.plan_for_macs(snap, 0.7 * snap.total_macs, sel.Constraints(round_to=round_to,
+    plan = plan_for_macs(snap, 0.7 * snap.total_macs, Constraints(round_to=round_to,
                                                                             global_ranking=global_ranking))
     work = copy.deepcopy(model)
-    sel.remove(work, example, plan)
-    achieved = sel.snapshot_macs(work, example)[0] / snap.total_macs
+    remove(work, example, plan)
+    achieved = snapshot_macs(work, example)[0] / snap.total_macs
     assert achieved == pytest.approx(0.7, rel=0.02)
     assert achieved == pytest.approx(snap.macs_after(plan) / snap.total_macs, rel=0.01)  # the plan predicted it
 
 
 def test_without_the_coupled_classes_the_plan_would_miss(monkeypatch):
     # the check above can fail: blind to the coupling, the cost model under-counts what torch-pruning removes
-    monkeypatch.setattr(sel, "coupled_classes", lambda *args: None)
+    monkeypatch.setattr(snapshot_module, "coupled_classes", lambda *args: None)
     model, example = tiny_ghostnet(10, 3).eval(), torch.randn(1, 3, 32, 32)
-    snap = sel.snapshot(model, example, [], build_scorer(ImportanceConfig(kind="magnitude")))
-    plan = sel.plan_for_macs(snap, 0.85 * snap.total_macs, sel.Constraints(max_layer_ratio=0.4))
+    snap = snapshot(model, example, [], build_scorer(ImportanceConfig(kind="magnitude")))
+    plan = plan_for_macs(snap, 0.85 * snap.total_macs, Constraints(max_layer_ratio=0.4))
     work = copy.deepcopy(model)
-    sel.remove(work, example, plan)
-    achieved = sel.snapshot_macs(work, example)[0] / snap.total_macs
+    remove(work, example, plan)
+    achieved = snapshot_macs(work, example)[0] / snap.total_macs
     assert abs(achieved - snap.macs_after(plan) / snap.total_macs) > 0.02
-    assert sel.plan_mismatch(snap.macs_after(plan) / snap.total_macs, achieved, 1).startswith("MACs after removing")
+    assert plan_mismatch(snap.macs_after(plan) / snap.total_macs, achieved, 1).startswith("MACs after removing")
 
 
 # ---------------------------------------------------------------------------------------------- auto, measured

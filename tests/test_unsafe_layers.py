@@ -11,7 +11,10 @@ import torch
 from torch import nn
 
 from compressor.prune import graph as dg
-from compressor.prune import selection as sel
+from compressor.prune.op_count import snapshot_macs
+from compressor.prune.planning import Constraints, allowed_removals, plan_for_macs
+from compressor.prune.removal import remove
+from compressor.prune.snapshot import snapshot
 from compressor.errors import NotPrunableError
 from compressor.prune.importance import build_scorer
 from compressor.app.inspection import inspect_model
@@ -25,10 +28,10 @@ CFG = ModelConfig(num_classes=10, in_channels=3, input_shape=[3, 16, 16])
 
 
 def _prune(model: nn.Module, macs: float = 0.6, **cons):
-    snap = sel.snapshot(model, EXAMPLE[:1], [], build_scorer(ImportanceConfig(kind="magnitude")))
-    plan = sel.plan_for_macs(snap, macs * snap.total_macs, sel.Constraints(**cons))
+    snap = snapshot(model, EXAMPLE[:1], [], build_scorer(ImportanceConfig(kind="magnitude")))
+    plan = plan_for_macs(snap, macs * snap.total_macs, Constraints(**cons))
     work = copy.deepcopy(model).eval()
-    sel.remove(work, EXAMPLE[:1], plan)
+    remove(work, EXAMPLE[:1], plan)
     return snap, plan, work
 
 
@@ -41,7 +44,7 @@ def test_groupnorm_loses_whole_groups_and_keeps_running():
     assert any(n.num_groups < 3 for n in norms)
     with torch.no_grad():
         assert work(EXAMPLE).shape == (2, 10)
-    achieved = sel.snapshot_macs(work, EXAMPLE[:1])[0]
+    achieved = snapshot_macs(work, EXAMPLE[:1])[0]
     assert achieved == pytest.approx(snap.macs_after(plan), rel=0.01)  # the planner counted the whole groups
 
 
@@ -57,10 +60,10 @@ def test_single_group_groupnorm_loses_any_channels():
 
 def test_groupnorm_group_is_one_class_of_channels():
     model = hm.tiny_groupnorm().eval()
-    snap = sel.snapshot(model, EXAMPLE[:1], [], build_scorer(ImportanceConfig(kind="magnitude")))
+    snap = snapshot(model, EXAMPLE[:1], [], build_scorer(ImportanceConfig(kind="magnitude")))
     first = next(c for c in snap.candidates if c.root == "0")
     assert first.unit == 8 and sorted(len(c) for c in first.classes) == [8, 8, 8]
-    assert sel.allowed_removals(24, sel.Constraints(max_layer_ratio=0.9), "0", first.unit) == [0, 8, 16]
+    assert allowed_removals(24, Constraints(max_layer_ratio=0.9), "0", first.unit) == [0, 8, 16]
 
 
 def test_weight_standardised_conv_with_gain_is_locked_and_named():
@@ -115,5 +118,5 @@ def test_conv_subclasses_with_their_own_forward_count_their_macs():
     plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
     custom = nn.Sequential(OwnForward(3, 8, 3, padding=1), nn.ReLU(), OwnForward(8, 8, 3, padding=1))
     custom.load_state_dict(plain.state_dict())
-    assert sel.snapshot_macs(custom, EXAMPLE[:1]) == sel.snapshot_macs(plain, EXAMPLE[:1])
-    assert sel.snapshot_macs(plain, EXAMPLE[:1])[0] == 16 * 16 * (8 * 3 * 9 + 8 + 8 * 8 * 9 + 8) + 16 * 16 * 8  # ReLU
+    assert snapshot_macs(custom, EXAMPLE[:1]) == snapshot_macs(plain, EXAMPLE[:1])
+    assert snapshot_macs(plain, EXAMPLE[:1])[0] == 16 * 16 * (8 * 3 * 9 + 8 + 8 * 8 * 9 + 8) + 16 * 16 * 8  # ReLU

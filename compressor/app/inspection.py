@@ -12,7 +12,7 @@ from torch import nn
 from compressor.app.recipe import Recipe
 from compressor.models.config import ModelConfig
 from compressor.models.loading import example_inputs, load_model
-from compressor.prune.selection import count_ops
+from compressor.prune.op_count import count_ops
 from compressor.prune import graph as dg
 
 

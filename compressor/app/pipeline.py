@@ -26,7 +26,9 @@ from compressor.prune.latency_target import STATE_FILE as LATENCY_TARGET_FILE
 from compressor.prune.latency_target import latency_target_note, resolve_latency_target
 from compressor.prune.round_to import STATE_FILE as ROUND_TO_FILE
 from compressor.prune.round_to import resolve_round_to
-from compressor.prune.selection import MISS_TOLERANCE, check_embed, relative_miss, snapshot_macs
+from compressor.prune.op_count import snapshot_macs
+from compressor.prune.planning import MISS_TOLERANCE, relative_miss
+from compressor.prune.snapshot import check_embed
 from compressor.train.data import build_datasets, sample_batch
 from compressor.train.loop import check_method_schedule, dense_teacher, evaluate, fit
 from compressor.train.text import TOKENIZER_DIR

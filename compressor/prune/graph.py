@@ -160,7 +160,7 @@ def _opaque_attention(model: nn.Module) -> dict[type, tp.pruner.function.BasePru
 class _WholeGroupNorm(tp.pruner.function.GroupNormPruner):
     """GroupNorm loses whole groups: torch-pruning slices the channels but keeps num_groups, so a 24-channel,
     3-group norm left with 16 channels fails at run time (16 is not divisible by 3). The planner removes channels
-    in whole groups (selection.norm_group_classes); this pruner lowers num_groups to match."""
+    in whole groups (snapshot.norm_group_classes); this pruner lowers num_groups to match."""
 
     def prune_out_channels(self, layer: nn.GroupNorm, idxs):
         if layer.num_groups == 1:  # one group over all channels (PoolFormer's LayerNorm-like norm): any channels go

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from compressor.prune.selection import Plan, Snapshot
+    from compressor.prune.snapshot import Plan, Snapshot
 
 STEP_EPS = 0.02  # a narrower width must be at least 2% faster than the next wider kept one to be worth keeping
 

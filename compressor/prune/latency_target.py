@@ -174,7 +174,9 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     here (`compressor bench` on the device measures it). `prepared`: magnitude_snapshot(model, recipe), if made."""
     from compressor.deploy.bench import measure_round_robin
     from compressor.models.loading import example_inputs
-    from compressor.prune import selection as sel
+    from compressor.prune.op_count import snapshot_macs
+    from compressor.prune.planning import constraints_from, plan_for_macs, plan_for_target
+    from compressor.prune.removal import remove
     from compressor.prune.config import TargetConfig
     from compressor.prune.latency_cost import predicted_speedup
     from compressor.prune.round_to import magnitude_snapshot, timing_runner
@@ -184,12 +186,12 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     asked = recipe.prune.target.asked_latency_speedup()
     backend, batch = target_backend(recipe)
     example = example_inputs(recipe.model)
-    planners = {"macs": sel.constraints_from(recipe, cost=None)}  # the host's ranking first (see choose_planner)
+    planners = {"macs": constraints_from(recipe, cost=None)}  # the host's ranking first (see choose_planner)
     if cost is not None:
-        planners["table"] = sel.constraints_from(recipe, cost=cost)
+        planners["table"] = constraints_from(recipe, cost=cost)
     source = {"table": cost.source} if cost else {}
 
-    floors = {name: sel.plan_for_macs(snap, 0.0, cons) for name, cons in planners.items()}  # the fewest MACs
+    floors = {name: plan_for_macs(snap, 0.0, cons) for name, cons in planners.items()}  # the fewest MACs
 
     def floor_ask(planner: str) -> float:
         """A fraction under the planner's floor in its own units (MACs, or the table's predicted latency), which
@@ -201,9 +203,9 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
 
     def plan_at(fraction: float, planner: str) -> tuple[Any, dict[str, Any]]:
         work = copy.deepcopy(base)
-        plan = sel.plan_for_target(snap, TargetConfig(macs=fraction), planners[planner])
-        sel.remove(work, example, plan)
-        row = {"planner": planner, "asked_macs": fraction, "macs": sel.snapshot_macs(work, example)[0] / snap.total_macs}
+        plan = plan_for_target(snap, TargetConfig(macs=fraction), planners[planner])
+        remove(work, example, plan)
+        row = {"planner": planner, "asked_macs": fraction, "macs": snapshot_macs(work, example)[0] / snap.total_macs}
         if plan == floors[planner]:
             row["at_floor"] = True  # no plan of this planner has fewer MACs
         if cost is not None:
@@ -213,7 +215,7 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     def layers_at(fraction: float, planner: str, measure_in: Optional[Path] = None) -> list[dict[str, Any]]:
         """The table's per-layer prediction for the plan at `fraction`, dense and pruned, largest first; with a
         folder, each pruned layer also measured as the table measures it, at its real kept widths."""
-        plan = sel.plan_for_target(snap, TargetConfig(macs=fraction), planners[planner])
+        plan = plan_for_target(snap, TargetConfig(macs=fraction), planners[planner])
         dense_ms, pruned_ms, kept = cost.per_layer(snap, {}), cost.per_layer(snap, plan), _kept_out(snap, plan)
         rows = [{"name": n, "dense_out": snap.layer_dims[n][0], "kept_out": round(kept[n]), "dense_ms": dense_ms[n],
                  "pruned_ms": pruned_ms[n]} for n in dense_ms]
@@ -295,7 +297,7 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     if short(fastest, asked):
         cons = planners[fastest["planner"]]
         record["unreachable"] = out_of_reach(recipe, snap, cons, tries, fastest,
-                                             sel.plan_for_target(snap, TargetConfig(macs=fastest["asked_macs"]), cons))
+                                             plan_for_target(snap, TargetConfig(macs=fastest["asked_macs"]), cons))
     return record
 
 
@@ -341,10 +343,12 @@ def out_of_reach(recipe: "Recipe", snap, cons, tries: list[dict[str, Any]], fast
     lies in layers no group narrows). MAC fractions of plans not removed are the planner's estimates."""
     from dataclasses import replace
 
-    from compressor.prune import selection as sel
+    from compressor.prune.op_count import snapshot_macs
+    from compressor.prune.planning import constraints_from, plan_for_macs, plan_for_target
+    from compressor.prune.removal import remove
 
     def floor(c) -> float:
-        return snap.macs_after(sel.plan_for_macs(snap, 0.0, c)) / snap.total_macs
+        return snap.macs_after(plan_for_macs(snap, 0.0, c)) / snap.total_macs
 
     no_round = replace(cons, round_to=None, clamp=False, cost=None)
     widths = sorted({(c.width - len(plan.get(c.root, ())), c.width) for c in snap.candidates}, key=lambda w: (w[1], w[0]))

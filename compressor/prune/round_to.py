@@ -93,7 +93,10 @@ def saved_or_measured(saved: Optional[Path], measure) -> dict[str, Any]:
 
 def measure_round_to(model: "nn.Module", recipe: "Recipe", candidates: tuple[int, ...] = CANDIDATES) -> dict[str, Any]:
     """Time the recipe's target at every candidate multiple; {value, reason, measured, backend, rows}."""
-    from compressor.prune import selection as sel
+    from compressor.prune.op_count import snapshot_macs
+    from compressor.prune.planning import constraints_from, plan_for_target
+    from compressor.prune.removal import remove
+    from compressor.prune.snapshot import recipe_snapshot
     from compressor.deploy.bench import measure_round_robin
     from compressor.models.loading import example_inputs
 
@@ -107,10 +110,10 @@ def measure_round_to(model: "nn.Module", recipe: "Recipe", candidates: tuple[int
     with tempfile.TemporaryDirectory(prefix="compressor-round-to-") as tmp:
         try:
             for step in tried:
-                cons = sel.constraints_from(recipe, round_to=step, clamp=True)
+                cons = constraints_from(recipe, round_to=step, clamp=True)
                 work = copy.deepcopy(base)
-                sel.remove(work, example, sel.plan_for_target(snap, recipe.prune.target, cons))
-                rows.append({"round_to": step, "macs": sel.snapshot_macs(work, example)[0] / snap.total_macs})
+                remove(work, example, plan_for_target(snap, recipe.prune.target, cons))
+                rows.append({"round_to": step, "macs": snapshot_macs(work, example)[0] / snap.total_macs})
                 runners.append(timing_runner(work, recipe, backend, Path(tmp) / f"round_to_{step}.onnx"))
             for batch in cfg.batch_sizes:
                 times = measure_round_robin(runners, batch, 200.0, 10, MEASURE_SECONDS)
@@ -134,11 +137,14 @@ def magnitude_snapshot(model: "nn.Module", recipe: "Recipe"):
     """An eval-mode copy of the model and its planning snapshot with magnitude scores (what the measurements of
     round_to and latency targets plan on: the method's own scores need training)."""
     from compressor.models.loading import example_inputs
-    from compressor.prune import selection as sel
+    from compressor.prune.op_count import snapshot_macs
+    from compressor.prune.planning import constraints_from, plan_for_target
+    from compressor.prune.removal import remove
+    from compressor.prune.snapshot import recipe_snapshot
     from compressor.prune.importance import ImportanceConfig, build_scorer
 
     base = copy.deepcopy(model).cpu().eval()
-    snap = sel.recipe_snapshot(base, example_inputs(recipe.model), recipe, build_scorer(ImportanceConfig(kind="magnitude")))
+    snap = recipe_snapshot(base, example_inputs(recipe.model), recipe, build_scorer(ImportanceConfig(kind="magnitude")))
     return base, snap
 
 

@@ -26,7 +26,9 @@ from compressor.config import Strict
 from compressor.progress import info
 from compressor.prune.methods.hosts import EventMethod, broadcast_plan, remove_planned
 from compressor.prune.methods.registry import METHODS
-from compressor.prune import selection as sel
+from compressor.prune.planning import allowed_count, plan_counts
+from compressor.prune.slices import channel_norms, scale_channels, structure_slices
+from compressor.prune.snapshot import Plan
 
 if TYPE_CHECKING:
     from compressor.app.recipe import Recipe
@@ -147,7 +149,7 @@ class DPM(EventMethod):
         info(f"DPM event {index + 1}/{self.events}: {record['selected']} structures start decaying "
              f"({len(self.decaying)} decaying, planned MACs {record['planned_macs']:.3f} of dense)")
 
-    def enter(self, ctx, plan: sel.Plan, index: int) -> int:
+    def enter(self, ctx, plan: Plan, index: int) -> int:
         """Add the plan's channels that are not decaying yet; their first decay step happens now."""
         current = self._decaying_plan()
         new = {root: [i for i in idxs if i not in current.get(root, set())] for root, idxs in plan.items()}
@@ -244,7 +246,7 @@ class DPM(EventMethod):
 
     def backfill(self, ctx) -> None:
         """Keep the target: re-plan with the decaying set frozen and released structures excluded (the plan keeps
-        every group's width a multiple of round_to, see selection.allowed_removals)."""
+        every group's width a multiple of round_to, see planning.allowed_removals)."""
         index = len(self.records) - 1
         plan, snap, _ = self.target_plan(ctx, index, frozen=self._decaying_plan(), excluded=self._cooling_plan(index))
         self.records[-1]["backfilled"] += self.enter(ctx, broadcast_plan(plan), index)
@@ -257,16 +259,16 @@ class DPM(EventMethod):
         frozen = self._decaying_plan()
         snap = self.host.snapshot(ctx)
         cons = self.host.constraints(frozen=frozen, excluded=self._cooling_plan(index))
-        counts = {c.root: sel.allowed_count(c, len(frozen.get(c.root, ())), cons)
+        counts = {c.root: allowed_count(c, len(frozen.get(c.root, ())), cons)
                   for c in snap.candidates if c.root in roots}
-        plan = {root: idxs for root, idxs in sel.plan_counts(snap, counts, cons).items() if root in counts}
+        plan = {root: idxs for root, idxs in plan_counts(snap, counts, cons).items() if root in counts}
         self.records[-1]["backfilled"] += self.enter(ctx, broadcast_plan(plan), index)
 
     def remove_finished(self, ctx) -> None:
         done = [s for s in self.decaying if s.n >= self.dpm.steps]
         if not done:
             return
-        plan: sel.Plan = {}
+        plan: Plan = {}
         for s in done:
             plan.setdefault(s.root, []).append(s.idx)
             self.decaying.remove(s)
@@ -280,7 +282,7 @@ class DPM(EventMethod):
         record["removed"] += done["removed"]
         record.update({k: v for k, v in done.items() if k not in ("removed", "planned_macs")})
 
-    def _remap(self, removed: sel.Plan) -> None:
+    def _remap(self, removed: Plan) -> None:
         """Channel indices after a removal: later channels of the same group move down."""
         def shift(root: str, idx: int) -> int:
             return idx - sum(1 for r in removed.get(root, ()) if r < idx)
@@ -296,17 +298,17 @@ class DPM(EventMethod):
     def _ensure_slices(self, ctx, roots: list[str]) -> None:
         missing = [r for r in roots if r not in self._slices]
         if missing:
-            self._slices.update(sel.structure_slices(ctx.model, self.host.example(ctx), missing,
+            self._slices.update(structure_slices(ctx.model, self.host.example(ctx), missing,
                                                      out_only=self.dpm.norm_scope == "out"))
 
     def group_norms(self, root: str) -> torch.Tensor:
         """||x_s|| of every channel of the group (joint norm over its slices)."""
-        return sel.channel_norms(self._slices[root])
+        return channel_norms(self._slices[root])
 
     @torch.no_grad()
     def scale(self, ctx, root: str, factors: dict[int, float]) -> None:
         """Multiply channels' slices by per-channel factors (and their momentum, with momentum: reset -> 0)."""
-        for param, dim, index in sel.scale_channels(self._slices[root], factors):
+        for param, dim, index in scale_channels(self._slices[root], factors):
             if self.dpm.momentum == "reset":
                 buf = ctx.optimizer.state.get(param, {}).get("momentum_buffer")
                 if buf is not None:

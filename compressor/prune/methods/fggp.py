@@ -31,7 +31,10 @@ from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.hosts import broadcast_plan, remove_planned
 from compressor.prune.methods.registry import METHODS
 from compressor.prune import graph as dg
-from compressor.prune import selection as sel
+from compressor.prune.op_count import snapshot_macs
+from compressor.prune.planning import constraints_from, plan_for_macs, remember_widths
+from compressor.prune.slices import channel_norms, structure_slices
+from compressor.prune.snapshot import Snapshot, recipe_snapshot
 
 if TYPE_CHECKING:
     from compressor.app.recipe import Recipe
@@ -184,7 +187,7 @@ class FGGP(PruningMethod):
                 raise RecipeError(f"prune.fggp: no layer of the model can be pruned with granularity {self.cfg.granularity}.")
             self.masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
         if self.dense_macs is None:
-            self.dense_macs = sel.snapshot_macs(ctx.model, self._example(ctx))[0]
+            self.dense_macs = snapshot_macs(ctx.model, self._example(ctx))[0]
 
     def _example(self, ctx) -> torch.Tensor:
         from compressor.models.loading import example_inputs
@@ -364,20 +367,20 @@ class FGGP(PruningMethod):
         progress = cubic_sparsity(step, self.t0, self.t1, 0.0, 1.0)
         asked = 1 - (1 - remaining) * progress
         example = self._example(ctx)
-        snap = sel.recipe_snapshot(ctx.model, example, self.recipe, build_scorer(ImportanceConfig(kind="magnitude")))
+        snap = recipe_snapshot(ctx.model, example, self.recipe, build_scorer(ImportanceConfig(kind="magnitude")))
         excluded = {} if final else self._outside_low_gradient(ctx, snap, example)
-        sel.remember_widths(self.dense_widths, snap)
-        cons = sel.constraints_from(self.recipe, global_ranking=True, excluded=excluded, dense_widths=self.dense_widths)
-        plan = broadcast_plan(sel.plan_for_macs(snap, asked * self.dense_macs, cons))
+        remember_widths(self.dense_widths, snap)
+        cons = constraints_from(self.recipe, global_ranking=True, excluded=excluded, dense_widths=self.dense_widths)
+        plan = broadcast_plan(plan_for_macs(snap, asked * self.dense_macs, cons))
         done = remove_planned(ctx, example, plan, snap.macs_after(plan) / self.dense_macs, self.dense_macs)
         self.records.append({"event": len(self.records) + 1, "step": step, "asked_macs": asked, **done})
 
-    def _outside_low_gradient(self, ctx, snap: sel.Snapshot, example) -> dict[str, set[int]]:
+    def _outside_low_gradient(self, ctx, snap: Snapshot, example) -> dict[str, set[int]]:
         """Channels NOT in the r-fraction with the smallest (group-normalised) gradient norm."""
-        slices = sel.structure_slices(ctx.model, example, [c.root for c in snap.candidates], out_only=False)
+        slices = structure_slices(ctx.model, example, [c.root for c in snap.candidates], out_only=False)
         entries = []
         for cand in snap.candidates:
-            norms = sel.channel_norms(slices[cand.root], grad=True)
+            norms = channel_norms(slices[cand.root], grad=True)
             norms = norms / norms.mean().clamp_min(1e-12)
             entries += [(float(norms[i]), cand.root, i) for i in range(cand.width)]
         entries.sort()

@@ -26,7 +26,11 @@ from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.registry import HOSTS, METHODS
 from compressor.prune.round_to import resolve_round_to
 from compressor.prune import graph as dg
-from compressor.prune import selection as sel
+from compressor.prune.op_count import snapshot_macs
+from compressor.prune.planning import (MISS_TOLERANCE, Constraints, constraints_from, plan_for_channels, plan_for_macs,
+                                       plan_for_target, plan_mismatch, plan_size, remember_widths)
+from compressor.prune.removal import remove
+from compressor.prune.snapshot import Plan, Snapshot, recipe_snapshot
 
 if TYPE_CHECKING:
     from compressor.app.recipe import Recipe
@@ -120,14 +124,14 @@ class Host:
         ctx.model.zero_grad(set_to_none=True)
         ctx.model.train(was_training)
 
-    def snapshot(self, ctx) -> sel.Snapshot:
+    def snapshot(self, ctx) -> Snapshot:
         self.ensure_scores(ctx)
-        snap = sel.recipe_snapshot(ctx.model, self.example(ctx), self.recipe, self.scorer)
-        sel.remember_widths(self.dense_widths, snap)
+        snap = recipe_snapshot(ctx.model, self.example(ctx), self.recipe, self.scorer)
+        remember_widths(self.dense_widths, snap)
         return snap
 
-    def constraints(self, **extra) -> sel.Constraints:
-        return sel.constraints_from(self.recipe, dense_widths=self.dense_widths, **extra)
+    def constraints(self, **extra) -> Constraints:
+        return constraints_from(self.recipe, dense_widths=self.dense_widths, **extra)
 
 
 HOSTS.register("depgraph")(Host)
@@ -264,7 +268,7 @@ class EventMethod(PruningMethod, abc.ABC):
             self.event(ctx, self.done, ctx.step / ctx.steps_per_epoch)
             self.done += 1
 
-    def target_plan(self, ctx, index: int, **constraints) -> tuple[sel.Plan, sel.Snapshot, float]:
+    def target_plan(self, ctx, index: int, **constraints) -> tuple[Plan, Snapshot, float]:
         """Plan for event `index`: the interim target on the schedule; returns (plan, snapshot, asked fraction)."""
         snap = self.host.snapshot(ctx)
         if self.dense_macs is None:
@@ -276,13 +280,13 @@ class EventMethod(PruningMethod, abc.ABC):
         remaining = target.remaining_macs()
         if remaining is not None:
             asked = 1 - (1 - remaining) * share
-            plan = sel.plan_for_macs(snap, asked * self.dense_macs, cons)
+            plan = plan_for_macs(snap, asked * self.dense_macs, cons)
         else:
             asked = target.channels * share
             current = sum(c.width for c in snap.candidates)
             already = self.dense_channels - current
             ratio = max(0.0, asked * self.dense_channels - already) / max(current, 1)
-            plan = sel.plan_for_channels(snap, ratio, cons)
+            plan = plan_for_channels(snap, ratio, cons)
         return broadcast_plan(plan), snap, asked
 
     @abc.abstractmethod
@@ -305,19 +309,19 @@ class EventMethod(PruningMethod, abc.ABC):
                 "event_epochs": self.epochs, **({"host_state": host} if host else {})}
 
 
-def remove_planned(ctx, example: torch.Tensor, plan: sel.Plan, planned_macs: Optional[float],
+def remove_planned(ctx, example: torch.Tensor, plan: Plan, planned_macs: Optional[float],
                    dense_macs: float) -> dict[str, Any]:
     """Remove `plan` from ctx.model, rebuild the optimizer, and measure the result: removed count, achieved MACs
     and params (fractions of dense MACs), and a note when the MACs torch-pruning left differ from the plan's by
-    more than sel.MISS_TOLERANCE (a coupling the cost model did not see)."""
-    removed = sel.remove(ctx.model, example, plan)
+    more than MISS_TOLERANCE (a coupling the cost model did not see)."""
+    removed = remove(ctx.model, example, plan)
     if removed:
         ctx.rebuild()
-    macs, params = sel.snapshot_macs(ctx.model, example)
+    macs, params = snapshot_macs(ctx.model, example)
     result: dict[str, Any] = {"removed": removed, "achieved_macs": macs / dense_macs, "params": params}
     if planned_macs is not None:
         result["planned_macs"] = planned_macs
-        note = sel.plan_mismatch(planned_macs, result["achieved_macs"], removed)
+        note = plan_mismatch(planned_macs, result["achieved_macs"], removed)
         if note:
             result["note"] = note
             info(f"note: {note}")
@@ -354,7 +358,7 @@ class Iterative(RemovingMethod):
         super().__init__(recipe, events=recipe.prune.schedule.events)
 
 
-def broadcast_plan(plan: sel.Plan) -> sel.Plan:
+def broadcast_plan(plan: Plan) -> Plan:
     """Under DDP every rank adopts rank 0's plan, so all ranks take the same decision."""
     import torch.distributed as dist
 
@@ -371,15 +375,15 @@ def predict_pruning(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
     work = copy.deepcopy(model).cpu().eval()
     example = example_inputs(recipe.model)
     scorer = build_scorer(ImportanceConfig(kind="magnitude"))
-    snap = sel.recipe_snapshot(work, example, recipe, scorer)
+    snap = recipe_snapshot(work, example, recipe, scorer)
     target = recipe.prune.target
-    plan = sel.plan_for_target(snap, target, sel.constraints_from(recipe))
+    plan = plan_for_target(snap, target, constraints_from(recipe))
     remaining = target.remaining_macs()
     asked = f"macs {remaining:.3f}" if remaining is not None else f"channels {target.channels:.3f} removed"
     if target.is_latency:  # inspect does not time anything: the loop in compress decides the MAC fraction
         asked = (f"latency speedup x{target.asked_latency_speedup():.2f} (estimated as macs {remaining:.3f}; compress "
                  "measures which MAC fraction gives it)")
-    sel.remove(work, example, plan)
-    macs, params = sel.snapshot_macs(work, example)
+    remove(work, example, plan)
+    macs, params = snapshot_macs(work, example)
     return {"asked": asked, "macs_ratio": macs / snap.total_macs, "params_ratio": params / snap.params,
-            "channels_removed": sel.plan_size(plan)}
+            "channels_removed": plan_size(plan)}

@@ -27,7 +27,9 @@ from compressor.prune.importance import build_scorer
 from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.hosts import broadcast_plan, remove_planned
 from compressor.prune.methods.registry import METHODS
-from compressor.prune import selection as sel
+from compressor.prune.planning import constraints_from, plan_for_macs
+from compressor.prune.slices import scale_channels, structure_slices
+from compressor.prune.snapshot import Plan, Snapshot, recipe_snapshot
 
 if TYPE_CHECKING:
     from compressor.app.recipe import Recipe
@@ -60,7 +62,7 @@ def stability(kept_now: dict[str, set[int]], kept_before: dict[str, set[int]]) -
     return sum(jaccard(kept_now.get(r, set()), kept_before.get(r, set())) for r in roots) / max(len(roots), 1)
 
 
-def cost_weights(snap: sel.Snapshot) -> dict[str, float]:
+def cost_weights(snap: Snapshot) -> dict[str, float]:
     """1 - softmax over groups of the MACs one channel of each group costs (costs scaled to [0, 1])."""
     costs = torch.tensor([snap.total_macs - snap.macs_after({c.root: [0]}) for c in snap.candidates], dtype=torch.float64)
     soft = torch.softmax(costs / costs.max().clamp_min(1e-12), dim=0)
@@ -113,7 +115,7 @@ class OCSP(PruningMethod):
             raise RecipeError("method ocsp needs a MAC target: prune.target.macs or prune.target.speedup.")
         self.scorer = build_scorer(ImportanceConfig(kind="saliency"))
         self.history: list[dict[str, Any]] = []  # per epoch: kept sets, raw and smoothed stability, reg
-        self.plan: Optional[sel.Plan] = None
+        self.plan: Optional[Plan] = None
         self.reg = 0.0
         self.reg_started: Optional[int] = None
         self.pruned_at: Optional[int] = None
@@ -123,24 +125,24 @@ class OCSP(PruningMethod):
         self._slices: dict[str, list] = {}
 
     # ------------------------------------------------------------------------------------------ search
-    def candidate(self, ctx) -> tuple[sel.Plan, sel.Snapshot]:
+    def candidate(self, ctx) -> tuple[Plan, Snapshot]:
         """The channels to remove for the target on the current weights (deterministic for a fixed state)."""
         example = example_inputs(self.recipe.model).to(ctx.device)
-        snap = sel.recipe_snapshot(ctx.model, example, self.recipe, self.scorer, normalize=False)
+        snap = recipe_snapshot(ctx.model, example, self.recipe, self.scorer, normalize=False)
         if self.dense_macs is None:
             self.dense_macs = snap.total_macs
         if self.cfg.cost_weighting:
             weights = cost_weights(snap)
             for cand in snap.candidates:
                 cand.scores = cand.scores * weights[cand.root]
-        cons = sel.constraints_from(self.recipe, max_layer_ratio=1 - self.cfg.keep_floor, global_ranking=True)
+        cons = constraints_from(self.recipe, max_layer_ratio=1 - self.cfg.keep_floor, global_ranking=True)
         target = self.recipe.prune.target.remaining_macs() * self.dense_macs
-        plan = broadcast_plan(sel.plan_for_macs(snap, target, cons))
+        plan = broadcast_plan(plan_for_macs(snap, target, cons))
         self.planned_macs = snap.macs_after(plan) / self.dense_macs
         return plan, snap
 
     @staticmethod
-    def kept_sets(plan: sel.Plan, snap: sel.Snapshot) -> dict[str, set[int]]:
+    def kept_sets(plan: Plan, snap: Snapshot) -> dict[str, set[int]]:
         return {c.root: set(range(c.width)) - set(plan.get(c.root, ())) for c in snap.candidates}
 
     def check_schedule(self, total_steps: int, steps_per_epoch: int) -> list[str]:
@@ -176,10 +178,10 @@ class OCSP(PruningMethod):
             return
         factor = 1 - self.reg * ctx.optimizer.param_groups[0]["lr"]
         if not self._slices:
-            self._slices = sel.structure_slices(ctx.model, example_inputs(self.recipe.model).to(ctx.device),
+            self._slices = structure_slices(ctx.model, example_inputs(self.recipe.model).to(ctx.device),
                                                 list(self.plan), out_only=True)
         for root, idxs in self.plan.items():
-            sel.scale_channels(self._slices[root], {i: factor for i in idxs})
+            scale_channels(self._slices[root], {i: factor for i in idxs})
 
     def on_epoch_end(self, ctx) -> None:
         if self.pruned_at is not None:

@@ -22,7 +22,9 @@ import torch
 from pydantic import Field
 
 from compressor.config import Strict
-from compressor.prune import selection as sel
+from compressor.prune.planning import plan_for_macs, plan_for_target
+from compressor.prune.slices import channel_norms, scale_channels, structure_slices
+from compressor.prune.snapshot import Snapshot
 from compressor.prune.methods.hosts import Host, broadcast_plan
 from compressor.prune.methods.registry import HOSTS
 
@@ -57,7 +59,7 @@ def half_space_project(pairs, before: dict[int, list[torch.Tensor]], channels: l
                 dot[root] += float((new * old).sum())
                 old_sq[root] += float((old * old).sum())
     crossed = [c for c in channels if old_sq[c] > 0 and dot[c] < epsilon * old_sq[c]]
-    sel.scale_channels(pairs, {c: 0.0 for c in crossed})
+    scale_channels(pairs, {c: 0.0 for c in crossed})
     return crossed
 
 
@@ -96,13 +98,13 @@ class OTOv2Host(Host):
         if self.redundant is None:
             self._choose(ctx)
         elif not self._pairs and self.redundant:  # resumed: the slices of the restored model
-            self._pairs = sel.structure_slices(ctx.model, self.example(ctx), list(self.redundant))
+            self._pairs = structure_slices(ctx.model, self.example(ctx), list(self.redundant))
         self._before = {}
         with torch.no_grad():
             for root, channels in (self.redundant or {}).items():
                 pairs = self._pairs[root]
                 live = [c for c in channels if c not in self.zero.get(root, set())]
-                norms = sel.channel_norms(pairs)
+                norms = channel_norms(pairs)
                 for sl, roots in pairs:  # the group-lasso pull: grad_g += lmbda * x_g / ||x_g||
                     if sl.param.grad is None:
                         continue
@@ -140,7 +142,7 @@ class OTOv2Host(Host):
         self.redundant, self.zero, self._pairs, self._before = None, {}, {}, None
 
     # -- planning: the redundant channels rank first
-    def snapshot(self, ctx) -> sel.Snapshot:
+    def snapshot(self, ctx) -> Snapshot:
         snap = super().snapshot(ctx)
         for cand in snap.candidates:
             for c in (self.redundant or {}).get(cand.root, []):
@@ -179,15 +181,15 @@ class OTOv2Host(Host):
         remaining = target.remaining_macs()
         if self.dense_macs is None:
             self.dense_macs = snap.total_macs
-            plan = sel.plan_for_target(snap, target, self.constraints())
+            plan = plan_for_target(snap, target, self.constraints())
         elif remaining is not None and snap.total_macs > remaining * self.dense_macs:
-            plan = sel.plan_for_macs(snap, remaining * self.dense_macs, self.constraints())
+            plan = plan_for_macs(snap, remaining * self.dense_macs, self.constraints())
         else:
             plan = {}
         plan = broadcast_plan(plan)
         self.redundant = {root: sorted(idxs) for root, idxs in plan.items() if idxs}
-        self._pairs = sel.structure_slices(ctx.model, self.example(ctx), list(self.redundant))
-        norms = {root: sel.channel_norms(self._pairs[root]) for root in self.redundant}
+        self._pairs = structure_slices(ctx.model, self.example(ctx), list(self.redundant))
+        norms = {root: channel_norms(self._pairs[root]) for root in self.redundant}
         self.zero = {root: {c for c in chans if float(norms[root][c]) == 0.0} for root, chans in self.redundant.items()}
 
     def _hold_zero(self, ctx, root: str) -> None:
@@ -195,7 +197,7 @@ class OTOv2Host(Host):
         zero = self.zero.get(root, set())
         if not zero:
             return
-        for param, dim, index in sel.scale_channels(self._pairs[root], {c: 0.0 for c in zero}):
+        for param, dim, index in scale_channels(self._pairs[root], {c: 0.0 for c in zero}):
             buf = ctx.optimizer.state.get(param, {}).get("momentum_buffer")
             if buf is not None:
                 buf.index_fill_(dim, index, 0.0)
