@@ -39,7 +39,7 @@ def run(method: str, epochs: int, seed: int) -> dict:
     model = load_model(SAMPLE, recipe.model)
     train_set, val_set = build_datasets(recipe.data, recipe.model)
     start = time.perf_counter()
-    fit(model, train_set, val_set, recipe.finetune, recipe.data, method=METHODS.get(method)(recipe),
+    fit(model, train_set, val_set, recipe.finetune, recipe.data, method=METHODS.get(method)(recipe.prune_spec()),
         evaluate_every_epoch=False)
     model = model.cpu().eval().to(memory_format=torch.contiguous_format)
     before = evaluate(model, val_set, batch_size=512)["top1"]

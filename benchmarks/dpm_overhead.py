@@ -54,7 +54,7 @@ def run(method: str, steps: int, seed: int) -> tuple[float, float]:
     model = load_model("samples/resnet20-fmnist.safetensors", recipe.model)
     train, val = build_datasets(recipe.data, recipe.model)
     val = torch.utils.data.Subset(val, range(256))
-    timed = Timed(METHODS.get(method)(recipe))
+    timed = Timed(METHODS.get(method)(recipe.prune_spec()))
     result = fit(model, train, val, recipe.finetune, recipe.data, method=timed)
     return result.history[0]["seconds"] / steps, timed.seconds / steps
 

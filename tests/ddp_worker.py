@@ -94,7 +94,7 @@ def main(out_dir: Path, method_name: str = "none", mode: str = "", *extra: str) 
     train_set, val_set = build_datasets(recipe.data, recipe.model)
     from compressor.prune.methods import METHODS
 
-    method = METHODS.get(method_name)(recipe) if method_name != "none" or mode else None
+    method = METHODS.get(method_name)(recipe.prune_spec()) if method_name != "none" or mode else None
     result = train.fit(model, train_set, val_set, recipe.finetune, recipe.data, checkpoint=out_dir / "ckpt.pt",
                        method=method)
     digest = hashlib.sha256(b"".join(t.detach().contiguous().numpy().tobytes()

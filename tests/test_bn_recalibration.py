@@ -65,7 +65,7 @@ def _pruned(enabled: bool):
     train_set, val_set = build_datasets(recipe.data, recipe.model)
     # dense statistics from the data, as a trained checkpoint has them
     recalibrate_batch_norm(model, _calibration_batches(train_set, 32, 4), torch.device("cpu"))
-    result = fit(model, train_set, val_set, recipe.finetune, recipe.data, method=METHODS.get("oneshot")(recipe))
+    result = fit(model, train_set, val_set, recipe.finetune, recipe.data, method=METHODS.get("oneshot")(recipe.prune_spec()))
     return model.to(memory_format=torch.contiguous_format), result, _calibration_batches(train_set, 32, 2)
 
 

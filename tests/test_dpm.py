@@ -51,9 +51,9 @@ class Chain(PruningMethod):
 @pytest.mark.parametrize("host", ["depgraph", "gate-decorator"])
 def test_single_step_without_rectify_equals_host_oneshot(host):
     recipe, model_a, train, val = make("oneshot", host)
-    fit(model_a, train, val, recipe.finetune, recipe.data, method=METHODS.get("oneshot")(recipe))
+    fit(model_a, train, val, recipe.finetune, recipe.data, method=METHODS.get("oneshot")(recipe.prune_spec()))
     recipe_d, model_b, _, _ = make("dpm", host, dpm={"steps": 1, "rectify": False})
-    dpm = DPM(recipe_d)
+    dpm = DPM(recipe_d.prune_spec())
     fit(model_b, train, val, recipe_d.finetune, recipe_d.data, method=dpm)
     a, b = model_a.state_dict(), model_b.state_dict()
     assert a.keys() == b.keys()
@@ -65,7 +65,7 @@ def test_single_step_without_rectify_equals_host_oneshot(host):
 
 def test_norm_follows_linear_decay():
     recipe, model, train, val = make(dpm={"steps": 4, "interval": 1, "rectify": False}, finetune={"optimizer": FROZEN_OPT})
-    dpm = DPM(recipe)
+    dpm = DPM(recipe.prune_spec())
     seen = []
 
     def probe(ctx):
@@ -81,7 +81,7 @@ def test_norm_follows_linear_decay():
 def test_bn_gamma_and_beta_scale_with_the_conv_rows():
     recipe, model, train, val = make(dpm={"steps": 4, "interval": 1000, "rectify": False}, finetune={"epochs": 1, "optimizer": FROZEN_OPT})
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    dpm = DPM(recipe)
+    dpm = DPM(recipe.prune_spec())
     captured = {}
 
     def probe(ctx):
@@ -102,7 +102,7 @@ def test_bn_gamma_and_beta_scale_with_the_conv_rows():
 
 def test_structures_are_removed_after_n_steps_and_training_continues():
     recipe, model, train, val = make(dpm={"steps": 3, "interval": 1})
-    dpm = DPM(recipe)
+    dpm = DPM(recipe.prune_spec())
     dense_macs = snapshot_macs(model, example_inputs(recipe.model))[0]
     opt_sizes = []
 
@@ -122,7 +122,7 @@ def test_structures_are_removed_after_n_steps_and_training_continues():
 def test_escaping_structure_is_released_and_backfill_keeps_the_target():
     recipe, model, train, val = make(dpm={"steps": 4, "interval": 2, "t_rate": 0.1, "t_len": 1.0, "cooldown": 1},
                                      finetune={"optimizer": FROZEN_OPT})
-    dpm = DPM(recipe)
+    dpm = DPM(recipe.prune_spec())
     pushed = {}
 
     def push(ctx):  # training "pulls" one decaying structure back to full size right after its first decay step
@@ -149,7 +149,7 @@ def test_escaping_structure_is_released_and_backfill_keeps_the_target():
 
 def test_no_release_without_escape():
     recipe, model, train, val = make(dpm={"steps": 4, "interval": 1}, finetune={"optimizer": FROZEN_OPT})
-    dpm = DPM(recipe)
+    dpm = DPM(recipe.prune_spec())
     fit(model, train, val, recipe.finetune, recipe.data, method=dpm)
     assert dpm.summary()["totals"]["released"] == 0
 
@@ -157,7 +157,7 @@ def test_no_release_without_escape():
 @pytest.mark.parametrize("host", ["depgraph", "depgraph-sl", "gate-decorator", "taylor"])
 def test_dpm_wraps_every_host(host):
     recipe, model, train, val = make(host=host, schedule={"events": 2, "end_epoch": 1}, dpm={"steps": 2, "interval": 1})
-    dpm = DPM(recipe)
+    dpm = DPM(recipe.prune_spec())
     fit(model, train, val, recipe.finetune, recipe.data, method=dpm)
     summary = dpm.summary()
     assert summary["host"] == host and len(summary["events"]) == 2
@@ -166,7 +166,7 @@ def test_dpm_wraps_every_host(host):
 
 def test_unfinished_decay_is_completed_at_the_end():
     recipe, model, train, val = make(dpm={"steps": 100, "interval": 50}, finetune={"epochs": 1})
-    dpm = DPM(recipe)
+    dpm = DPM(recipe.prune_spec())
     fit(model, train, val, recipe.finetune, recipe.data, method=dpm)
     assert not dpm.decaying and dpm.records[-1]["forced"] > 0
     assert snapshot_macs(model, example_inputs(recipe.model))[0] == pytest.approx(0.5 * dpm.dense_macs, rel=0.02)
@@ -175,7 +175,7 @@ def test_unfinished_decay_is_completed_at_the_end():
 def test_resume_mid_decay_equals_uninterrupted_run(tmp_path):
     recipe, model_a, train, val = make(dpm={"steps": 6, "interval": 1}, finetune={"epochs": 3},
                                        schedule={"events": 2, "end_epoch": 2})
-    fit(model_a, train, val, recipe.finetune, recipe.data, method=DPM(recipe), checkpoint=tmp_path / "a.pt")
+    fit(model_a, train, val, recipe.finetune, recipe.data, method=DPM(recipe.prune_spec()), checkpoint=tmp_path / "a.pt")
 
     def stop(ctx):
         if ctx.epoch == 1:
@@ -183,12 +183,12 @@ def test_resume_mid_decay_equals_uninterrupted_run(tmp_path):
 
     _, model_b, _, _ = make()
     with pytest.raises(KeyboardInterrupt):
-        fit(model_b, train, val, recipe.finetune, recipe.data, method=Chain(DPM(recipe), stop),
+        fit(model_b, train, val, recipe.finetune, recipe.data, method=Chain(DPM(recipe.prune_spec()), stop),
             checkpoint=tmp_path / "b.pt")
     saved = torch.load(tmp_path / "b.pt", weights_only=True)["method"]
     assert saved["decaying"], "the interruption should fall in the middle of a decay"
     _, model_c, _, _ = make()
-    fit(model_c, train, val, recipe.finetune, recipe.data, method=DPM(recipe), checkpoint=tmp_path / "b.pt",
+    fit(model_c, train, val, recipe.finetune, recipe.data, method=DPM(recipe.prune_spec()), checkpoint=tmp_path / "b.pt",
         resume=True)
     a, c = model_a.state_dict(), model_c.state_dict()
     assert a.keys() == c.keys()
@@ -199,7 +199,7 @@ def test_resume_mid_decay_equals_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize("cooldown, blocked_at", [(0, [0]), (1, [0, 1]), (2, [0, 1, 2])])
 def test_cooldown_blocks_reselection_for_that_many_events(cooldown, blocked_at):
     recipe, *_ = make(dpm={"cooldown": cooldown})
-    dpm = DPM(recipe)
+    dpm = DPM(recipe.prune_spec())
     dpm.cooling = {("layer1.0.conv1", 3): 0}  # released during the window of event 0
     for index in range(4):
         blocked = 3 in dpm._cooling_plan(index).get("layer1.0.conv1", set())
@@ -210,13 +210,13 @@ def test_schedule_check_matches_what_training_does():
     """check_schedule's verdict is the run's: a feasible decay ends without forced removals, an infeasible one
     (warned about before training) ends with the still-decaying structures forced out at the end."""
     recipe, model, train, val = make()  # 2 epochs x 4 steps; decay from step 0, 4 steps 2 apart: ends at step 6
-    dpm = DPM(recipe)
+    dpm = DPM(recipe.prune_spec())
     assert dpm.check_schedule(8, 4) == []
     fit(model, train, val, recipe.finetune, recipe.data, method=dpm)
     assert not any(r.get("forced") for r in dpm.records)
 
     recipe, model, train, val = make(dpm={"steps": 4, "interval": 3, "rectify": False})  # ends at step 9: 1 late
-    dpm = DPM(recipe)
+    dpm = DPM(recipe.prune_spec())
     (warning,) = dpm.check_schedule(8, 4)
     assert "ends at step 9" in warning and "1 step (" in warning and "prune.dpm.interval 2 or less" in warning
     fit(model, train, val, recipe.finetune, recipe.data, method=dpm)

@@ -62,7 +62,7 @@ def test_two_step_selection_prunes_k_from_the_low_gradient_fraction():
 
 def test_each_event_prunes_exactly_k_t_from_low_gradient_weights():
     recipe, model, train, val = make()
-    fggp = FGGP(recipe)
+    fggp = FGGP(recipe.prune_spec())
     ctx = SimpleNamespace(model=model, optimizer=None, total_steps=8, device=torch.device("cpu"), step=0)
     fggp.on_train_start(ctx)
     x, y = next(iter(torch.utils.data.DataLoader(train, batch_size=32)))
@@ -98,7 +98,7 @@ class Probe(PruningMethod):
 
 def test_masked_weights_and_momentum_stay_zero():
     recipe, model, train, val = make(epochs=3)
-    fggp = FGGP(recipe)
+    fggp = FGGP(recipe.prune_spec())
     violations = []
 
     def check(ctx):
@@ -116,7 +116,7 @@ def test_masked_weights_and_momentum_stay_zero():
 
 def test_two_of_four_pattern_holds_after_training():
     recipe, model, train, val = make("2:4", epochs=3)
-    fggp = FGGP(recipe)
+    fggp = FGGP(recipe.prune_spec())
     fit(model, train, val, recipe.finetune, recipe.data, method=fggp)
     assert fggp.masks
     for name in fggp.masks:
@@ -134,7 +134,7 @@ def test_two_of_four_masks_of_a_model_training_in_channels_last(monkeypatch):
 
     monkeypatch.setattr(loop, "training_channels_last", lambda ctx: True)
     recipe, model, train, val = make("2:4", epochs=1)
-    fggp = FGGP(recipe)
+    fggp = FGGP(recipe.prune_spec())
     fit(model, train, val, recipe.finetune, recipe.data, method=fggp)
     assert any(m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous()
                for m in fggp.masks.values())
@@ -146,7 +146,7 @@ def test_two_of_four_masks_of_a_model_training_in_channels_last(monkeypatch):
 def test_structured_fggp_reaches_mac_target_and_slims():
     recipe, model, train, val = make("structured")
     dense_macs, dense_params = snapshot_macs(model, example_inputs(recipe.model))
-    fggp = FGGP(recipe)
+    fggp = FGGP(recipe.prune_spec())
     fit(model, train, val, recipe.finetune, recipe.data, method=fggp)
     macs, params = snapshot_macs(model, example_inputs(recipe.model))
     assert macs == pytest.approx(0.5 * dense_macs, rel=0.02) and params < dense_params

@@ -26,7 +26,7 @@ def run(method, host, **prune):
     model = build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels)
     dense_macs, dense_params = snapshot_macs(model, example_inputs(recipe.model))
     train, val = build_datasets(recipe.data, recipe.model)
-    pruner = METHODS.get(method)(recipe)
+    pruner = METHODS.get(method)(recipe.prune_spec())
     result = fit(model, train, val, recipe.finetune, recipe.data, method=pruner)
     macs, params = snapshot_macs(model, example_inputs(recipe.model))
     return recipe, pruner, result, macs / dense_macs, params / dense_params
@@ -69,7 +69,7 @@ def test_host_state_carries_gradient_scores_by_parameter_name(host):
     recipe = recipe_from_dict(tiny_recipe(prune={"method": "iterative", "host": host}))
     torch.manual_seed(0)
     model = build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels)
-    saved = make_host(recipe)
+    saved = make_host(recipe.prune_spec())
     for seed in (1, 2):
         torch.manual_seed(seed)
         model.zero_grad()
@@ -82,7 +82,7 @@ def test_host_state_carries_gradient_scores_by_parameter_name(host):
     state = torch.load(buffer, weights_only=True)  # what load_checkpoint reads
 
     restored_model = copy.deepcopy(model)  # a fresh process: other parameter objects, same names
-    restored = make_host(recipe)
+    restored = make_host(recipe.prune_spec())
     restored.load_state_dict(state)
     restored.on_train_start(SimpleNamespace(model=restored_model))
     names = dict(restored_model.named_parameters())
@@ -120,7 +120,7 @@ def test_zero_epoch_recipe_still_prunes():
     model = build_arch(recipe.model.arch, 4, 1)
     dense = snapshot_macs(model, example_inputs(recipe.model))[0]
     train, val = build_datasets(recipe.data, recipe.model)
-    pruner = METHODS.get("iterative")(recipe)
+    pruner = METHODS.get("iterative")(recipe.prune_spec())
     fit(model, train, val, recipe.finetune, recipe.data, method=pruner)
     assert len(pruner.records) == 3
     assert snapshot_macs(model, example_inputs(recipe.model))[0] == pytest.approx(0.5 * dense, rel=0.02)

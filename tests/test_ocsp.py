@@ -37,7 +37,7 @@ def test_jaccard_indicator_on_hand_built_sets():
 
 def test_selection_at_a_fixed_state_is_deterministic_and_meets_the_target():
     recipe, model, _, _ = make()
-    ocsp = OCSP(recipe)
+    ocsp = OCSP(recipe.prune_spec())
     ctx = SimpleNamespace(model=model, device=torch.device("cpu"))
     plan_a, snap = ocsp.candidate(ctx)
     plan_b, _ = ocsp.candidate(ctx)
@@ -49,7 +49,7 @@ def test_selection_at_a_fixed_state_is_deterministic_and_meets_the_target():
 
 def test_shrinkage_multiplies_exactly_the_selected_slices():
     recipe, model, _, _ = make()
-    ocsp = OCSP(recipe)
+    ocsp = OCSP(recipe.prune_spec())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ctx = SimpleNamespace(model=model, device=torch.device("cpu"), optimizer=opt)
     ocsp.plan = {"layer1.0.conv1": [2, 5]}
@@ -83,7 +83,7 @@ class LRProbe(PruningMethod):
 
 def test_prunes_at_first_stable_epoch_and_schedule_continues():
     recipe, model, train, val = make(epochs=5, lag=1, window=1, threshold=0.5, reg_start=1)
-    ocsp = OCSP(recipe)
+    ocsp = OCSP(recipe.prune_spec())
     probe = LRProbe(ocsp)
     dense = snapshot_macs(model, example_inputs(recipe.model))[0]
     result = fit(model, train, val, recipe.finetune, recipe.data, method=probe)
@@ -102,7 +102,7 @@ def test_prunes_at_first_stable_epoch_and_schedule_continues():
 
 def test_never_stable_run_is_pruned_at_the_end():
     recipe, model, train, val = make(epochs=2, threshold=1.0)
-    ocsp = OCSP(recipe)
+    ocsp = OCSP(recipe.prune_spec())
     fit(model, train, val, recipe.finetune, recipe.data, method=ocsp)
     assert ocsp.pruned_at == 2 and ocsp.result["forced"] is True
     assert ocsp.result["achieved_macs"] == pytest.approx(0.5, rel=0.02)

@@ -65,7 +65,7 @@ def test_zero_groups_are_removed_without_changing_the_outputs_and_the_target_hol
         return removed
 
     monkeypatch.setattr(hosts, "remove", watched)
-    method = METHODS.get("oneshot")(recipe)
+    method = METHODS.get("oneshot")(recipe.prune_spec())
     fit(model, train, val, recipe.finetune, recipe.data, method=method)
     phase = method.summary()["host_state"]["phases"][0]  # before the removal
     assert phase["redundant"] > 0 and phase["zeroed"] == phase["redundant"]  # HSPG drove every one to exact zero
@@ -75,7 +75,7 @@ def test_zero_groups_are_removed_without_changing_the_outputs_and_the_target_hol
 
 def test_an_event_before_any_hspg_step_is_a_schedule_warning():
     recipe = _recipe(schedule={"events": 1, "start_epoch": 0, "end_epoch": 1})
-    warnings = check_method_schedule(METHODS.get("oneshot")(recipe), 128, recipe.finetune, recipe.data)
+    warnings = check_method_schedule(METHODS.get("oneshot")(recipe.prune_spec()), 128, recipe.finetune, recipe.data)
     assert any("before any HSPG step" in w and "start_epoch" in w for w in warnings)
     recipe = _recipe()
-    assert not check_method_schedule(METHODS.get("oneshot")(recipe), 128, recipe.finetune, recipe.data)
+    assert not check_method_schedule(METHODS.get("oneshot")(recipe.prune_spec()), 128, recipe.finetune, recipe.data)

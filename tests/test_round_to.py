@@ -78,7 +78,7 @@ def _run(method: str, prune: dict, finetune: dict | None = None, probe=None):
     dense = layer_widths(model)
     dense_macs = snapshot_macs(model, example_inputs(recipe.model))[0]
     train, val = build_datasets(recipe.data, recipe.model)
-    pruner = METHODS.get(method)(recipe)
+    pruner = METHODS.get(method)(recipe.prune_spec())
     fit(model, train, val, recipe.finetune, recipe.data, method=Chain(pruner, probe(pruner)) if probe else pruner)
     return pruner, dense, layer_widths(model), snapshot_macs(model, example_inputs(recipe.model))[0] / dense_macs
 

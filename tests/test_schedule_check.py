@@ -35,7 +35,7 @@ INFEASIBLE_DPM = {"method": "dpm", "schedule": {"events": 1}, "dpm": {"steps": 8
 
 def test_infeasible_dpm_schedule_warns_before_training_naming_fields_and_shortfall(capsys):
     recipe, model, train, val = make(INFEASIBLE_DPM)
-    method = METHODS.get("dpm")(recipe)
+    method = METHODS.get("dpm")(recipe.prune_spec())
     warnings = method.check_schedule(total_steps=4, steps_per_epoch=4)
     assert len(warnings) == 1
     text = warnings[0]
@@ -50,7 +50,7 @@ def test_infeasible_dpm_schedule_warns_before_training_naming_fields_and_shortfa
             seen.append(capsys.readouterr().err)  # what was printed before the first hook
             super().on_train_start(ctx)
 
-    fit(model, train, val, recipe.finetune, recipe.data, method=Spy(recipe))
+    fit(model, train, val, recipe.finetune, recipe.data, method=Spy(recipe.prune_spec()))
     assert "warning: prune.dpm:" in seen[0] and "346 steps" in seen[0]
 
 
@@ -58,13 +58,13 @@ def test_strict_schedule_refuses_to_train():
     recipe, model, train, val = make(INFEASIBLE_DPM, gates={"strict_schedule": True})
     started = []
 
-    class Spy(type(METHODS.get("dpm")(recipe))):
+    class Spy(type(METHODS.get("dpm")(recipe.prune_spec()))):
         def on_train_start(self, ctx):
             started.append(True)
 
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RecipeError, match=r"prune\.dpm\.steps") as info:
-        fit(model, train, val, recipe.finetune, recipe.data, method=Spy(recipe))
+        fit(model, train, val, recipe.finetune, recipe.data, method=Spy(recipe.prune_spec()))
     assert info.value.exit_code == 2 and "prune.dpm.interval" in str(info.value)
     assert "gates.strict_schedule" in str(info.value)
     assert not started and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -74,7 +74,7 @@ def test_feasible_dpm_schedule_gives_no_warning(capsys):
     # 2 epochs x 4 steps = 8; the decay starts at step 0 and ends at 0 + 3 * 2 = 6
     recipe, model, train, val = make({"method": "dpm", "schedule": {"events": 1}, "dpm": {"steps": 4, "interval": 2}},
                                      finetune={"epochs": 2})
-    method = METHODS.get("dpm")(recipe)
+    method = METHODS.get("dpm")(recipe.prune_spec())
     assert method.check_schedule(8, 4) == []
     assert check_method_schedule(method, len(train), recipe.finetune, recipe.data) == []
     fit(model, train, val, recipe.finetune, recipe.data, method=method)
@@ -85,7 +85,7 @@ def test_feasible_dpm_schedule_gives_no_warning(capsys):
 def test_dpm_limits_are_exact():
     recipe, *_ = make({"method": "dpm", "schedule": {"events": 1}, "dpm": {"steps": 5, "interval": 3}},
                       finetune={"epochs": 3})
-    method = METHODS.get("dpm")(recipe)
+    method = METHODS.get("dpm")(recipe.prune_spec())
     assert method.check_schedule(12, 4) == []  # ends at 0 + 4 * 3 = 12, the last step
     (text,) = method.check_schedule(11, 11)
     assert "1 step (" in text and "prune.dpm.steps 4 or fewer" in text and "prune.dpm.interval 2 or less" in text
@@ -93,7 +93,7 @@ def test_dpm_limits_are_exact():
 
 def test_check_runs_once_per_budget_and_strict_only_when_asked(capsys):
     recipe, _, train, _ = make(INFEASIBLE_DPM)
-    method = METHODS.get("dpm")(recipe)
+    method = METHODS.get("dpm")(recipe.prune_spec())
     first = check_method_schedule(method, len(train), recipe.finetune, recipe.data)
     assert first and capsys.readouterr().err.count("warning:") == 1
     assert check_method_schedule(method, len(train), recipe.finetune, recipe.data) == first
@@ -104,20 +104,20 @@ def test_check_runs_once_per_budget_and_strict_only_when_asked(capsys):
 def test_collapsed_host_events_warn():
     # 1 epoch: end_epoch unset is half of finetune.epochs = 0, so all 4 iterative events fall on step 0
     recipe, *_ = make({"method": "iterative", "schedule": {"events": 4}})
-    (text,) = METHODS.get("iterative")(recipe).check_schedule(4, 4)
+    (text,) = METHODS.get("iterative")(recipe.prune_spec()).check_schedule(4, 4)
     assert "only 1 distinct optimizer step" in text and "prune.schedule.end_epoch" in text
     ok, *_ = make({"method": "iterative", "schedule": {"events": 4, "end_epoch": 1}})
-    assert METHODS.get("iterative")(ok).check_schedule(4, 4) == []
+    assert METHODS.get("iterative")(ok.prune_spec()).check_schedule(4, 4) == []
     late, *_ = make({"method": "oneshot", "schedule": {"start_epoch": 1}})
-    (text,) = METHODS.get("oneshot")(late).check_schedule(4, 4)
+    (text,) = METHODS.get("oneshot")(late.prune_spec()).check_schedule(4, 4)
     assert "no fine-tuning follows" in text
-    assert METHODS.get("oneshot")(late).check_schedule(0, 4) == []  # epochs 0: prune without training, as asked
+    assert METHODS.get("oneshot")(late.prune_spec()).check_schedule(0, 4) == []  # epochs 0: prune without training, as asked
 
 
 def test_fggp_window_checks():
     def fggp(total, spe, **cfg):
         recipe, *_ = make({"method": "fggp", "fggp": {"granularity": "unstructured", **cfg}})
-        return METHODS.get("fggp")(recipe).check_schedule(total, spe)
+        return METHODS.get("fggp")(recipe.prune_spec()).check_schedule(total, spe)
 
     (text,) = fggp(4, 4, interval=100)  # window 0..3, events at 0 and 3: one jump
     assert "one jump" in text and "prune.fggp.interval 2 or less" in text
@@ -132,7 +132,7 @@ def test_fggp_window_checks():
 def test_ocsp_needs_epochs_for_lag_and_window():
     def ocsp(epochs, **cfg):
         recipe, *_ = make({"method": "ocsp", "ocsp": cfg}, finetune={"epochs": epochs})
-        return METHODS.get("ocsp")(recipe).check_schedule(epochs * 4, 4)
+        return METHODS.get("ocsp")(recipe.prune_spec()).check_schedule(epochs * 4, 4)
 
     (text,) = ocsp(4)  # lag 2 + window 3: the indicator first exists after epoch 5
     assert "after epoch 5" in text and "train at least 6 epochs" in text

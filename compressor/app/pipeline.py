@@ -227,7 +227,7 @@ def prune_and_finetune(state: RunState) -> None:
     recipe = state.recipe
     info(f"[2/6] pruning with {recipe.prune.method} (host {recipe.prune.host}) and fine-tuning "
          f"{recipe.finetune.epochs} epochs")
-    state.method = state.method_class(recipe)
+    state.method = state.method_class(recipe.prune_spec())
     teacher = dense_teacher(state.model) if recipe.finetune.distill.enabled else None
     # schedule warnings (printed, noted in the report), or a RecipeError when gates.strict_schedule
     state.notes += check_method_schedule(state.method, len(state.train_set), recipe.finetune, recipe.data)

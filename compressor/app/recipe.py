@@ -17,8 +17,8 @@ from compressor.config import Strict
 from compressor.deploy.config import BenchConfig, ExportConfig, VerifyConfig
 from compressor.errors import RecipeError
 from compressor.models.config import ModelConfig
-from compressor.prune.methods import METHODS
 from compressor.prune.section import PruneConfig
+from compressor.prune.spec import ModelSpec, PruneSpec, budget_problems
 from compressor.registry import did_you_mean
 from compressor.train.config import DataConfig, FinetuneConfig
 
@@ -57,16 +57,8 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> "Recipe":
-        end = self.prune.schedule.end_epoch
-        if end is not None and end > self.finetune.epochs:
-            raise ValueError(
-                f"prune.schedule.end_epoch ({end}) is after finetune.epochs ({self.finetune.epochs}); "
-                "lower it or train longer"
-            )
-        if self.prune.schedule.start_epoch > (end if end is not None else self.finetune.epochs):
-            raise ValueError("prune.schedule.start_epoch is after the schedule's end")
-        if METHODS.get(self.prune.method).needs_training_budget(self.prune) and self.finetune.epochs == 0:
-            raise ValueError(f"method {self.prune.method} prunes during training: finetune.epochs must be at least 1")
+        for problem in budget_problems(self.prune, self.finetune.epochs):
+            raise ValueError(problem)
         target = self.prune.target
         if target.is_latency:
             if not self.bench.backends:
@@ -85,9 +77,15 @@ class Recipe(Strict):
             raise ValueError("export.quantize.exclude: auto measures int8 sensitivity; use it with mode: int8")
         return self
 
-    def schedule_end_epoch(self) -> int:
-        end = self.prune.schedule.end_epoch
-        return end if end is not None else self.finetune.epochs // 2
+    def prune_spec(self) -> PruneSpec:
+        """What the pruning method is built from (`METHODS.get(name)(spec)`): the prune section (the same object,
+        with round_to and a latency target as resolved), the model's example batch and ignored layers, the
+        training budget and gates.strict_schedule."""
+        from compressor.models.loading import example_inputs
+
+        model = ModelSpec(example=example_inputs(self.model), ignore=list(self.model.ignore))
+        return PruneSpec(prune=self.prune, model=model, epochs=self.finetune.epochs,
+                         strict_schedule=self.gates.strict_schedule)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -231,15 +229,17 @@ def _field_names(model: Optional[type[BaseModel]]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem: `dotted.field: what is wrong (got X; allowed: ...)`."""
+def format_validation_error(exc: ValidationError, source: str, *, root: Optional[type[BaseModel]] = None,
+                            prefix: str = "", what: str = "recipe") -> str:
+    """One line per problem: `dotted.field: what is wrong (got X; allowed: ...)`. `root` is the model validated
+    (the Recipe unless told), `prefix` the dotted path of that model in a recipe (`prune`), `what` names it."""
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        dotted = ".".join(str(p) for p in loc) or "(recipe)"
+        dotted = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(loc)) or f"({what})"
         kind = err["type"]
         if kind == "extra_forbidden":
-            allowed = _field_names(_model_at(Recipe, loc[:-1]))
+            allowed = _field_names(_model_at(root or Recipe, loc[:-1]))
             hint = did_you_mean(str(loc[-1]), allowed)
             lines.append(f"{dotted}: unknown key{hint}; allowed keys: {', '.join(allowed)}")
         elif kind == "literal_error":
@@ -252,7 +252,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             msg = err["msg"].removeprefix("Value error, ")
             got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else ""
             lines.append(f"{dotted}: {msg}{got}")
-    return f"invalid recipe {source}:\n  " + "\n  ".join(lines)
+    return f"invalid {what} {source}:\n  " + "\n  ".join(lines)
 
 
 def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:

@@ -357,7 +357,8 @@ def _recalibrate(ctx: TrainContext, method: PruningMethod) -> Optional[dict[str,
 def check_method_schedule(method: PruningMethod, train_size: int, cfg: FinetuneConfig, data_cfg: DataConfig, *,
                           world: Optional[int] = None) -> list[str]:
     """The method's schedule warnings for this training budget (`PruningMethod.check_schedule`), each printed once
-    as "warning: ..."; raises RecipeError (exit 2) instead when the method's recipe sets gates.strict_schedule.
+    as "warning: ..."; raises RecipeError (exit 2) instead when the method's spec is strict (spec.strict_schedule,
+    the recipe's gates.strict_schedule).
 
     `compress` calls it before `fit` to record the warnings in the report's notes; `fit` calls it again and stays
     quiet when the same method was already checked for the same budget (a fresh process after --resume warns again).
@@ -369,8 +370,7 @@ def check_method_schedule(method: PruningMethod, train_size: int, cfg: FinetuneC
     if checked is not None and checked[0] == budget:
         return list(checked[1])
     warnings = list(method.check_schedule(*budget))
-    recipe = getattr(method, "recipe", None)
-    if warnings and getattr(getattr(recipe, "gates", None), "strict_schedule", False):
+    if warnings and getattr(method.spec, "strict_schedule", False):
         raise RecipeError(f"the {method.name} schedule does not fit the training budget ({budget[0]} optimizer "
                           f"steps, {budget[1]} per epoch):\n  " + "\n  ".join(warnings),
                           hint="Change the fields named above, or set gates.strict_schedule: false to train anyway.")

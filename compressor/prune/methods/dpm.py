@@ -4,7 +4,7 @@ Smooth pruning (SP): at each host event the newly selected structures enter the 
 the concatenation x_s of its output-defining slices (producer rows and bias, norm affine; `norm_scope: group` adds
 the consumers' input columns). On entry L0 = ||x_s||, n = 0. At every decay step (at entry, then every `interval`
 optimizer steps) n += 1 and x_s is rescaled to L0 (1 - n / N), keeping its direction; after N steps x_s = 0 and
-the structure is removed physically (the optimizer is rebuilt).
+the structure is removed physically (the optimizer's state follows the kept slices: prune/lineage.py).
 
 Self-rectifying (SR): before each decay step the escaping length e = ||x_s|| - L_target(previous step) measures
 how hard training pulls the structure back. C_rate = e / L_target, C_len = e / mean |norm change| of the
@@ -31,7 +31,7 @@ from compressor.prune.slices import channel_norms, scale_channels, structure_sli
 from compressor.prune.snapshot import Plan
 
 if TYPE_CHECKING:
-    from compressor.app.recipe import Recipe
+    from compressor.prune.spec import PruneSpec
 
 TRACE_LIMIT = 400  # structures whose decay trace is kept for the report
 CHECK_LOG_LIMIT = 20000  # self-rectifying checks kept for the report (C_rate / C_len distributions)
@@ -113,9 +113,9 @@ class DPM(EventMethod):
             figures["sr_checks"] = fig
         return figures
 
-    def __init__(self, recipe: Recipe) -> None:
-        super().__init__(recipe, events=recipe.prune.schedule.events)
-        self.dpm = recipe.prune.dpm
+    def __init__(self, spec: PruneSpec) -> None:
+        super().__init__(spec, events=spec.prune.schedule.events)
+        self.dpm = spec.prune.dpm
         self.decaying: list[Structure] = []
         self.cooling: dict[tuple[str, int], int] = {}  # (root, idx) -> event index at release
         self.finished: list[dict[str, Any]] = []  # decay traces of removed and released structures
@@ -142,7 +142,7 @@ class DPM(EventMethod):
     def event(self, ctx, index: int, epoch: float) -> None:
         plan, snap, asked = self.target_plan(ctx, index, frozen=self._decaying_plan(), excluded=self._cooling_plan(index))
         record = {"event": index + 1, "epoch": epoch, "step": ctx.step, "selected": 0, "released": 0,
-                  "backfilled": 0, "removed": 0, "asked_macs": asked if self.recipe.prune.target.channels is None else None,
+                  "backfilled": 0, "removed": 0, "asked_macs": asked if self.spec.prune.target.channels is None else None,
                   "planned_macs": snap.macs_after(plan) / self.dense_macs, "achieved_macs": snap.total_macs / self.dense_macs}
         self.records.append(record)
         record["selected"] = self.enter(ctx, plan, index)
@@ -309,7 +309,7 @@ class DPM(EventMethod):
     def scale(self, ctx, root: str, factors: dict[int, float]) -> None:
         """Multiply channels' slices by per-channel factors (and their momentum, with momentum: reset -> 0)."""
         for param, dim, index in scale_channels(self._slices[root], factors):
-            if self.dpm.momentum == "reset":
+            if self.dpm.momentum == "reset" and ctx.optimizer is not None:
                 buf = ctx.optimizer.state.get(param, {}).get("momentum_buffer")
                 if buf is not None:
                     buf.index_fill_(dim, index, 0.0)
@@ -330,7 +330,7 @@ class DPM(EventMethod):
         total_steps; otherwise the structures still decaying at the end are removed at once (forced removal)."""
         warnings = super().check_schedule(total_steps, steps_per_epoch)
         n, interval, spe = self.dpm.steps, self.dpm.interval, max(steps_per_epoch, 1)
-        sched = self.recipe.prune.schedule
+        sched = self.spec.prune.schedule
 
         def last_step(end: int) -> int:  # the last event's optimizer step for a schedule ending at epoch `end`
             start = sched.start_epoch
@@ -350,7 +350,7 @@ class DPM(EventMethod):
         elif n > 1:
             fixes.append(f"prune.dpm.interval cannot help alone: only {room} optimizer steps follow the last event")
         latest = total_steps - (n - 1) * interval  # the last event must come by this step
-        current_end = self.recipe.schedule_end_epoch()
+        current_end = self.spec.schedule_end_epoch()
         end = next((e for e in range(current_end - 1, sched.start_epoch - 1, -1) if last_step(e) <= latest), None)
         if end is not None:
             fixes.append(f"prune.schedule.end_epoch {end} (the last event by step {latest})")

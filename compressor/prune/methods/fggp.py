@@ -37,7 +37,7 @@ from compressor.prune.slices import channel_norms, structure_slices
 from compressor.prune.snapshot import Snapshot, recipe_snapshot
 
 if TYPE_CHECKING:
-    from compressor.app.recipe import Recipe
+    from compressor.prune.spec import PruneSpec
 
 class FGGPConfig(Strict):
     granularity: Literal["unstructured", "2:4", "structured"] = "unstructured"
@@ -144,9 +144,9 @@ class FGGP(PruningMethod):
             lines += table(["layer", "sparsity"], [[n, f"{v:.3f}"] for n, v in sparsity["per_layer"].items()])
         return lines + super().report_section(summary)
 
-    def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
-        self.cfg = recipe.prune.fggp
+    def __init__(self, spec: PruneSpec) -> None:
+        super().__init__(spec)
+        self.cfg = spec.prune.fggp
         self.structured = self.cfg.granularity == "structured"
         self.masks: dict[str, torch.Tensor] = {}
         self.steps: list[int] = []
@@ -158,11 +158,11 @@ class FGGP(PruningMethod):
 
     # ------------------------------------------------------------------------------------------ setup
     def prunable_layers(self, model: nn.Module, example: torch.Tensor) -> dict[str, nn.Module]:
-        """Conv/linear layers whose weights FGGP masks (first conv and classifier per the recipe)."""
+        """Conv/linear layers whose weights FGGP masks (first conv and classifier per prune.fggp)."""
         layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
         names = list(layers)
         heads = {id(m) for m in dg.output_layers(model, example)}
-        ignored = {id(m) for m in dg.resolve_ignored(model, self.recipe.model.ignore, example)}
+        ignored = {id(m) for m in dg.resolve_ignored(model, self.spec.model.ignore, example)}
         keep = {}
         for name, module in layers.items():
             if name == names[0] and not self.cfg.prune_first_conv:
@@ -190,9 +190,7 @@ class FGGP(PruningMethod):
             self.dense_macs = snapshot_macs(ctx.model, self._example(ctx))[0]
 
     def _example(self, ctx) -> torch.Tensor:
-        from compressor.models.loading import example_inputs
-
-        return example_inputs(self.recipe.model).to(ctx.device)
+        return self.spec.model.example.to(ctx.device)
 
     def check_schedule(self, total_steps: int, steps_per_epoch: int) -> list[str]:
         """The window t0..t1 (prune.fggp.start / end of training) with an event every `interval` steps, as
@@ -361,16 +359,16 @@ class FGGP(PruningMethod):
     def structured_event(self, ctx, step: int, final: bool) -> None:
         """Channels: the r-fraction with the smallest group gradient norm, then the smallest group magnitude,
         removed physically until this event's MAC target."""
-        remaining = self.recipe.prune.target.remaining_macs()
+        remaining = self.spec.prune.target.remaining_macs()
         if remaining is None:
             raise RecipeError("prune.fggp granularity structured needs a MAC target: prune.target.macs or speedup.")
         progress = cubic_sparsity(step, self.t0, self.t1, 0.0, 1.0)
         asked = 1 - (1 - remaining) * progress
         example = self._example(ctx)
-        snap = recipe_snapshot(ctx.model, example, self.recipe, build_scorer(ImportanceConfig(kind="magnitude")))
+        snap = recipe_snapshot(ctx.model, example, self.spec, build_scorer(ImportanceConfig(kind="magnitude")))
         excluded = {} if final else self._outside_low_gradient(ctx, snap, example)
         remember_widths(self.dense_widths, snap)
-        cons = constraints_from(self.recipe, global_ranking=True, excluded=excluded, dense_widths=self.dense_widths)
+        cons = constraints_from(self.spec, global_ranking=True, excluded=excluded, dense_widths=self.dense_widths)
         plan = broadcast_plan(plan_for_macs(snap, asked * self.dense_macs, cons))
         done = remove_planned(ctx, example, plan, snap.macs_after(plan) / self.dense_macs, self.dense_macs)
         self.records.append({"event": len(self.records) + 1, "step": step, "asked_macs": asked, **done})

@@ -34,6 +34,7 @@ from compressor.prune.snapshot import Plan, Snapshot, recipe_snapshot
 
 if TYPE_CHECKING:
     from compressor.app.recipe import Recipe
+    from compressor.prune.spec import PruneSpec
 
 CALIBRATION_BATCHES = 8
 
@@ -53,22 +54,22 @@ class Host:
     fixed_importance: Optional[str] = None  # an importance kind this host always ranks by
     config_section = None  # (recipe key under prune, pydantic model) for a host that takes settings
 
-    def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
-        self.cfg = recipe.prune
-        self.scorer = build_scorer(self.importance(recipe))
+    def __init__(self, spec: PruneSpec) -> None:
+        self.spec = spec
+        self.cfg = spec.prune
+        self.scorer = build_scorer(self.importance(spec.prune))
         self.regularised_steps = 0
         self.dense_widths: dict[str, int] = {}  # group widths of the dense model (round_to after removals)
 
     @classmethod
-    def importance(cls, recipe: Recipe) -> ImportanceConfig:
-        """The importance this host ranks with: the recipe's, or the host's fixed kind (a different kind asked
-        explicitly is a RecipeError)."""
+    def importance(cls, prune: Any) -> ImportanceConfig:
+        """The importance this host ranks with: the prune section's, or the host's fixed kind (a different kind
+        asked explicitly is a RecipeError)."""
         if cls.fixed_importance is None:
-            return recipe.prune.importance
-        if "importance" in recipe.prune.model_fields_set and recipe.prune.importance.kind != cls.fixed_importance:
+            return prune.importance
+        if "importance" in prune.model_fields_set and prune.importance.kind != cls.fixed_importance:
             raise RecipeError(f"prune.importance.kind: host {cls.name} ranks by {cls.fixed_importance!r}, not "
-                              f"{recipe.prune.importance.kind!r}; remove prune.importance or use host: depgraph.")
+                              f"{prune.importance.kind!r}; remove prune.importance or use host: depgraph.")
         return ImportanceConfig(kind=cls.fixed_importance)
 
     # -- hooks the executing method forwards
@@ -107,14 +108,16 @@ class Host:
 
     # -- planning
     def example(self, ctx) -> torch.Tensor:
-        return example_inputs(self.recipe.model).to(ctx.device)
+        return self.spec.model.example.to(ctx.device)
 
     def ensure_scores(self, ctx) -> None:
         """Gradient scorers need batches: if none were observed since the last event, run a few now."""
         if not self.scorer.needs_gradients or self.scorer.observed_batches > 0:
             return
         if ctx.calibration is None:
-            raise RecipeError(f"host {self.cfg.host} needs training data to score channels (data section).")
+            raise RecipeError(f"host {self.cfg.host} scores channels with gradients and needs training batches "
+                              "to score them: a data section in compress, or calibration= and loss_fn= of "
+                              "compressor.Pruner.")
         was_training = ctx.model.training
         ctx.model.train()
         for inputs, targets in ctx.calibration(CALIBRATION_BATCHES):
@@ -126,12 +129,12 @@ class Host:
 
     def snapshot(self, ctx) -> Snapshot:
         self.ensure_scores(ctx)
-        snap = recipe_snapshot(ctx.model, self.example(ctx), self.recipe, self.scorer)
+        snap = recipe_snapshot(ctx.model, self.example(ctx), self.spec, self.scorer)
         remember_widths(self.dense_widths, snap)
         return snap
 
     def constraints(self, **extra) -> Constraints:
-        return constraints_from(self.recipe, dense_widths=self.dense_widths, **extra)
+        return constraints_from(self.spec, dense_widths=self.dense_widths, **extra)
 
 
 HOSTS.register("depgraph")(Host)
@@ -144,8 +147,8 @@ class SparseLearningHost(Host):
 
     config_section = ("sparse_learning", SparseLearningConfig)
 
-    def __init__(self, recipe: Recipe) -> None:
-        super().__init__(recipe)
+    def __init__(self, spec: PruneSpec) -> None:
+        super().__init__(spec)
         self.sparse: Optional[tp.pruner.GroupNormPruner] = None
 
     def after_backward(self, ctx) -> None:
@@ -165,7 +168,7 @@ class SparseLearningHost(Host):
 
     def _sparse_pruner(self, ctx) -> tp.pruner.GroupNormPruner:
         cfg = self.cfg.sparse_learning
-        ignored = dg.resolve_ignored(ctx.model, self.recipe.model.ignore, self.example(ctx))
+        ignored = dg.resolve_ignored(ctx.model, self.spec.model.ignore, self.example(ctx))
         with dg.quiet_eval(ctx.model):  # tracing in train mode would move the BatchNorm statistics (resume differed)
             return tp.pruner.GroupNormPruner(
                 ctx.model, self.example(ctx), importance=tp.importance.GroupMagnitudeImportance(p=2), reg=cfg.reg,
@@ -187,9 +190,9 @@ class TaylorHost(Host):
     fixed_importance = "taylor"
 
 
-def make_host(recipe: Recipe) -> Host:
-    """The registered host the recipe names (prune.host)."""
-    return HOSTS.get(recipe.prune.host)(recipe)
+def make_host(spec: PruneSpec) -> Host:
+    """The registered host the prune section names (prune.host)."""
+    return HOSTS.get(spec.prune.host)(spec)
 
 
 def fraction_at(progress: float, shape: str) -> float:
@@ -198,9 +201,9 @@ def fraction_at(progress: float, shape: str) -> float:
     return progress if shape == "linear" else 1 - (1 - progress) ** 3
 
 
-def event_epochs(recipe: Recipe, events: int) -> list[float]:
+def event_epochs(spec: PruneSpec, events: int) -> list[float]:
     """When each selection event happens, in (fractional) epochs of training, spread over [start_epoch, end_epoch)."""
-    start, end = recipe.prune.schedule.start_epoch, recipe.schedule_end_epoch()
+    start, end = spec.prune.schedule.start_epoch, spec.schedule_end_epoch()
     end = max(end, start)
     return [start + e * (end - start) / events for e in range(events)]
 
@@ -208,11 +211,11 @@ def event_epochs(recipe: Recipe, events: int) -> list[float]:
 class EventMethod(PruningMethod, abc.ABC):
     """Selections at scheduled epochs; subclasses decide what an event does with the planned channels."""
 
-    def __init__(self, recipe: Recipe, events: int) -> None:
-        self.recipe = recipe
-        self.host = make_host(recipe)
+    def __init__(self, spec: PruneSpec, events: int) -> None:
+        super().__init__(spec)
+        self.host = make_host(spec)
         self.events = events
-        self.epochs = event_epochs(recipe, events)
+        self.epochs = event_epochs(spec, events)
         self.steps: list[int] = []
         self.done = 0
         self.dense_macs: Optional[float] = None
@@ -222,6 +225,11 @@ class EventMethod(PruningMethod, abc.ABC):
     def after_backward(self, ctx) -> None:
         self.host.after_backward(ctx)
 
+    def needs_calibration(self) -> bool:
+        """Gradient scorers (taylor, gate-decorator's gates, a gradient prune.importance) score an event without
+        observed batches (the first one at step 0, several on one step) on calibration batches."""
+        return self.host.scorer.needs_gradients
+
     def check_schedule(self, total_steps: int, steps_per_epoch: int) -> list[str]:
         """Events with no fine-tuning after them (at or after the last optimizer step), and events that fall on
         the same optimizer step (a schedule window too short for its events: several selections at once).
@@ -229,8 +237,8 @@ class EventMethod(PruningMethod, abc.ABC):
         if total_steps <= 0:
             return []
         steps = [round(e * steps_per_epoch) for e in self.epochs]  # as on_train_start places them
-        sched = self.recipe.prune.schedule
-        end = self.recipe.schedule_end_epoch()
+        sched = self.spec.prune.schedule
+        end = self.spec.schedule_end_epoch()
         window = (f"prune.schedule.start_epoch {sched.start_epoch}, end_epoch {end}"
                   f"{'' if sched.end_epoch is not None else ' (unset: half of finetune.epochs)'}")
         warnings = []
@@ -274,8 +282,8 @@ class EventMethod(PruningMethod, abc.ABC):
         if self.dense_macs is None:
             self.dense_macs = snap.total_macs
             self.dense_channels = sum(c.width for c in snap.candidates)
-        share = fraction_at((index + 1) / self.events, self.recipe.prune.schedule.shape)
-        target = self.recipe.prune.target
+        share = fraction_at((index + 1) / self.events, self.spec.prune.schedule.shape)
+        target = self.spec.prune.target
         cons = self.host.constraints(**constraints)
         remaining = target.remaining_macs()
         if remaining is not None:
@@ -305,13 +313,13 @@ class EventMethod(PruningMethod, abc.ABC):
 
     def summary(self) -> dict[str, Any]:
         host = self.host.summary()
-        return {"method": self.name, "host": self.recipe.prune.host, "events": self.records,
+        return {"method": self.name, "host": self.spec.prune.host, "events": self.records,
                 "event_epochs": self.epochs, **({"host_state": host} if host else {})}
 
 
 def remove_planned(ctx, example: torch.Tensor, plan: Plan, planned_macs: Optional[float],
                    dense_macs: float) -> dict[str, Any]:
-    """Remove `plan` from ctx.model, rebuild the optimizer, and measure the result: removed count, achieved MACs
+    """Remove `plan` from ctx.model, let the optimizer follow (ctx.rebuild), and measure the result: removed count, achieved MACs
     and params (fractions of dense MACs), and a note when the MACs torch-pruning left differ from the plan's by
     more than MISS_TOLERANCE (a coupling the cost model did not see)."""
     removed = remove(ctx.model, example, plan)
@@ -337,7 +345,7 @@ class RemovingMethod(EventMethod):
                               self.dense_macs)
         self.host.structure_changed()
         record = {"event": index + 1, "epoch": epoch, "step": ctx.step, "selected": done["removed"], **done,
-                  "asked_macs": asked if self.recipe.prune.target.channels is None else None,
+                  "asked_macs": asked if self.spec.prune.target.channels is None else None,
                   "regularised_steps": self.host.regularised_steps}
         self.records.append(record)
         info(f"pruning event {index + 1}/{self.events}: removed {done['removed']} channels, MACs "
@@ -347,15 +355,15 @@ class RemovingMethod(EventMethod):
 @METHODS.register("oneshot")
 class OneShot(RemovingMethod):
 
-    def __init__(self, recipe: Recipe) -> None:
-        super().__init__(recipe, events=1)
+    def __init__(self, spec: PruneSpec) -> None:
+        super().__init__(spec, events=1)
 
 
 @METHODS.register("iterative")
 class Iterative(RemovingMethod):
 
-    def __init__(self, recipe: Recipe) -> None:
-        super().__init__(recipe, events=recipe.prune.schedule.events)
+    def __init__(self, spec: PruneSpec) -> None:
+        super().__init__(spec, events=spec.prune.schedule.events)
 
 
 def broadcast_plan(plan: Plan) -> Plan:

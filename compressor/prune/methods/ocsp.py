@@ -8,7 +8,7 @@ the target). The stability indicator is the mean over groups of the Jaccard simi
 epoch t and t - lag, smoothed over `window` epochs. Once it plateaus (or at `reg_start`) the channels selected for
 removal shrink by (1 - reg * lr) after every step, reg growing by reg_delta every reg_interval epochs. When the
 smoothed indicator passes `threshold` (or at `latest_prune_epoch`) the candidate is removed physically, the
-optimizer rebuilt, and training continues on the same LR schedule.
+optimizer's state carried over to the kept slices, and training continues on the same LR schedule.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import torch
 from compressor.config import Strict
 from compressor.errors import RecipeError
 from compressor.markdown import number, table
-from compressor.models.loading import example_inputs
 from compressor.progress import info
 from compressor.prune.importance import ImportanceConfig
 from compressor.prune.importance import build_scorer
@@ -32,7 +31,7 @@ from compressor.prune.slices import scale_channels, structure_slices
 from compressor.prune.snapshot import Plan, Snapshot, recipe_snapshot
 
 if TYPE_CHECKING:
-    from compressor.app.recipe import Recipe
+    from compressor.prune.spec import PruneSpec
 
 class OCSPConfig(Strict):
     keep_floor: float = Field(0.25, gt=0.0, le=1.0, description="each layer keeps at least this fraction")
@@ -108,10 +107,10 @@ class OCSP(PruningMethod):
         ax.legend(fontsize=8)
         return {"stability": fig}
 
-    def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
-        self.cfg = recipe.prune.ocsp
-        if recipe.prune.target.remaining_macs() is None:
+    def __init__(self, spec: PruneSpec) -> None:
+        super().__init__(spec)
+        self.cfg = spec.prune.ocsp
+        if spec.prune.target.remaining_macs() is None:
             raise RecipeError("method ocsp needs a MAC target: prune.target.macs or prune.target.speedup.")
         self.scorer = build_scorer(ImportanceConfig(kind="saliency"))
         self.history: list[dict[str, Any]] = []  # per epoch: kept sets, raw and smoothed stability, reg
@@ -127,16 +126,16 @@ class OCSP(PruningMethod):
     # ------------------------------------------------------------------------------------------ search
     def candidate(self, ctx) -> tuple[Plan, Snapshot]:
         """The channels to remove for the target on the current weights (deterministic for a fixed state)."""
-        example = example_inputs(self.recipe.model).to(ctx.device)
-        snap = recipe_snapshot(ctx.model, example, self.recipe, self.scorer, normalize=False)
+        example = self.spec.model.example.to(ctx.device)
+        snap = recipe_snapshot(ctx.model, example, self.spec, self.scorer, normalize=False)
         if self.dense_macs is None:
             self.dense_macs = snap.total_macs
         if self.cfg.cost_weighting:
             weights = cost_weights(snap)
             for cand in snap.candidates:
                 cand.scores = cand.scores * weights[cand.root]
-        cons = constraints_from(self.recipe, max_layer_ratio=1 - self.cfg.keep_floor, global_ranking=True)
-        target = self.recipe.prune.target.remaining_macs() * self.dense_macs
+        cons = constraints_from(self.spec, max_layer_ratio=1 - self.cfg.keep_floor, global_ranking=True)
+        target = self.spec.prune.target.remaining_macs() * self.dense_macs
         plan = broadcast_plan(plan_for_macs(snap, target, cons))
         self.planned_macs = snap.macs_after(plan) / self.dense_macs
         return plan, snap
@@ -173,12 +172,16 @@ class OCSP(PruningMethod):
         if self.pruned_at is None and self.plan is None and self.history:
             self.plan, _ = self.candidate(ctx)  # resumed mid-search: the selection of the last epoch again
 
+    def needs_optimizer(self) -> bool:
+        """The regulariser's shrink factor follows the optimizer's learning rate."""
+        return True
+
     def after_step(self, ctx) -> None:
         if self.pruned_at is not None or self.reg <= 0 or not self.plan:
             return
         factor = 1 - self.reg * ctx.optimizer.param_groups[0]["lr"]
         if not self._slices:
-            self._slices = structure_slices(ctx.model, example_inputs(self.recipe.model).to(ctx.device),
+            self._slices = structure_slices(ctx.model, self.spec.model.example.to(ctx.device),
                                                 list(self.plan), out_only=True)
         for root, idxs in self.plan.items():
             scale_channels(self._slices[root], {i: factor for i in idxs})
@@ -212,7 +215,7 @@ class OCSP(PruningMethod):
             self.reg += self.cfg.reg_delta
 
     def prune(self, ctx, epoch: int, forced: bool = False) -> None:
-        example = example_inputs(self.recipe.model).to(ctx.device)
+        example = self.spec.model.example.to(ctx.device)
         done = remove_planned(ctx, example, self.plan, self.planned_macs, self.dense_macs)
         self.pruned_at = epoch
         self.result = {"epoch": epoch, **done, "forced": forced}

@@ -29,7 +29,7 @@ from compressor.prune.methods.hosts import Host, broadcast_plan
 from compressor.prune.methods.registry import HOSTS
 
 if TYPE_CHECKING:
-    from compressor.app.recipe import Recipe
+    from compressor.prune.spec import PruneSpec
 
 
 class OTOv2Config(Strict):
@@ -79,9 +79,9 @@ class OTOv2Host(Host):
 
     config_section = ("otov2", OTOv2Config)
 
-    def __init__(self, recipe: Recipe) -> None:
-        super().__init__(recipe)
-        self.otov2: OTOv2Config = recipe.prune.otov2
+    def __init__(self, spec: PruneSpec) -> None:
+        super().__init__(spec)
+        self.otov2: OTOv2Config = spec.prune.otov2
         self.redundant: Optional[dict[str, list[int]]] = None  # root -> channels driven to zero (see _choose)
         self.dense_macs: Optional[float] = None
         self.phases: list[dict[str, int]] = []  # per removal: redundant channels and how many reached zero
@@ -177,7 +177,7 @@ class OTOv2Host(Host):
         """The channels the planner removes for the recipe's final target, ranked by the host's importance; after a
         removal, only what is still missing to that target (MACs of the dense model)."""
         snap = super().snapshot(ctx)
-        target = self.recipe.prune.target
+        target = self.spec.prune.target
         remaining = target.remaining_macs()
         if self.dense_macs is None:
             self.dense_macs = snap.total_macs
@@ -198,6 +198,6 @@ class OTOv2Host(Host):
         if not zero:
             return
         for param, dim, index in scale_channels(self._pairs[root], {c: 0.0 for c in zero}):
-            buf = ctx.optimizer.state.get(param, {}).get("momentum_buffer")
+            buf = ctx.optimizer.state.get(param, {}).get("momentum_buffer") if ctx.optimizer is not None else None
             if buf is not None:
                 buf.index_fill_(dim, index, 0.0)
