@@ -13,7 +13,7 @@ docs/api.md describes the API and its guarantees.
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["compress", "deploy", "load_model", "load_recipe", "__version__"]
+__all__ = ["Pruner", "compress", "deploy", "load_model", "load_recipe", "__version__"]
 
 
 def __getattr__(name: str):
@@ -25,6 +25,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("compressor.deploy")
+    if name == "Pruner":
+        from compressor.pruner import Pruner
+
+        return Pruner
     if name == "load_model":
         from compressor.models.loading import load_model
 

@@ -68,7 +68,7 @@ def test_widths_off_the_channel_block_are_never_timed_in_channels_last(monkeypat
 
     monkeypatch.setattr(mf, "time_step", lambda *a, **k: pytest.fail("timed a model off the channel block"))
     ctx = _context(_odd_widths())
-    ctx.rebuild()
+    ctx.prepare()
     assert ctx.channels_last is False and ctx.memory_formats == {}
     assert not ctx.model[3].weight.is_contiguous(memory_format=torch.channels_last)
 
@@ -93,7 +93,7 @@ def test_finetune_memory_format_contiguous_trains_nchw_without_timing(monkeypatc
     ctx = _context(_aligned_widths())
     ctx.cfg = ctx.cfg.model_copy(update={"memory_format": "contiguous"})
     assert mf.channels_last_candidate(ctx.model, ctx.device)  # auto would have measured it
-    ctx.rebuild()
+    ctx.prepare()
     assert ctx.channels_last is False and ctx.memory_formats == {}
     assert ctx.model[4].weight.is_contiguous() and not ctx.model[4].weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(Exception, match="memory_format"):
@@ -122,17 +122,17 @@ def test_a_decision_is_measured_once_per_structure_and_restored_on_resume(monkey
 
     monkeypatch.setattr(mf, "time_step", fake_step)
     ctx = _context(_aligned_widths())
-    ctx.rebuild()
+    ctx.prepare()
     assert ctx.channels_last is False and len(calls) == 2 + 2 * mf.REPS and list(ctx.memory_formats.values()) == [False]
     assert ctx.model[4].weight.is_contiguous()
-    ctx.rebuild()
+    ctx.prepare()
     other = _context(_aligned_widths())
-    other.rebuild()
+    other.prepare()
     assert len(calls) == 2 + 2 * mf.REPS and other.channels_last is False
 
     resumed = _context(_aligned_widths())
     resumed.memory_formats.update({key: True for key in ctx.memory_formats})  # what load_checkpoint restores
-    resumed.rebuild()
+    resumed.prepare()
     assert resumed.channels_last is True and len(calls) == 2 + 2 * mf.REPS
     assert resumed.model[4].weight.is_contiguous(memory_format=torch.channels_last)
 
@@ -148,7 +148,7 @@ def test_timing_a_real_step_leaves_the_training_state_as_it_was(monkeypatch):
     grads = [p.grad.clone() for p in model.parameters()]
     stats = [b.clone() for b in model.buffers()]
     rng = torch.get_rng_state()
-    ctx.rebuild()
+    ctx.prepare()
     assert isinstance(ctx.channels_last, bool) and list(ctx.memory_formats.values()) == [ctx.channels_last]
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
     assert model[4].weight.is_contiguous(memory_format=fmt) and model.training

@@ -23,6 +23,8 @@ from compressor.errors import ModelLoadError, RecipeError, TrainingError
 from compressor.models.layers import set_memory_format
 from compressor.progress import info, is_main_process, track
 from compressor.ranks import compute_device, init_process_group
+from compressor.prune.context import PruneContext
+from compressor.pruner import Pruner
 from compressor.prune.methods.base import PruningMethod
 from compressor.train.bn_recalibration import batch_norms, recalibrate_batch_norm
 from compressor.train.memory_format import channels_last_candidate, training_channels_last
@@ -85,39 +87,30 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimi
 
 
 # ---------------------------------------------------------------------------------------------- context
-@dataclass
-class TrainContext:
-    """What hooks see and may change. `model` is the bare module; `module` is what runs forward (maybe DDP)."""
+@dataclass(kw_only=True)
+class TrainContext(PruneContext):
+    """What hooks see and may change in `fit`: the PruneContext plus the fine-tuning settings, the rank, the
+    memory format and `module`, what runs forward (the bare model, or its DDP wrapper)."""
 
-    model: nn.Module
     cfg: FinetuneConfig
-    device: torch.device
-    steps_per_epoch: int
-    total_steps: int
     rank: int = 0
     world: int = 1
-    epoch: int = 0
-    step: int = 0
     module: Optional[nn.Module] = None
-    optimizer: Optional[torch.optim.Optimizer] = None
-    inputs: Optional[torch.Tensor] = None
-    targets: Optional[torch.Tensor] = None
-    loss: Optional[torch.Tensor] = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    loss_fn: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = None
     channels_last: bool = False
-    calibration: Optional[Callable[[int], Any]] = None  # n -> n batches of a seeded random training subset
     memory_formats: dict[str, bool] = field(default_factory=dict)  # structure -> channels-last (memory_format.py)
 
-    def rebuild(self) -> None:
-        """Call after a structural change: new optimizer over the current parameters, DDP re-wrapped.
-
-        The LR schedule continues from ctx.step (it is a function of the step, not optimizer state).
-        """
-        self.channels_last = training_channels_last(self)  # per structure: guarded, then measured
-        set_memory_format(self.model, self.channels_last)  # 4-D tensors only (a Conv3d's 5-D weight stays)
+    def prepare(self) -> None:
+        """Before training and after loading a checkpoint: a new optimizer over the current parameters (the
+        checkpoint's state loads into it), then follow(). The LR schedule is a function of ctx.step."""
         self.optimizer = build_optimizer(self.model, self.cfg)
+        self.follow()
+
+    def follow(self) -> None:
+        """The loop follows the current structure: its memory format (per structure: guarded, then measured), the
+        learning rate of ctx.step, DDP re-wrapped. After a removal the Pruner has already carried the optimizer's
+        state over to the new parameters (prune/lineage.py), so momentum and Adam moments of kept channels stay."""
+        self.channels_last = training_channels_last(self)
+        set_memory_format(self.model, self.channels_last)  # 4-D tensors only (a Conv3d's 5-D weight stays)
         self.set_lr()
         self.module = self.model
         if self.world > 1:
@@ -259,7 +252,7 @@ def load_checkpoint(path: Path, ctx: TrainContext, method: PruningMethod,
     ctx.epoch, ctx.step, ctx.history = state["epoch"] + 1, state["step"], state["history"]
     method.load_state_dict(state["method"])
     ctx.memory_formats.update(state.get("memory_formats", {}))  # train in the format the interrupted run chose
-    ctx.rebuild()
+    ctx.prepare()
     ctx.optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):  # a checkpoint of a run without a scaler (or older) has none
         scaler.load_state_dict(state["scaler"])
@@ -303,7 +296,10 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
                        total_steps=steps_per_epoch * cfg.epochs, rank=rank, world=world,
                        loss_fn=make_loss(cfg, teacher, loss))
     ctx.calibration = lambda n: _calibration_batches(train_set, data_cfg.batch_size, n)
-    ctx.rebuild()
+    ctx.prepare()
+    # the method runs through the same Pruner as a user's loop: after a removal it carries the optimizer's state
+    # over to the new parameters, and the loop follows (memory format, learning rate, DDP wrapper)
+    pruner = Pruner.driving(method, ctx, on_structure_change=lambda _: ctx.follow())
     amp_dtype = autocast_dtype(cfg, dev)
     scaler = _make_scaler(amp_dtype)
     resumed_from = None
@@ -311,7 +307,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
         load_checkpoint(checkpoint, ctx, method, scaler)
         resumed_from = ctx.epoch
         info(f"resumed after epoch {ctx.epoch - 1} (step {ctx.step})")
-    method.on_train_start(ctx)
+    pruner.start()
     start = time.perf_counter()
     eval_batch = data_cfg.eval_batch_size or max(data_cfg.batch_size, 256)
     while ctx.epoch < cfg.epochs:
@@ -321,14 +317,14 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
                              seed=_seed_epoch(cfg.seed, ctx.epoch), rank=rank, world=world)
         if world > 1:
             loader.sampler.set_epoch(ctx.epoch)
-        train_stats = _train_epoch(ctx, loader, method, scaler, amp_dtype)
+        train_stats = _train_epoch(ctx, loader, pruner, scaler, amp_dtype)
         average_buffers(model, world)
         ctx.metrics = dict(train_stats)
         if evaluate_every_epoch or ctx.epoch == cfg.epochs - 1:
             val = evaluate(model, val_set, batch_size=eval_batch, device=dev, rank=rank, world=world,
                            description=f"epoch {ctx.epoch + 1} eval", metric=metric)
             ctx.metrics.update({f"val_{k}": v for k, v in val.items() if k != "count"})
-        method.on_epoch_end(ctx)
+        pruner.epoch_end(ctx.metrics)
         ctx.metrics.update({"epoch": ctx.epoch + 1, "seconds": time.perf_counter() - epoch_start,
                             "params": sum(p.numel() for p in model.parameters())})
         ctx.history.append(dict(ctx.metrics))
@@ -336,7 +332,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
         if checkpoint is not None:
             save_checkpoint(checkpoint, ctx, method, scaler)
         ctx.epoch += 1
-    method.finalize(ctx)
+    pruner.finalize()
     recalibrated = _recalibrate(ctx, method)
     final = ctx.history[-1] if ctx.history else {}
     return FitResult(history=ctx.history, final=final, seconds=time.perf_counter() - start, resumed_from=resumed_from,
@@ -412,7 +408,7 @@ def _batches_per_epoch(size: int, batch_size: int, world: int) -> int:
     return max(1, math.ceil(size / batch_size))
 
 
-def _train_epoch(ctx: TrainContext, loader, method: PruningMethod, scaler: torch.amp.GradScaler,
+def _train_epoch(ctx: TrainContext, loader, pruner: Pruner, scaler: torch.amp.GradScaler,
                  amp_dtype: Optional[torch.dtype]) -> dict[str, float]:
     """One epoch. Under a (float16) gradient scaler the gradients are unscaled before the hooks, so methods and
     clipping see true gradients; on steps whose gradients overflowed the hooks are skipped (nothing is observed)
@@ -435,21 +431,18 @@ def _train_epoch(ctx: TrainContext, loader, method: PruningMethod, scaler: torch
                     "normalisation.",
                 )
             scaler.scale(ctx.loss).backward()
-            optimizer, finite = ctx.optimizer, True
+            finite = True
             if scaler.is_enabled():
-                scaler.unscale_(optimizer)  # hooks (gradient scorers, regularisers) and clipping see true gradients
+                scaler.unscale_(ctx.optimizer)  # hooks (gradient scorers, regularisers) and clipping see true gradients
                 finite = _grads_finite(ctx.model)  # an overflow: the scaler skips this step, the hooks skip it too
             if finite:
-                method.after_backward(ctx)
+                pruner.after_backward(ctx.loss)
             if ctx.cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg.grad_clip)
-            if ctx.optimizer is optimizer:
-                scaler.step(optimizer)
-            else:  # a hook removed structures and rebuilt the optimizer: its gradients are already unscaled
-                ctx.optimizer.step()
+            # a removal in the hook remapped the same optimizer (its gradients came along, already unscaled)
+            scaler.step(ctx.optimizer)
             scaler.update()
-            ctx.step += 1
-            method.after_step(ctx)
+            pruner.after_step()
             total_loss += ctx.loss.item() * len(targets)
             seen += len(targets)
             bar.advance(status=f"loss {total_loss / seen:.4f}")
