@@ -31,7 +31,8 @@ def deploy(slim_model: nn.Module, example_inputs: Optional[torch.Tensor] = None,
     inputs of the example's shape (said in the notes). `train_set`: calibration samples for int8 (export.quantize
     int8, export.tensorrt.int8). `pruner`: the `compressor.Pruner` that pruned the model, whose prune section and
     method summary (events, target asked and achieved) the report shows; without it the run's recipe says method
-    none. Both models are copied: the ones passed are left as they are.
+    none. Both models are copied: the ones passed are left as they are. It trains nothing and starts no process
+    group: under torchrun call it on one rank (rank 0).
 
     Raises UsageError (exit 2) when an argument is missing for what the recipe asks (a gate without a dense model or
     a validation set, int8 without training samples, no example inputs), ModelLoadError / DataError (exit 2) for a
@@ -42,12 +43,16 @@ def deploy(slim_model: nn.Module, example_inputs: Optional[torch.Tensor] = None,
     from compressor.app.pipeline import (MAIN_STAGES, RunState, _copy_for_bench, _measure, preflight,
                                          prepare_run_dir)
     from compressor.app.recipe import as_recipe
-    from compressor.ranks import init_process_group
 
     recipe = as_recipe(recipe if recipe is not None else {}, overrides, default_name="deploy", who="deploy")
     check_callable(metric, "metric", "metric(outputs, targets) -> float")
+    for name, given in (("slim_model", slim_model), ("dense_model", dense_model)):
+        if given is not None and not isinstance(given, nn.Module):
+            raise UsageError(f"deploy: {name} must be a torch.nn.Module, not a {type(given).__name__}.")
+    slim_model = _copy_for_bench(slim_model)  # CPU, eval mode, contiguous: the caller's models stay as they are
     section = model_section(slim_model, example_inputs, recipe.model, who="deploy")
     if dense_model is not None:
+        dense_model = _copy_for_bench(dense_model)
         model_section(dense_model, example_inputs, section, who="deploy (dense_model)")
     # deploy prunes nothing: the run's recipe.yaml and report name the Pruner's prune section, or method none
     recipe = recipe.model_copy(update={"model": section, "prune": _prune_section(pruner)})
@@ -57,10 +62,9 @@ def deploy(slim_model: nn.Module, example_inputs: Optional[torch.Tensor] = None,
     _check_needs(recipe, dense_model=dense_model, val_set=val_set, train_set=train_set, metric=metric)
     out = Path(out) if out is not None else Path("runs") / recipe.name
     notes = preflight(recipe, device)
-    init_process_group(device)  # a no-op outside torchrun; under it the main process alone deploys
     out = prepare_run_dir(out, recipe, resume=False, overwrite=overwrite)
     state = RunState(checkpoint=model_label(slim_model), recipe=recipe, out=out, device=device, resume=False,
-                     trust_checkpoint=False, notes=notes, model=_copy_for_bench(slim_model), train_set=train_set,
+                     trust_checkpoint=False, notes=notes, model=slim_model, train_set=train_set,
                      val_set=val_set, metric=metric,
                      data_label=data_label(train_set, val_set) if train_set is not None or val_set is not None
                      else "none")
@@ -68,7 +72,7 @@ def deploy(slim_model: nn.Module, example_inputs: Optional[torch.Tensor] = None,
     info(f"deploy: measuring {state.checkpoint}" + (" and the dense model" if dense_model is not None else ""))
     with state.timer("eval"):
         if dense_model is not None:
-            state.dense_model = _copy_for_bench(dense_model)
+            state.dense_model = dense_model
             state.dense = _measure(state, state.dense_model, device=device)
         state.compressed = _measure(state, state.model, device=device)
     if val_set is None:

@@ -512,7 +512,8 @@ def compress(checkpoint: Optional[str | Path] = None, recipe: Recipe | dict | st
     check_arguments(checkpoint, model, example_inputs=example_inputs, ignore=ignore, loss=loss, metric=metric,
                     gates=recipe.gates)
     labels: dict[str, Any] = {}
-    if model is not None:
+    if model is not None:  # checked and measured on the CPU, as a loaded model is; fit moves it to `device`
+        model = model.cpu() if isinstance(model, nn.Module) else model
         recipe = recipe.model_copy(update={"model": model_section(model, example_inputs, recipe.model, ignore=ignore)})
     if train_set is not None or val_set is not None:
         check_datasets(train_set, val_set, recipe.model)
