@@ -446,7 +446,7 @@ def measure_latency(state: RunState) -> None:
     recipe, report = state.recipe, state.report
     if recipe.bench.backends:
         info(f"[6/6] measuring latency ({', '.join(recipe.bench.backends)}; batch {recipe.bench.batch_sizes}), "
-             "dense and compressed interleaved")
+             + ("dense and compressed interleaved" if state.dense_model is not None else "the given model alone"))
     else:
         info("[6/6] latency: skipped (bench.backends is empty)")
     with state.timer("bench"):
@@ -631,16 +631,19 @@ def _tensorrt_step(recipe: Recipe, out: Path, model, samples, train_set) -> dict
     return build_and_verify(model, onnx_path, samples, recipe, settings, calibration=calibration)
 
 
-def _bench(recipe: Recipe, out: Path, dense, model, macs: float, dense_macs: float):
+def _bench(recipe: Recipe, out: Path, dense, model, macs: float, dense_macs: Optional[float]):
     """Dense and compressed (and the quantized ONNX, on ONNX Runtime backends) timed round robin per backend and
-    batch size, so that machine noise hits all alike."""
+    batch size, so that machine noise hits all alike. `dense` None (deploy() without a dense model): the compressed
+    model (and its quantized file) alone, rows without dense timings or speedups."""
     from compressor.deploy.bench import environment, make_runner, measure_round_robin, summarize
 
     cfg = recipe.bench
     quant = recipe.export.quantize.mode if recipe.export.quantize.enabled else None
     rows = []
+    first = 0 if dense is None else 1  # the compressed model's place: deploy() without a dense model times it alone
     for backend in cfg.backends:
         artifacts = [dense, model] if backend == "torch" else [out / "dense.onnx", out / "model.onnx"]
+        artifacts = artifacts[1 - first:]
         if quant and backend != "torch":
             artifacts.append(out / f"model.{quant}.onnx")
         runners = [make_runner(backend, a, cfg.threads, list(recipe.model.input_shape), interleaved=True)
@@ -649,17 +652,22 @@ def _bench(recipe: Recipe, out: Path, dense, model, macs: float, dense_macs: flo
             for batch in cfg.batch_sizes:
                 times = measure_round_robin(runners, batch, cfg.warmup_ms, cfg.min_runs, cfg.min_seconds)
                 stats = [summarize(t, batch) for t in times]
-                speedup = stats[0].p50 / stats[1].p50
-                row = {"backend": backend, "batch_size": batch, "dense": asdict(stats[0]),
-                       "compressed": asdict(stats[1]), "speedup": speedup,
-                       "realised_ratio": speedup / (dense_macs / macs),
-                       "dense_ms": [t * 1e3 for t in times[0]], "compressed_ms": [t * 1e3 for t in times[1]]}
-                line = f"      {backend} batch {batch}: {stats[0].p50:.3f} -> {stats[1].p50:.3f} ms (x{speedup:.2f})"
-                if len(stats) == 3:
-                    row.update(quantized=asdict(stats[2]), quantized_mode=quant,
-                               quantized_speedup=stats[0].p50 / stats[2].p50,
-                               quantized_ms=[t * 1e3 for t in times[2]])
-                    line += f", {quant} {stats[2].p50:.3f} ms (x{row['quantized_speedup']:.2f})"
+                row = {"backend": backend, "batch_size": batch, "dense": None, "compressed": asdict(stats[first]),
+                       "speedup": None, "realised_ratio": None, "dense_ms": None,
+                       "compressed_ms": [t * 1e3 for t in times[first]]}
+                line = f"      {backend} batch {batch}: {stats[first].p50:.3f} ms"
+                if dense is not None:
+                    speedup = stats[0].p50 / stats[1].p50
+                    row.update(dense=asdict(stats[0]), speedup=speedup, realised_ratio=speedup / (dense_macs / macs),
+                               dense_ms=[t * 1e3 for t in times[0]])
+                    line = f"      {backend} batch {batch}: {stats[0].p50:.3f} -> {stats[1].p50:.3f} ms (x{speedup:.2f})"
+                if len(stats) == first + 2:
+                    q = first + 1
+                    row.update(quantized=asdict(stats[q]), quantized_mode=quant,
+                               quantized_speedup=stats[0].p50 / stats[q].p50 if dense is not None else None,
+                               quantized_ms=[t * 1e3 for t in times[q]])
+                    line += f", {quant} {stats[q].p50:.3f} ms" + (f" (x{row['quantized_speedup']:.2f})"
+                                                                  if dense is not None else "")
                 rows.append(row)
                 info(line)
         finally:
