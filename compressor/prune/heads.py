@@ -78,7 +78,7 @@ class HeadSite:
     def members(self, layer_macs: dict[str, float]) -> list[tuple[str, str, list[int], int]]:
         """The planner's members (layer, side, head of each index, count) for the MAC model: the layer itself where
         the op counter counts it as one (nn.MultiheadAttention, timm's Attention: all its MACs scale with the heads
-        kept), else its q/k/v rows and output projection columns."""
+        kept, layer_cost.attention_dims), else its q/k/v rows and output projection columns."""
         inner = self.inner_heads()
         if self.name in layer_macs:
             return [(self.name, "out", inner, len(inner))]
@@ -120,17 +120,6 @@ def unsupported_sites(model: nn.Module) -> dict[str, str]:
     """Attention layers whose heads stay, by name, with the reason (for `inspect` and the report)."""
     return {name: f"{type(module).__name__}: {reason}" for name, module, family, reason in attention_modules(model)
             if family is None}
-
-
-def site_dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
-    """(inner width, embedding width, True) of a supported attention layer, None for any other module: all of
-    such a layer's MACs scale with the heads it keeps (the planner's layer_dims)."""
-    family, _ = attention_family(module)
-    if family is None:
-        return None
-    layout = head_layout(module, family)
-    consumer = module.get_submodule(layout.consumer)
-    return layout.heads * layout.head_dim, int(consumer.out_features), True
 
 
 def site_of(model: nn.Module, root: str) -> HeadSite:

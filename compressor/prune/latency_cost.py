@@ -7,8 +7,9 @@ the same latency curve, so matching by signature instead of by name makes a tabl
 one architecture and refuses one made for another (a layer the table has no row for is a usage error).
 
 The predicted latency of a plan is the sum over matched layers of curve(kept outputs) x kept inputs / dense inputs
-(a depthwise conv's inputs are its outputs), plus the rest of the model (the table's end-to-end dense measurement
-minus its layers: activations, pooling, layout conversions), held fixed. The planner then
+(a depthwise conv's inputs are its outputs: prune/layer_cost.py, the rule the MAC planner uses too), plus the rest
+of the model (the table's end-to-end dense measurement minus its layers: activations, pooling, layout conversions),
+held fixed. The planner then
 - reads a MAC budget fraction f as f x the predicted dense latency (so every method's schedule works unchanged),
 - ranks channels by importance per millisecond. A channel's importance is its group-normalised score times the
   MACs it carries (summed over the layers its group narrows): normalised scores only rank channels within a
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from compressor.deploy.latency_table import layer_factors, probe_ms
 from compressor.errors import UsageError
 from compressor.prune.heads import is_head_root
+from compressor.prune.layer_cost import LayerDims, channel_share, input_factor
 
 if TYPE_CHECKING:
     import torch
@@ -126,8 +128,13 @@ class Curve:
                 return t0 + (t1 - t0) * (width - w0) / (w1 - w0)
         return t[-1] * width / w[-1]
 
+    @property
+    def dims(self) -> LayerDims:
+        """The layer's dense widths (prune/layer_cost.py)."""
+        return LayerDims(self.out, self.inputs, self.depthwise)
+
     def cost(self, kept_out: float, kept_in: float) -> float:
-        return self.at(kept_out) * (1.0 if self.depthwise else max(kept_in, 0.0) / max(self.inputs, 1))
+        return self.at(kept_out) * input_factor(self.dims, kept_in)
 
 
 @dataclass
@@ -171,8 +178,8 @@ class LatencyCost:
             if side == "out":
                 low = out_now / 2
                 total += share * (curve.cost(out_now, in_now) - curve.cost(low, in_now)) / max(out_now - low, 1e-9)
-            elif not curve.depthwise:
-                total += share * curve.at(out_now) / max(curve.inputs, 1)
+            else:  # an input channel: its share of the layer's time at the current outputs
+                total += share * curve.at(out_now) * channel_share(curve.dims, "in")
         return total
 
     def weighted(self, snap: "Snapshot") -> "Snapshot":
@@ -190,12 +197,7 @@ def channel_macs(snap: "Snapshot", cand) -> float:
     for layer, side, _roots, count in cand.members:
         if layer not in snap.layer_macs:
             continue
-        out_now, in_now, depthwise = snap.layer_dims[layer]
-        share = count / max(cand.width, 1)
-        if side == "out":
-            total += share * snap.layer_macs[layer] / max(out_now, 1)
-        elif not depthwise:
-            total += share * snap.layer_macs[layer] / max(in_now, 1)
+        total += count / max(cand.width, 1) * snap.layer_macs[layer] * channel_share(snap.layer_dims[layer], side)
     return max(total, 1e-12)
 
 
@@ -213,10 +215,10 @@ def group_widths(snap: "Snapshot", cand, curves: dict[str, Curve]) -> Optional[s
             curve = curves.get(layer)
             if curve is None:
                 continue
-            kept = width * count / max(cand.width, 1)
-            total += curve.cost(kept, curve.inputs) if side == "out" else (
-                0.0 if curve.depthwise else curve.cost(curve.out, curve.inputs - (cand.width - width) * count /
-                                                       max(cand.width, 1)))
+            if side == "out":
+                total += curve.cost(width * count / max(cand.width, 1), curve.inputs)
+            elif channel_share(curve.dims, "in"):  # else the layer's output side prices it
+                total += curve.cost(curve.out, curve.inputs - (cand.width - width) * count / max(cand.width, 1))
         return total
 
     samples = sorted({w for w in root.widths if w < cand.width}, reverse=True)

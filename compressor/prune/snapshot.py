@@ -1,8 +1,8 @@
 """The model's prunable groups and per-layer MAC costs at one moment (Snapshot), and the MAC cost model planners
-use: a conv/linear layer's MACs scale with its kept output and input fractions (depthwise convs with the output
-fraction only), a norm layer's with its kept channels; the small rest (activations, pooling) is held fixed, so the
-model never underestimates what remains. Plans are {root layer name: channel indices}, so they survive across graph
-rebuilds (torch-pruning groups do not survive a prune).
+use: each conv/linear/norm layer's counted MACs scale with the channels it keeps as prune/layer_cost.py says; the
+small rest (activations, pooling) is held fixed, so the model never underestimates what remains. Plans are
+{root layer name: channel indices}, so they survive across graph rebuilds (torch-pruning groups do not survive a
+prune).
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from torch import nn
 
 from compressor.errors import RecipeError
 from compressor.models.attention import attention_modules, embed_linears, embed_tensors
-from compressor.models.layers import is_depthwise
 from compressor.prune import graph as dg
 from compressor.prune import heads as heads_mod
+from compressor.prune import layer_cost
 from compressor.prune.importance import Scorer
 from compressor.prune.op_count import count_ops, counted_whole
 
@@ -58,7 +58,7 @@ class Snapshot:
 
     candidates: list[Candidate]
     layer_macs: dict[str, float]
-    layer_dims: dict[str, tuple[int, int, bool]]  # name -> (out, in, depthwise)
+    layer_dims: dict[str, tuple[int, int, bool]]  # name -> LayerDims (out, in, out_only), prune/layer_cost.py
     fixed_macs: float
     total_macs: float
     params: int
@@ -81,26 +81,10 @@ class Snapshot:
     def macs_after(self, plan: Plan) -> float:
         """MACs of the model after removing `plan`: exact for conv/linear/norm layers, an upper bound overall."""
         removed = self.removed_after(plan)
-        total = self.fixed_macs
-        for name, macs in self.layer_macs.items():
-            out_ch, in_ch, depthwise = self.layer_dims[name]
-            keep_out = 1 - removed.get((name, "out"), 0) / max(out_ch, 1)
-            keep_in = 1.0 if depthwise else 1 - removed.get((name, "in"), 0) / max(in_ch, 1)
-            total += macs * keep_out * keep_in
-        return total
-
-def _dims(module: nn.Module) -> Optional[tuple[int, int, bool]]:
-    """(out, in, MACs scale with out alone) of a layer the MAC model follows; an attention layer's out is its inner
-    width (heads x head_dim), which all its MACs scale with, when the op counter counts it as one layer (else its
-    MACs are the sum of its children's, which are counted there)."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels, module.in_channels, is_depthwise(module)
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features, False
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.num_features, module.num_features, True
-    return heads_mod.site_dims(module) if counted_whole(module) else None
-
+        return self.fixed_macs + sum(
+            macs * layer_cost.kept_fraction(self.layer_dims[name], removed.get((name, "out"), 0),
+                                            removed.get((name, "in"), 0))
+            for name, macs in self.layer_macs.items())
 
 def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str], scorer: Scorer, *,
              normalize: bool = True, heads: bool = False, embed: bool = False) -> Snapshot:
@@ -150,7 +134,8 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
                                     classes=classes))
     layer_macs, layer_dims = {}, {}
     for module, name in names.items():
-        dims = _dims(module)
+        # an attention layer only when the op counter counts it as one (else its children's MACs are counted)
+        dims = layer_cost.layer_dims(module, attention=counted_whole(module))
         if dims is not None and per_layer.get(module):
             layer_macs[name], layer_dims[name] = float(per_layer[module]), dims
     if heads:
