@@ -67,14 +67,11 @@ def write_result(name: str, text: str, echo: bool = True) -> Path:
 
 def onnx_speed(dense_onnx: Path, model_onnx: Path, batch: int, threads: int = 2, seconds: float = 2.0) -> dict[str, float]:
     """ORT-CPU p50 (ms) of a dense and a compressed ONNX timed interleaved, for runs benchmarked after the fact."""
-    from compressor.deploy.bench import make_runner, measure_interleaved, summarize
+    from compressor.deploy.timing import Budget, time_models
 
-    runners = [make_runner("ort-cpu", path, threads, interleaved=True) for path in (dense_onnx, model_onnx)]
-    times_dense, times = measure_interleaved(*runners, batch, warmup_ms=300, min_runs=100, min_seconds=seconds)
-    for runner in runners:
-        runner.close()
-    dense_p50, p50 = summarize(times_dense, batch).p50, summarize(times, batch).p50
-    return {"dense_p50": dense_p50, "p50": p50, "speedup": dense_p50 / p50}
+    (timed,) = time_models("ort-cpu", [dense_onnx, model_onnx], [batch], Budget(300, 100, seconds), threads=threads)
+    dense_p50, p50 = timed.p50_ms
+    return {"dense_p50": dense_p50, "p50": p50, "speedup": timed.speedup(1)}
 
 
 def input_size(name: str) -> int:

@@ -149,7 +149,7 @@ def run_fusion(out: Path, macs: float, repeats: int = 3) -> dict[str, Any]:
     from onnxruntime.transformers.optimizer import optimize_model
 
     from common import cpu_label
-    from compressor.deploy.bench import make_runner, measure_round_robin, summarize
+    from compressor.deploy.timing import Budget, time_models
     from compressor.deploy.ort_fusion import fusion_report
 
     train, val = fortune_task(out / "fortunes")
@@ -174,12 +174,10 @@ def run_fusion(out: Path, macs: float, repeats: int = 3) -> dict[str, Any]:
     for batch in (1, 8):
         rounds: dict[str, list[float]] = {k: [] for k in files}
         for _ in range(repeats):
-            runners = [make_runner("ort-cpu", f, 2, input_shape=[128], interleaved=True) for f in files.values()]
-            times = measure_round_robin(runners, batch, warmup_ms=500, min_runs=20, min_seconds=3)
-            for runner in runners:
-                runner.close()
-            for key, own in zip(files, times):
-                rounds[key].append(summarize(own, batch).p50)
+            (timed,) = time_models("ort-cpu", list(files.values()), [batch], Budget(500, 20, 3), threads=2,
+                                   input_shape=[128])
+            for key, ms in zip(files, timed.p50_ms):
+                rounds[key].append(ms)
         p50[batch] = {k: statistics.median(v) for k, v in rounds.items()}
     return {"model": "all-MiniLM-L6-v2", "cpu": cpu_label(), "sequence": 128, "repeats": repeats,
             "macs_kept": report["compressed"]["macs"] / report["dense"]["macs"],

@@ -23,11 +23,11 @@ def compress_run(out_dir: Path) -> None:
     """`compress` under two ranks with round_to: auto (measured for real) and then a latency target's loop (a
     counted stand-in): rank 0 measures and writes, rank 1 adopts. Writes ranks.json with each rank's counts."""
     from compressor.app import pipeline
-    from compressor.deploy import bench
+    from compressor.deploy import timing
     from compressor.prune import latency_target as lt
 
     timed, loops, written = [], [], []
-    original_rr, original_write = bench.measure_round_robin, rundir.write_text
+    original_rr, original_write = timing.measure_round_robin, rundir.write_text
 
     def counting_rr(*args, **kwargs):
         timed.append(1)
@@ -42,7 +42,7 @@ def compress_run(out_dir: Path) -> None:
         written.append(Path(path).name)
         return original_write(path, text)
 
-    bench.measure_round_robin, lt.measure_latency_target, rundir.write_text = counting_rr, canned_loop, recording_write
+    timing.measure_round_robin, lt.measure_latency_target, rundir.write_text = counting_rr, canned_loop, recording_write
     recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"macs": 0.5}, "round_to": "auto"},
                                           finetune={"epochs": 1}, bench={"backends": []}))
     report = pipeline.compress("zoo:resnet20", recipe, out_dir / "run")

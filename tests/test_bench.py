@@ -1,4 +1,5 @@
-"""Latency benchmarks (compressor.deploy.bench and `compressor bench`): statistics, timing loops, backends, report."""
+"""Latency benchmarks (compressor.deploy.bench and `compressor bench`): backends, environment, report (the timing
+loops and statistics: test_timing.py)."""
 from __future__ import annotations
 
 import json
@@ -17,12 +18,11 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from compressor.deploy import bench, runners
+from compressor.deploy import bench, runners, timing
 from compressor.errors import UsageError
 
 from .conftest import REPO, run_cli
 
-STEP = 1 / 64  # one fake run; a power of two keeps the fake clock's sums exact
 FAST = ("--min-runs", "3", "--min-seconds", "0", "--warmup-ms", "0")
 
 
@@ -61,96 +61,9 @@ def dynamic_onnx(tmp_path_factory) -> Path:
     return path
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeRunner(runners.Runner):
-    """Each run advances the fake clock by STEP and appends its name to a shared log."""
-
-    def __init__(self, name: str, clock: FakeClock, log: list[str]) -> None:
-        self.name, self.clock, self.log, self.batches = name, clock, log, []
-
-    def prepare(self, batch_size: int) -> None:
-        self.batches.append(batch_size)
-
-    def run_once(self) -> None:
-        self.clock.now += STEP
-        self.log.append(self.name)
-
-
-@pytest.fixture
-def clock(monkeypatch) -> FakeClock:
-    fake = FakeClock()
-    monkeypatch.setattr(bench.time, "perf_counter", fake)
-    return fake
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-def test_summarize_known_times():
-    stats = bench.summarize([0.001, 0.002, 0.003, 0.004], batch=4)
-    assert stats.count == 4
-    assert stats.mean == pytest.approx(2.5) and stats.p50 == pytest.approx(2.5)
-    assert stats.min == pytest.approx(1.0) and stats.max == pytest.approx(4.0)
-    assert (stats.p90, stats.p95, stats.p99) == pytest.approx((3.7, 3.85, 3.97))
-    assert stats.std == pytest.approx(np.sqrt(1.25))
-    assert stats.throughput == pytest.approx(4 / 0.0025)
-
-
-def test_measurement_layout_is_in_milliseconds():
-    entry = bench.measurement([0.002, 0.004], batch=2)
-    assert entry["latency"]["unit"] == "ms" and entry["latency"]["values"] == pytest.approx([2.0, 4.0])
-    assert entry["latency"]["p50"] == pytest.approx(3.0) and entry["latency"]["count"] == 2
-    assert entry["throughput"] == {"value": pytest.approx(2 / 0.003), "unit": "samples/s"}
-    assert "throughput" not in entry["latency"]
-
-
-# ---------------------------------------------------------------------------------------------- timing loops
-def test_measure_stops_at_min_runs_when_min_seconds_is_reached(clock):
-    log: list[str] = []
-    runner = FakeRunner("A", clock, log)
-    times = bench.measure(runner, batch=8, warmup_ms=0, min_runs=7, min_seconds=0)
-    assert times == [STEP] * 7
-    assert len(log) == 8  # one warm-up run even with warmup_ms=0
-    assert runner.batches == [8]
-
-
-def test_measure_runs_until_min_seconds(clock):
-    runner = FakeRunner("A", clock, [])
-    times = bench.measure(runner, batch=1, warmup_ms=0, min_runs=2, min_seconds=6 * STEP)
-    assert times == [STEP] * 6
-
-
-def test_measure_warms_up_by_time(clock):
-    log: list[str] = []
-    bench.measure(FakeRunner("A", clock, log), batch=1, warmup_ms=2.5 * STEP * 1e3, min_runs=1, min_seconds=0)
-    assert len(log) == 3 + 1  # warm-up until 2.5 steps have passed (3 runs), then one timed run
-
-
-def test_measure_interleaved_alternates_strictly(clock):
-    log: list[str] = []
-    a, b = FakeRunner("A", clock, log), FakeRunner("B", clock, log)
-    times_a, times_b = bench.measure_interleaved(a, b, batch=2, warmup_ms=0, min_runs=3, min_seconds=0)
-    assert log == ["A", "B"] + ["A", "B"] * 3
-    assert times_a == [STEP] * 3 and times_b == [STEP] * 3
-    assert a.batches == [2] and b.batches == [2]
-
-
-def test_measure_interleaved_takes_twice_min_seconds(clock):
-    log: list[str] = []
-    times_a, times_b = bench.measure_interleaved(FakeRunner("A", clock, log), FakeRunner("B", clock, log), batch=1,
-                                                 warmup_ms=0, min_runs=1, min_seconds=4 * STEP)
-    assert len(times_a) == len(times_b) == 4  # 8 steps in all = 2 * min_seconds
-    assert log[2:] == ["A", "B"] * 4
-
-
 # ---------------------------------------------------------------------------------------------- runners
 def test_ort_runner_fills_the_dynamic_batch(onnx_pair):
-    runner = bench.make_runner("ort-cpu", onnx_pair[0], threads=1)
+    runner = timing.make_runner("ort-cpu", onnx_pair[0], threads=1)
     runner.prepare(3)
     (feed,) = runner.feed.values()
     assert feed.shape == (3, 3, 8, 8) and feed.dtype == np.float32
@@ -160,23 +73,23 @@ def test_ort_runner_fills_the_dynamic_batch(onnx_pair):
 
 
 def test_dynamic_sample_dims_need_input_shape(dynamic_onnx):
-    runner = bench.make_runner("ort-cpu", dynamic_onnx)
+    runner = timing.make_runner("ort-cpu", dynamic_onnx)
     with pytest.raises(UsageError, match="--input-shape"):
         runner.prepare(2)
-    shaped = bench.make_runner("ort-cpu", dynamic_onnx, input_shape=[3, 5, 6])
+    shaped = timing.make_runner("ort-cpu", dynamic_onnx, input_shape=[3, 5, 6])
     shaped.prepare(2)
     assert next(iter(shaped.feed.values())).shape == (2, 3, 5, 6)
     shaped.run_once()
     with pytest.raises(UsageError, match="does not fit"):
-        bench.make_runner("ort-cpu", dynamic_onnx, input_shape=[4, 5, 6]).prepare(1)
+        timing.make_runner("ort-cpu", dynamic_onnx, input_shape=[4, 5, 6]).prepare(1)
 
 
 def test_torch_runner_restores_threads_and_mode():
     model = tiny_net(4).train()
     threads = torch.get_num_threads()
-    runner = bench.make_runner("torch", model, threads=1, input_shape=[3, 8, 8])
+    runner = timing.make_runner("torch", model, threads=1, input_shape=[3, 8, 8])
     assert torch.get_num_threads() == 1 and not model.training
-    times = bench.measure(runner, batch=2, warmup_ms=0, min_runs=2, min_seconds=0)
+    times = timing.measure(runner, batch=2, warmup_ms=0, min_runs=2, min_seconds=0)
     runner.close()
     assert len(times) == 2 and all(t > 0 for t in times)
     assert torch.get_num_threads() == threads and model.training
@@ -184,7 +97,7 @@ def test_torch_runner_restores_threads_and_mode():
 
 def test_torch_runner_needs_input_shape():
     with pytest.raises(UsageError, match="--input-shape C,H,W"):
-        bench.make_runner("torch", tiny_net(4))
+        timing.make_runner("torch", tiny_net(4))
 
 
 def test_parse_ints():
@@ -304,17 +217,17 @@ def test_runners_timed_in_turn_do_not_spin(onnx_pair, monkeypatch):
     """An idle session's spinning threads take the cores from the one being timed; runners made for interleaved
     timing (the baseline bench, compress, round_to, latency targets, latency tables) turn spinning off."""
     model, baseline = onnx_pair
-    assert _spinning(bench.make_runner("ort-cpu", model)) == "default"  # one model alone: onnxruntime's default
-    assert _spinning(bench.make_runner("ort-cpu", model, interleaved=True)) == "0"
+    assert _spinning(timing.make_runner("ort-cpu", model)) == "default"  # one model alone: onnxruntime's default
+    assert _spinning(timing.make_runner("ort-cpu", model, interleaved=True)) == "0"
     seen = []
-    real = bench.make_runner
+    real = timing.make_runner
 
     def recording(*args, **kwargs):
         runner = real(*args, **kwargs)
         seen.append(_spinning(runner))
         return runner
 
-    monkeypatch.setattr(bench, "make_runner", recording)
+    monkeypatch.setattr(timing, "make_runner", recording)
     for other in (baseline, None):
         bench.run_benchmark(model, baseline=other, backends=["ort-cpu"], batch_sizes=[1], warmup_ms=0, min_runs=2,
                             min_seconds=0, threads=1)

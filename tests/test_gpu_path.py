@@ -11,7 +11,8 @@ import torch
 from onnx import TensorProto, helper
 
 from compressor.deploy import onnx_runtime
-from compressor.deploy.bench import make_runner, run_benchmark
+from compressor.deploy.bench import run_benchmark
+from compressor.deploy.timing import make_runner
 from compressor.errors import BackendUnavailable, ExportError
 from compressor.deploy.export import export_onnx
 from compressor.models.loading import build_arch, example_inputs

@@ -72,7 +72,7 @@ def _fake_runtime(monkeypatch, exponent: float, fastest: dict[str, float] | None
     """A recipe asking x`asked` (x2; `sections` override the tiny recipe's) and a stand-in runtime whose latency is
     MACs^exponent of the dense model's; `fastest` caps the speedup of one planner's plans (a layout step its widths
     cannot get past, or a runtime whose fixed costs stay)."""
-    from compressor.deploy import bench
+    from compressor.deploy import timing
     from compressor.models.loading import example_inputs
     from compressor.prune import round_to
     from compressor.prune.op_count import snapshot_macs
@@ -88,7 +88,7 @@ def _fake_runtime(monkeypatch, exponent: float, fastest: dict[str, float] | None
         dense_macs.append(macs) if not dense_macs else None
         return FakeRunner(macs / dense_macs[0], Path(path).stem.split("-")[0])  # the loop names "<planner>-try<i>"
 
-    real_timing = bench.measure_round_robin
+    real_timing = timing.measure_round_robin
 
     def fake_timing(runners, batch, *args):
         if not all(isinstance(r, FakeRunner) for r in runners):  # the per-layer probes of the chosen plan
@@ -96,7 +96,7 @@ def _fake_runtime(monkeypatch, exponent: float, fastest: dict[str, float] | None
         return [[1e-3 * max(r.macs ** exponent, 1 / (fastest or {}).get(r.planner, math.inf))] * 5 for r in runners]
 
     monkeypatch.setattr(round_to, "timing_runner", fake_runner)
-    monkeypatch.setattr(bench, "measure_round_robin", fake_timing)
+    monkeypatch.setattr(timing, "measure_round_robin", fake_timing)
     return recipe
 
 
@@ -277,15 +277,15 @@ def test_a_loop_ending_short_above_the_floor_measures_the_floor_before_calling_i
     """A loop stopped above the planner's floor with every try short (out of tries, or contradicting measurements
     on a loaded machine) measures the floor once more: fast enough there (x18), the target is not out of reach
     and the run trains as before; short there too (x1.79), it is, with the floor as the fastest try."""
-    from compressor.deploy import bench
+    from compressor.deploy import timing
     from compressor.models.loading import build_arch
 
     recipe = _fake_runtime(monkeypatch, 0.2)
 
-    def timing(runners, batch, *args):
+    def fake_timing(runners, batch, *args):
         return [[1e-3 * r.macs ** (floor_exponent if r.macs < 0.06 else 0.2)] * 5 for r in runners]
 
-    monkeypatch.setattr(bench, "measure_round_robin", timing)
+    monkeypatch.setattr(timing, "measure_round_robin", fake_timing)
     monkeypatch.setattr(lt, "next_try", lambda points, asked: None)  # the loop stops after its first try
     record = lt.measure_latency_target(build_arch("zoo:resnet20", 4, 1), recipe)
     first, floor = record["tries"]

@@ -635,44 +635,41 @@ def _bench(recipe: Recipe, out: Path, dense, model, macs: float, dense_macs: Opt
     """Dense and compressed (and the quantized ONNX, on ONNX Runtime backends) timed round robin per backend and
     batch size, so that machine noise hits all alike. `dense` None (deploy() without a dense model): the compressed
     model (and its quantized file) alone, rows without dense timings or speedups."""
-    from compressor.deploy.bench import environment, make_runner, measure_round_robin, summarize
+    from compressor.deploy.bench import environment
+    from compressor.deploy.timing import Budget, Timed, time_models
 
     cfg = recipe.bench
     quant = recipe.export.quantize.mode if recipe.export.quantize.enabled else None
     rows = []
+
     first = 0 if dense is None else 1  # the compressed model's place: deploy() without a dense model times it alone
+
+    def row(backend: str, timed: Timed) -> None:
+        stats = timed.stats
+        rows.append({"backend": backend, "batch_size": timed.batch, "dense": None, "compressed": asdict(stats[first]),
+                     "speedup": None, "realised_ratio": None, "dense_ms": None, "compressed_ms": timed.ms(first)})
+        line = f"      {backend} batch {timed.batch}: {stats[first].p50:.3f} ms"
+        if dense is not None:
+            speedup = timed.speedup(1)
+            rows[-1].update(dense=asdict(stats[0]), speedup=speedup, realised_ratio=speedup / (dense_macs / macs),
+                            dense_ms=timed.ms(0))
+            line = f"      {backend} batch {timed.batch}: {stats[0].p50:.3f} -> {stats[1].p50:.3f} ms (x{speedup:.2f})"
+        if len(stats) == first + 2:
+            q = first + 1
+            rows[-1].update(quantized=asdict(stats[q]), quantized_mode=quant, quantized_ms=timed.ms(q),
+                            quantized_speedup=timed.speedup(q) if dense is not None else None)
+            line += f", {quant} {stats[q].p50:.3f} ms" + (f" (x{rows[-1]['quantized_speedup']:.2f})"
+                                                          if dense is not None else "")
+        info(line)
+
     for backend in cfg.backends:
         artifacts = [dense, model] if backend == "torch" else [out / "dense.onnx", out / "model.onnx"]
         artifacts = artifacts[1 - first:]
         if quant and backend != "torch":
             artifacts.append(out / f"model.{quant}.onnx")
-        runners = [make_runner(backend, a, cfg.threads, list(recipe.model.input_shape), interleaved=True)
-                   for a in artifacts]
-        try:
-            for batch in cfg.batch_sizes:
-                times = measure_round_robin(runners, batch, cfg.warmup_ms, cfg.min_runs, cfg.min_seconds)
-                stats = [summarize(t, batch) for t in times]
-                row = {"backend": backend, "batch_size": batch, "dense": None, "compressed": asdict(stats[first]),
-                       "speedup": None, "realised_ratio": None, "dense_ms": None,
-                       "compressed_ms": [t * 1e3 for t in times[first]]}
-                line = f"      {backend} batch {batch}: {stats[first].p50:.3f} ms"
-                if dense is not None:
-                    speedup = stats[0].p50 / stats[1].p50
-                    row.update(dense=asdict(stats[0]), speedup=speedup, realised_ratio=speedup / (dense_macs / macs),
-                               dense_ms=[t * 1e3 for t in times[0]])
-                    line = f"      {backend} batch {batch}: {stats[0].p50:.3f} -> {stats[1].p50:.3f} ms (x{speedup:.2f})"
-                if len(stats) == first + 2:
-                    q = first + 1
-                    row.update(quantized=asdict(stats[q]), quantized_mode=quant,
-                               quantized_speedup=stats[0].p50 / stats[q].p50 if dense is not None else None,
-                               quantized_ms=[t * 1e3 for t in times[q]])
-                    line += f", {quant} {stats[q].p50:.3f} ms" + (f" (x{row['quantized_speedup']:.2f})"
-                                                                  if dense is not None else "")
-                rows.append(row)
-                info(line)
-        finally:
-            for runner in reversed(runners):
-                runner.close()
+        time_models(backend, artifacts, cfg.batch_sizes, Budget(cfg.warmup_ms, cfg.min_runs, cfg.min_seconds),
+                    each=lambda timed: row(backend, timed), threads=cfg.threads,
+                    input_shape=list(recipe.model.input_shape), interleaved=True)
     return rows, environment(threads=cfg.threads)
 
 

@@ -164,8 +164,9 @@ def measure_table(model_path: str | Path, backend: str = "ort-cpu", batches: Seq
                   progress: Any = None) -> dict[str, Any]:
     """The latency table of `model_path` on `backend` (an ONNX Runtime backend) at each batch size; a layer
     with the same operator, shapes and attributes as one measured before shares its row's times."""
-    from compressor.deploy.bench import environment, make_runner, measure_round_robin, summarize
+    from compressor.deploy.bench import environment
     from compressor.deploy.runners import load_onnx_proto
+    from compressor.deploy.timing import Budget, time_models
 
     step = step or default_step(backend)
 
@@ -181,6 +182,7 @@ def measure_table(model_path: str | Path, backend: str = "ort-cpu", batches: Seq
     if not found:
         raise UsageError(f"{model_path}: no Conv, Gemm or MatMul layer with a constant weight and a known input "
                          "shape (export with a fixed input size, e.g. `compressor export`).")
+    budget = Budget(warmup_ms, min_runs, min_seconds)
     rows = []
     measured: dict[tuple, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="compressor-lut-") as tmp:
@@ -203,26 +205,20 @@ def measure_table(model_path: str | Path, backend: str = "ort-cpu", batches: Seq
             empty.write_bytes(identity_graph(layer).SerializeToString())
             ms: dict[str, list[float]] = {}
             overhead: dict[str, float] = {}
-            for batch in batches:  # the identity probe times what every probe pays besides its layer (the run call)
-                runners = [make_runner(backend, p, threads, _probe_input(layer, w), interleaved=True)
-                           for p, w in zip([empty, *paths], [layer.width, *widths])]
-                times = measure_round_robin(runners, batch, warmup_ms, min_runs, min_seconds)
-                overhead[str(batch)], *ms[str(batch)] = [summarize(t, batch).p50 for t in times]
-                for runner in runners:
-                    runner.close()
+            # the identity probe times what every probe pays besides its layer (the run call)
+            for timed in time_models(backend, [empty, *paths], batches, budget, threads=threads, interleaved=True,
+                                     input_shapes=[_probe_input(layer, w) for w in [layer.width, *widths]]):
+                overhead[str(timed.batch)], *ms[str(timed.batch)] = timed.p50_ms
             rows.append({**asdict(layer), "width": layer.width, "depthwise": layer.depthwise, "widths": widths,
                          "p50_ms": ms, "overhead_ms": overhead})
             measured[_signature(layer)] = rows[-1]
             if progress is not None:
                 progress(index + 1, len(found), layer.name)
-    whole = {}  # the model end to end: what the layers do not account for is the planner's fixed part
-    for batch in batches:
-        runner = make_runner(backend, model_path, threads, interleaved=True)  # as the probes and the bench
-        try:
-            (times,) = measure_round_robin([runner], batch, warmup_ms, min_runs, max(min_seconds, 0.5))
-        finally:
-            runner.close()
-        whole[str(batch)] = summarize(times, batch).p50
+    # the model end to end (interleaved, as the probes and the bench): what the layers do not account for is the
+    # planner's fixed part
+    whole = {str(timed.batch): timed.p50_ms[0]
+             for timed in time_models(backend, [model_path], batches, Budget(warmup_ms, min_runs, max(min_seconds, 0.5)),
+                                      threads=threads, interleaved=True)}
     context = {str(b): measure_context(model_path, backend, b, found, rows, whole[str(b)], threads) for b in batches}
     return {"format": FORMAT, "model": {"path": str(model_path), "sha256": file_digest(model_path),
                                         "input_shape": _model_input_shape(model)},

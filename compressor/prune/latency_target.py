@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -172,7 +171,7 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     """The loop of the module docstring; {asked_speedup, backend, batch, macs, measured_speedup, met, tries}.
     With a table measured on another machine the loop is open: one plan at the table's prediction, not measured
     here (`compressor bench` on the device measures it). `prepared`: magnitude_snapshot(model, recipe), if made."""
-    from compressor.deploy.bench import measure_round_robin
+    from compressor.deploy.timing import Budget, time_in_turn
     from compressor.models.loading import example_inputs
     from compressor.prune.op_count import snapshot_macs
     from compressor.prune.planning import constraints_from, plan_for_macs, plan_for_target
@@ -245,11 +244,10 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
             work, row = plan_at(macs, planner)
             pruned = timing_runner(work, recipe, backend, Path(tmp) / f"{planner}-{name}.onnx")
             try:
-                t_dense, t_pruned = measure_round_robin([dense, pruned], batch, 300.0, MIN_RUNS, MEASURE_SECONDS)
+                timed = time_in_turn([dense, pruned], batch, Budget(300.0, MIN_RUNS, MEASURE_SECONDS))
             finally:
                 pruned.close()
-            dense_ms, pruned_ms = statistics.median(t_dense) * 1e3, statistics.median(t_pruned) * 1e3
-            speedup = dense_ms / pruned_ms
+            (dense_ms, pruned_ms), speedup = timed.p50_ms, timed.speedup(1)
             predicted = f", predicted {speedup_label(row['predicted_speedup'])}" if cost is not None else ""
             info(f"      latency target x{asked:.2f} on {backend} batch {batch}: "
                  f"{'latency budget' if planner == 'table' else 'MACs'} {macs:.3f} (MACs {row['macs']:.3f}) "

@@ -97,7 +97,7 @@ def measure_round_to(model: "nn.Module", recipe: "Recipe", candidates: tuple[int
     from compressor.prune.planning import constraints_from, plan_for_target
     from compressor.prune.removal import remove
     from compressor.prune.snapshot import recipe_snapshot
-    from compressor.deploy.bench import measure_round_robin
+    from compressor.deploy.timing import Budget, close_all, time_in_turn
     from compressor.models.loading import example_inputs
 
     backend = _backend(recipe) or "ort-cpu"
@@ -116,12 +116,10 @@ def measure_round_to(model: "nn.Module", recipe: "Recipe", candidates: tuple[int
                 rows.append({"round_to": step, "macs": snapshot_macs(work, example)[0] / snap.total_macs})
                 runners.append(timing_runner(work, recipe, backend, Path(tmp) / f"round_to_{step}.onnx"))
             for batch in cfg.batch_sizes:
-                times = measure_round_robin(runners, batch, 200.0, 10, MEASURE_SECONDS)
-                for row, own in zip(rows, times):
-                    row[f"ms_b{batch}"] = statistics.median(own) * 1e3
+                for row, ms in zip(rows, time_in_turn(runners, batch, Budget(200.0, 10, MEASURE_SECONDS)).p50_ms):
+                    row[f"ms_b{batch}"] = ms
         finally:
-            for runner in runners:
-                runner.close()
+            close_all(runners)
     for row in rows:
         row["score_ms"] = math.exp(statistics.mean(math.log(row[f"ms_b{b}"]) for b in cfg.batch_sizes))
     fastest = min(r["score_ms"] for r in rows)
@@ -151,7 +149,7 @@ def magnitude_snapshot(model: "nn.Module", recipe: "Recipe"):
 def timing_runner(model: "nn.Module", recipe: "Recipe", backend: str, onnx_path: Path):
     """A bench runner for `model` on `backend`: the module itself for torch, else its ONNX export at `onnx_path`
     (unsimplified: this is for timing)."""
-    from compressor.deploy.bench import make_runner
+    from compressor.deploy.timing import make_runner
     from compressor.deploy.export import export_onnx
     from compressor.models.loading import example_inputs
 
