@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import os
+import random
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+# rich.style starts its id counter from Python's global random generator when first imported: the caller's random
+# sequence is put back as it was (compressor's modules import rich through this one first)
+_random_state = random.getstate()
+from rich.console import Console  # noqa: E402
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,  # noqa: E402
+                           TimeRemainingColumn)
+
+random.setstate(_random_state)
 
 console = Console(stderr=True, highlight=False)
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+
+from compressor import progress  # noqa: F401  before rich: it imports rich keeping Python's random state
+from compressor.errors import CompressorError, UsageError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-from compressor.errors import CompressorError, UsageError
 
 app = typer.Typer(help="Structured pruning, slimming, export and benchmarking of PyTorch models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from compressor.app.recipe import Recipe
@@ -14,6 +12,9 @@ from compressor.models.config import ModelConfig
 from compressor.models.loading import example_inputs, load_model
 from compressor.prune.op_count import count_ops
 from compressor.prune import graph as dg
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @dataclass
@@ -113,6 +114,8 @@ def _fmt(n: float) -> str:
 
 
 def render_inspection(report: Inspection, console: Console, *, show_layers: bool = True) -> None:
+    from rich.table import Table
+
     console.print(f"[bold]{report.model}[/]  input {report.input_shape}  classes {report.num_classes}  "
                   f"MACs {_fmt(report.macs)}  params {_fmt(report.params)}")
     if show_layers:
@@ -150,6 +153,8 @@ def render_inspection(report: Inspection, console: Console, *, show_layers: bool
 
 def render_compatibility(compat, console: Console) -> None:
     """The TensorRT compatibility check of an ONNX file: verdict, op counts and every finding with its node."""
+    from rich.table import Table
+
     from compressor.deploy.trt_compat import TRT_MAJOR
 
     verdict = "[green]compatible[/]" if compat.compatible else "[red]not compatible[/]"

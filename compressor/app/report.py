@@ -360,12 +360,21 @@ def _training_section(r: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- plots
+class _Figures:
+    """The part of pyplot the report's figures use (`subplots`), on matplotlib's Figure objects: no pyplot, so the
+    process's matplotlib backend and pyplot's list of open figures stay as the caller had them (the PNGs are drawn
+    by the Agg canvas that savefig picks for the format)."""
+
+    @staticmethod
+    def subplots(*args: Any, figsize: Any = None, **kwargs: Any):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(*args, **kwargs)
+
+
 def write_plots(r: dict[str, Any], out: Path) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _Figures()  # what the drawing functions and each method's figures() receive as `plt`
     figures = {name: draw(plt, r) for name, draw in (("widths", _plot_widths), ("training", _plot_training),
                                                      ("latency", _plot_latency))}
     figures.update(method_class(r).figures(r.get("method") or {}, plt))
@@ -376,7 +385,6 @@ def write_plots(r: dict[str, Any], out: Path) -> dict[str, str]:
         path = out / f"plot_{name}.png"
         with rundir.atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
         written[name] = str(path)
     return written
 

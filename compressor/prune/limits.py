@@ -59,9 +59,13 @@ def limited(seconds: float, memory_growth: int | None = None):
             raise LimitExceeded(f"within {memory_growth / 2**20:.0f} MiB of added memory")
 
     previous = signal.signal(signal.SIGALRM, check)
+    previous_timer = signal.getitimer(signal.ITIMER_REAL)  # (delay, interval) of a timer the caller had running
     signal.setitimer(signal.ITIMER_REAL, min(CHECK_EVERY_S, seconds), CHECK_EVERY_S)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if previous_timer[0] > 0:  # the caller's timer runs on, less the time the block took
+            signal.setitimer(signal.ITIMER_REAL, max(previous_timer[0] - (time.monotonic() - start), 1e-3),
+                             previous_timer[1])

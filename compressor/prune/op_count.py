@@ -14,14 +14,22 @@ from compressor.prune import graph as dg
 def count_ops(model: nn.Module, example: torch.Tensor, layer_wise: bool = False):
     """torch-pruning's op counter, also for subclasses of the layers it knows: it looks hooks up by exact type, so
     a conv subclass with its own forward (timm's StdConv2d in BiT ResNets) counted 0 MACs and the MAC targets of
-    such models were computed on the few layers it did count."""
+    such models were computed on the few layers it did count.
+
+    The extra hooks go into torch-pruning's process-wide CUSTOM_MODULES_MAPPING for this call only (entries the
+    caller put there take precedence), and the caller's mapping is put back afterwards, also when counting fails
+    (torch-pruning itself empties it after every count)."""
     known = op_counter.MODULES_MAPPING
-    op_counter.CUSTOM_MODULES_MAPPING = {
-        type(m): known[base] for m in model.modules() if type(m) not in known
-        for base in type(m).__mro__[1:] if base in known and isinstance(m, nn.Module)}
-    op_counter.CUSTOM_MODULES_MAPPING.update({type(m): _rnn_macs for m in model.modules() if isinstance(m, nn.RNNBase)})
-    op_counter.CUSTOM_MODULES_MAPPING[HeadPrunedMultiheadAttention] = _pruned_mha_macs
-    return tp.utils.count_ops_and_params(model, example, layer_wise=layer_wise)
+    extra = {type(m): known[base] for m in model.modules() if type(m) not in known
+             for base in type(m).__mro__[1:] if base in known and isinstance(m, nn.Module)}
+    extra.update({type(m): _rnn_macs for m in model.modules() if isinstance(m, nn.RNNBase)})
+    extra[HeadPrunedMultiheadAttention] = _pruned_mha_macs
+    previous = op_counter.CUSTOM_MODULES_MAPPING
+    op_counter.CUSTOM_MODULES_MAPPING = {**extra, **previous}
+    try:
+        return tp.utils.count_ops_and_params(model, example, layer_wise=layer_wise)
+    finally:
+        op_counter.CUSTOM_MODULES_MAPPING = previous
 
 
 def counted_whole(module: nn.Module) -> bool:

@@ -63,7 +63,8 @@ class PruningMethod:
 
     @classmethod
     def figures(cls, summary: dict[str, Any], plt: Any) -> dict[str, Any]:
-        """{name: matplotlib figure} drawn from this method's summary(); written as plot_<name>.png."""
+        """{name: matplotlib figure} drawn from this method's summary(); written as plot_<name>.png. `plt` offers
+        pyplot's subplots() only (report._Figures: figures without pyplot, whose backend is the caller's)."""
         return {}
 
     def on_train_start(self, ctx: "PruneContext") -> None:
