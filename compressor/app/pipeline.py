@@ -580,8 +580,8 @@ def _target_summary(state: RunState, achieved: Optional[float]) -> dict[str, Any
     asked = None if recipe.prune._latency_cost is not None else target.remaining_macs()  # a latency budget
     written = recipe.prune._latency_target or target  # a latency target as the recipe says it, not its MAC plan
     return {"asked": written.model_dump(exclude_none=True), "asked_macs_ratio": asked, "achieved_macs_ratio": achieved,
-            "achieved_mac_speedup": 1 / achieved if achieved > 0 else None, "tolerance": MISS_TOLERANCE,
-            "met": None if asked is None else abs(relative_miss(achieved, asked)) <= MISS_TOLERANCE}
+            "achieved_mac_speedup": 1 / achieved if achieved else None, "tolerance": MISS_TOLERANCE,
+            "met": None if asked is None or achieved is None else abs(relative_miss(achieved, asked)) <= MISS_TOLERANCE}
 
 
 def _latency_result(loop: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
