@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-import numpy as np
 import torch
 
 from compressor.models.loading import load_model
@@ -36,13 +35,13 @@ def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool 
 
 def evaluate_onnx(path: Path, dataset, *, batch_size: int = 256, session: Optional[object] = None) -> dict[str, float]:
     """The same metrics as train.evaluate, computed with ONNX Runtime on the CPU."""
+    from compressor.deploy.onnx_runtime import run_onnx
     from compressor.deploy.runners import open_onnx_session
 
     session = session or open_onnx_session(path, "ort-cpu")
-    input_name = session.get_inputs()[0].name
     loss_sum, top1, top5, count = 0.0, 0, 0, 0
     for inputs, targets in make_loader(dataset, batch_size, shuffle=False, workers=0):
-        logits = torch.from_numpy(np.asarray(session.run(None, {input_name: inputs.numpy()})[0])).float()
+        logits = torch.from_numpy(run_onnx(session, inputs, source=repr(Path(path).name)))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         top1 += int((top[:, 0] == targets).sum())

@@ -26,8 +26,7 @@ def quantized_path(fp32_path: Path, mode: str) -> Path:
 
 def onnx_runner() -> Callable[[Path, np.ndarray], np.ndarray]:
     """run(path, inputs) -> outputs with ONNX Runtime CPU, one session per file (kept while the runner lives)."""
-    from compressor.deploy.onnx_runtime import create_session
-    from compressor.deploy.verify import batched
+    from compressor.deploy.onnx_runtime import create_session, run_onnx
 
     sessions: dict[str, Any] = {}
 
@@ -36,9 +35,7 @@ def onnx_runner() -> Callable[[Path, np.ndarray], np.ndarray]:
         if key not in sessions:
             sessions.clear()
             sessions[key] = create_session(path, "ort-cpu")
-        session = sessions[key]
-        name = session.get_inputs()[0].name
-        return batched(lambda x: session.run(None, {name: x})[0], inputs.astype(np.float32))
+        return run_onnx(sessions[key], inputs, batch_size=64, source=repr(Path(path).name))
 
     return run
 

@@ -1,4 +1,6 @@
-"""ONNX Runtime sessions for the ort-* backends. No torch import: this runs on devices with only onnxruntime.
+"""ONNX Runtime sessions for the ort-* backends, and the one way compressor runs a session on data (run_onnx: the
+feed cast to what the model's input declares, float32 out). No torch import: this runs on devices with only
+onnxruntime.
 
 A requested provider that the session did not actually get (onnxruntime silently falls back to the CPU) is
 BackendUnavailable: a CPU number is never reported under a GPU backend's name.
@@ -8,7 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from compressor.errors import BackendUnavailable, UsageError
+
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32}  # integers: a text model's token ids
 
 PRIMARY_PROVIDER = {
     "ort-cpu": "CPUExecutionProvider",
@@ -133,3 +140,49 @@ def create_session(path: str | Path, backend: str = "ort-cpu", *, threads: Optio
             hint="Check the CUDA/cuDNN/TensorRT libraries and the NVIDIA driver on this machine.",
         )
     return session
+
+
+# ---------------------------------------------------------------------------------------------- running a session
+def model_input(session: Any, source: str = "the ONNX model") -> tuple[Any, Any]:
+    """The session's one input and the numpy dtype it takes; UsageError (exit 2) naming `source` for a model with
+    several inputs or an input type compressor does not feed (it feeds images as floats and text as token ids)."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise UsageError(f"{source} has {len(inputs)} inputs ({names}); compressor feeds models with exactly one "
+                         "input (an image batch, or a text model's token ids).")
+    if inputs[0].type not in ORT_DTYPES:
+        raise UsageError(f"{source} takes {inputs[0].type} as {inputs[0].name!r}; compressor feeds float inputs "
+                         "(float32, float16, double) and int32/int64 token ids only.")
+    return inputs[0], np.dtype(ORT_DTYPES[inputs[0].type])
+
+
+def _numpy(inputs: Any) -> np.ndarray:
+    """A numpy array of a numpy array or a (CPU or GPU) torch tensor, without importing torch."""
+    return np.asarray(inputs.detach().cpu().numpy() if hasattr(inputs, "detach") else inputs)
+
+
+def onnx_feed(session: Any, inputs: Any, source: str = "the ONNX model") -> dict[str, np.ndarray]:
+    """The feed of a one-input session: `inputs` (a numpy array or a torch tensor) cast to the dtype the model's
+    input declares (float32, or float16 for an fp16 file without float32 io; int64 / int32 token ids). Float data
+    for an integer input is a UsageError: token ids are never made by truncating floats."""
+    node, dtype = model_input(session, source)
+    data = _numpy(inputs)
+    if np.issubdtype(dtype, np.integer) and not np.issubdtype(data.dtype, np.integer):
+        raise UsageError(f"{source} takes {dtype} token ids as {node.name!r}, but the data is {data.dtype}; give "
+                         "token ids (a text dataset's input_ids), not float features.")
+    return {node.name: np.ascontiguousarray(data.astype(dtype, copy=False))}
+
+
+def run_onnx(session: Any, inputs: Any, *, batch_size: Optional[int] = None,
+             source: str = "the ONNX model") -> np.ndarray:
+    """The session's first output on `inputs` as float32 (an fp16 model's output upcast), run in slices of
+    `batch_size` samples along the first axis when given (in one run otherwise); see onnx_feed for the input."""
+    data = _numpy(inputs)
+
+    def first_output(part: np.ndarray) -> np.ndarray:
+        return np.asarray(session.run(None, onnx_feed(session, part, source))[0], dtype=np.float32)
+
+    if not batch_size or len(data) <= batch_size:
+        return first_output(data)
+    return np.concatenate([first_output(data[i:i + batch_size]) for i in range(0, len(data), batch_size)])

@@ -17,8 +17,6 @@ from compressor.tokens import TOKEN_ID_RANGE
 SEED = 0
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32}  # integers: a text model's token ids
 
 
 class Runner(abc.ABC):

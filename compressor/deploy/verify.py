@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -33,10 +33,6 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict[str, f
 def torch_outputs(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     model = model.eval()
     return torch.cat([model(inputs[i:i + batch_size]).float() for i in range(0, len(inputs), batch_size)]).cpu().numpy()
-
-
-def batched(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    return np.concatenate([np.asarray(run(inputs[i:i + batch_size])) for i in range(0, len(inputs), batch_size)])
 
 
 def check(metrics: dict[str, float], cfg: VerifyConfig, label: str, *, precision: str = "fp32",
@@ -74,11 +70,9 @@ def check(metrics: dict[str, float], cfg: VerifyConfig, label: str, *, precision
 
 def verify_onnx(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor, cfg: VerifyConfig) -> dict[str, Any]:
     """Run the ONNX file with ONNX Runtime (CPU) on `inputs` and compare with the PyTorch model."""
-    from compressor.deploy.onnx_runtime import create_session
+    from compressor.deploy.onnx_runtime import create_session, run_onnx
 
     session = create_session(onnx_path, "ort-cpu")
-    name = session.get_inputs()[0].name
     reference = torch_outputs(model, inputs)
-    feed = inputs.numpy() if not inputs.is_floating_point() else inputs.numpy().astype(np.float32)
-    candidate = batched(lambda x: session.run(None, {name: x})[0], feed)
+    candidate = run_onnx(session, inputs, batch_size=64, source=repr(Path(onnx_path).name))
     return check(compare_outputs(reference, candidate), cfg, f"ONNX {Path(onnx_path).name}")

@@ -5,8 +5,8 @@ from typing import Any
 
 import numpy as np
 
-from compressor.deploy.onnx_runtime import require_provider
-from compressor.deploy.runners import (BACKENDS, ONNX_SUFFIXES, ORT_DTYPES, Runner, RunnerOptions, _model_path,
+from compressor.deploy.onnx_runtime import model_input, require_provider
+from compressor.deploy.runners import (BACKENDS, ONNX_SUFFIXES, Runner, RunnerOptions, _model_path,
                                        _onnx_input_shape, open_onnx_session, random_input)
 from compressor.errors import UsageError
 
@@ -30,19 +30,14 @@ class OrtRunner(Runner):
         self.session = open_onnx_session(path, backend, threads=options.threads, fp16=options.fp16,
                                          cache_dir=options.cache_dir, profile_prefix=options.profile_prefix,
                                          spinning=options.spinning)
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise UsageError(f"{path.name!r} has {len(inputs)} inputs; bench feeds models with exactly one input.")
-        self.input = inputs[0]
-        if self.input.type not in ORT_DTYPES:
-            raise UsageError(f"{path.name!r} takes {self.input.type}; bench feeds float inputs and int32/int64 token ids only.")
+        self.input, self.dtype = model_input(self.session, repr(path.name))
         self.feed: dict[str, np.ndarray] = {}
 
     def prepare(self, batch_size: int) -> None:
-        tokens = np.issubdtype(ORT_DTYPES[self.input.type], np.integer)  # a text model: [batch, sequence] ids
+        tokens = np.issubdtype(self.dtype, np.integer)  # a text model: [batch, sequence] ids
         shape = _onnx_input_shape(self.input.shape, batch_size, self.input_shape,
                                   "128 (the sequence length of the token ids)" if tokens else "3,224,224")
-        self.feed = {self.input.name: random_input(shape, ORT_DTYPES[self.input.type])}
+        self.feed = {self.input.name: random_input(shape, self.dtype)}
 
     def run_once(self) -> None:
         self.session.run(None, self.feed)
