@@ -9,6 +9,7 @@ import torch
 from compressor.models.loading import load_model
 from compressor.train.data import build_datasets, make_loader
 from compressor.train.loop import evaluate
+from compressor.train.metrics import evaluate_batches
 from compressor.train.text import require_labels
 
 if TYPE_CHECKING:
@@ -34,18 +35,14 @@ def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool 
 
 
 def evaluate_onnx(path: Path, dataset, *, batch_size: int = 256, session: Optional[object] = None) -> dict[str, float]:
-    """The same metrics as train.evaluate, computed with ONNX Runtime on the CPU."""
+    """The same metrics as train.evaluate (one accumulation, train/metrics.py), computed with ONNX Runtime on the
+    CPU."""
     from compressor.deploy.onnx_runtime import run_onnx
     from compressor.deploy.runners import open_onnx_session
 
     session = session or open_onnx_session(path, "ort-cpu")
-    loss_sum, top1, top5, count = 0.0, 0, 0, 0
-    for inputs, targets in make_loader(dataset, batch_size, shuffle=False, workers=0):
-        logits = torch.from_numpy(run_onnx(session, inputs, source=repr(Path(path).name)))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        top1 += int((top[:, 0] == targets).sum())
-        top5 += int((top == targets[:, None]).any(1).sum())
-        count += len(targets)
-    count = max(count, 1)
-    return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "count": count}
+
+    def predict(inputs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(run_onnx(session, inputs, source=repr(Path(path).name)))
+
+    return evaluate_batches(predict, make_loader(dataset, batch_size, shuffle=False, workers=0), description="eval onnx")

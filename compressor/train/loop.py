@@ -135,33 +135,27 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     on `device` (under torchrun `cuda` is the rank's own GPU) and is returned to the device it came on. `metric`
     (the Python API's metric(outputs, targets) -> float, a batch mean): its mean over the samples, each batch
     weighted by its size, under "metric"."""
+    from compressor.train.metrics import evaluate_batches  # the accumulation evaluate_onnx shares
+
     device = compute_device(device)
     home = _model_device(model)
     model.to(device)
     was_training = model.training
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
-    loader = make_loader(shard, batch_size, shuffle=False, workers=0)
-    sums = torch.zeros(5, dtype=torch.float64)
-    with track(description, len(loader)) as bar:
-        for inputs, targets in loader:
-            if inputs.ndim == 4 and channels_last_candidate(model, device):
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            inputs, targets = inputs.to(device), targets.to(device)
-            logits = model(inputs).float()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            sums += torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(),
-                                  (top[:, 0] == targets).sum().item(),
-                                  (top == targets[:, None]).any(1).sum().item(), len(targets),
-                                  metric_value(metric, logits, targets) * len(targets) if metric else 0.0],
-                                 dtype=torch.float64)
-            bar.advance()
-    model.train(was_training)
-    model.to(home)
-    loss, top1, top5, count, metric_sum = all_reduce_sum(sums, world).tolist()
-    count = max(count, 1.0)
-    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "count": int(count),
-            **({"metric": metric_sum / count} if metric else {})}
+
+    def predict(inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.ndim == 4 and channels_last_candidate(model, device):
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return model(inputs.to(device))
+
+    try:
+        return evaluate_batches(predict, make_loader(shard, batch_size, shuffle=False, workers=0),
+                                metric=(lambda logits, targets: metric_value(metric, logits, targets)) if metric else None,
+                                reduce=lambda sums: all_reduce_sum(sums, world), description=description)
+    finally:
+        model.train(was_training)
+        model.to(home)
 
 
 def metric_value(metric: Callable[[torch.Tensor, torch.Tensor], Any], outputs: torch.Tensor,

@@ -1,0 +1,47 @@
+"""The metrics every evaluation reports, accumulated over batches: top-1 and top-5 (percent), mean cross-entropy,
+the sample count and, given one, a user's metric. `train.loop.evaluate` runs a PyTorch module through it and
+`app.evaluation.evaluate_onnx` an ONNX Runtime session: the model call is the only difference."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sized
+
+import torch
+import torch.nn.functional as F
+
+from compressor.progress import track
+
+FIELDS = ("loss", "top1", "top5", "count", "metric")
+
+
+def batch_sums(logits: torch.Tensor, targets: torch.Tensor,
+               metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None) -> torch.Tensor:
+    """One batch's sums in FIELDS order (float64, on the CPU): summed cross-entropy, top-1 and top-5 hits, samples,
+    and `metric` (a batch mean) times the batch size; top-5 is top-k for fewer than five classes."""
+    logits, targets = logits.float(), targets.to(logits.device)
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(),
+                         (top[:, 0] == targets).sum().item(), (top == targets[:, None]).any(1).sum().item(),
+                         len(targets), metric(logits, targets) * len(targets) if metric else 0.0], dtype=torch.float64)
+
+
+def from_sums(sums: torch.Tensor, *, with_metric: bool = False) -> dict[str, float]:
+    """The report's metrics from summed FIELDS: means over the samples (percent for top-1 / top-5)."""
+    loss, top1, top5, count, metric_sum = sums.tolist()
+    count = max(count, 1.0)
+    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "count": int(count),
+            **({"metric": metric_sum / count} if with_metric else {})}
+
+
+def evaluate_batches(predict: Callable[[torch.Tensor], torch.Tensor],
+                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                     metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
+                     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                     description: str = "eval") -> dict[str, float]:
+    """The metrics of `predict(inputs) -> logits` over (inputs, targets) batches, with a progress bar; `reduce`
+    combines the summed FIELDS across processes (DDP ranks each evaluating a shard) before the means are taken."""
+    sums = torch.zeros(len(FIELDS), dtype=torch.float64)
+    with track(description, len(batches) if isinstance(batches, Sized) else 0) as bar:
+        for inputs, targets in batches:
+            sums += batch_sums(predict(inputs), targets, metric)
+            bar.advance()
+    return from_sums(reduce(sums) if reduce is not None else sums, with_metric=metric is not None)
