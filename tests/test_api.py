@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -75,6 +76,7 @@ def test_compress_in_memory_trains_with_the_given_loss_and_reports_the_metric(tm
     for side in ("dense", "compressed"):  # the metric is accuracy as a fraction: top-1 / 100 on the same samples
         assert report[side]["metric"] == pytest.approx(report[side]["top1"] / 100)
     assert epoch["val_metric"] == pytest.approx(epoch["val_top1"] / 100)
+    assert report["compressed"]["onnx_metric"] == pytest.approx(report["compressed"]["onnx_top1"] / 100)
     gate = next(g for g in report["gates"] if g["name"] == "max_metric_drop")
     assert gate["value"] == pytest.approx(report["dense"]["metric"] - report["compressed"]["metric"])
     # the run directory is the CLI's, and the model given is now the compressed model
@@ -177,6 +179,15 @@ def test_a_loss_that_is_not_a_scalar_tensor_stops_training_with_its_name():
         make_loss(FinetuneConfig(), None, lambda o, t: 1.0)(net(), x, y)
 
 
+@pytest.mark.parametrize("metric, got", [(lambda o, t: o, "a tensor of shape [4, 4]"), (lambda o, t: "high", "a str"),
+                                         (lambda o, t: float("nan"), "nan")])
+def test_a_metric_that_is_not_one_number_is_named(metric, got):
+    from compressor.train.loop import evaluate
+
+    with pytest.raises(UsageError, match=re.escape(f"the metric <lambda>(outputs, targets) returned {got}")):
+        evaluate(net(), data(8, 0), batch_size=4, metric=metric)
+
+
 # ---------------------------------------------------------------------------------------------- deploy()
 def hand_pruned(dense: Net) -> Net:
     """The dense model with 4 of c1's 16 channels removed by torch-pruning directly (pruned outside compress)."""
@@ -203,6 +214,7 @@ def test_deploy_of_a_hand_pruned_model_writes_a_verified_onnx_and_a_bench_row(tm
     assert report["compressed"]["macs"] < report["dense"]["macs"]
     assert report["compressed"]["onnx_top1"] == pytest.approx(report["compressed"]["top1"], abs=1e-6)
     assert report["compressed"]["metric"] == pytest.approx(report["compressed"]["top1"] / 100)
+    assert report["compressed"]["onnx_metric"] == pytest.approx(report["compressed"]["metric"], abs=1e-6)
     (row,) = report["latency"]
     assert (row["backend"], row["batch_size"]) == ("ort-cpu", 1) and row["compressed"]["count"] >= 3
     assert row["speedup"] == pytest.approx(row["dense"]["p50"] / row["compressed"]["p50"])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -34,9 +34,10 @@ def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool 
     return evaluate(model, val_set, batch_size=batch, device=device)
 
 
-def evaluate_onnx(path: Path, dataset, *, batch_size: int = 256, session: Optional[object] = None) -> dict[str, float]:
-    """The same metrics as train.evaluate (one accumulation, train/metrics.py), computed with ONNX Runtime on the
-    CPU."""
+def evaluate_onnx(path: Path, dataset, *, batch_size: int = 256, session: Optional[object] = None,
+                  metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None) -> dict[str, float]:
+    """The same metrics as train.evaluate (one accumulation, train/metrics.py; the Python API's `metric` too),
+    computed with ONNX Runtime on the CPU."""
     from compressor.deploy.onnx_runtime import run_onnx
     from compressor.deploy.runners import open_onnx_session
 
@@ -45,4 +46,5 @@ def evaluate_onnx(path: Path, dataset, *, batch_size: int = 256, session: Option
     def predict(inputs: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(run_onnx(session, inputs, source=repr(Path(path).name)))
 
-    return evaluate_batches(predict, make_loader(dataset, batch_size, shuffle=False, workers=0), description="eval onnx")
+    return evaluate_batches(predict, make_loader(dataset, batch_size, shuffle=False, workers=0), metric=metric,
+                            description="eval onnx")

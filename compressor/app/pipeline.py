@@ -373,8 +373,11 @@ def verify_exports(state: RunState) -> None:
             report["parity"] = {"onnx": verify_onnx(state.model, out / "model.onnx", state.samples,
                                                     state.recipe.verify)}
             if state.val_set is not None:  # deploy() without a validation set: parity on random inputs only
-                report["compressed"]["onnx_top1"] = evaluate_onnx(out / "model.onnx", state.val_set,
-                                                                  batch_size=state.eval_batch)["top1"]
+                onnx_eval = evaluate_onnx(out / "model.onnx", state.val_set, batch_size=state.eval_batch,
+                                          metric=state.metric)
+                report["compressed"]["onnx_top1"] = onnx_eval["top1"]
+                if "metric" in onnx_eval:
+                    report["compressed"]["onnx_metric"] = onnx_eval["metric"]
         if "note" in report["parity"]["onnx"]:
             state.notes.append(report["parity"]["onnx"]["note"])
             info(f"      note: {state.notes[-1]}")

@@ -113,6 +113,8 @@ def _accuracy_section(r: dict[str, Any]) -> list[str]:
 def _target_line(r: dict[str, Any]) -> str:
     t, comp = r["target"], r["compressed"]
     onnx_top1 = f"{comp['onnx_top1']:.2f}" if "onnx_top1" in comp else "-"
+    if "onnx_metric" in comp:
+        onnx_top1 += f" (metric {comp['onnx_metric']:.4f})"
     if t.get("achieved_macs_ratio") is None:
         return (f"No dense model was given, so no MAC ratio or speedup (pass dense_model= to deploy()). ONNX Runtime "
                 f"top-1 of the exported model: {onnx_top1}.")

@@ -151,28 +151,11 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
 
     try:
         return evaluate_batches(predict, make_loader(shard, batch_size, shuffle=False, workers=0),
-                                metric=(lambda logits, targets: metric_value(metric, logits, targets)) if metric else None,
+                                metric=metric,
                                 reduce=lambda sums: all_reduce_sum(sums, world), description=description)
     finally:
         model.train(was_training)
         model.to(home)
-
-
-def metric_value(metric: Callable[[torch.Tensor, torch.Tensor], Any], outputs: torch.Tensor,
-                 targets: torch.Tensor) -> float:
-    """One batch's value of the user's metric(outputs, targets) as a float, or UsageError naming what it returned."""
-    from compressor.errors import UsageError
-
-    value = metric(outputs, targets)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        got = (f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor)
-               else repr(value) if isinstance(value, (int, float)) else f"a {type(value).__name__}")
-        name = getattr(metric, "__qualname__", type(metric).__name__)
-        raise UsageError(f"the metric {name}(outputs, targets) returned {got}; it must return one finite number, the "
-                         "batch's mean (compressor weights each batch by its size).")
-    return float(value)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -3,11 +3,13 @@ the sample count and, given one, a user's metric. `train.loop.evaluate` runs a P
 `app.evaluation.evaluate_onnx` an ONNX Runtime session: the model call is the only difference."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sized
+import math
+from typing import Any, Callable, Iterable, Optional, Sized
 
 import torch
 import torch.nn.functional as F
 
+from compressor.errors import UsageError
 from compressor.progress import track
 
 FIELDS = ("loss", "top1", "top5", "count", "metric")
@@ -21,7 +23,23 @@ def batch_sums(logits: torch.Tensor, targets: torch.Tensor,
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     return torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(),
                          (top[:, 0] == targets).sum().item(), (top == targets[:, None]).any(1).sum().item(),
-                         len(targets), metric(logits, targets) * len(targets) if metric else 0.0], dtype=torch.float64)
+                         len(targets), metric_value(metric, logits, targets) * len(targets) if metric else 0.0],
+                        dtype=torch.float64)
+
+
+def metric_value(metric: Callable[[torch.Tensor, torch.Tensor], Any], outputs: torch.Tensor,
+                 targets: torch.Tensor) -> float:
+    """One batch's value of the user's metric(outputs, targets) as a float, or UsageError naming what it returned."""
+    value = metric(outputs, targets)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        got = (f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor)
+               else repr(value) if isinstance(value, (int, float)) else f"a {type(value).__name__}")
+        name = getattr(metric, "__qualname__", type(metric).__name__)
+        raise UsageError(f"the metric {name}(outputs, targets) returned {got}; it must return one finite number, the "
+                         "batch's mean (compressor weights each batch by its size).")
+    return float(value)
 
 
 def from_sums(sums: torch.Tensor, *, with_metric: bool = False) -> dict[str, float]:
