@@ -64,10 +64,12 @@ def test_compress_in_memory_trains_with_the_given_loss_and_reports_the_metric(tm
 
     model = net()
     out = tmp_path / "run"
+    rng = torch.get_rng_state()
     report = compressor.compress(model=model, example_inputs=torch.zeros(2, 3, 8, 8), train_set=data(64, 1),
                                  val_set=data(32, 2), loss=loss_plus_five, metric=accuracy,
                                  recipe=recipe(gates={"max_metric_drop": 1.0}), out_dir=out)
     assert report["status"] == "ok"
+    assert torch.equal(torch.get_rng_state(), rng)  # training seeded torch's generator; the caller's stream is back
     assert calls and all(shape[1] == 4 and dtype == torch.int64 for shape, dtype in calls)
     epoch = report["training"]["history"][0]
     assert epoch["train_loss"] > 5.0 > epoch["val_loss"]  # trained on the given loss, validated with cross-entropy

@@ -40,8 +40,8 @@ def deploy(slim_model: nn.Module, example_inputs: Optional[torch.Tensor] = None,
     """
     from compressor.app.in_memory import (check_callable, check_dataset, data_label, model_label,
                                           model_section)
-    from compressor.app.pipeline import (MAIN_STAGES, RunState, _copy_for_bench, _measure, preflight,
-                                         prepare_run_dir)
+    from compressor.app.pipeline import (MAIN_STAGES, RunState, _copy_for_bench, _measure, caller_rng_kept,
+                                         preflight, prepare_run_dir)
     from compressor.app.recipe import as_recipe
 
     recipe = as_recipe(recipe if recipe is not None else {}, overrides, default_name="deploy", who="deploy")
@@ -77,8 +77,9 @@ def deploy(slim_model: nn.Module, example_inputs: Optional[torch.Tensor] = None,
         state.compressed = _measure(state, state.model, device=device)
     if val_set is None:
         state.samples = _random_samples(state)
-    for stage in MAIN_STAGES:
-        stage(state)
+    with caller_rng_kept(device):  # quantization-aware fine-tuning seeds torch's generator
+        for stage in MAIN_STAGES:
+            stage(state)
     return state.report
 
 

@@ -531,13 +531,21 @@ def compress(checkpoint: Optional[str | Path] = None, recipe: Recipe | dict | st
     state = RunState(checkpoint=model_label(model) if model is not None else str(checkpoint), recipe=recipe, out=out,
                      device=device, resume=resume, trust_checkpoint=trust_checkpoint, notes=notes, model=model,
                      train_set=train_set, val_set=val_set, loss=loss, metric=metric, **labels)
-    for stage in TRAINING_STAGES:
-        stage(state)
-    if not rundir_is_main():
-        return {}
-    for stage in MAIN_STAGES:
-        stage(state)
+    with caller_rng_kept(device):  # fit seeds torch's generator (finetune.seed); the caller's stream is restored
+        for stage in TRAINING_STAGES:
+            stage(state)
+        if not rundir_is_main():
+            return {}
+        for stage in MAIN_STAGES:
+            stage(state)
     return state.report
+
+
+def caller_rng_kept(device: str):
+    """A context that restores torch's random state (the CPU's, and the CUDA device's when `device` is one) on exit:
+    compress and deploy seed the generator for repeatable training and leave the caller's stream as it was."""
+    dev = compute_device(device)
+    return torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else [])
 
 
 def _measure(state: RunState, model: nn.Module, device: str = "cpu") -> Measured:
