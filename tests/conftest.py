@@ -1,4 +1,5 @@
-"""Shared test helpers: run the real CLI entry point, tiny recipes on synthetic data."""
+"""Shared test helpers: run the real CLI entry point (or the app in-process), tiny recipes on synthetic data, and
+the session's one two-rank torchrun launch (the `ddp` mark and fixture)."""
 from __future__ import annotations
 
 import os
@@ -55,3 +56,57 @@ def invoke_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProce
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(result.exception))
     return subprocess.CompletedProcess(argv, result.exit_code, result.stdout, stderr)
+
+
+# ---------------------------------------------------------------------------------------------- two-rank runs
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ddp(*case): the test reads this two-rank case from the session's one "
+                                       "torchrun launch (the `ddp` fixture; tests/ddp_worker.py's arguments)")
+
+
+class DDPLaunch:
+    """One `torchrun --nproc_per_node 2` of tests/ddp_worker.py for every DDP case the session selected: each
+    launch costs two interpreters importing torch and a gloo rendezvous, so the cases share one."""
+
+    def __init__(self, root: Path, cases: list[tuple[str, ...]], result: subprocess.CompletedProcess | str) -> None:
+        self.root, self.cases, self.result = root, cases, result
+
+    def ranks(self, case: tuple[str, ...]) -> tuple[Path, list[dict]]:
+        """The case's directory and its ranks' facts; a failed case fails its test with the ranks' tracebacks."""
+        import json
+
+        out = self.root / f"case{self.cases.index(case)}"
+        if (out / "ranks.json").is_file():
+            return out, json.loads((out / "ranks.json").read_text())
+        errors = "".join(p.read_text() for p in sorted(out.glob("error-rank*.txt")))
+        if not errors:
+            failed = [self.cases[int(p.parent.name[4:])] for p in self.root.glob("case*/error-rank0.txt")]
+            errors = f"(none: it did not run{f'; case {failed[0]} failed before it' if failed else ''})"
+        launch = (self.result if isinstance(self.result, str)
+                  else f"exit {self.result.returncode}:\n{self.result.stderr[-3000:]}")
+        pytest.fail(f"two-rank case {case} has no result. Its ranks' errors:\n{errors}\nlaunch: {launch}",
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def ddp_launch(request, tmp_path_factory) -> DDPLaunch:
+    """The cases of every selected test with a `ddp` mark, run once, in order, under one torchrun."""
+    import json
+
+    cases = list(dict.fromkeys(tuple(m.args) for item in request.session.items for m in item.iter_markers("ddp")))
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "cases.json").write_text(json.dumps(cases))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ddp_worker.py"), str(root), "--cases", str(root / "cases.json")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    try:
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300 + 120 * len(cases))
+    except subprocess.TimeoutExpired as exc:
+        result = f"timed out after {exc.timeout} s"
+    return DDPLaunch(root, cases, result)
+
+
+@pytest.fixture
+def ddp(request, ddp_launch) -> tuple[Path, list[dict]]:
+    """This test's two-rank case (its `ddp` mark) from the session's launch: (its directory, the ranks' facts)."""
+    return ddp_launch.ranks(tuple(request.node.get_closest_marker("ddp").args))

@@ -1,9 +1,12 @@
-"""Run by test_ddp.py under `torchrun --nproc_per_node 2`: trains a tiny model and reports per-rank facts."""
+"""Run under `torchrun --nproc_per_node 2` (tests/conftest.py's ddp_launch): every DDP case of the test session in
+one launch, each in its own directory, reporting per-rank facts in that directory's ranks.json."""
 from __future__ import annotations
 
 import hashlib
 import json
 import sys
+import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -22,12 +25,12 @@ from tests.method_settings import invariant_recipe
 def compress_run(out_dir: Path) -> None:
     """`compress` under two ranks with round_to: auto (measured for real) and then a latency target's loop (a
     counted stand-in): rank 0 measures and writes, rank 1 adopts. Writes ranks.json with each rank's counts."""
-    from compressor.app import pipeline
     from compressor.deploy import timing
     from compressor.prune import latency_target as lt
 
     timed, loops, written = [], [], []
     original_rr, original_write = timing.measure_round_robin, rundir.write_text
+    original_loop = lt.measure_latency_target
 
     def counting_rr(*args, **kwargs):
         timed.append(1)
@@ -43,6 +46,16 @@ def compress_run(out_dir: Path) -> None:
         return original_write(path, text)
 
     timing.measure_round_robin, lt.measure_latency_target, rundir.write_text = counting_rr, canned_loop, recording_write
+    try:
+        _compress_facts(out_dir, timed, loops, written)
+    finally:  # the cases after this one run with the real functions
+        timing.measure_round_robin, lt.measure_latency_target, rundir.write_text = original_rr, original_loop, original_write
+
+
+def _compress_facts(out_dir: Path, timed: list, loops: list, written: list) -> None:
+    from compressor.app import pipeline
+    from compressor.prune import latency_target as lt
+
     recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"macs": 0.5}, "round_to": "auto"},
                                           finetune={"epochs": 1}, bench={"backends": []}))
     report = pipeline.compress("zoo:resnet20", recipe, out_dir / "run")
@@ -54,12 +67,17 @@ def compress_run(out_dir: Path) -> None:
     facts = {"rank": dist.get_rank(), "timed": len(timed), "loops": len(loops), "written": written,
              "round_to": report.get("round_to", {}).get("value"), "loop_macs": resolved.prune.target.macs,
              "record_macs": record["macs"], "status": report.get("status")}
+    _gather(out_dir, facts)
+
+
+def _gather(out_dir: Path, facts: dict) -> None:
+    """Every rank's facts into out_dir/ranks.json (rank 0 writes), then a barrier: both ranks are done
+    communicating before the next case (gloo aborted a rank that tore down mid-exchange, CI, once)."""
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, facts)
     if dist.get_rank() == 0:
         (out_dir / "ranks.json").write_text(json.dumps(gathered))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def main(out_dir: Path, method_name: str = "none", mode: str = "", *extra: str) -> None:
@@ -73,6 +91,13 @@ def main(out_dir: Path, method_name: str = "none", mode: str = "", *extra: str) 
         return original(obj, path)
 
     rundir.save_torch = recording_save
+    try:
+        _train_case(out_dir, method_name, mode, extra, writes)
+    finally:
+        rundir.save_torch = original
+
+
+def _train_case(out_dir: Path, method_name: str, mode: str, extra: tuple, writes: list) -> None:
     if mode == "invariant":  # the recipe of test_method_invariants.py
         recipe = recipe_from_dict(invariant_recipe(method_name, *extra))
     elif mode == "heads":  # DPM deciding on attention heads and MLP channels of a tiny ViT
@@ -103,13 +128,29 @@ def main(out_dir: Path, method_name: str = "none", mode: str = "", *extra: str) 
              "val_top1": result.final["val_top1"],
              "decisions": method.summary() if method is not None else None,
              "widths": {n: list(p.shape) for n, p in model.state_dict().items()}}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, facts)
-    if dist.get_rank() == 0:
-        (out_dir / "ranks.json").write_text(json.dumps(gathered))
-    dist.barrier()  # both ranks done communicating: gloo aborted a rank that tore down mid-exchange (CI, once)
-    dist.destroy_process_group()
+    _gather(out_dir, facts)
+
+
+def run_cases(root: Path, cases: list[list[str]]) -> None:
+    """Each case (main's arguments) in root/case<i>, in order, in this one process group. A case that raises
+    leaves its traceback in root/case<i>/error-rank<r>.txt and ends the launch (torchrun then stops the other
+    rank, which may be waiting in a collective): the later cases have no ranks.json and their tests say so."""
+    for i, case in enumerate(cases):
+        out = root / f"case{i}"
+        out.mkdir(exist_ok=True)
+        try:
+            main(out, *case)
+        except BaseException:
+            (out / f"error-rank{dist.get_rank()}.txt").write_text(traceback.format_exc())
+            raise
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), *sys.argv[2:])
+    # a generous timeout for rank 1's waits (rank 0 times round_to candidates alone), short of the tests' own
+    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
+    if sys.argv[2:3] == ["--cases"]:  # ddp_worker.py ROOT --cases CASES.json: a list of main's argument lists
+        run_cases(Path(sys.argv[1]), json.loads(Path(sys.argv[3]).read_text()))
+    else:  # ddp_worker.py OUT [METHOD [MODE [EXTRA...]]]: one case
+        main(Path(sys.argv[1]), *sys.argv[2:])
+    dist.barrier()
+    dist.destroy_process_group()

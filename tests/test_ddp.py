@@ -1,45 +1,33 @@
-"""Distributed training under torchrun with the gloo backend (CPU): identical ranks, only rank 0 writes."""
+"""Distributed training under torchrun with the gloo backend (CPU): identical ranks, only rank 0 writes. Each test
+reads its case (the `ddp` mark: tests/ddp_worker.py's arguments) from the session's one two-rank launch."""
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from .conftest import REPO
 
-
-def launch(tmp_path, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ddp_worker.py"), str(tmp_path), *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((tmp_path / "ranks.json").read_text())
-
-
-def test_two_rank_gloo_run_gives_identical_weights_and_rank0_writes(tmp_path):
-    ranks = launch(tmp_path)
+@pytest.mark.ddp("none")
+def test_two_rank_gloo_run_gives_identical_weights_and_rank0_writes(ddp):
+    out, ranks = ddp
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["val_top1"] == ranks[1]["val_top1"]  # evaluation is sharded and all-reduced
-    assert ranks[0]["writes"] == [str(tmp_path / "ckpt.pt")] * 2  # one checkpoint per epoch, rank 0 only
+    assert ranks[0]["writes"] == [str(out / "ckpt.pt")] * 2  # one checkpoint per epoch, rank 0 only
     assert ranks[1]["writes"] == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ranks.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "ranks.json"]
 
 
-def test_two_rank_dpm_takes_identical_decisions(tmp_path):
-    ranks = launch(tmp_path, "dpm")
+@pytest.mark.ddp("dpm")
+def test_two_rank_dpm_takes_identical_decisions(ddp):
+    _, ranks = ddp
     first, second = (r["decisions"] for r in ranks)
     assert first["totals"]["released"] > 0 and first["totals"]["removed"] > 0  # SR really acted
     assert first == second  # same events, releases, backfills, removals and decay traces on both ranks
     assert ranks[0]["digest"] == ranks[1]["digest"]
 
 
-def test_two_rank_dpm_takes_identical_head_decisions(tmp_path):
-    ranks = launch(tmp_path, "dpm", "heads")
+@pytest.mark.ddp("dpm", "heads")
+def test_two_rank_dpm_takes_identical_head_decisions(ddp):
+    _, ranks = ddp
     first, second = (r["decisions"] for r in ranks)
     assert first == second and ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["widths"] == ranks[1]["widths"]
@@ -48,10 +36,11 @@ def test_two_rank_dpm_takes_identical_head_decisions(tmp_path):
 
 
 
-def test_two_rank_compress_measures_and_writes_on_rank_0_only(tmp_path):
+@pytest.mark.ddp("compress")
+def test_two_rank_compress_measures_and_writes_on_rank_0_only(ddp):
     """round_to: auto and a latency target's loop run once, on rank 0, before training; rank 1 adopts the results
     and writes nothing (the process group starts before the run directory is prepared)."""
-    first, second = launch(tmp_path, "compress")
+    _, (first, second) = ddp
     assert first["timed"] > 0 and second["timed"] == 0  # round_to candidates timed on rank 0 alone
     assert first["loops"] == 1 and second["loops"] == 0
     assert second["written"] == []

@@ -3,6 +3,8 @@ method or host is covered when it registers): the MAC target met, widths on roun
 same decisions, and the slim model reloading to the trained one."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -15,7 +17,6 @@ from compressor.prune.methods import HOSTS, METHODS
 from compressor.train.data import build_datasets
 from compressor.train.loop import fit
 from tests.method_settings import ROUND, invariant_recipe
-from tests.test_ddp import launch
 
 
 def _model(recipe):
@@ -23,14 +24,16 @@ def _model(recipe):
     return build_arch(recipe.model.arch, recipe.model.num_classes, recipe.model.in_channels)
 
 
-def _interrupted_at(method, epoch: int):
-    """The method, raising KeyboardInterrupt (a crash or Ctrl-C) after its first step of `epoch`."""
+def _keeping_checkpoint_at(method, epoch: int, checkpoint, kept):
+    """The method, copying the run's checkpoint to `kept` after its first step of `epoch`: the file a run
+    interrupted there (a crash or Ctrl-C) leaves, the checkpoint of the epoch before (fit writes it only at the end
+    of an epoch). The uninterrupted run doubles as the interrupted one, so the test trains one run fewer."""
     inner = method.after_step
 
     def after_step(ctx):
         inner(ctx)
-        if ctx.epoch == epoch:
-            raise KeyboardInterrupt
+        if ctx.epoch == epoch and not kept.exists():
+            shutil.copyfile(checkpoint, kept)
 
     method.after_step = after_step
     return method
@@ -61,8 +64,9 @@ def _assert_same_state(a, b, where: str = "state") -> None:
 CASES = [(name, "depgraph") for name in METHODS.names()] + [("dpm", h) for h in HOSTS.names() if h != "depgraph"]
 
 
-@pytest.mark.parametrize("name, host", CASES)
-def test_method_invariants(name, host, tmp_path):
+# each case's two-rank run comes from the session's one torchrun launch (tests/conftest.py: ddp)
+@pytest.mark.parametrize("name, host", [pytest.param(n, h, marks=pytest.mark.ddp(n, "invariant", h)) for n, h in CASES])
+def test_method_invariants(name, host, tmp_path, ddp):
     recipe = recipe_from_dict(invariant_recipe(name, host))
     cls = METHODS.get(name)
     train, val = build_datasets(recipe.data, recipe.model)
@@ -70,7 +74,7 @@ def test_method_invariants(name, host, tmp_path):
 
     model = _model(recipe)
     dense_widths, dense_macs = layer_widths(model), snapshot_macs(model, example)[0]
-    method = cls(recipe)
+    method = _keeping_checkpoint_at(cls(recipe.prune_spec()), 1, tmp_path / "a.pt", tmp_path / "b.pt")
     fit(model, train, val, recipe.finetune, recipe.data, method=method, checkpoint=tmp_path / "a.pt")
     widths, macs = layer_widths(model), snapshot_macs(model, example)[0]
 
@@ -83,11 +87,9 @@ def test_method_invariants(name, host, tmp_path):
         assert changed and all(w % ROUND == 0 for w in changed.values()), {n: w for n, w in changed.items() if w % ROUND}
 
     # resume after an interruption in epoch 2 equals the uninterrupted run (weights, decisions and method state): the
-    # checkpoint of epoch 1 lies between two events (method_settings), so what the host accumulated must come back
-    with pytest.raises(KeyboardInterrupt):
-        fit(_model(recipe), train, val, recipe.finetune, recipe.data, method=_interrupted_at(cls(recipe), 1),
-            checkpoint=tmp_path / "b.pt")
-    resumed_model, resumed = _model(recipe), cls(recipe)
+    # checkpoint of epoch 1 lies between two events (method_settings), so what the host accumulated must come back;
+    # b.pt is that checkpoint as an interruption after the first step of epoch 2 leaves it (kept by the run above)
+    resumed_model, resumed = _model(recipe), cls(recipe.prune_spec())
     result = fit(resumed_model, train, val, recipe.finetune, recipe.data, method=resumed,
                  checkpoint=tmp_path / "b.pt", resume=True)
     assert result.resumed_from == 1
@@ -106,8 +108,7 @@ def test_method_invariants(name, host, tmp_path):
         assert torch.allclose(model.eval()(x), reloaded(x), rtol=0, atol=1e-5)
 
     # two DDP ranks take identical decisions and end with identical weights
-    (tmp_path / "ddp").mkdir()
-    ranks = launch(tmp_path / "ddp", name, "invariant", host)
+    _, ranks = ddp
     assert _decisions(ranks[0]["decisions"]) == _decisions(ranks[1]["decisions"])
     assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["widths"] == ranks[1]["widths"]
     if not cls.keeps_dense_shapes(recipe.prune):
