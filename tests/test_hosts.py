@@ -106,9 +106,9 @@ def test_event_schedule_and_shapes():
     recipe = recipe_from_dict(tiny_recipe(prune={"method": "iterative", "schedule": {"events": 4, "start_epoch": 1,
                                                                                     "end_epoch": 5}},
                                           finetune={"epochs": 8}))
-    assert event_epochs(recipe, 4) == [1, 2, 3, 4]
+    assert event_epochs(recipe.prune_spec(), 4) == [1, 2, 3, 4]
     recipe = recipe_from_dict(tiny_recipe(prune={"method": "iterative", "schedule": {"events": 2, "end_epoch": 1}}))
-    assert event_epochs(recipe, 2) == [0, 0.5]
+    assert event_epochs(recipe.prune_spec(), 2) == [0, 0.5]
     assert fraction_at(0.5, "linear") == 0.5
     assert fraction_at(0.5, "cubic") == pytest.approx(0.875)
     assert [fraction_at(p / 4, "cubic") for p in range(5)] == sorted(fraction_at(p / 4, "cubic") for p in range(5))
@@ -130,9 +130,9 @@ def test_host_importance_conflict_is_a_recipe_error():
     recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "host": "gate-decorator",
                                                  "importance": {"kind": "magnitude"}}))
     with pytest.raises(RecipeError, match="host gate-decorator ranks by 'gate'"):
-        HOST_REGISTRY.get(recipe.prune.host).importance(recipe)
+        HOST_REGISTRY.get(recipe.prune.host).importance(recipe.prune)
     recipe = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "host": "taylor"}))
-    assert HOST_REGISTRY.get(recipe.prune.host).importance(recipe).kind == "taylor"
+    assert HOST_REGISTRY.get(recipe.prune.host).importance(recipe.prune).kind == "taylor"
 
 
 def test_unknown_method_suggests():

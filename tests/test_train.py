@@ -129,15 +129,22 @@ def test_rebuild_keeps_schedule_and_follows_new_parameters():
     class Shrink(PruningMethod):
         def after_step(self, ctx):
             if ctx.step == 3:
-                lr_before = ctx.optimizer.param_groups[0]["lr"]
+                lr_before, optimizer = ctx.optimizer.param_groups[0]["lr"], ctx.optimizer
+                kept = {n: optimizer.state[p]["momentum_buffer"].clone() for n, p in ctx.model.named_parameters()
+                        if not n.startswith("fc.")}
                 ctx.model.fc = torch.nn.Linear(64, 4)
                 ctx.rebuild()
                 params = {id(p) for g in ctx.optimizer.param_groups for p in g["params"]}
-                seen["follows"] = id(ctx.model.fc.weight) in params
+                seen["follows"] = id(ctx.model.fc.weight) in params and len(params) == len(list(ctx.model.parameters()))
                 seen["lr"] = (lr_before, ctx.optimizer.param_groups[0]["lr"])
+                # the same optimizer: the untouched layers keep their momentum, the replaced layer starts afresh
+                seen["same"] = ctx.optimizer is optimizer and all(
+                    torch.equal(optimizer.state[p]["momentum_buffer"], kept[n])
+                    for n, p in ctx.model.named_parameters() if n in kept)
+                seen["fresh"] = ctx.optimizer.state.get(ctx.model.fc.weight, {}) == {}
 
     fit(model, train, val, recipe.finetune, recipe.data, method=Shrink())
-    assert seen["follows"]
+    assert seen["follows"] and seen["same"] and seen["fresh"]
     before, after = seen["lr"]
     assert after < before  # the cosine schedule continued from step 3, it did not restart
 
