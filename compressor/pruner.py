@@ -340,17 +340,18 @@ def _check_needs(method: PruningMethod, ctx: PruneContext) -> None:
 
 
 def _check_ignore(model: nn.Module, ignore: list[str], example: torch.Tensor) -> None:
-    """Unknown layer names and bad patterns fail now, not at the first event."""
-    import re
+    """Bad patterns (the recipe's model.ignore rule) and unknown layer names fail now, not at the first event."""
+    from pydantic import ValidationError
 
+    from compressor.app.recipe import format_validation_error
+    from compressor.models.config import ModelConfig
     from compressor.prune import graph as dg
 
-    for pattern in ignore:
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as exc:
-                raise UsageError(f"Pruner(ignore=...): {pattern!r} is not a valid regular expression ({exc}).") from None
+    try:
+        ModelConfig.model_validate({"ignore": ignore})
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, "Pruner(ignore=...)", root=ModelConfig, prefix="model",
+                                                  what="layer list")) from None
     if ignore:
         with dg.quiet_eval(model):
             dg.resolve_ignored(model, ignore, example.to(_device_of(model)))

@@ -238,6 +238,8 @@ def test_bad_arguments_are_usage_errors():
                           steps_per_epoch=STEPS)
     with pytest.raises(RecipeError, match="model.ignore: '9' matches no module"):
         compressor.Pruner(net(), torch.randn(1, 3, 8, 8), ignore=["9"], epochs=EPOCHS, steps_per_epoch=STEPS)
+    with pytest.raises(RecipeError, match=r"model\.ignore: 're:\[' is not a valid regular expression"):
+        compressor.Pruner(net(), torch.randn(1, 3, 8, 8), ignore=["re:["], epochs=EPOCHS, steps_per_epoch=STEPS)
     with pytest.raises(RecipeError, match=r"latency target.*\(1, 12\).*MAC target"):
         compressor.Pruner(nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4)), torch.randn(1, 12),
                           prune={"target": {"latency_speedup": 1.5}}, epochs=EPOCHS, steps_per_epoch=STEPS)
