@@ -8,7 +8,7 @@ from compressor.errors import RecipeError
 from compressor.app.recipe import (DuplicateKeyError, Recipe, apply_override, dump_recipe, load_recipe,
                                parse_recipe_yaml, recipe_from_dict, shipped_recipes)
 
-from .conftest import REPO, run_cli, tiny_recipe
+from .conftest import REPO, invoke_cli, tiny_recipe
 
 
 def write(tmp_path, data, name="r.yaml"):
@@ -123,7 +123,7 @@ def test_defaults_fill_every_section():
     assert recipe.prune.dpm.steps == 8 and recipe.verify.atol == 1e-4 and recipe.bench.backends == ["ort-cpu", "torch"]
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------- CLI (in-process)
 @pytest.mark.parametrize("section, expected", [
     ({"prune": {"method": "dpm", "dpm": {"stpes": 4}}}, "prune.dpm.stpes: unknown key (did you mean steps?)"),
     ({"finetune": {"epochs": "ten"}}, "finetune.epochs:"),
@@ -132,7 +132,7 @@ def test_defaults_fill_every_section():
 ])
 def test_cli_validate_exits_2_naming_field(tmp_path, section, expected):
     path = write(tmp_path, tiny_recipe(**section))
-    result = run_cli("recipes", "validate", path)
+    result = invoke_cli("recipes", "validate", path)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
@@ -140,19 +140,19 @@ def test_cli_validate_exits_2_naming_field(tmp_path, section, expected):
 
 def test_cli_validate_and_show_ok(tmp_path):
     path = write(tmp_path, tiny_recipe())
-    result = run_cli("recipes", "validate", path)
+    result = invoke_cli("recipes", "validate", path)
     assert result.returncode == 0 and "ok:" in result.stdout
-    shown = run_cli("recipes", "show", path, "--set", "finetune.epochs=7")
+    shown = invoke_cli("recipes", "show", path, "--set", "finetune.epochs=7")
     assert shown.returncode == 0
     assert yaml.safe_load(shown.stdout)["finetune"]["epochs"] == 7
 
 
 def test_cli_list_and_schema():
-    listed = run_cli("recipes", "list")
+    listed = invoke_cli("recipes", "list")
     assert listed.returncode == 0
     for name in shipped_recipes():
         assert name in listed.stdout
-    schema = run_cli("recipes", "schema")
+    schema = invoke_cli("recipes", "schema")
     assert schema.returncode == 0 and '"prune"' in schema.stdout
 
 
