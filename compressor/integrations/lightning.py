@@ -21,7 +21,7 @@ Where each Pruner hook runs (lightning 2.4 to 2.6, automatic optimization):
                               Adam moments follow the kept channels), so its LR schedulers keep working
     on_train_epoch_end        epoch_end(metrics): trainer.callback_metrics (this epoch's validation included)
     state_dict / load_state_dict   the Pruner's state in Lightning's checkpoint
-    on_train_end              finalize(): the last removals (and the batch-norm re-estimate with calibration)
+    on_train_end              finalize(): the last removals, so the target holds
 
 Resume: `trainer.fit(module, ckpt_path=...)`. The checkpoint's weights have the pruned shapes, so from `setup` until
 training starts, a state dict loaded into the module first resizes its layers to the saved shapes; Lightning then

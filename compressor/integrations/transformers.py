@@ -21,7 +21,7 @@ Where each Pruner hook runs (transformers 4.40 to 5.x, `Trainer._inner_training_
                             the kept channels), so the Trainer's LambdaLR scheduler keeps driving the same groups
     on_epoch_end            epoch_end(metrics): the latest metrics the Trainer evaluated or logged
     on_save                 the Pruner's state into the checkpoint folder (compressor_pruner.pt)
-    on_train_end            finalize(): the last removals (and the batch-norm re-estimate when calibration is given)
+    on_train_end            finalize(): the last removals, so the target holds
 
 The Pruner prunes `callback.pruner.model`: the Trainer's model called with one keyword input (`input_name`,
 default the model's `main_input_name`: pixel_values, input_ids, ...) and returning its logits; it shares every
