@@ -422,12 +422,13 @@ def build_batched(num_classes=4, in_channels=1):
 '''
 
 
-def test_a_model_that_fails_on_the_input_shape_is_a_model_error(tmp_path):
+def test_a_model_that_fails_on_the_input_shape_is_a_model_error(tmp_path, monkeypatch):
     """It was an "internal error ... likely a bug in compressor" (exit 1) at the first evaluation."""
     (tmp_path / "broken_model.py").write_text(BROKEN_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "broken_model", raising=False)  # this test's file, not another test's
     recipe = _write_yaml(tmp_path / "r.yaml", _recipe(model={"arch": "python:broken_model:build"}))
-    result = run_cli("compress", "python:broken_model:build", "--recipe", recipe, "--out", tmp_path / "run",
-                     env={"PYTHONPATH": f"{REPO}:{tmp_path}"})
+    result = invoke_cli("compress", "python:broken_model:build", "--recipe", recipe, "--out", tmp_path / "run")
     assert result.returncode == 2, result.stderr
     assert ("model error: python:broken_model:build fails on one input of model.input_shape [1, 16, 16] (model.inputs "
             "image): RuntimeError: mat1 and mat2 shapes cannot be multiplied") in result.stderr

@@ -162,13 +162,13 @@ def test_unstructured_compress_reports_sparsity_and_zipped_size(tmp_path):
 
     import yaml
 
-    from .conftest import run_cli
+    from .conftest import invoke_cli
 
     recipe = tiny_recipe(prune={"method": "fggp", "fggp": {"granularity": "unstructured", "sparsity": 0.9,
                                                            "interval": 2, "end": 0.75}},
                          finetune={"epochs": 2}, bench={"backends": []})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    result = run_cli("compress", "zoo:resnet20", "--recipe", tmp_path / "r.yaml", "--out", tmp_path / "run")
+    result = invoke_cli("compress", "zoo:resnet20", "--recipe", tmp_path / "r.yaml", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     sparsity = report["method"]["sparsity"]

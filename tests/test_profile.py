@@ -14,7 +14,7 @@ from compressor.deploy.hardware import auto_round_to, ort_cpu_block
 from compressor.deploy.ort_profile import compare, profile_onnx, summarize_trace
 from compressor.app.recipe import load_recipe
 
-from .conftest import run_cli, tiny_recipe
+from .conftest import invoke_cli, run_cli, tiny_recipe
 
 x86 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                          reason="ONNX Runtime's NCHWc convolutions are an x86 (MLAS) feature")
@@ -53,7 +53,7 @@ def test_compress_with_round_to_auto_keeps_the_measured_multiple(tmp_path):
     recipe = tiny_recipe(prune={"method": "oneshot", "target": {"macs": 0.6}, "round_to": "auto"},
                          finetune={"epochs": 0}, bench={"backends": []})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    result = run_cli("compress", "zoo:resnet20", "--recipe", tmp_path / "r.yaml", "--out", tmp_path / "run")
+    result = invoke_cli("compress", "zoo:resnet20", "--recipe", tmp_path / "r.yaml", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     chosen = json.loads((tmp_path / "run" / "round_to.json").read_text())
