@@ -39,16 +39,9 @@ def optimizer_follows_model(optimizer: torch.optim.Optimizer, model: nn.Module, 
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face
-class PixelValues(Dataset):
-    def __init__(self, pairs: Dataset) -> None:
-        self.pairs = pairs
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> dict:
-        image, label = self.pairs[index]
-        return {"pixel_values": image, "labels": label}
+def pixel_values(pairs: Dataset) -> list[dict]:
+    """(image, label) pairs as the dicts a Hugging Face image classifier takes (a list is a map-style dataset)."""
+    return [{"pixel_values": image, "labels": label} for image, label in pairs]
 
 
 def hf_model():
@@ -65,7 +58,7 @@ def hf_trainer(tmp_path, model, callback, **args):
     settings = dict(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=8,
                     gradient_accumulation_steps=2, learning_rate=1e-3, use_cpu=True, save_strategy="no",
                     report_to=[], disable_tqdm=True, logging_strategy="no", seed=0, dataloader_num_workers=0)
-    return Trainer(model=model, args=TrainingArguments(**{**settings, **args}), train_dataset=PixelValues(images()),
+    return Trainer(model=model, args=TrainingArguments(**{**settings, **args}), train_dataset=pixel_values(images()),
                    callbacks=[callback])
 
 

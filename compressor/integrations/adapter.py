@@ -47,8 +47,8 @@ class PrunerAdapter:
 
     def require(self, hook: str) -> Any:
         if self.pruner is None:
-            raise UsageError(f"{self.framework} PruningCallback.{hook} ran before training started (the Pruner is built "
-                             "when the trainer starts training, once its optimizer and step count are known).",
+            raise UsageError(f"{self.framework} PruningCallback.{hook} ran before training started (the Pruner is "
+                             "built when the trainer starts training, once its optimizer and step count are known).",
                              hint="Pass the callback to the trainer and start training with it; do not call its "
                                   "hooks yourself.")
         return self.pruner

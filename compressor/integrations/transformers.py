@@ -157,7 +157,7 @@ def under(prefix: str, patterns: Sequence[str]) -> list[str]:
 
 def _unwrap(optimizer: Any) -> Optional[torch.optim.Optimizer]:
     """The torch optimizer inside accelerate's AcceleratedOptimizer (remapped in place, the wrapper follows)."""
-    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+    while not isinstance(optimizer, (torch.optim.Optimizer, type(None))) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
 
