@@ -1,7 +1,7 @@
 """A latency table as the planner's cost model (prune/latency_cost.py): torch layers matched to table rows by what
 their latency depends on, the widths a group may keep (where its curve steps down), importance per millisecond
 instead of per channel, refusal of a table made for another model, the open loop for a table from another machine,
-and compress end to end from a measured table."""
+and compress end to end from a table."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from compressor.app.recipe import recipe_from_dict
-from compressor.deploy.latency_table import FORMAT, measure_table, prunable_layers, sample_widths, write_table
+from compressor.deploy.latency_table import FORMAT, prunable_layers, sample_widths, write_table
 from compressor.errors import UsageError
 from compressor.prune import latency_target as lt
 from compressor.prune.planning import (Constraints, allowed_removals, constraints_from, plan_for_macs, plan_for_target,
@@ -229,20 +229,22 @@ def test_every_method_plans_with_the_table_once_resolved(tmp_path):
     remove(base, example_inputs(recipe.model), plan)  # torch-pruning can carry the plan out
 
 
-def test_compress_plans_from_a_measured_table_and_reports_it(tmp_path, monkeypatch):
+def test_compress_plans_from_a_table_and_reports_it(tmp_path, monkeypatch):
     """With the MAC ranking's plans counted as missing the speedup, the loop measures the table's plan too and
-    plans with it where it reaches the speedup; the report lists both plans' tries and the table's per-layer view."""
+    plans with it where it reaches the speedup; the report lists both plans' tries and the table's per-layer view.
+    What is checked is the plumbing, not this machine's speed: the table is synthetic (measure_table has its own
+    tests) and the loop's tries are timed on test_latency_target's stand-in runtime (latency ~ MACs); the chosen
+    plan's layers, the final bench and everything else in compress run for real."""
     from compressor.app.pipeline import compress
-    from compressor.models.loading import build_arch
+    from tests.test_latency_target import _fake_runtime
 
-    dense = _export(build_arch("zoo:resnet20", 4, 1), (1, 16, 16), tmp_path / "dense.onnx")
-    lut = write_table(measure_table(dense, "ort-cpu", (8,), step=8, warmup_ms=5, min_runs=5, min_seconds=0.01),
-                      tmp_path / "lut.json")
+    lut, _ = _resnet_table(tmp_path, 8)
     real = lt.within
     monkeypatch.setattr(lt, "within", lambda measured, asked: measured["planner"] != "macs" and real(measured, asked))
-    r = recipe_from_dict(tiny_recipe(
-        prune={"method": "oneshot", "target": {"latency_speedup": 1.3, "table": str(lut)}}, finetune={"epochs": 1},
-        bench={"backends": ["ort-cpu"], "batch_sizes": [8], "min_runs": 10, "min_seconds": 0.2, "warmup_ms": 50}))
+    r = _fake_runtime(monkeypatch, 1.0, asked=1.3, finetune={"epochs": 1},
+                      prune={"target": {"latency_speedup": 1.3, "table": str(lut)}},
+                      bench={"backends": ["ort-cpu"], "batch_sizes": [8], "min_runs": 5, "min_seconds": 0,
+                             "warmup_ms": 20})
     report = compress("zoo:resnet20", r, tmp_path / "run")
     t = report["target"]["latency"]
     assert t["table"]["layers"] == 22 and not t.get("open_loop")
