@@ -1,4 +1,6 @@
-"""`compressor compress` end to end through the real entry point on a Fashion-MNIST subset."""
+"""`compressor compress` end to end on a Fashion-MNIST subset: the complete run and the interrupted one through the
+real entry point (a separate process), the other commands in-process (invoke_cli: the same Typer app, without
+starting an interpreter that imports torch for each call)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +11,7 @@ import time
 
 import pytest
 
-from .conftest import REPO, requires_fmnist, run_cli
+from .conftest import REPO, invoke_cli, requires_fmnist, run_cli
 
 SAMPLE = REPO / "samples" / "resnet20-fmnist.safetensors"
 QUICK = ["--set", "data.train_subset=512", "--set", "data.val_subset=512", "--set", "finetune.epochs=1",
@@ -67,7 +69,7 @@ def test_eval_of_the_slim_model_reproduces_the_report(oneshot_run):
     out, _ = oneshot_run
     report = json.loads((out / "report.json").read_text())
     for artifact in (out, out / "model.onnx"):
-        result = run_cli("eval", artifact, "--recipe", "resnet20-fmnist-oneshot", "--set", "data.val_subset=512")
+        result = invoke_cli("eval", artifact, "--recipe", "resnet20-fmnist-oneshot", "--set", "data.val_subset=512")
         assert result.returncode == 0, result.stderr
         assert f"top-1 {report['compressed']['top1']:.2f}%" in result.stdout
 
@@ -75,15 +77,15 @@ def test_eval_of_the_slim_model_reproduces_the_report(oneshot_run):
 @requires_fmnist
 def test_rerun_into_existing_dir_is_refused_then_overwritten(oneshot_run):
     out, _ = oneshot_run
-    refused = run_cli("compress", checkpoint(), "--recipe", "resnet20-fmnist-oneshot", "--out", out, *QUICK)
+    refused = invoke_cli("compress", checkpoint(), "--recipe", "resnet20-fmnist-oneshot", "--out", out, *QUICK)
     assert refused.returncode == 2 and "already holds a run" in refused.stderr and "--resume" in refused.stderr
 
 
 @requires_fmnist
 def test_failed_gate_exits_1_after_writing_report(tmp_path):
     out = tmp_path / "gated"
-    result = run_cli("compress", checkpoint(), "--recipe", "resnet20-fmnist-oneshot", "--out", out, *QUICK,
-                     "--set", "gates.min_speedup=1000", "--set", "finetune.epochs=0", "--set", "bench.backends=[ort-cpu]")
+    result = invoke_cli("compress", checkpoint(), "--recipe", "resnet20-fmnist-oneshot", "--out", out, *QUICK,
+                        "--set", "gates.min_speedup=1000", "--set", "finetune.epochs=0", "--set", "bench.backends=[ort-cpu]")
     assert result.returncode == 1, result.stderr[-2000:]
     assert "gate failed" in result.stderr and "min_speedup" in result.stderr
     report = json.loads((out / "report.json").read_text())
@@ -94,8 +96,8 @@ def test_failed_gate_exits_1_after_writing_report(tmp_path):
 @requires_fmnist
 def test_parity_failure_is_an_error_not_a_warning(tmp_path):
     out = tmp_path / "parity"
-    result = run_cli("compress", checkpoint(), "--recipe", "resnet20-fmnist-oneshot", "--out", out, *QUICK,
-                     "--set", "verify.atol=1e-12", "--set", "verify.rtol=0", "--set", "finetune.epochs=0")
+    result = invoke_cli("compress", checkpoint(), "--recipe", "resnet20-fmnist-oneshot", "--out", out, *QUICK,
+                        "--set", "verify.atol=1e-12", "--set", "verify.rtol=0", "--set", "finetune.epochs=0")
     assert result.returncode == 1
     assert "parity check failed" in result.stderr and "max abs diff" in result.stderr
     assert json.loads((out / "report.json").read_text())["status"] == "failed: parity"
@@ -114,29 +116,29 @@ def test_interrupted_run_resumes_from_last_epoch(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoints" / "last.pt").exists() and not (out / "report.json").exists()
-    result = run_cli(*args, "--resume")
+    result = invoke_cli(*args, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["training"]["resumed_from"] >= 1
     assert [h["epoch"] for h in report["training"]["history"]] == [1, 2, 3]
     assert len(report["method"]["events"]) == 4
-    changed = run_cli(*args, "--resume", "--set", "finetune.seed=5")
+    changed = invoke_cli(*args, "--resume", "--set", "finetune.seed=5")
     assert changed.returncode == 2 and "differs from the recipe" in changed.stderr
 
 
 def test_missing_checkpoint_and_recipe_errors_are_clear(tmp_path):
-    result = run_cli("compress", tmp_path / "nope.pt", "--recipe", "resnet20-fmnist-oneshot", "--out", tmp_path / "x")
+    result = invoke_cli("compress", tmp_path / "nope.pt", "--recipe", "resnet20-fmnist-oneshot", "--out", tmp_path / "x")
     assert result.returncode == 2 and "nope.pt" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x" / "report.json").exists()
-    result = run_cli("compress", "zoo:resnet20", "--recipe", tmp_path / "missing.yaml")
+    result = invoke_cli("compress", "zoo:resnet20", "--recipe", tmp_path / "missing.yaml")
     assert result.returncode == 2 and "missing.yaml" in result.stderr
-    result = run_cli("compress", "zoo:resnet20")
+    result = invoke_cli("compress", "zoo:resnet20")
     assert result.returncode == 2 and "--recipe" in result.stderr
 
 
 def test_explicit_tensorrt_without_gpu_exits_3_before_training(tmp_path):
-    result = run_cli("compress", "zoo:resnet20", "--recipe", "resnet20-fmnist-oneshot", "--out", tmp_path / "trt",
-                     "--set", "export.tensorrt.enabled=true")
+    result = invoke_cli("compress", "zoo:resnet20", "--recipe", "resnet20-fmnist-oneshot", "--out", tmp_path / "trt",
+                        "--set", "export.tensorrt.enabled=true")
     assert result.returncode == 3, result.stderr
     assert "export.tensorrt.enabled is true" in result.stderr
     assert not (tmp_path / "trt").exists()
@@ -150,7 +152,7 @@ def test_method_none_fine_tunes_without_pruning(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(finetune={"epochs": 1}, bench={"backends": ["ort-cpu"], "batch_sizes": [1],
                                                                                "min_runs": 3, "min_seconds": 0, "warmup_ms": 0})))
-    result = run_cli("compress", "zoo:resnet20", "--recipe", recipe, "--out", tmp_path / "none")
+    result = invoke_cli("compress", "zoo:resnet20", "--recipe", recipe, "--out", tmp_path / "none")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "none" / "report.json").read_text())
     assert report["compressed"]["macs"] == report["dense"]["macs"] and report["method"] == {"method": "none"}
