@@ -23,6 +23,7 @@ from compressor.prune.methods import METHODS
 from compressor.prune.methods.base import PruningMethod
 from compressor.prune.section import PruneConfig
 from compressor.prune.spec import ModelSpec, PruneSpec, budget_problems
+from compressor.train.bn_recalibration import batch_norms, recalibrate_batch_norm
 
 PruneArg = Union[None, dict, PruneConfig, str, Path]
 Calibration = Union[None, Iterable[Any], Callable[[int], Iterable[Any]]]
@@ -133,6 +134,7 @@ class Pruner:
         self._counts_epochs = counts_epochs
         self._lineage = Lineage()
         self._started = self._finished = False
+        self.bn_recalibration: Optional[dict[str, int]] = None
         self._epoch_started = time.perf_counter()
         self.structure_changes = 0
         self.last_remap: dict[str, int] = {}
@@ -211,14 +213,37 @@ class Pruner:
             self._epoch_started = now
             self.ctx.epoch += 1
 
-    def finalize(self) -> nn.Module:
+    def finalize(self, recalibrate: Calibration = None, *, batches: int = 32) -> nn.Module:
         """Training is over: the method's last decisions (structures still decaying are removed, events not run
-        yet run now), so the target holds. Returns the pruned model."""
+        yet run now), so the target holds. Returns the pruned model.
+
+        recalibrate: training batches of (inputs, targets) (a DataLoader, or a callable n -> n batches; True: the
+        Pruner's `calibration`) on which the batch-norm running statistics are re-estimated after the last removal,
+        as `compress` does (finetune.bn_recalibration): the statistics of a model whose channels were decayed and
+        removed describe the dense model, not this one. `batches` of them are read. Skipped for method none and for
+        a model without batch-norm layers; `self.bn_recalibration` says what was done ({layers, batches, samples}
+        or None)."""
         self.start()
         with self._lineage.recording(self.ctx.model):
             self.method.finalize(self.ctx)
         self._finished = True
+        self.bn_recalibration = self._recalibrate(recalibrate, batches)
         return self.ctx.model
+
+    def _recalibrate(self, recalibrate: Calibration, batches: int) -> Optional[dict[str, int]]:
+        if recalibrate is None or recalibrate is False:
+            return None
+        source = self.ctx.calibration if recalibrate is True else _calibration(recalibrate)
+        if source is None:
+            raise UsageError("Pruner.finalize(recalibrate=True): the Pruner was built without calibration batches.",
+                             hint="Pass the batches to finalize (recalibrate=train_loader) or calibration= to the "
+                                  "Pruner.")
+        if self.method.name == PruningMethod.name or not batch_norms(self.ctx.model):
+            return None
+        done = recalibrate_batch_norm(self.ctx.model, source(batches), self.ctx.device,
+                                      getattr(self.ctx, "channels_last", False))
+        info(f"batch-norm statistics re-estimated on {done['samples']} training samples ({done['layers']} layers)")
+        return done
 
     def _structure_changed(self) -> None:
         """ctx.rebuild(): carry the optimizer over to the new parameters, then let the loop follow."""

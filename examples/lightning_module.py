@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 
 import lightning as L
 import torch
@@ -23,7 +22,6 @@ from torch.utils.data import DataLoader
 
 import compressor
 from compressor.integrations.lightning import PruningCallback
-from compressor.train.bn_recalibration import recalibrate_batch_norm
 from compressor.train.data import build_datasets
 
 
@@ -78,8 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     module = Classifier(net, lr=recipe.finetune.optimizer.lr)
     trainer.fit(module, train_loader, val_loader)
-    # batch-norm statistics re-estimated on 32 training batches after the last removal, as compress does
-    recalibrate_batch_norm(module.net, itertools.islice(train_loader, 32), module.device)
+    # the callback re-estimated the batch-norm statistics on 32 training batches after the last removal, as compress does
 
     report = compressor.deploy(module.net.eval(), example, args.out, recipe=recipe, dense_model=dense,
                                val_set=val_set, pruner=callback.pruner, overwrite=True)

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import compressor
-from compressor.train.bn_recalibration import recalibrate_batch_norm
 from compressor.train.data import build_datasets
 
 
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         pruner.epoch_end()  # compressor
         print(f"epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.4f}, {pruner.step} steps")
     # the last removals, then the batch-norm statistics re-estimated on training batches (as compress does)
-    recalibrate_batch_norm(pruner.finalize(), calibration(hp.bn_recalibration.batches), torch.device("cpu"))  # compressor
+    pruner.finalize(recalibrate=calibration, batches=hp.bn_recalibration.batches)  # compressor
 
     report = compressor.deploy(model.eval(), example, args.out, recipe=recipe, dense_model=dense, val_set=val_set,
                                pruner=pruner, overwrite=True)

@@ -72,6 +72,8 @@ def test_hf_callback_prunes_once_per_optimizer_step_and_keeps_the_trainers_optim
     trainer.train()
     # 64 images in micro-batches of 8, accumulated by 2: 4 optimizer steps per epoch, 8 in all
     assert trainer.state.global_step == 8 and callback.pruner.step == 8 and callback.pruner.epoch == 2
+    # after the last removal the batch-norm statistics were re-estimated on the training loader (8 batches of 8)
+    assert callback.pruner.bn_recalibration["samples"] == 64 and callback.pruner.bn_recalibration["layers"] > 0
     events = callback.pruner.summary()["events"]
     assert events[0]["removed"] > 0 and callback.pruner.structure_changes >= 1
     assert events[0]["achieved_macs"] == pytest.approx(0.6, abs=0.06)
@@ -153,6 +155,7 @@ def test_lightning_callback_prunes_once_per_optimizer_step_and_keeps_the_optimiz
     trainer = lightning_trainer(tmp_path, [callback])
     trainer.fit(module, DataLoader(images(), batch_size=8))
     assert trainer.global_step == 8 and callback.pruner.step == 8 and callback.pruner.epoch == 2
+    assert callback.pruner.bn_recalibration == {"layers": 2, "batches": 8, "samples": 64}
     assert callback.pruner.summary()["events"][0]["removed"] > 0
     assert module.net[0].out_channels < 16 and module.net[1].num_features == module.net[0].out_channels
     optimizer_follows_model(trainer.optimizers[0], module, steps=8)

@@ -243,3 +243,34 @@ def test_bad_arguments_are_usage_errors():
     with pytest.raises(RecipeError, match=r"latency target.*\(1, 12\).*MAC target"):
         compressor.Pruner(nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4)), torch.randn(1, 12),
                           prune={"target": {"latency_speedup": 1.5}}, epochs=EPOCHS, steps_per_epoch=STEPS)
+
+
+def test_finalize_re_estimates_batch_norm_statistics_on_the_batches_given():
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = make(model, optimizer)
+    train(model, optimizer, pruner, EPOCHS)
+    pruned = pruner.finalize(recalibrate=batches(), batches=3)
+    assert pruner.bn_recalibration == {"layers": 2, "batches": 3, "samples": 24}
+    # the statistics are the plain average over the three batches of what each batch-norm layer sees in eval mode
+    norm = pruned[1]
+    seen = []
+    hook = norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        pruned.eval()
+        for x, _ in batches()[:3]:
+            pruned(x)
+    hook.remove()
+    means = torch.stack([s.mean((0, 2, 3)) for s in seen]).mean(0)
+    assert norm.running_mean.shape[0] == norm.num_features < 16
+    torch.testing.assert_close(norm.running_mean, means, rtol=1e-4, atol=1e-5)
+    assert norm.momentum == 0.1 and not pruned.training
+
+
+def test_finalize_recalibrate_true_needs_the_pruners_calibration_batches():
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner = make(model, optimizer)
+    train(model, optimizer, pruner, EPOCHS)
+    with pytest.raises(UsageError, match="without calibration batches"):
+        pruner.finalize(recalibrate=True)

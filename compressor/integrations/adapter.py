@@ -2,8 +2,9 @@
 checkpoint state, and the resume of a model whose saved weights have pruned shapes."""
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,12 +19,17 @@ class PrunerAdapter:
 
     def __init__(self, framework: str, example_inputs: torch.Tensor, *, prune: Any, ignore: Sequence[str],
                  round_to: Optional[int], on_structure_change: Optional[Callable[[Any], None]],
-                 loss_fn: Optional[Callable[..., torch.Tensor]], calibration: Optional[Callable[[int], Any]]) -> None:
+                 loss_fn: Optional[Callable[..., torch.Tensor]], calibration: Optional[Callable[[int], Any]],
+                 recalibrate_batches: int = 32) -> None:
         if not isinstance(example_inputs, torch.Tensor):
             raise UsageError(f"{framework} PruningCallback: example_inputs must be one input batch as a tensor (e.g. "
                              f"torch.randn(1, 3, 224, 224), or token ids), got {type(example_inputs).__name__}.")
+        if isinstance(recalibrate_batches, bool) or not isinstance(recalibrate_batches, int) or recalibrate_batches < 0:
+            raise UsageError(f"{framework} PruningCallback(recalibrate_batches={recalibrate_batches!r}): a whole number "
+                             "of training batches (0: keep the batch-norm statistics training left).")
         self.framework = framework
         self.example_inputs = example_inputs
+        self.recalibrate_batches = recalibrate_batches
         self.options = {"prune": prune, "ignore": list(ignore), "round_to": round_to, "loss_fn": loss_fn,
                         "calibration": calibration, "on_structure_change": on_structure_change}
         self.pruner: Any = None
@@ -44,6 +50,17 @@ class PrunerAdapter:
             self.pruner.load_state_dict(self.pending)
             self.pending = None
         return self.pruner
+
+    def finish(self, train_batches: Optional[Iterable[Any]], inputs_of: Callable[[Any], torch.Tensor]) -> nn.Module:
+        """Training ended: the Pruner's finalize(), then (recalibrate_batches > 0) the batch-norm statistics
+        re-estimated on that many of the trainer's training batches, as `compress` does; `inputs_of(batch)` is the
+        tensor the pruned module takes."""
+        pruner = self.require("on_train_end")
+        source = None
+        if self.recalibrate_batches and train_batches is not None:
+            def source(n: int):
+                return ((inputs_of(batch), None) for batch in itertools.islice(train_batches, n))
+        return pruner.finalize(recalibrate=source, batches=max(1, self.recalibrate_batches))
 
     def require(self, hook: str) -> Any:
         if self.pruner is None:

@@ -21,7 +21,7 @@ Where each Pruner hook runs (lightning 2.4 to 2.6, automatic optimization):
                               Adam moments follow the kept channels), so its LR schedulers keep working
     on_train_epoch_end        epoch_end(metrics): trainer.callback_metrics (this epoch's validation included)
     state_dict / load_state_dict   the Pruner's state in Lightning's checkpoint
-    on_train_end              finalize(): the last removals, so the target holds
+    on_train_end              finalize(): the last removals, so the target holds; batch-norm statistics re-estimated
 
 Resume: `trainer.fit(module, ckpt_path=...)`. The checkpoint's weights have the pruned shapes, so from `setup` until
 training starts, a state dict loaded into the module first resizes its layers to the saved shapes; Lightning then
@@ -49,15 +49,18 @@ class PruningCallback(pl.Callback):
     example_inputs: one input batch for the module's forward, to trace it and count MACs. prune: the prune section
     (a dict, a PruneConfig, or a YAML file holding one or a whole recipe); ignore (the module's layer names, e.g.
     "net.fc"), round_to, loss_fn, calibration: as `compressor.Pruner`. on_structure_change(pruner): called after each
-    removal, once trainer.optimizers[0] has been remapped.
+    removal, once trainer.optimizers[0] has been remapped. recalibrate_batches: after the last removal the
+    batch-norm statistics are re-estimated on this many training batches (their first element is the module's
+    input), as `compress` does; 0 keeps the statistics training left.
     """
 
     def __init__(self, example_inputs: torch.Tensor, *, prune: Any = None, ignore: Sequence[str] = (),
                  round_to: Optional[int] = None, on_structure_change: Optional[Callable[[Any], None]] = None,
                  loss_fn: Optional[Callable[..., torch.Tensor]] = None,
-                 calibration: Optional[Callable[[int], Any]] = None) -> None:
+                 calibration: Optional[Callable[[int], Any]] = None, recalibrate_batches: int = 32) -> None:
         self.adapter = PrunerAdapter("lightning", example_inputs, prune=prune, ignore=ignore, round_to=round_to,
-                                     on_structure_change=on_structure_change, loss_fn=loss_fn, calibration=calibration)
+                                     on_structure_change=on_structure_change, loss_fn=loss_fn, calibration=calibration,
+                                     recalibrate_batches=recalibrate_batches)
         self._steps_seen = 0
 
     @property
@@ -99,7 +102,7 @@ class PruningCallback(pl.Callback):
         self.adapter.require("on_train_epoch_end").epoch_end(metrics=plain_metrics(trainer.callback_metrics))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.adapter.require("on_train_end").finalize()
+        self.adapter.finish(trainer.train_dataloader, _batch_inputs)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -107,3 +110,14 @@ class PruningCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.adapter.restore(state_dict.get("pruner"))
+
+
+def _batch_inputs(batch: Any) -> torch.Tensor:
+    """The module's input in a training batch: the batch itself, or the first element of an (inputs, targets) one."""
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(inputs, torch.Tensor):
+        raise UsageError(f"PruningCallback(recalibrate_batches=...): a training batch holds {type(inputs).__name__}, "
+                         "not the module's input tensor first.",
+                         hint="Give batches as (inputs, targets), or set recalibrate_batches=0 and call "
+                              "compressor.train.bn_recalibration.recalibrate_batch_norm yourself.")
+    return inputs

@@ -21,7 +21,7 @@ Where each Pruner hook runs (transformers 4.40 to 5.x, `Trainer._inner_training_
                             the kept channels), so the Trainer's LambdaLR scheduler keeps driving the same groups
     on_epoch_end            epoch_end(metrics): the latest metrics the Trainer evaluated or logged
     on_save                 the Pruner's state into the checkpoint folder (compressor_pruner.pt)
-    on_train_end            finalize(): the last removals, so the target holds
+    on_train_end            finalize(): the last removals, so the target holds; batch-norm statistics re-estimated
 
 The Pruner prunes `callback.pruner.model`: the Trainer's model called with one keyword input (`input_name`,
 default the model's `main_input_name`: pixel_values, input_ids, ...) and returning its logits; it shares every
@@ -63,7 +63,9 @@ class PruningCallback(transformers.TrainerCallback):
     loss_fn, calibration: as `compressor.Pruner`. on_structure_change(pruner): called after each removal, once the
     Trainer's optimizer has been remapped (rebuild anything else that holds the old parameters there).
     input_name: the model's keyword input (default its main_input_name); resume_from: the checkpoint folder to
-    read the Pruner's state from on resume (default <output_dir>/checkpoint-<global step>).
+    read the Pruner's state from on resume (default <output_dir>/checkpoint-<global step>). recalibrate_batches:
+    after the last removal the batch-norm statistics are re-estimated on this many of the Trainer's training batches
+    (their `input_name` tensor), as `compress` does; 0 keeps the statistics training left.
     """
 
     def __init__(self, example_inputs: torch.Tensor, *, prune: Any = None, ignore: Sequence[str] = (),
@@ -71,9 +73,10 @@ class PruningCallback(transformers.TrainerCallback):
                  on_structure_change: Optional[Callable[[Any], None]] = None,
                  loss_fn: Optional[Callable[..., torch.Tensor]] = None,
                  calibration: Optional[Callable[[int], Any]] = None,
-                 resume_from: Optional[str | os.PathLike] = None) -> None:
+                 resume_from: Optional[str | os.PathLike] = None, recalibrate_batches: int = 32) -> None:
         self.adapter = PrunerAdapter("transformers", example_inputs, prune=prune, ignore=ignore, round_to=round_to,
-                                     on_structure_change=on_structure_change, loss_fn=loss_fn, calibration=calibration)
+                                     on_structure_change=on_structure_change, loss_fn=loss_fn, calibration=calibration,
+                                     recalibrate_batches=recalibrate_batches)
         self.input_name, self.ignore = input_name, list(ignore)
         self.resume_from = resume_from
         self.metrics: dict[str, float] = {}
@@ -137,8 +140,10 @@ class PruningCallback(transformers.TrainerCallback):
         if folder.is_dir():
             torch.save(self.adapter.state_dict(), folder / STATE_FILE)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.adapter.require("on_train_end").finalize()
+    def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, train_dataloader=None,
+                     **kwargs):
+        name = self.input_name or getattr(model, "main_input_name", None)
+        self.adapter.finish(train_dataloader, lambda batch: batch[name] if name else batch)
 
 
 def logits_module(model: nn.Module, input_name: Optional[str] = None) -> nn.Module:

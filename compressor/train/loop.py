@@ -26,7 +26,6 @@ from compressor.ranks import compute_device, init_process_group
 from compressor.prune.context import PruneContext
 from compressor.pruner import Pruner
 from compressor.prune.methods.base import PruningMethod
-from compressor.train.bn_recalibration import batch_norms, recalibrate_batch_norm
 from compressor.train.memory_format import channels_last_candidate, training_channels_last
 from compressor.train.config import DataConfig, FinetuneConfig, SchedulerConfig
 from compressor.train.data import make_loader, subset_indices
@@ -309,22 +308,11 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
         if checkpoint is not None:
             save_checkpoint(checkpoint, ctx, method, scaler)
         ctx.epoch += 1
-    pruner.finalize()
-    recalibrated = _recalibrate(ctx, method)
+    bn = cfg.bn_recalibration  # the batch-norm statistics re-estimated after the last change, the same on every rank
+    pruner.finalize(recalibrate=ctx.calibration if bn.enabled else None, batches=bn.batches)
     final = ctx.history[-1] if ctx.history else {}
     return FitResult(history=ctx.history, final=final, seconds=time.perf_counter() - start, resumed_from=resumed_from,
-                     bn_recalibration=recalibrated)
-
-
-def _recalibrate(ctx: TrainContext, method: PruningMethod) -> Optional[dict[str, Any]]:
-    """finetune.bn_recalibration after a pruning method's last change (finalize ran): the batch-norm statistics
-    re-estimated on ctx.calibration batches, the same on every rank. None for plain fine-tuning or when off."""
-    cfg = ctx.cfg.bn_recalibration
-    if not cfg.enabled or method.name == PruningMethod.name or not batch_norms(ctx.model):
-        return None
-    done = recalibrate_batch_norm(ctx.model, ctx.calibration(cfg.batches), ctx.device, ctx.channels_last)
-    info(f"batch-norm statistics re-estimated on {done['samples']} training samples ({done['layers']} layers)")
-    return done
+                     bn_recalibration=pruner.bn_recalibration)
 
 
 def check_method_schedule(method: PruningMethod, train_size: int, cfg: FinetuneConfig, data_cfg: DataConfig, *,
