@@ -80,9 +80,27 @@ def _gather(out_dir: Path, facts: dict) -> None:
     dist.barrier()
 
 
+def qat_run(out_dir: Path) -> None:
+    """`compressor compress` (the CLI's Typer app, as `torchrun -m compressor` runs it) with quantization-aware
+    fine-tuning under two ranks: QAT runs after the DDP stages on rank 0 by itself (fit(..., alone=True)), so no
+    collective waits for the rank that has finished. Each rank's exit code; the test reads rank 0's report."""
+    from compressor.app.cli import app
+
+    recipe = tiny_recipe(finetune={"epochs": 1}, bench={"backends": []},
+                         export={"quantize": {"mode": "int8", "calibration": {"samples": 32},
+                                              "qat": {"enabled": True, "epochs": 1}}},
+                         verify={"int8_min_top1_agreement": 0.5})
+    (out_dir / "r.yaml").write_text(json.dumps(recipe))
+    code = app(["compress", "zoo:resnet20", "--recipe", str(out_dir / "r.yaml"), "--out", str(out_dir / "run")],
+               standalone_mode=False)
+    _gather(out_dir, {"rank": dist.get_rank(), "exit": code or 0})
+
+
 def main(out_dir: Path, method_name: str = "none", mode: str = "", *extra: str) -> None:
     if method_name == "compress":
         return compress_run(out_dir)
+    if method_name == "qat":
+        return qat_run(out_dir)
     writes = []
     original = rundir.save_torch
 

@@ -309,27 +309,14 @@ def test_parity_says_when_every_sample_predicts_one_class():
     assert "note" not in check(compare_outputs(varied, varied), r.verify, "x", precision="int8", atol=0.0, rtol=0.25)
 
 
-def test_qat_under_torchrun_runs_on_the_main_process_alone(tmp_path):
-    """compress under 2 DDP ranks: QAT runs after the DDP stages on rank 0 by itself, so no collective waits for
-    the rank that has finished (it hung before `fit(..., alone=True)`)."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    recipe = tiny_recipe(finetune={"epochs": 1}, bench={"backends": []},
-                         export={"quantize": {"mode": "int8", "calibration": {"samples": 32},
-                                              "qat": {"enabled": True, "epochs": 1}}},
-                         verify={"int8_min_top1_agreement": 0.5})
-    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "compressor", "compress", "zoo:resnet20", "--recipe", str(tmp_path / "r.yaml"), "--out",
-           str(tmp_path / "run")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
+@pytest.mark.ddp("qat")
+def test_qat_under_torchrun_runs_on_the_main_process_alone(ddp):
+    """compress under 2 DDP ranks (tests/ddp_worker.py's qat case, in the session's one torchrun launch): QAT runs
+    after the DDP stages on rank 0 by itself, so no collective waits for the rank that has finished (it hung
+    before `fit(..., alone=True)`)."""
+    out, ranks = ddp
+    assert [(r["rank"], r["exit"]) for r in ranks] == [(0, 0), (1, 0)]  # both ranks came back from compress
+    report = json.loads((out / "run" / "report.json").read_text())
     assert report["quantized"]["qat"]["epochs"] == 1 and report["parity"]["int8"]["passed"]
 
 
