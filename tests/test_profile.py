@@ -49,7 +49,29 @@ def test_bad_round_to_is_one_clear_error(value):
     assert message.count("prune.round_to") == 1
 
 
-def test_compress_with_round_to_auto_keeps_the_measured_multiple(tmp_path):
+class CandidateRunner:
+    """Stands in for the timing runner of one round_to candidate (the file the measurement names round_to_<n>)."""
+
+    def __init__(self, path) -> None:
+        self.step = int(path.stem.rsplit("_", 1)[1])
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+# milliseconds per candidate: 8 and 16 equally fast (within 3%), so the rule picks 8, the finer one
+CANDIDATE_MS = {1: 1.0, 4: 0.9, 8: 0.505, 16: 0.5, 32: 0.52}
+
+
+def test_compress_with_round_to_auto_keeps_the_measured_multiple(tmp_path, monkeypatch):
+    """compress measures the candidates (here on fixed times: what is checked is what compress does with the
+    measurement; test_round_to times them for real) and prunes on the chosen multiple."""
+    from compressor.deploy import timing
+    from compressor.prune import round_to
+
+    monkeypatch.setattr(round_to, "timing_runner", lambda model, recipe, backend, path: CandidateRunner(path))
+    monkeypatch.setattr(timing, "measure_round_robin",
+                        lambda runners, batch, *args: [[CANDIDATE_MS[r.step] * 1e-3] * 10 for r in runners])
     recipe = tiny_recipe(prune={"method": "oneshot", "target": {"macs": 0.6}, "round_to": "auto"},
                          finetune={"epochs": 0}, bench={"backends": []})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -58,7 +80,10 @@ def test_compress_with_round_to_auto_keeps_the_measured_multiple(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     chosen = json.loads((tmp_path / "run" / "round_to.json").read_text())
     assert chosen["measured"] and chosen["backend"] == "ort-cpu"  # no bench backend: measured on ONNX Runtime CPU
+    assert [r["round_to"] for r in chosen["rows"]] == [1, 4, 8, 16, 32]  # every candidate up to half of 64
+    assert all(r["score_ms"] == pytest.approx(CANDIDATE_MS[r["round_to"]]) for r in chosen["rows"])
     value = chosen["value"]
+    assert value == 8
     fastest = min(r["score_ms"] for r in chosen["rows"])
     assert value == min(r["round_to"] for r in chosen["rows"] if r["score_ms"] <= fastest * 1.03)
     assert f"prune.round_to auto -> {value}: the finest multiple within 3% of the fastest" in " ".join(report["notes"])
