@@ -2,7 +2,7 @@
 
 The loop below is plain PyTorch: a model, a DataLoader, SGD, a cosine learning rate, and a focal loss (Lin et al.
 2017; not cross-entropy). Pruning adds five lines, marked `# compressor`: the Pruner and its four hooks (the last,
-finalize, followed by the batch-norm re-estimate compress does after pruning). The Pruner removes channels from
+finalize, also re-estimates the batch-norm statistics on training batches, as compress does after pruning). The Pruner removes channels from
 `model` in place while it trains and remaps the optimizer (its groups and momentum follow the kept channels), so the
 loop never changes. `compressor.deploy` then exports the slim model to ONNX, checks parity on the validation set,
 benchmarks it beside the dense model, and writes report.json / report.md.
