@@ -268,9 +268,13 @@ def test_compress_plans_from_a_table_and_reports_it(tmp_path, monkeypatch):
 
 def test_the_table_plan_is_measured_only_where_the_mac_ranking_misses(tmp_path, monkeypatch):
     """The MAC ranking's plan first: within the tolerance, the table's plan is not measured and the report says
-    so; where a layout step keeps the MAC ranking's plans below x1.6, the table's plan is measured and taken."""
+    so; where a layout step keeps the MAC ranking's plans below x1.6, the table's plan is measured and taken. The
+    chosen plan's per-layer probes are a stand-in here (test_compress_plans_from_a_table_and_reports_it times them)."""
     from compressor.prune.round_to import magnitude_snapshot
     from tests.test_latency_target import _fake_runtime
+
+    probed = []
+    monkeypatch.setattr(lt, "measured_layers", lambda model, recipe, backend, batch, folder: probed.append(batch) or {})
 
     path, model = _resnet_table(tmp_path, 1)
     with_table = recipe_from_dict(tiny_recipe(prune={"method": "oneshot", "target": {"latency_speedup": 2.0,
@@ -283,6 +287,7 @@ def test_the_table_plan_is_measured_only_where_the_mac_ranking_misses(tmp_path, 
     record = lt.measure_latency_target(model, recipe, cost)
     assert record["planner"] == "macs" and record["met"] and {x["planner"] for x in record["tries"]} == {"macs"}
     assert "so the table's plan was not needed" in record["choice"] and record["layers"]
+    assert probed == [1] and all("measured_ms" in x for x in record["layers"])  # the chosen plan's layers probed
     assert lt.with_mac_target(recipe, record["macs"]).prune._latency_cost is None
 
     recipe = _fake_runtime(monkeypatch, 1.0, fastest={"macs": 1.6})
