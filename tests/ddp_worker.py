@@ -23,8 +23,9 @@ from tests.method_settings import invariant_recipe
 
 
 def compress_run(out_dir: Path) -> None:
-    """`compress` under two ranks with round_to: auto (measured for real) and then a latency target's loop (a
-    counted stand-in): rank 0 measures and writes, rank 1 adopts. Writes ranks.json with each rank's counts."""
+    """`compress` under two ranks with round_to: auto (its candidates built for real and timed by a counted
+    stand-in: every candidate 1 ms, so the finest, 1, is chosen) and then a latency target's loop (a counted
+    stand-in): rank 0 measures and writes, rank 1 adopts. Writes ranks.json with each rank's counts."""
     from compressor.deploy import timing
     from compressor.prune import latency_target as lt
 
@@ -32,9 +33,9 @@ def compress_run(out_dir: Path) -> None:
     original_rr, original_write = timing.measure_round_robin, rundir.write_text
     original_loop = lt.measure_latency_target
 
-    def counting_rr(*args, **kwargs):
+    def counting_rr(runners, *args, **kwargs):
         timed.append(1)
-        return original_rr(*args, **kwargs)
+        return [[1e-3] * 10 for _ in runners]
 
     def canned_loop(model, recipe, *args):
         loops.append(1)

@@ -46,5 +46,5 @@ def test_two_rank_compress_measures_and_writes_on_rank_0_only(ddp):
     assert second["written"] == []
     assert first["written"].count("round_to.json") == 1 and first["written"].count("latency_target.json") == 1
     assert first["written"].count("recipe.yaml") == 1
-    assert first["round_to"] in (1, 4, 8, 16, 32) and first["status"] == "ok"
+    assert first["round_to"] == 1 and first["status"] == "ok"  # the worker times every candidate alike
     assert first["loop_macs"] == second["loop_macs"] == first["record_macs"] == second["record_macs"] == 0.6
