@@ -23,7 +23,7 @@ from compressor.deploy.tensorrt_runtime import tensorrt_missing
 from compressor.deploy.trt_compat import check_model, check_onnx
 from compressor.deploy.verify import check
 
-from .conftest import REPO, requires_fmnist, run_cli, tiny_recipe
+from .conftest import REPO, invoke_cli, requires_fmnist, run_cli, tiny_recipe
 
 NO_GPU = bool(tensorrt_missing())  # no GPU, tensorrt or cuda-python: the native TensorRT path cannot run
 
@@ -133,7 +133,7 @@ def test_every_shipped_recipe_exports_a_tensorrt_compatible_onnx(name, tmp_path)
 def test_inspect_onnx_reports_compatibility(tmp_path):
     model = _graph(helper.make_node("FancyAct", ["x"], ["y"], name="head/fancy", domain="com.example"))
     onnx.save(model, tmp_path / "custom.onnx")
-    result = run_cli("inspect", "--onnx", tmp_path / "custom.onnx", "--json", tmp_path / "c.json")
+    result = invoke_cli("inspect", "--onnx", tmp_path / "custom.onnx", "--json", tmp_path / "c.json")
     assert result.returncode == 0, result.stderr
     assert "not compatible" in result.stdout and "head/fancy" in result.stdout
 
