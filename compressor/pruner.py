@@ -23,7 +23,6 @@ from compressor.prune.methods import METHODS
 from compressor.prune.methods.base import PruningMethod
 from compressor.prune.section import PruneConfig
 from compressor.prune.spec import ModelSpec, PruneSpec, budget_problems
-from compressor.train.bn_recalibration import batch_norms, recalibrate_batch_norm
 
 PruneArg = Union[None, dict, PruneConfig, str, Path]
 Calibration = Union[None, Iterable[Any], Callable[[int], Iterable[Any]]]
@@ -231,6 +230,8 @@ class Pruner:
         return self.ctx.model
 
     def _recalibrate(self, recalibrate: Calibration, batches: int) -> Optional[dict[str, int]]:
+        from compressor.train.bn_recalibration import batch_norms, recalibrate_batch_norm  # train sits above
+
         if recalibrate is None or recalibrate is False:
             return None
         source = self.ctx.calibration if recalibrate is True else _calibration(recalibrate)

@@ -5,12 +5,18 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "compressor"
+# compressor.pruner (the Pruner the training loop and a user's loop drive) sits between prune and train; the
+# framework integrations over it sit beside app
 ALLOWED = {"core": set(), "models": {"core"}, "deploy": {"core"}, "prune": {"core", "models", "deploy"},
-           "train": {"core", "models", "prune"}, "app": {"core", "models", "deploy", "prune", "train"}}
+           "pruner": {"core", "models", "deploy", "prune"},
+           "train": {"core", "models", "prune", "pruner"}, "app": {"core", "models", "deploy", "prune", "pruner", "train"},
+           "integrations": {"core", "models", "deploy", "prune", "pruner", "train"}}
 
 
 def layer(module: str) -> str:
     parts = module.split(".")
+    if len(parts) == 2 and parts[1] == "pruner":
+        return "pruner"
     return parts[1] if len(parts) > 2 and parts[1] in ALLOWED else "core"
 
 
