@@ -7,10 +7,14 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "compressor"
 # compressor.pruner (the Pruner the training loop and a user's loop drive) sits between prune and train; the
 # framework integrations over it sit beside app
-ALLOWED = {"core": set(), "models": {"core"}, "deploy": {"core"}, "prune": {"core", "models", "deploy"},
+# the tasks (what depends on what a model predicts: loss, metrics, parity) sit above models, deploy and the dataset
+# readers, and below training
+ALLOWED = {"core": set(), "datasets": {"core"}, "models": {"core"}, "deploy": {"core"},
+           "tasks": {"core", "datasets", "models", "deploy"}, "prune": {"core", "models", "deploy"},
            "pruner": {"core", "models", "deploy", "prune"},
-           "train": {"core", "models", "prune", "pruner"}, "app": {"core", "models", "deploy", "prune", "pruner", "train"},
-           "integrations": {"core", "models", "deploy", "prune", "pruner", "train"}}
+           "train": {"core", "datasets", "models", "prune", "pruner", "tasks"},
+           "app": {"core", "datasets", "models", "deploy", "prune", "pruner", "tasks", "train"},
+           "integrations": {"core", "models", "deploy", "prune", "pruner", "tasks", "train"}}
 
 
 def layer(module: str) -> str:

@@ -24,8 +24,8 @@ from compressor.models.zoo import ZOO
 from compressor.registry import did_you_mean
 from compressor.tokens import TOKEN_ID_RANGE
 
-SCHEMES = ("zoo", "torchvision", "timm", "python", "hf")
-ACCEPTED_FORMS = "zoo:NAME, torchvision:NAME, timm:NAME, python:pkg.module:factory or hf:DIR"
+SCHEMES = ("zoo", "torchvision", "timm", "python", "hf", "ultralytics")
+ACCEPTED_FORMS = "zoo:NAME, torchvision:NAME, timm:NAME, python:pkg.module:factory, hf:DIR or ultralytics:NAME.yaml"
 CONTAINER_KEYS = ("state_dict", "model", "module", "model_ema", "state_dict_ema")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ARCH_HINT = "Check model.arch, model.num_classes and model.in_channels in the recipe."
@@ -49,6 +49,7 @@ def build_arch(ref: str, num_classes: int, in_channels: int) -> nn.Module:
         "timm": _build_timm,
         "python": _build_python,
         "hf": _build_hf,
+        "ultralytics": _build_ultralytics,
     }
     if not sep or scheme not in builders or not name:
         raise ModelLoadError(f"model reference {ref!r} is not understood; use {ACCEPTED_FORMS}.")
@@ -63,6 +64,12 @@ def _build_hf(directory: str, num_classes: int, in_channels: int) -> nn.Module:
     return load_hf(directory, num_classes, in_channels)
 
 
+def _build_ultralytics(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    from compressor.models.yolo import build_yolo
+
+    return build_yolo(name, num_classes, in_channels)
+
+
 def _build_zoo(name: str, num_classes: int, in_channels: int) -> nn.Module:
     if name not in ZOO:
         raise ModelLoadError(
@@ -74,6 +81,14 @@ def _build_zoo(name: str, num_classes: int, in_channels: int) -> nn.Module:
 def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
     import torchvision
 
+    if name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        from compressor.models.segmenters import build_torchvision_segmenter
+
+        return build_torchvision_segmenter(name, num_classes, in_channels)
+    if name in torchvision.models.list_models(module=torchvision.models.detection):
+        from compressor.models.detectors import build_torchvision_detector
+
+        return build_torchvision_detector(name, num_classes, in_channels)
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
         raise ModelLoadError(

@@ -1,0 +1,93 @@
+"""What a task decides, in one object per task (classification, detection, segmentation): see compressor/tasks.
+
+A task owns everything that depends on what the model predicts: the loss training uses (the model's own where it
+has one), the evaluation metrics and which of them is the *primary* number the gates and reports use, the layers
+that must never be pruned (predictors, DFL, anchors), distillation between a dense teacher and the student, and how
+an exported file's outputs are compared with PyTorch's. Everything else (pruning, slimming, export, bench) is the
+same code for every task.
+
+Conventions every task keeps, so the rest of compressor stays task-free:
+- a model takes ONE input tensor (N, C, H, W) and in eval mode returns a tensor (or a tuple of tensors: the raw
+  head outputs, the same tensors the ONNX export writes); wrappers in compressor/models make torchvision and
+  Ultralytics models do so;
+- a dataset yields (image tensor, target); its batches are collated by `dataset.collate` when the dataset has one
+  (detection: `compressor.tasks.targets.BoxTargets`), else by torch's default; a batch's targets have
+  `.to(device, non_blocking=...)` and `len()` (the number of images);
+- an Evaluator is fed the eval-mode outputs (PyTorch's, or ONNX Runtime's as torch tensors) batch by batch, so the
+  PyTorch model and every exported file are scored by the same code.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Optional, Sequence
+
+import torch
+from torch import nn
+
+Gather = Callable[[Any], list[Any]]  # one object per process in, every process's object out (DDP ranks)
+
+
+def alone(obj: Any) -> list[Any]:
+    """The gather of a single process."""
+    return [obj]
+
+
+class Evaluator:
+    """Accumulates one evaluation: `update(outputs, targets)` per batch, then `compute(gather)` once."""
+
+    def update(self, outputs: Any, targets: Any) -> None:
+        raise NotImplementedError
+
+    def compute(self, gather: Gather = alone) -> dict[str, float]:
+        """The metrics (floats; "count": the images seen) over everything every process saw."""
+        raise NotImplementedError
+
+
+class Task:
+    """The base of every task; subclasses register in compressor.tasks.TASKS."""
+
+    name: ClassVar[str] = "task"
+    primary: ClassVar[str] = "top1"  # the metrics key gates and reports use
+    primary_label: ClassVar[str] = "top-1"  # how reports name it
+    primary_unit: ClassVar[str] = "%"  # its unit; drops are in points of it
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+
+    # ------------------------------------------------------------------------------------------ training
+    def loss(self, module: nn.Module, inputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        """The training loss of one batch (the module is in train mode): a scalar tensor."""
+        raise NotImplementedError
+
+    def distill(self, student: Any, teacher: Any, temperature: float) -> torch.Tensor:
+        """A distillation term between the student's and a frozen dense teacher's train-mode outputs (same inputs);
+        scalar."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def evaluator(self) -> Evaluator:
+        raise NotImplementedError
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        """One line of the primary metric (and what goes with it) for logs."""
+        return f"{self.primary_label} {metrics[self.primary]:.2f}{self.primary_unit}"
+
+    # ------------------------------------------------------------------------------------------ pruning
+    def protected(self, model: nn.Module) -> list[str]:
+        """Names of modules that must never be pruned (added to model.ignore); the last layer is always kept by
+        the planner anyway."""
+        return []
+
+    # ------------------------------------------------------------------------------------------ export
+    def dynamic_axes(self, outputs: Sequence[str]) -> dict[str, dict[int, str]]:
+        """ONNX dynamic axes of the input ("input") and the outputs: the batch axis by default."""
+        return {"input": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
+
+
+def as_tensors(outputs: Any) -> tuple[torch.Tensor, ...]:
+    """A model's eval outputs as a tuple of tensors (one tensor -> a 1-tuple)."""
+    if isinstance(outputs, torch.Tensor):
+        return (outputs,)
+    if isinstance(outputs, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in outputs):
+        return tuple(outputs)
+    raise TypeError(f"model outputs must be a tensor or a tuple of tensors, got {type(outputs).__name__}")
+
