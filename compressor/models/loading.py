@@ -318,7 +318,7 @@ def _from_object(obj: Any, model_cfg: ModelConfig) -> nn.Module:
             raise ModelLoadError(f"the checkpoint is a dict without a state dict (keys: {keys}).")
         obj = inner
     if isinstance(obj, nn.Module):
-        return obj
+        return _wrapped(obj)
     if not isinstance(obj, dict):
         raise ModelLoadError(f"the checkpoint holds a {type(obj).__name__}, not a model or a state dict.")
     if model_cfg.arch is None:
@@ -326,6 +326,13 @@ def _from_object(obj: Any, model_cfg: ModelConfig) -> nn.Module:
     model = build_arch(model_cfg.arch, model_cfg.num_classes, model_cfg.in_channels)
     load_state_dict_strict(model, strip_prefixes(obj), model_cfg.arch)
     return model
+
+
+def _wrapped(module: nn.Module) -> nn.Module:
+    """A pickled torchvision segmentation model (its forward returns a dict) as one returning its logits tensor."""
+    from compressor.models.segmenters import is_torchvision_segmenter, wrap_segmenter
+
+    return wrap_segmenter(module) if is_torchvision_segmenter(module) else module
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from compressor.tasks.base import Evaluator, Task
 from compressor.tasks.registry import TASKS
 from compressor.tasks import classification  # noqa: F401  (registers)
+from compressor.tasks import segmentation  # noqa: F401  (registers)
 from compressor.tasks import detection  # noqa: F401  (registers)
 
 __all__ = ["TASKS", "Task", "Evaluator", "build_task"]
