@@ -26,7 +26,28 @@ class TextDataConfig(Strict):
     tokenizer: Optional[Path] = Field(None, description="tokenizer directory; default: the hf:DIR model's own")
 
 
-DataKind = Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "python", "text"]
+class CocoDataConfig(Strict):
+    """kind: coco. Unset paths default to the layout under data.root (compressor.datasets.scenes writes it)."""
+    train_images: Optional[Path] = Field(None, description="folder of training images; default root/images/train")
+    train_annotations: Optional[Path] = Field(None, description="COCO detection JSON; default "
+                                              "root/annotations/instances_train.json")
+    val_images: Optional[Path] = Field(None, description="folder of validation images; default root/images/val")
+    val_annotations: Optional[Path] = Field(None, description="COCO detection JSON; default "
+                                            "root/annotations/instances_val.json")
+
+
+class MaskDataConfig(Strict):
+    """kind: masks. A mask is a single-channel PNG with its image's stem: class indices 0..model.num_classes-1
+    (0 is the background) or ignore_index."""
+    train_images: Optional[Path] = Field(None, description="default root/images/train")
+    train_masks: Optional[Path] = Field(None, description="default root/masks/train")
+    val_images: Optional[Path] = Field(None, description="default root/images/val")
+    val_masks: Optional[Path] = Field(None, description="default root/masks/val")
+    ignore_index: int = Field(255, ge=0, description="mask value of pixels no loss or metric counts")
+
+
+DataKind = Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "python", "text",
+                   "coco", "yolo", "masks"]
 
 
 class DataConfig(Strict):
@@ -45,6 +66,10 @@ class DataConfig(Strict):
     augment: bool = True
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     text: TextDataConfig = Field(default_factory=TextDataConfig)
+    coco: CocoDataConfig = Field(default_factory=CocoDataConfig)
+    yolo: Optional[Path] = Field(None, description="kind: yolo, an Ultralytics dataset YAML (path, train, val, "
+                                 "names); default root/data.yaml")
+    masks: MaskDataConfig = Field(default_factory=MaskDataConfig)
 
     @model_validator(mode="after")
     def _factory(self) -> "DataConfig":

@@ -252,6 +252,8 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, *, seed: int = SUBSE
         train, val = _cifar_dataset(cfg, "train", cfg.augment), _cifar_dataset(cfg, "val", False)
     elif cfg.kind == "imagefolder":
         train, val = (_imagefolder_dataset(cfg, model_cfg, s, cfg.augment and s == "train") for s in ("train", "val"))
+    elif cfg.kind in ("coco", "yolo", "masks"):
+        train, val = _annotated_datasets(cfg, model_cfg)
     elif cfg.kind == "synthetic" and model_cfg.inputs == "tokens":
         s = cfg.synthetic
         train = SyntheticTokens(s.train_size, model_cfg.input_shape, model_cfg.num_classes, s.seed)
@@ -264,6 +266,19 @@ def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, *, seed: int = SUBSE
         train, val = _python_datasets(cfg)
     _check_sample(val, cfg, model_cfg)
     return keep_subsets(train, val, cfg, seed)
+
+
+def _annotated_datasets(cfg: DataConfig, model_cfg: ModelConfig) -> tuple[Dataset, Dataset]:
+    """kind: coco, yolo or masks (compressor/datasets): detection and segmentation sets, validated when read."""
+    from compressor.datasets.coco import coco_datasets
+    from compressor.datasets.masks import mask_datasets
+    from compressor.datasets.yolo import yolo_datasets
+
+    if model_cfg.inputs != "image":
+        raise DataError(f"data.kind: {cfg.kind} gives images, but model.inputs is {model_cfg.inputs}.",
+                        hint="Use an image model (model.inputs: image, input_shape [C, H, W]).")
+    build = {"coco": coco_datasets, "yolo": yolo_datasets, "masks": mask_datasets}[cfg.kind]
+    return build(cfg, num_classes=model_cfg.num_classes, shape=model_cfg.input_shape, roots=search_roots(cfg))
 
 
 def keep_subsets(train: Dataset, val: Dataset, cfg: DataConfig, seed: int = SUBSET_SEED) -> tuple[Dataset, Dataset]:
@@ -279,7 +294,7 @@ def keep_subsets(train: Dataset, val: Dataset, cfg: DataConfig, seed: int = SUBS
 def _check_sample(dataset: Dataset, cfg: DataConfig, model_cfg: ModelConfig) -> None:
     if len(dataset) == 0:
         raise DataError(f"the {cfg.kind} validation set is empty.")
-    x, _ = dataset[0]
+    x, _ = dataset[0]  # detection (image, {"boxes", "labels"}) and segmentation (image, mask) samples alike
     if list(x.shape) != list(model_cfg.input_shape):
         raise DataError(
             f"{cfg.kind} samples have shape {list(x.shape)} but model.input_shape is {model_cfg.input_shape}; "
@@ -302,13 +317,14 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: in
 
 
 def _collate(dataset: Dataset):
-    """Text batches lose their all-padding tail columns (compressor/train/text.py); others collate as usual."""
+    """Text batches lose their all-padding tail columns (compressor/train/text.py); a dataset with a `collate`
+    (detection: BoxTargets.collate) collates its own batches; others as usual."""
     from compressor.train.text import TokenizedText, root_dataset, trim_padding
 
     base = root_dataset(dataset)
     if isinstance(base, TokenizedText):
         return functools.partial(trim_padding, pad_token_id=base.pad_token_id)
-    return None
+    return getattr(base, "collate", None)
 
 
 def sample_batch(dataset: Dataset, count: int, *, seed: int = SUBSET_SEED) -> tuple[torch.Tensor, torch.Tensor]:
