@@ -1,0 +1,161 @@
+"""torchvision detectors as compressor models: one image tensor in, decoded boxes and class scores out, no NMS.
+
+compressor trains, prunes and exports a detector like any other model, so the wrapper keeps the contract of
+compressor/tasks/base.py: forward takes one tensor x (N, C, H, W) with values in [0, 1] and runs the network at that
+size (torchvision's GeneralizedRCNNTransform, which resizes and normalises, is bypassed: the normalisation is done
+here as tensor ops). In eval mode it returns (boxes (N, A, 4) x0, y0, x1, y1 in input pixels, decoded from the
+regression with the anchors and clipped to the image; scores (N, A, C) class probabilities without background), the
+raw outputs of the head decoded, for every anchor: NMS is the detection task's, the same code for PyTorch and ONNX.
+In train mode it returns the raw head outputs, and `detection_loss(outputs, targets)` scores them with the torchvision
+model's own loss code. The anchors depend only on the input size: they are computed once per size and held as a
+non-persistent buffer, so neither forward nor an ONNX export runs the anchor generator at a fixed size.
+
+Supported: SSD family (compressor/models/detectors_ssd.py). The two-stage R-CNNs (proposals need NMS inside the
+network) and the FPN detectors are not wrapped; naming one raises ModelLoadError listing the supported ones.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from compressor.errors import DataError, ModelLoadError
+
+OUTPUT_LAYOUT = "boxes_scores"
+
+
+def supported() -> dict[str, Callable[[str, int, int], nn.Module]]:
+    """The torchvision detectors compressor wraps, by torchvision name, with their builders."""
+    from compressor.models.detectors_ssd import build_ssd
+
+    return {"ssdlite320_mobilenet_v3_large": build_ssd, "ssd300_vgg16": build_ssd}
+
+
+def build_torchvision_detector(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A randomly initialised torchvision detector (weights=None, weights_backbone=None) wrapped for compressor:
+    `num_classes` object classes (torchvision's extra background class is added and hidden), `in_channels` input
+    channels (the first convolution is replaced when it is not 3). ModelLoadError for a detector not wrapped."""
+    builders = supported()
+    if name not in builders:
+        raise ModelLoadError(
+            f"torchvision:{name} is a torchvision detector compressor does not wrap; supported detectors: "
+            f"{', '.join(f'torchvision:{n}' for n in builders)}.",
+            hint="The two-stage R-CNNs (Faster/Mask/Keypoint R-CNN) run NMS on their proposals inside the network "
+                 "and RetinaNet/FCOS are not wrapped yet; use a supported detector or an Ultralytics YOLO model "
+                 "(ultralytics:yolo11n.yaml).")
+    if num_classes < 1:
+        raise ModelLoadError(f"torchvision:{name} needs model.num_classes >= 1 object classes, got {num_classes}.")
+    return builders[name](name, num_classes, in_channels)
+
+
+class DenseDetector(nn.Module):
+    """The part every wrapped one-stage detector shares: input normalisation, the anchors per input size, the
+    eval outputs' contract. Subclasses give `_head(x)` (the raw head outputs of normalised input, with the feature
+    maps the anchors are laid on), `_decode(outputs, anchors, size)`, `detection_loss` and `predictor_names`."""
+
+    output_layout = OUTPUT_LAYOUT
+    output_names = ("boxes", "scores")  # the eval outputs, named so in an ONNX export
+
+    def __init__(self, detector: nn.Module, num_classes: int, in_channels: int, name: str) -> None:
+        super().__init__()
+        self.detector = detector  # the torchvision model: backbone, head, anchor generator, loss code
+        self.num_classes = num_classes
+        self.name = name
+        transform = detector.transform
+        self.register_buffer("mean", _per_channel(transform.image_mean, in_channels), persistent=False)
+        self.register_buffer("std", _per_channel(transform.image_std, in_channels), persistent=False)
+        self.register_buffer("anchors", torch.zeros(0, 4), persistent=False)
+        self.anchor_key: tuple = ()  # (input H, W, feature map sizes) the anchors were computed for
+        self.loss_items: dict[str, torch.Tensor] = {}  # the last detection_loss's components, detached
+
+    # ------------------------------------------------------------------------------------------ subclass parts
+    def _head(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def _decode(self, outputs: tuple[torch.Tensor, ...], anchors: torch.Tensor,
+                size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def predictor_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def detection_loss(self, outputs: tuple[torch.Tensor, ...], targets: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ shared
+    def forward(self, x: torch.Tensor):
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        outputs, features = self._head((x - self.mean) / self.std)
+        anchors = self._anchors(size, features)
+        if outputs[0].shape[1] != anchors.shape[0]:
+            raise RuntimeError(f"the head predicts for {outputs[0].shape[1]} anchors, the anchor generator laid "
+                               f"{anchors.shape[0]}")
+        if self.training:
+            return outputs
+        return self._decode(outputs, anchors, size)
+
+    def protected_modules(self) -> list[str]:
+        """Names (relative to this wrapper) of the prediction layers, never pruned: their outputs are the classes
+        and box offsets of each anchor."""
+        return self.predictor_names()
+
+    def set_input_size(self, height: int, width: int) -> None:
+        """Compute the anchors for inputs of this size now (one eval pass of the network on zeros, statistics
+        untouched): ModelLoadError when the backbone cannot take it. forward recomputes them itself on a new
+        size; calling this first keeps the buffer fixed from then on (before DDP wraps the model, say)."""
+        was_training = self.training
+        try:
+            with torch.no_grad():
+                self.eval()(torch.zeros(1, self.mean.shape[1], height, width, device=self.mean.device))
+        except Exception as exc:  # whatever the backbone's layers raise on a map they cannot take
+            raise ModelLoadError(
+                f"torchvision:{self.name} cannot run on {height}x{width} inputs ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:200]}).",
+                hint=f"Set model.input_shape to a size the detector's backbone takes{self.size_hint()}.") from None
+        finally:
+            self.train(was_training)
+
+    def size_hint(self) -> str:
+        return ""
+
+    def _anchors(self, size: tuple[int, int], features: list[torch.Tensor]) -> torch.Tensor:
+        """The anchors (A, 4) x0, y0, x1, y1 in input pixels for this input size, from the buffer; computed by the
+        torchvision anchor generator (which reads only sizes, dtype and device) when the size is new."""
+        key = (size, *(tuple(int(s) for s in f.shape[-2:]) for f in features))
+        if key != self.anchor_key or self.anchors.device != self.mean.device:
+            from torchvision.models.detection.image_list import ImageList
+
+            device = self.mean.device
+            maps = [torch.empty(1, 1, *grid, device=device) for grid in key[1:]]
+            with torch.no_grad():
+                anchors = self.detector.anchor_generator(ImageList(torch.empty(1, 1, *size, device=device), [size]),
+                                                         maps)[0]
+            self.anchors = anchors.float()
+            self.anchor_key = key
+        return self.anchors
+
+
+def _per_channel(values: Any, in_channels: int) -> torch.Tensor:
+    """(1, C, 1, 1) of the model's per-channel normalisation; for C != 3 every channel gets the mean of the three."""
+    t = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+    if t.numel() != in_channels:
+        t = t.mean().expand(in_channels)
+    return t.reshape(1, in_channels, 1, 1).clone()
+
+
+def torchvision_targets(targets: Any, num_classes: int) -> list[dict[str, torch.Tensor]]:
+    """BoxTargets -> torchvision's per-image {"boxes", "labels"}, labels shifted by one (torchvision's class 0 is the
+    background). Boxes without area are dropped: they match no anchor by IoU, and the box encoding of one that is
+    forced onto its best anchor takes the log of zero. DataError for a label outside 0..num_classes-1."""
+    labels = torch.cat([c.reshape(-1) for c in targets.labels]) if len(targets) else torch.zeros(0)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise DataError(f"a box of this batch has class id {bad}, outside 0..{num_classes - 1} of model.num_classes "
+                        f"{num_classes}.", hint="Set model.num_classes to the data set's number of classes.")
+    out = []
+    for boxes, classes in zip(targets.boxes, targets.labels):
+        boxes = boxes.reshape(-1, 4).float()
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        out.append({"boxes": boxes[keep], "labels": classes.reshape(-1)[keep].long() + 1})
+    return out
