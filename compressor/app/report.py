@@ -392,19 +392,12 @@ def write_plots(r: dict[str, Any], out: Path) -> dict[str, str]:
 
 
 def _plot_widths(plt, r):
+    """Kept channels per layer, or per block for a model with more than 40 layers (app/width_groups.py)."""
+    from compressor.app.width_groups import draw_widths, group_widths
+
     before, after = (r.get("dense") or {}).get("widths") or {}, r["compressed"].get("widths") or {}
-    names = [n for n in (before or after) if not _is_norm(n)]
-    if not names:
-        return None
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names)), 4))
-    if before:
-        ax.bar(range(len(names)), [before[n] for n in names], color="#c8d6e5", label="dense")
-    ax.bar(range(len(names)), [after.get(n, 0) for n in names], color="#2e86de", label="compressed")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_ylabel("output channels")
-    ax.set_title("Per-layer widths before and after pruning")
-    ax.legend()
-    return fig
+    groups = group_widths(before, after, exclude=_is_norm)
+    return draw_widths(plt, groups, has_dense=bool(before)) if groups else None
 
 
 def _plot_training(plt, r):
