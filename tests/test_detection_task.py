@@ -293,8 +293,6 @@ def test_teacher_outputs_are_raw_train_mode_tensors_without_touching_the_teacher
 
 def test_protected_modules_come_from_the_model():
     assert Detection(C).protected(WrapperLikeDDP(FakeDetector(None, "yolo"))) == ["conv"]
-    assert Detection(C).dynamic_axes(["boxes", "scores"]) == {"input": {0: "batch"}, "boxes": {0: "batch"},
-                                                             "scores": {0: "batch"}}
 
 
 # ---------------------------------------------------------------------------------------------- parity

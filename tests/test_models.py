@@ -174,7 +174,7 @@ def test_torchvision_reference_with_one_channel():
     [
         ("zoo:resnet2", "did you mean resnet"),
         ("torchvision:resnet1", "did you mean resnet18?"),
-        ("resnet20", "zoo:NAME, torchvision:NAME, timm:NAME, python:pkg.module:factory or hf:DIR"),
+        ("resnet20", "zoo:NAME, torchvision:NAME, timm:NAME, python:pkg.module:factory, hf:DIR or ultralytics:NAME.yaml"),
         ("tv:resnet18", "zoo:NAME, torchvision:NAME"),
         ("zoo:", "is not understood"),
     ],

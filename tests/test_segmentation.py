@@ -124,8 +124,6 @@ def test_task_registration_summary_and_export_axes():
     assert isinstance(task, Segmentation) and task.ignore_index == 0
     assert (task.primary, task.primary_label, task.primary_unit) == ("miou", "mIoU", "%")
     assert task.summary({"miou": 61.111, "pixel_acc": 75.0, "count": 1}) == "mIoU 61.11%, pixel accuracy 75.00%"
-    axes = {0: "batch", 2: "height", 3: "width"}
-    assert task.dynamic_axes(["logits"]) == {"input": axes, "logits": axes}
 
 
 # ---------------------------------------------------------------------------------------------- loss, distillation
@@ -265,12 +263,11 @@ def test_checkpoints_of_torchvision_segmenters_load(tmp_path, lraspp):
 def test_onnx_export_with_dynamic_height_and_width_matches_pytorch(tmp_path, lraspp):
     import onnxruntime as ort
 
+    from compressor.deploy.config import OnnxConfig
+    from compressor.deploy.export import export_onnx
+
     path = tmp_path / "lraspp.onnx"
-    axes = Segmentation(C).dynamic_axes(["logits"])
-    with torch.no_grad():
-        torch.onnx.export(lraspp, (torch.randn(1, 3, 64, 64),), str(path), input_names=["input"],
-                          output_names=["logits"], opset_version=17, dynamo=False, dynamic_axes=axes,
-                          do_constant_folding=True)
+    export_onnx(lraspp, torch.randn(1, 3, 64, 64), path, OnnxConfig())  # the wrapper's dynamic_size: any H, W
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for shape in ((1, 3, 64, 64), (2, 3, 96, 80)):
         x = torch.randn(*shape)

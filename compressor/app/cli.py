@@ -176,8 +176,11 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="Checkpoint (.pt/.safeten
     check_device(device)
     _check_json_out(json_out)
     metrics = evaluate_artifact(model, r, trust_checkpoint=trust_checkpoint, device=device)
-    out.print(f"{model}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
-              f"({metrics['count']} samples of {r.data.kind})")
+    if r.task == "classification":
+        out.print(f"{model}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+                  f"({metrics['count']} samples of {r.data.kind})")
+    else:
+        out.print(f"{model}: {r.build_task().summary(metrics)}  ({metrics['count']} images of {r.data.kind})")
     if json_out is not None:
         from compressor.rundir import write_json
 
@@ -256,7 +259,9 @@ def compress_cmd(checkpoint: Annotated[str, typer.Argument(help="Checkpoint file
     if report.get("latency"):
         first = report["latency"][0]
         speed = f", {first['backend']} batch {first['batch_size']} latency speedup x{first['speedup']:.2f}"
-    out.print(f"{r.name}: top-1 {d['top1']:.2f}% -> {c['top1']:.2f}%, MACs x{c['macs'] / d['macs']:.3f}, "
+    task = r.build_task()
+    key, unit = task.primary, task.primary_unit
+    out.print(f"{r.name}: {task.primary_label} {d[key]:.2f}{unit} -> {c[key]:.2f}{unit}, MACs x{c['macs'] / d['macs']:.3f}, "
               f"params x{c['params'] / d['params']:.3f}{speed}; report: {report['run_dir']}/report.md")
 
 

@@ -14,6 +14,7 @@ from compressor.train.text import require_labels
 
 if TYPE_CHECKING:
     from compressor.app.recipe import Recipe
+    from compressor.tasks import Task
 
 
 def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool = False,
@@ -27,24 +28,29 @@ def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool 
         session = open_onnx_session(Path(model_ref), "ort-cpu")
         _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))
         require_labels(val_set, "compressor eval")
-        return evaluate_onnx(Path(model_ref), val_set, batch_size=batch, session=session)
+        return evaluate_onnx(Path(model_ref), val_set, batch_size=batch, session=session, task=recipe.build_task())
     model = load_model(model_ref, recipe.model, trust_checkpoint=trust_checkpoint)
     _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))
     require_labels(val_set, "compressor eval")
-    return evaluate(model, val_set, batch_size=batch, device=device)
+    return evaluate(model, val_set, batch_size=batch, device=device, task=recipe.build_task())
 
 
 def evaluate_onnx(path: Path, dataset, *, batch_size: int = 256, session: Optional[object] = None,
-                  metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None) -> dict[str, float]:
-    """The same metrics as train.evaluate (one accumulation, train/metrics.py; the Python API's `metric` too),
-    computed with ONNX Runtime on the CPU."""
-    from compressor.deploy.onnx_runtime import run_onnx
+                  metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
+                  task: Optional["Task"] = None, model: Optional[torch.nn.Module] = None) -> dict[str, float]:
+    """The same metrics as train.evaluate (one accumulation per task, compressor/tasks; the Python API's `metric`
+    too), computed with ONNX Runtime on the CPU. `model`: the PyTorch model the file was exported from, for what
+    the task reads off it (a detector's output layout)."""
+    from compressor.deploy.onnx_runtime import run_onnx_outputs
     from compressor.deploy.runners import open_onnx_session
+    from compressor.train.loop import default_task
 
     session = session or open_onnx_session(path, "ort-cpu")
 
-    def predict(inputs: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(run_onnx(session, inputs, source=repr(Path(path).name)))
+    def predict(inputs: torch.Tensor):
+        outputs = [torch.from_numpy(o) for o in run_onnx_outputs(session, inputs, source=repr(Path(path).name))]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    return evaluate_batches(predict, make_loader(dataset, batch_size, shuffle=False, workers=0), metric=metric,
+    evaluator = (task or default_task()).evaluator(model=model, metric=metric)
+    return evaluate_batches(predict, make_loader(dataset, batch_size, shuffle=False, workers=0), evaluator=evaluator,
                             description="eval onnx")

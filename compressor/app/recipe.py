@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -26,7 +26,9 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 class GatesConfig(Strict):
-    max_accuracy_drop: Optional[float] = Field(None, ge=0.0, description="percentage points of top-1")
+    max_accuracy_drop: Optional[float] = Field(None, ge=0.0, description="points of the task's primary metric: "
+                                               "top-1 % (classification), mAP50-95 (detection), mIoU % "
+                                               "(segmentation)")
     max_metric_drop: Optional[float] = Field(None, ge=0.0, description="the Python API's metric (compress(metric="
                                              "...), higher is better): dense minus compressed, in the metric's own "
                                              "units; needs a metric")
@@ -36,9 +38,16 @@ class GatesConfig(Strict):
                                                      "end) is a recipe error before training, not a warning")
 
 
+# the data kinds each non-classification task reads (python: the user's own datasets of the task's samples)
+TASK_DATA = {"detection": ("coco", "yolo", "python"), "segmentation": ("masks", "python")}
+
+
 class Recipe(Strict):
     name: str = Field(..., description="run name; the default output folder is runs/<name>")
     description: str = ""
+    task: Literal["classification", "detection", "segmentation"] = Field(
+        "classification", description="what the model predicts: its loss, metrics, protected layers and parity rule "
+        "(compressor/tasks)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
@@ -70,12 +79,30 @@ class Recipe(Strict):
             if target.batch is not None and target.batch not in self.bench.batch_sizes:
                 raise ValueError(f"prune.target.batch {target.batch} is not in bench.batch_sizes "
                                  f"{list(self.bench.batch_sizes)}; add it there so the result is measured at it too")
+        kinds = TASK_DATA.get(self.task)
+        if kinds is not None and self.data.kind not in kinds:
+            raise ValueError(f"task: {self.task} reads its data from data.kind {' or '.join(kinds)}, not "
+                             f"{self.data.kind!r}; set data.kind (and its section) to the dataset's format")
+        if self.task == "classification" and self.data.kind in ("coco", "yolo", "masks"):
+            raise ValueError(f"data.kind {self.data.kind} holds boxes or masks, not class labels; set task: "
+                             f"{'segmentation' if self.data.kind == 'masks' else 'detection'}")
         if self.export.quantize.exclude == "auto" and self.gates.max_accuracy_drop is None:
             raise ValueError("export.quantize.exclude: auto keeps layers in float until gates.max_accuracy_drop holds; "
                              "set gates.max_accuracy_drop (percentage points of top-1 from the dense model)")
         if self.export.quantize.exclude == "auto" and self.export.quantize.mode != "int8":
             raise ValueError("export.quantize.exclude: auto measures int8 sensitivity; use it with mode: int8")
         return self
+
+    def build_task(self):
+        """The recipe's task (compressor/tasks) for the model's classes."""
+        from compressor.tasks import build_task
+
+        options: dict[str, Any] = {}
+        if self.task == "classification":
+            options["label_smoothing"] = self.finetune.label_smoothing
+        if self.task == "segmentation" and getattr(self.data, "masks", None) is not None:
+            options["ignore_index"] = self.data.masks.ignore_index
+        return build_task(self.task, self.model.num_classes, **options)
 
     def prune_spec(self) -> PruneSpec:
         """What the pruning method is built from (`METHODS.get(name)(spec)`): the prune section (the same object,

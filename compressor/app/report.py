@@ -81,14 +81,23 @@ def _summary_line(r: dict[str, Any]) -> str:
     return line
 
 
+def task_info(r: dict[str, Any]) -> dict[str, Any]:
+    """The run's task as the report records it (compressor/tasks: its primary metric and table columns);
+    classification for reports written before tasks."""
+    from compressor.tasks.classification import Classification
+
+    return r.get("task") or Classification(0).describe()
+
+
 def _accuracy_section(r: dict[str, Any]) -> list[str]:
     """Dense and compressed accuracy (with the metric when one was given) and size; the dense row and the ratios only
     when there is a dense model (a deploy() without one has none), accuracy only with a validation set."""
     dense, comp = r.get("dense"), r["compressed"]
     has_metric = "metric" in comp
+    columns = task_info(r)["columns"]
 
     def row(name: str, m: dict[str, Any]) -> list[str]:
-        return [name, number(m.get("top1"), 2), number(m.get("top5"), 2), number(m.get("loss"), 4),
+        return [name, *(number(m.get(key), digits) for key, _, digits in columns),
                 *([number(m.get("metric"), 4)] if has_metric else []), _m(m["macs"]), _m(m["params"]),
                 _kb(m["onnx_bytes"]), _kb(m["onnx_zipped_bytes"])]
 
@@ -100,24 +109,25 @@ def _accuracy_section(r: dict[str, Any]) -> list[str]:
     rows = [row("dense", dense)] if dense else []
     rows.append(row("compressed", comp))
     if dense:
-        rows.append(["ratio / change", change("top1", 2, " pp"), change("top5", 2, " pp"), "",
+        rows.append(["ratio / change", *(change(key, digits, " pp") if key != "loss" else ""
+                                         for key, _, digits in columns),
                      *([change("metric", 4, "")] if has_metric else []), f"{comp['macs'] / dense['macs']:.3f}",
                      f"{comp['params'] / dense['params']:.3f}", f"{comp['onnx_bytes'] / dense['onnx_bytes']:.3f}",
                      f"{comp['onnx_zipped_bytes'] / dense['onnx_zipped_bytes']:.3f}" if comp["onnx_zipped_bytes"]
                      else "-"])
     return ["## Accuracy and size", ""] + table(
-        ["", "top-1 %", "top-5 %", "loss", *(["metric"] if has_metric else []), "MACs", "params", "ONNX file",
+        ["", *(label for _, label, _ in columns), *(["metric"] if has_metric else []), "MACs", "params", "ONNX file",
          "ONNX zipped"], rows)
 
 
 def _target_line(r: dict[str, Any]) -> str:
-    t, comp = r["target"], r["compressed"]
-    onnx_top1 = f"{comp['onnx_top1']:.2f}" if "onnx_top1" in comp else "-"
+    t, comp, task = r["target"], r["compressed"], task_info(r)
+    onnx_top1 = f"{comp['onnx_' + task['primary']]:.2f}" if f"onnx_{task['primary']}" in comp else "-"
     if "onnx_metric" in comp:
         onnx_top1 += f" (metric {comp['onnx_metric']:.4f})"
     if t.get("achieved_macs_ratio") is None:
         return (f"No dense model was given, so no MAC ratio or speedup (pass dense_model= to deploy()). ONNX Runtime "
-                f"top-1 of the exported model: {onnx_top1}.")
+                f"{task['label']} of the exported model: {onnx_top1}.")
     if t.get("asked") is None:
         asked = "none (this method keeps dense shapes)" if r.get("training") is not None else "none (deploy)"
     elif t.get("asked_macs_ratio") is None:
@@ -125,7 +135,7 @@ def _target_line(r: dict[str, Any]) -> str:
     else:
         asked = f"{t['asked_macs_ratio']:.3f}"
     return (f"MAC target: asked {asked} of dense, achieved {t['achieved_macs_ratio']:.3f} (MAC speedup "
-            f"x{t['achieved_mac_speedup']:.2f}). ONNX Runtime top-1 of the exported model: {onnx_top1}.")
+            f"x{t['achieved_mac_speedup']:.2f}). ONNX Runtime {task['label']} of the exported model: {onnx_top1}.")
 
 
 def _latency_section(r: dict[str, Any]) -> list[str]:
@@ -274,7 +284,7 @@ def _parity_section(r: dict[str, Any]) -> list[str]:
              f"{p['allowed_abs_diff']:.2e}" if "allowed_abs_diff" in p else p.get("atol", "-"),
              "yes" if p.get("passed") else "**no**"] for name, p in parity.items()]
     trt = (r.get("exports") or {}).get("tensorrt") or {}
-    real = r["compressed"].get("top1") is not None  # deploy() without a validation set checks random inputs
+    real = r["compressed"].get(task_info(r)["primary"]) is not None  # deploy() without a validation set: random inputs
     lines = [f"## Export parity ({'real validation samples' if real else 'seeded random inputs: no validation set'})",
              ""]
     lines += table(["artifact", "precision", "samples", "max abs diff", "mean abs diff", "top-1 agreement",
@@ -347,10 +357,11 @@ def _training_section(r: dict[str, Any]) -> list[str]:
     lines = []
     if history:
         has_metric = any("val_metric" in h for h in history)
-        rows = [[h["epoch"], f"{h['train_loss']:.4f}", f"{h.get('val_top1', float('nan')):.2f}",
+        task = task_info(r)
+        rows = [[h["epoch"], f"{h['train_loss']:.4f}", f"{h.get('val_' + task['primary'], float('nan')):.2f}",
                  *([number(h.get("val_metric"), 4)] if has_metric else []), f"{h['lr']:.5f}", h.get("params", "-"),
                  f"{h['seconds']:.1f}"] for h in history]
-        lines += ["## Fine-tuning", ""] + table(["epoch", "train loss", "val top-1 %",
+        lines += ["## Fine-tuning", ""] + table(["epoch", "train loss", f"val {task['label']} {task['unit']}".strip(),
                                                  *(["val metric"] if has_metric else []), "lr", "params", "seconds"],
                                                 rows)
     if recalibrated:
@@ -409,11 +420,13 @@ def _plot_training(plt, r):
     ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    if any("val_top1" in h for h in history):
+    task = task_info(r)
+    key, label = task["primary"], f"{task['label']} {task['unit']}".strip()
+    if any(f"val_{key}" in h for h in history):
         ax2 = ax.twinx()
-        ax2.plot(epochs, [h.get("val_top1") for h in history], "s-", color="#e67e22", label="val top-1 %")
-        ax2.axhline(r["dense"]["top1"], color="#e67e22", ls="--", lw=1, label="dense top-1")
-        ax2.set_ylabel("top-1 %")
+        ax2.plot(epochs, [h.get(f"val_{key}") for h in history], "s-", color="#e67e22", label=f"val {label}")
+        ax2.axhline(r["dense"][key], color="#e67e22", ls="--", lw=1, label=f"dense {task['label']}")
+        ax2.set_ylabel(label)
         ax2.legend(loc="center right")
     for event in (r.get("method") or {}).get("events") or []:
         ax.axvline(event.get("epoch", 0), color="grey", ls=":", lw=1)

@@ -48,8 +48,14 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path | str, cfg: Onnx
     example = example.contiguous()
     tokens = not example.is_floating_point()  # a text model's token ids: dynamic sequence axis too
     name = TOKENS_NAME if tokens else INPUT_NAME
+    outputs, spatial = output_names(model), dynamic_size(model, example)
     axes = {0: "batch", 1: "sequence"} if tokens else {0: "batch"}
-    dynamic = {name: axes, OUTPUT_NAME: {0: "batch"}} if cfg.dynamic_batch or tokens else None
+    out_axes = {0: "batch"}
+    if spatial:  # a segmenter: any image size (outputs at the input's resolution)
+        axes, out_axes = {**axes, 2: "height", 3: "width"}, {0: "batch", 2: "height", 3: "width"}
+    if not (cfg.dynamic_batch or tokens):
+        axes, out_axes = ({k: v for k, v in a.items() if k != 0} for a in (axes, out_axes))
+    dynamic = {name: axes, **{o: out_axes for o in outputs}} if axes else None
     _check_space(path, _tensor_bytes(model))
     with _private_dir(path) as work:
         tmp = work / path.name  # the exporters name external-data files after the graph file and write them beside it
@@ -62,11 +68,13 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path | str, cfg: Onnx
                         shapes[0] = torch.export.Dim("batch", min=1)
                     if tokens:
                         shapes[1] = torch.export.Dim("sequence", min=2, max=int(example.shape[1]))
-                    torch.onnx.export(model, (example,), str(tmp), input_names=[name], output_names=[OUTPUT_NAME],
+                    if spatial:
+                        shapes[2], shapes[3] = torch.export.Dim("height", min=8), torch.export.Dim("width", min=8)
+                    torch.onnx.export(model, (example,), str(tmp), input_names=[name], output_names=outputs,
                                       opset_version=cfg.opset, dynamo=True, external_data=_over_proto_limit(model),
                                       dynamic_shapes=(shapes,) if shapes else None)
                 else:  # over 2 GB, this exporter writes one file per tensor beside the graph on its own
-                    torch.onnx.export(model, (example,), str(tmp), input_names=[name], output_names=[OUTPUT_NAME],
+                    torch.onnx.export(model, (example,), str(tmp), input_names=[name], output_names=outputs,
                                       opset_version=cfg.opset, dynamo=False, dynamic_axes=dynamic,
                                       do_constant_folding=True)
         except Exception as exc:  # the exporters raise many unrelated types; all mean "this model did not export"
@@ -113,6 +121,16 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path | str, cfg: Onnx
             "nodes": nodes, "simplified": simplified, "simplify_note": simplify_note,
             "attention_rewrites": attention,
             "dynamic_batch": cfg.dynamic_batch, "exporter": "dynamo" if cfg.dynamo else "torchscript"}
+
+
+def output_names(model: nn.Module) -> list[str]:
+    """The exported outputs' names: the model's `output_names` (a detector's boxes and scores), else "logits"."""
+    return list(getattr(model, "output_names", None) or [OUTPUT_NAME])
+
+
+def dynamic_size(model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether the export takes any image height and width: models that say so (`dynamic_size`, the segmenters)."""
+    return bool(getattr(model, "dynamic_size", False)) and example.ndim == 4
 
 
 PROTO_LIMIT = 2**31  # protobuf's hard limit on one serialised message: larger models keep their tensors outside

@@ -174,15 +174,23 @@ def onnx_feed(session: Any, inputs: Any, source: str = "the ONNX model") -> dict
     return {node.name: np.ascontiguousarray(data.astype(dtype, copy=False))}
 
 
+def run_onnx_outputs(session: Any, inputs: Any, *, batch_size: Optional[int] = None,
+                     source: str = "the ONNX model") -> list[np.ndarray]:
+    """Every output of the session on `inputs` as float32, in the graph's order (a detector's boxes and scores);
+    in slices of `batch_size` samples as run_onnx."""
+    data = _numpy(inputs)
+
+    def outputs(part: np.ndarray) -> list[np.ndarray]:
+        return [np.asarray(o, dtype=np.float32) for o in session.run(None, onnx_feed(session, part, source))]
+
+    if not batch_size or len(data) <= batch_size:
+        return outputs(data)
+    parts = [outputs(data[i:i + batch_size]) for i in range(0, len(data), batch_size)]
+    return [np.concatenate(column) for column in zip(*parts)]
+
+
 def run_onnx(session: Any, inputs: Any, *, batch_size: Optional[int] = None,
              source: str = "the ONNX model") -> np.ndarray:
     """The session's first output on `inputs` as float32 (an fp16 model's output upcast), run in slices of
     `batch_size` samples along the first axis when given (in one run otherwise); see onnx_feed for the input."""
-    data = _numpy(inputs)
-
-    def first_output(part: np.ndarray) -> np.ndarray:
-        return np.asarray(session.run(None, onnx_feed(session, part, source))[0], dtype=np.float32)
-
-    if not batch_size or len(data) <= batch_size:
-        return first_output(data)
-    return np.concatenate([first_output(data[i:i + batch_size]) for i in range(0, len(data), batch_size)])
+    return run_onnx_outputs(session, inputs, batch_size=batch_size, source=source)[0]

@@ -26,7 +26,7 @@ from compressor.tokens import TOKEN_ID_RANGE
 
 SCHEMES = ("zoo", "torchvision", "timm", "python", "hf", "ultralytics")
 ACCEPTED_FORMS = "zoo:NAME, torchvision:NAME, timm:NAME, python:pkg.module:factory, hf:DIR or ultralytics:NAME.yaml"
-CONTAINER_KEYS = ("state_dict", "model", "module", "model_ema", "state_dict_ema")
+CONTAINER_KEYS = ("state_dict", "model", "module", "model_ema", "state_dict_ema", "ema")  # ema: Ultralytics' last.pt
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ARCH_HINT = "Check model.arch, model.num_classes and model.in_channels in the recipe."
 
@@ -201,7 +201,9 @@ def check_forward(model: nn.Module, model_cfg: ModelConfig, label: str) -> None:
                  "images, or [sequence length] of its token ids.") from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor):
+    tensors = isinstance(out, torch.Tensor) or (isinstance(out, tuple) and getattr(model, "output_names", None)
+                                                and all(isinstance(o, torch.Tensor) for o in out))
+    if not tensors:  # a detector wrapper (compressor/models) returns its named raw head tensors as a tuple
         raise ModelLoadError(f"{label} returns a {type(out).__name__}, not a tensor of class scores; compressor "
                              "trains, exports and verifies models whose forward returns one [batch, classes] tensor.",
                              hint="Wrap the model so that forward returns its logits (e.g. output['out']) and load "
@@ -329,8 +331,14 @@ def _from_object(obj: Any, model_cfg: ModelConfig) -> nn.Module:
 
 
 def _wrapped(module: nn.Module) -> nn.Module:
-    """A pickled torchvision segmentation model (its forward returns a dict) as one returning its logits tensor."""
+    """A pickled torchvision segmentation model (its forward returns a dict) as one returning its logits tensor; an
+    Ultralytics checkpoint's DetectionModel as a YOLODetector (models/yolo.py)."""
     from compressor.models.segmenters import is_torchvision_segmenter, wrap_segmenter
+
+    if type(module).__module__.startswith("ultralytics."):
+        from compressor.models.yolo import wrap_ultralytics
+
+        return wrap_ultralytics(module)
 
     return wrap_segmenter(module) if is_torchvision_segmenter(module) else module
 

@@ -34,6 +34,8 @@ def is_torchvision_segmenter(module: nn.Module) -> bool:
 class SegmentationLogits(nn.Module):
     """A torchvision segmenter whose forward returns output["out"], (N, classes, H, W) at input resolution."""
 
+    dynamic_size = True  # exported with any height and width (compressor/deploy/export.py)
+
     def __init__(self, segmenter: nn.Module) -> None:
         super().__init__()
         if not is_torchvision_segmenter(segmenter):

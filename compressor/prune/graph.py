@@ -22,8 +22,8 @@ ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 
 
 def resolve_ignored(model: nn.Module, patterns: Iterable[str], example: torch.Tensor) -> list[nn.Module]:
-    """Modules never pruned: recipe names and re:patterns, plus the output layers (output_layers: the classifier,
-    whose outputs are the classes)."""
+    """Modules never pruned: recipe names and re:patterns, the model's own `protected_modules()` (detector and
+    segmenter predictors), plus the output layers (output_layers: the classifier, whose outputs are the classes)."""
     names = {name: module for name, module in model.named_modules() if name}
     ignored: list[nn.Module] = []
     for pattern in patterns:
@@ -37,6 +37,11 @@ def resolve_ignored(model: nn.Module, patterns: Iterable[str], example: torch.Te
             raise RecipeError(f"model.ignore: {pattern!r} matches no module of the model{hint}.",
                               hint="`compressor inspect` lists the module names.")
         ignored += [m for m in hits if m not in ignored]
+    # a task model's predictors (box / class / mask heads, DFL: compressor/models' detector and segmenter wrappers)
+    protected = getattr(model, "protected_modules", None)
+    for name in protected() if callable(protected) else ():
+        if name in names and names[name] not in ignored:
+            ignored.append(names[name])
     for module in output_layers(model, example):
         if module not in ignored:
             ignored.append(module)

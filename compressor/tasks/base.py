@@ -18,8 +18,9 @@ Conventions every task keeps, so the rest of compressor stays task-free:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,23 +50,42 @@ class Task:
     primary: ClassVar[str] = "top1"  # the metrics key gates and reports use
     primary_label: ClassVar[str] = "top-1"  # how reports name it
     primary_unit: ClassVar[str] = "%"  # its unit; drops are in points of it
+    columns: ClassVar[tuple[tuple[str, str, int], ...]] = ()  # the report's metric columns: (key, label, digits)
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
 
     # ------------------------------------------------------------------------------------------ training
-    def loss(self, module: nn.Module, inputs: torch.Tensor, targets: Any) -> torch.Tensor:
-        """The training loss of one batch (the module is in train mode): a scalar tensor."""
+    def criterion(self, outputs: Any, targets: Any, model: nn.Module) -> torch.Tensor:
+        """The training loss of one batch from the train-mode outputs (`model`: the bare model, for models that
+        own their loss): a scalar tensor."""
         raise NotImplementedError
 
+    def loss(self, module: nn.Module, inputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        """The training loss of one batch: forward through `module` (the model, or its DDP wrapper, so gradients
+        synchronise), then `criterion`."""
+        return self.criterion(module(inputs), targets, getattr(module, "module", module))
+
+    def teacher_outputs(self, teacher: nn.Module, inputs: torch.Tensor) -> Any:
+        """A frozen dense teacher's outputs to distil from, in the structure the student's train-mode outputs
+        have (no gradients)."""
+        with torch.no_grad():
+            return teacher(inputs)
+
     def distill(self, student: Any, teacher: Any, temperature: float) -> torch.Tensor:
-        """A distillation term between the student's and a frozen dense teacher's train-mode outputs (same inputs);
-        scalar."""
+        """A distillation term between the student's train-mode outputs and `teacher_outputs`; scalar."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ evaluation
-    def evaluator(self) -> Evaluator:
+    def evaluator(self, model: Optional[nn.Module] = None, metric: Optional[Callable[..., float]] = None) -> Evaluator:
+        """A fresh evaluation. `model`: the model evaluated (a detector's output layout); `metric`: the Python
+        API's metric(outputs, targets) -> float (classification)."""
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What the report records of the task (report.json "task"; compressor/app/report.py reads it)."""
+        return {"name": self.name, "primary": self.primary, "label": self.primary_label, "unit": self.primary_unit,
+                "columns": [list(c) for c in self.columns]}
 
     def summary(self, metrics: dict[str, float]) -> str:
         """One line of the primary metric (and what goes with it) for logs."""
@@ -78,9 +98,12 @@ class Task:
         return []
 
     # ------------------------------------------------------------------------------------------ export
-    def dynamic_axes(self, outputs: Sequence[str]) -> dict[str, dict[int, str]]:
-        """ONNX dynamic axes of the input ("input") and the outputs: the batch axis by default."""
-        return {"input": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
+    def compare(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, Any]:
+        """The parity rule for an exported file's outputs against PyTorch's (compressor.deploy.verify.check judges
+        the result): every output's differences, top-1 agreement over the class axis (axis 1) where there is one."""
+        from compressor.deploy.verify import compare_all
+
+        return compare_all(reference, candidate)
 
 
 def as_tensors(outputs: Any) -> tuple[torch.Tensor, ...]:

@@ -34,18 +34,23 @@ class ClassificationEvaluator(Evaluator):
 @TASKS.register("classification")
 class Classification(Task):
     primary, primary_label, primary_unit = "top1", "top-1", "%"
+    columns = (("top1", "top-1 %", 2), ("top5", "top-5 %", 2), ("loss", "loss", 4))
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.0) -> None:
         super().__init__(num_classes)
         self.label_smoothing = label_smoothing
 
-    def loss(self, module: nn.Module, inputs: torch.Tensor, targets: Any) -> torch.Tensor:
-        return F.cross_entropy(module(inputs).float(), targets, label_smoothing=self.label_smoothing)
+    def summary(self, metrics: dict[str, float]) -> str:
+        return f"top1 {metrics['top1']:.2f}% loss {metrics['loss']:.4f}"
+
+    def criterion(self, outputs: Any, targets: Any, model: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), targets, label_smoothing=self.label_smoothing)
 
     def distill(self, student: Any, teacher: Any, temperature: float) -> torch.Tensor:
         t = temperature
         return F.kl_div(F.log_softmax(student.float() / t, 1), F.log_softmax(teacher.float() / t, 1),
                         log_target=True, reduction="batchmean") * t * t
 
-    def evaluator(self, metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None) -> Evaluator:
+    def evaluator(self, model: Optional[nn.Module] = None,
+                  metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None) -> Evaluator:
         return ClassificationEvaluator(metric)

@@ -129,10 +129,6 @@ class Detection(Task):
         return list(getattr(model, "module", model).protected_modules())
 
     # ------------------------------------------------------------------------------------------ export
-    def dynamic_axes(self, outputs: Sequence[str]) -> dict[str, dict[int, str]]:
-        """Only the batch axis is dynamic: the anchors' count follows the (fixed) export input size."""
-        return {"input": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
-
     def compare(self, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict[str, Any]:
         """The parity numbers of the raw head tensors: the module's compare()."""
         return compare(reference, candidate)

@@ -167,10 +167,3 @@ class Segmentation(Task):
         """The convolutions that produce the class channels (SegmentationLogits.protected_modules)."""
         method = getattr(model, "protected_modules", None)
         return list(method()) if callable(method) else []
-
-    # ------------------------------------------------------------------------------------------ export
-    def dynamic_axes(self, outputs: Sequence[str]) -> dict[str, dict[int, str]]:
-        """Batch, height and width dynamic on the input and every output: a segmenter's logits follow the input
-        size."""
-        axes = {0: "batch", 2: "height", 3: "width"}
-        return {"input": dict(axes), **{name: dict(axes) for name in outputs}}

@@ -331,4 +331,8 @@ def sample_batch(dataset: Dataset, count: int, *, seed: int = SUBSET_SEED) -> tu
     """A seeded random `count` samples of a dataset as one batch (parity checks, INT8 calibration); the whole
     dataset, in order, when it holds no more than `count`. See `subset_indices`."""
     xs, ys = zip(*(dataset[i] for i in subset_indices(len(dataset), count, seed)))
+    if all(isinstance(y, torch.Tensor) and y.ndim > 0 for y in ys):  # segmentation masks
+        return torch.stack(xs), torch.stack(ys)
+    if any(isinstance(y, dict) for y in ys):  # detection targets: one dict of boxes and labels per image
+        return torch.stack(xs), list(ys)
     return torch.stack(xs), torch.as_tensor(ys)

@@ -29,10 +29,22 @@ from compressor.prune.methods.base import PruningMethod
 from compressor.train.memory_format import channels_last_candidate, training_channels_last
 from compressor.train.config import DataConfig, FinetuneConfig, SchedulerConfig
 from compressor.train.data import make_loader, subset_indices
+from compressor.tasks.base import Task
 from compressor import rundir
 
 
 # ---------------------------------------------------------------------------------------------- distributed
+def all_gather(obj: Any, world: int = 0) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order; [obj] without a process group or when the caller runs alone."""
+    import torch.distributed as dist
+
+    if world != 1 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
 def all_reduce_sum(tensor: torch.Tensor, world: int = 0) -> torch.Tensor:
     """Sum a tensor over ranks (identity without a process group, or when the caller runs alone: world 1)."""
     import torch.distributed as dist
@@ -129,11 +141,12 @@ class TrainContext(PruneContext):
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu",
              rank: int = 0, world: int = 1, description: str = "eval",
-             metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None) -> dict[str, float]:
-    """Top-1, top-5 (percent) and mean cross-entropy over the dataset; sharded over ranks under DDP. The model runs
-    on `device` (under torchrun `cuda` is the rank's own GPU) and is returned to the device it came on. `metric`
-    (the Python API's metric(outputs, targets) -> float, a batch mean): its mean over the samples, each batch
-    weighted by its size, under "metric"."""
+             metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
+             task: Optional[Task] = None) -> dict[str, float]:
+    """The task's metrics over the dataset (classification, the default: top-1, top-5 (percent) and mean
+    cross-entropy); sharded over ranks under DDP. The model runs on `device` (under torchrun `cuda` is the rank's
+    own GPU) and is returned to the device it came on. `metric` (the Python API's metric(outputs, targets) ->
+    float, a batch mean): its mean over the samples, each batch weighted by its size, under "metric"."""
     from compressor.train.metrics import evaluate_batches  # the accumulation evaluate_onnx shares
 
     device = compute_device(device)
@@ -149,9 +162,10 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
         return model(inputs.to(device))
 
     try:
+        task = task or default_task()
         return evaluate_batches(predict, make_loader(shard, batch_size, shuffle=False, workers=0),
-                                metric=metric,
-                                reduce=lambda sums: all_reduce_sum(sums, world), description=description)
+                                evaluator=task.evaluator(model=model, metric=metric),
+                                gather=lambda obj: all_gather(obj, world), description=description)
     finally:
         model.train(was_training)
         model.to(home)
@@ -164,25 +178,32 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------- loss
-def make_loss(cfg: FinetuneConfig, teacher: Optional[nn.Module],
-              criterion: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
-    """Cross-entropy with label smoothing, or the user's `criterion(outputs, targets) -> scalar tensor` (the Python
-    API's compress(loss=...); finetune.label_smoothing does not apply to it), blended with KL distillation from
-    `teacher` when enabled."""
+def default_task(cfg: Optional[FinetuneConfig] = None) -> Task:
+    """Classification (cross-entropy with finetune.label_smoothing, top-1): the task when none is given."""
+    from compressor.tasks.classification import Classification
 
-    def loss_fn(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = module(inputs)
+    return Classification(0, label_smoothing=cfg.label_smoothing if cfg is not None else 0.0)
+
+
+def make_loss(cfg: FinetuneConfig, teacher: Optional[nn.Module],
+              criterion: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+              task: Optional[Task] = None):
+    """The task's loss (classification: cross-entropy with label smoothing; detection: the model's own; ...), or
+    the user's `criterion(outputs, targets) -> scalar tensor` (the Python API's compress(loss=...);
+    finetune.label_smoothing does not apply to it), blended with the task's distillation from `teacher` when
+    enabled."""
+    task = task or default_task(cfg)
+
+    def loss_fn(module: nn.Module, inputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        outputs = module(inputs)
         if criterion is None:
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+            loss = task.criterion(outputs, targets, getattr(module, "module", module))
         else:
-            loss = _checked_loss(criterion(logits, targets), criterion)
+            loss = _checked_loss(criterion(outputs, targets), criterion)
         if teacher is not None and cfg.distill.enabled:
-            with torch.no_grad():
-                soft = teacher(inputs).float()
-            t, a = cfg.distill.temperature, cfg.distill.alpha
-            kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(soft / t, 1), log_target=True,
-                          reduction="batchmean") * t * t
-            loss = (1 - a) * loss + a * kd
+            soft = task.teacher_outputs(teacher, inputs)
+            loss = (1 - cfg.distill.alpha) * loss + cfg.distill.alpha * task.distill(outputs, soft,
+                                                                                     cfg.distill.temperature)
         return loss
 
     return loss_fn
@@ -253,12 +274,14 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
         loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
         checkpoint: Optional[Path] = None, resume: bool = False, device: str = "cpu",
-        evaluate_every_epoch: bool = True, alone: bool = False) -> FitResult:
+        evaluate_every_epoch: bool = True, alone: bool = False, task: Optional[Task] = None) -> FitResult:
     """Train `model` in place for cfg.epochs, calling the method's hooks; returns the per-epoch history.
     `loss`: the user's loss(outputs, targets) -> scalar tensor instead of cross-entropy (see make_loss); `metric`:
     the user's metric(outputs, targets) -> float, evaluated with top-1 each epoch (history: val_metric).
     `alone`: this process trains by itself even under torchrun (QAT runs on the main process after the DDP stages:
-    no collective may wait for ranks that have finished)."""
+    no collective may wait for ranks that have finished). `task`: what the loss and the metrics are
+    (compressor/tasks; classification when None)."""
+    task = task or default_task(cfg)
     method = method or PruningMethod()
     rank, world = (0, 1) if alone else init_process_group(device)
     dev = compute_device(device)
@@ -270,7 +293,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
     steps_per_epoch = _batches_per_epoch(len(train_set), data_cfg.batch_size, world)
     ctx = TrainContext(model=model, cfg=cfg, device=dev, steps_per_epoch=steps_per_epoch,
                        total_steps=steps_per_epoch * cfg.epochs, rank=rank, world=world,
-                       loss_fn=make_loss(cfg, teacher, loss))
+                       loss_fn=make_loss(cfg, teacher, loss, task))
     ctx.calibration = lambda n: _calibration_batches(train_set, data_cfg.batch_size, n)
     ctx.prepare()
     # the method runs through the same Pruner as a user's loop: after a removal it carries the optimizer's state
@@ -298,13 +321,13 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: FinetuneCon
         ctx.metrics = dict(train_stats)
         if evaluate_every_epoch or ctx.epoch == cfg.epochs - 1:
             val = evaluate(model, val_set, batch_size=eval_batch, device=dev, rank=rank, world=world,
-                           description=f"epoch {ctx.epoch + 1} eval", metric=metric)
+                           description=f"epoch {ctx.epoch + 1} eval", metric=metric, task=task)
             ctx.metrics.update({f"val_{k}": v for k, v in val.items() if k != "count"})
         pruner.epoch_end(ctx.metrics)
         ctx.metrics.update({"epoch": ctx.epoch + 1, "seconds": time.perf_counter() - epoch_start,
                             "params": sum(p.numel() for p in model.parameters())})
         ctx.history.append(dict(ctx.metrics))
-        _log_epoch(ctx)
+        _log_epoch(ctx, task)
         if checkpoint is not None:
             save_checkpoint(checkpoint, ctx, method, scaler)
         ctx.epoch += 1
@@ -415,9 +438,10 @@ def _train_epoch(ctx: TrainContext, loader, pruner: Pruner, scaler: torch.amp.Gr
     return {"train_loss": sums[0] / max(sums[1], 1.0), "lr": ctx.optimizer.param_groups[0]["lr"]}
 
 
-def _log_epoch(ctx: TrainContext) -> None:
+def _log_epoch(ctx: TrainContext, task: Task) -> None:
     m = ctx.metrics
-    val = f" val top1 {m['val_top1']:.2f}% loss {m['val_loss']:.4f}" if "val_top1" in m else ""
+    val = "" if f"val_{task.primary}" not in m else " val " + task.summary(
+        {k[4:]: v for k, v in m.items() if k.startswith("val_")})
     info(f"epoch {m['epoch']}/{ctx.cfg.epochs}: train loss {m['train_loss']:.4f}{val} lr {m['lr']:.5f} "
          f"({m['seconds']:.1f}s)")
 

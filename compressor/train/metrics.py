@@ -50,16 +50,24 @@ def from_sums(sums: torch.Tensor, *, with_metric: bool = False) -> dict[str, flo
             **({"metric": metric_sum / count} if with_metric else {})}
 
 
-def evaluate_batches(predict: Callable[[torch.Tensor], torch.Tensor],
-                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+def evaluate_batches(predict: Callable[[torch.Tensor], Any],
+                     batches: Iterable[tuple[torch.Tensor, Any]], *,
                      metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
                      reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                     evaluator: Any = None, gather: Optional[Callable[[Any], list[Any]]] = None,
                      description: str = "eval") -> dict[str, float]:
-    """The metrics of `predict(inputs) -> logits` over (inputs, targets) batches, with a progress bar; `reduce`
-    combines the summed FIELDS across processes (DDP ranks each evaluating a shard) before the means are taken."""
-    sums = torch.zeros(len(FIELDS), dtype=torch.float64)
+    """The metrics of `predict(inputs) -> outputs` over (inputs, targets) batches, with a progress bar. `evaluator`:
+    the task's (compressor/tasks), classification's (top-1, top-5, loss, `metric`) when None. `gather` combines
+    what every process accumulated (DDP ranks each evaluating a shard); `reduce` (classification) sums the FIELDS
+    across processes instead."""
+    if evaluator is None:
+        from compressor.tasks.classification import ClassificationEvaluator
+
+        evaluator = ClassificationEvaluator(metric)
+    if reduce is not None:
+        gather = lambda sums: [reduce(sums)]  # noqa: E731
     with track(description, len(batches) if isinstance(batches, Sized) else 0) as bar:
         for inputs, targets in batches:
-            sums += batch_sums(predict(inputs), targets, metric)
+            evaluator.update(predict(inputs), targets)
             bar.advance()
-    return from_sums(reduce(sums) if reduce is not None else sums, with_metric=metric is not None)
+    return evaluator.compute(gather) if gather is not None else evaluator.compute()
