@@ -378,7 +378,8 @@ def verify_exports(state: RunState) -> None:
     try:
         with state.timer("verify"):
             report["parity"] = {"onnx": verify_onnx(state.model, out / "model.onnx", state.samples,
-                                                    state.recipe.verify, compare=state.task.compare)}
+                                                    state.recipe.verify, compare=state.task.compare,
+                                                    rtol=state.task.rtol(state.recipe.verify.rtol))}
             if state.val_set is not None:  # deploy() without a validation set: parity on random inputs only
                 onnx_eval = evaluate_onnx(out / "model.onnx", state.val_set, batch_size=state.eval_batch,
                                           metric=state.metric, task=state.task, model=state.model)

@@ -51,6 +51,10 @@ class Task:
     primary_label: ClassVar[str] = "top-1"  # how reports name it
     primary_unit: ClassVar[str] = "%"  # its unit; drops are in points of it
     columns: ClassVar[tuple[tuple[str, str, int], ...]] = ()  # the report's metric columns: (key, label, digits)
+    # the least relative tolerance of export parity (times max |output|, added to verify.atol): a segmenter's
+    # per-pixel logits and a detector's pixel boxes pass through many more float32 reductions and resamplings than
+    # a classifier's logits, and ONNX Runtime's kernels round them differently in the last bits
+    parity_rtol: ClassVar[float] = 0.0
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -98,6 +102,10 @@ class Task:
         return []
 
     # ------------------------------------------------------------------------------------------ export
+    def rtol(self, recipe_rtol: float) -> float:
+        """The relative parity tolerance: the recipe's verify.rtol, at least the task's parity_rtol."""
+        return max(recipe_rtol, self.parity_rtol)
+
     def compare(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, Any]:
         """The parity rule for an exported file's outputs against PyTorch's (compressor.deploy.verify.check judges
         the result): every output's differences, top-1 agreement over the class axis (axis 1) where there is one."""

@@ -59,6 +59,7 @@ class DetectionEvaluator(Evaluator):
 class Detection(Task):
     name = "detection"
     primary, primary_label, primary_unit = "map50_95", "mAP50-95", ""  # points on 0-100
+    parity_rtol = 1e-4
     columns = (("map50_95", "mAP50-95", 2), ("map50", "mAP50", 2))  # the report's metric columns
 
     def __init__(self, num_classes: int, conf: float = 0.001, iou: float = 0.7, max_det: int = 300) -> None:
@@ -168,6 +169,9 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
             "outputs": per_output}
 
 
+PREDICTION_KEYS = ("boxes", "scores")  # what a dict of train-mode outputs predicts (the rest are features)
+
+
 def _pairs(student: Any, teacher: Any, where: str = "outputs"):
     """(student tensor, teacher tensor) pairs of two outputs of the same structure."""
     if isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor):
@@ -179,7 +183,10 @@ def _pairs(student: Any, teacher: Any, where: str = "outputs"):
         for i, (s, t) in enumerate(zip(student, teacher)):
             yield from _pairs(s, t, f"{where}[{i}]")
     elif isinstance(student, dict) and isinstance(teacher, dict) and student.keys() == teacher.keys():
-        for key in student:
+        # the head's predictions, not the features it reads (Ultralytics' train dict carries "feats", whose widths
+        # pruning changes): a dict with predictions distils those alone
+        keys = [k for k in student if k in PREDICTION_KEYS] or list(student)
+        for key in keys:
             yield from _pairs(student[key], teacher[key], f"{where}[{key!r}]")
     else:
         raise ValueError(f"distillation: the student's and the teacher's {where} differ in structure "
