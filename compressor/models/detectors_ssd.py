@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.models.detectors import DenseDetector, torchvision_targets
+from compressor.models.detectors import DenseDetector, decode_offsets, torchvision_targets
 
 
 def build_ssd(name: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -27,24 +27,12 @@ class SSDDetector(DenseDetector):
     the background first. Train outputs: (bbox_regression (N, A, 4), cls_logits (N, A, C + 1)); eval outputs:
     (boxes (N, A, 4), scores (N, A, C)), the softmax over the C + 1 logits without the background's column."""
 
-    def _head(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
-        features = self.detector.backbone(x)
-        features = [features] if isinstance(features, torch.Tensor) else list(features.values())
-        head = self.detector.head(features)
-        return (head["bbox_regression"], head["cls_logits"]), features
+    head_keys = ("bbox_regression", "cls_logits")
 
-    def _decode(self, outputs: tuple[torch.Tensor, ...], anchors: torch.Tensor,
+    def _decode(self, outputs: dict[str, torch.Tensor], anchors: torch.Tensor,
                 size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        regression, logits = (t.float() for t in outputs)  # pixel coordinates need float32 under autocast
-        count = anchors.shape[0]
-        # BoxCoder.decode_single decodes (A, 4 * k) offsets against (A, 4) boxes: the batch rides in k, so the
-        # anchors broadcast over any batch size (an ONNX export with a dynamic batch axis needs no tiling)
-        codes = regression.permute(1, 0, 2).reshape(count, -1)
-        boxes = self.detector.box_coder.decode_single(codes, anchors).reshape(count, -1, 4).permute(1, 0, 2)
-        height, width = size
-        limit = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
-        boxes = torch.minimum(boxes.clamp(min=0), limit)  # torchvision clips its detections to the image too
-        return boxes, F.softmax(logits, dim=-1)[..., 1:]
+        boxes = decode_offsets(self.detector.box_coder, outputs["bbox_regression"], anchors)
+        return boxes, F.softmax(outputs["cls_logits"], dim=-1)[..., 1:]
 
     def predictor_names(self) -> list[str]:
         """The last convolution of every level of the classification and the regression head."""
@@ -62,17 +50,16 @@ class SSDDetector(DenseDetector):
         labels) by torchvision's SSDMatcher: box regression + classification, a scalar."""
         from torchvision.ops import box_iou
 
-        regression, logits = (t.float() for t in outputs)
+        head = self.head_outputs(outputs)
         anchors = self.anchors
-        per_image = torchvision_targets(targets, self.num_classes)
+        per_image = torchvision_targets(targets, self.num_classes, shift=1)
         matched = []
         for target in per_image:
             if target["boxes"].numel() == 0:
                 matched.append(torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device))
             else:
                 matched.append(self.detector.proposal_matcher(box_iou(target["boxes"], anchors)))
-        losses = self.detector.compute_loss(per_image, {"bbox_regression": regression, "cls_logits": logits},
-                                            [anchors] * len(per_image), matched)
+        losses = self.detector.compute_loss(per_image, head, [anchors] * len(per_image), matched)
         self.loss_items = {"box": losses["bbox_regression"].detach(), "cls": losses["classification"].detach()}
         return losses["bbox_regression"] + losses["classification"]
 
