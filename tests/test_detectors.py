@@ -46,10 +46,11 @@ def anchor_count(size: int) -> int:
     return 6 * cells
 
 
-def two_boxes(batch: int = 2) -> BoxTargets:
-    boxes = [torch.tensor([[10.0, 20.0, 60.0, 70.0]]), torch.tensor([[30.0, 30.0, 100.0, 90.0], [0.0, 0.0, 24.0, 20.0]])]
-    labels = [torch.tensor([1]), torch.tensor([0, 2])]
-    return BoxTargets(boxes[:batch], labels[:batch], (SIZE, SIZE))
+def box_targets() -> BoxTargets:
+    """Two images: one box of class 1; two boxes of classes 0 and 2."""
+    boxes = [torch.tensor([[10.0, 20.0, 60.0, 70.0]]),
+             torch.tensor([[30.0, 30.0, 100.0, 90.0], [0.0, 0.0, 24.0, 20.0]])]
+    return BoxTargets(boxes, [torch.tensor([1]), torch.tensor([0, 2])], (SIZE, SIZE))
 
 
 def images(batch: int = 2, size: int = SIZE, channels: int = 3, seed: int = 0) -> torch.Tensor:
@@ -138,7 +139,7 @@ def test_one_channel_input_replaces_the_first_convolution():
 
 def test_loss_is_torchvision_own_loss():
     model = ssdlite()
-    x, targets = images(), two_boxes()
+    x, targets = images(), box_targets()
     model.train()
     torch.manual_seed(0)
     loss = model.detection_loss(model(x), targets)
@@ -152,7 +153,7 @@ def test_loss_is_torchvision_own_loss():
 
 def test_loss_decreases_on_a_fixed_batch_and_backpropagates():
     model = build_arch(SSDLITE, CLASSES, 3).train()
-    x, targets = images(), two_boxes()
+    x, targets = images(), box_targets()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     losses = []
     for _ in range(6):
@@ -234,7 +235,7 @@ def test_pruned_detector_trains_reloads_and_exports_with_parity(tmp_path):
     model.train()
     regression, logits = model(images())
     assert regression.shape == (2, 522, 4) and logits.shape == (2, 522, CLASSES + 1)
-    loss = model.detection_loss((regression, logits), two_boxes())
+    loss = model.detection_loss((regression, logits), box_targets())
     loss.backward()
     assert torch.isfinite(loss)
 

@@ -60,6 +60,7 @@ class DenseDetector(nn.Module):
 
     output_layout = OUTPUT_LAYOUT
     output_names = ("boxes", "scores")  # the eval outputs, named so in an ONNX export
+    head_keys: tuple[str, ...] = ()  # the torchvision head's outputs, in the order train mode returns them
 
     def __init__(self, detector: nn.Module, num_classes: int, in_channels: int, name: str) -> None:
         super().__init__()
@@ -73,12 +74,11 @@ class DenseDetector(nn.Module):
         self.anchor_key: tuple = ()  # (input H, W, feature map sizes) the anchors were computed for
         self.loss_items: dict[str, torch.Tensor] = {}  # the last detection_loss's components, detached
 
-    head_keys: tuple[str, ...] = ()  # the torchvision head's outputs, in the order train mode returns them
-
     # ------------------------------------------------------------------------------------------ subclass parts
     def _decode(self, outputs: dict[str, torch.Tensor], anchors: torch.Tensor,
                 size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval outputs from the head's (float32): boxes (N, A, 4) xyxy pixels (not yet clipped), scores (N, A, C)."""
+        """Eval outputs from the head's (at least float32): boxes (N, A, 4) xyxy pixels (not yet clipped), scores
+        (N, A, C)."""
         raise NotImplementedError
 
     def predictor_names(self) -> list[str]:
@@ -115,7 +115,7 @@ class DenseDetector(nn.Module):
 
     def protected_modules(self) -> list[str]:
         """Names (relative to this wrapper) of the prediction layers, never pruned: their outputs are the classes
-        and box offsets of each anchor."""
+        and box offsets (FCOS: and centre-ness) of each anchor."""
         return self.predictor_names()
 
     def set_input_size(self, height: int, width: int) -> None:
@@ -141,7 +141,7 @@ class DenseDetector(nn.Module):
         """The anchors (A, 4) x0, y0, x1, y1 in input pixels for this input size, from the buffer; computed by the
         torchvision anchor generator (which reads only sizes, dtype and device) when the size is new."""
         key = (size, *(tuple(int(s) for s in f.shape[-2:]) for f in features))
-        if key != self.anchor_key or self.anchors.device != self.mean.device:
+        if key != self.anchor_key:
             from torchvision.models.detection.image_list import ImageList
 
             device = self.mean.device
@@ -178,11 +178,12 @@ def _per_channel(values: Any, in_channels: int) -> torch.Tensor:
 
 def torchvision_targets(targets: Any, num_classes: int, shift: int) -> list[dict[str, torch.Tensor]]:
     """BoxTargets -> torchvision's per-image {"boxes", "labels"}, labels plus `shift` (1 where the model's class 0 is
-    the background: SSD's softmax). Boxes without area are dropped: they match no anchor by IoU, and the box encoding of one that is
-    forced onto its best anchor takes the log of zero. DataError for a label outside 0..num_classes-1."""
+    the background: SSD's softmax). Boxes without area are dropped: they match no anchor by IoU, and the box encoding
+    of one forced onto its best anchor takes the log of zero. DataError for a label outside 0..num_classes-1."""
     labels = torch.cat([c.reshape(-1) for c in targets.labels]) if len(targets) else torch.zeros(0)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+    low, high = (int(labels.min()), int(labels.max())) if labels.numel() else (0, 0)
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
         raise DataError(f"a box of this batch has class id {bad}, outside 0..{num_classes - 1} of model.num_classes "
                         f"{num_classes}.", hint="Set model.num_classes to the data set's number of classes.")
     out = []
