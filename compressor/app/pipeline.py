@@ -14,6 +14,7 @@ from torch import nn
 
 from compressor.app.recipe import Recipe, dump_recipe, load_recipe
 from compressor.app.evaluation import evaluate_onnx
+from compressor.app.nms_export import bench_pool, describe_inputs, nms_stage
 from compressor.deploy.export import export_onnx
 from compressor.deploy.trt_compat import check_onnx
 from compressor.deploy.verify import verify_onnx
@@ -58,7 +59,7 @@ class Timer:
 # quantized copies, TensorRT engines with their logs and calibration caches, a text model's tokenizer/ and hf/
 REPORT_FILES = ("report.json", "report.md", "plot_*.png")
 RUN_ARTIFACTS = (*REPORT_FILES, Path(rundir.CHECKPOINT).parts[0], ROUND_TO_FILE, LATENCY_TARGET_FILE, "model.pt",
-                 "slim.json", "weights.safetensors", "model.onnx", "dense.onnx", "model.*.onnx", "*.onnx.data",
+                 "slim.json", "weights.safetensors", "model.onnx", "dense*.onnx", "model.*.onnx", "*.onnx.data",
                  "model*.engine", "model*.build.log", "model*.layers.json", "model*.calib-*.cache", TOKENIZER_DIR, "hf")
 
 
@@ -464,7 +465,8 @@ def measure_latency(state: RunState) -> None:
         info("[6/6] latency: skipped (bench.backends is empty)")
     with state.timer("bench"):
         report["latency"], report["environment"] = _bench(recipe, state.out, state.dense_model, state.model,
-                                                          state.compressed.macs, state.dense and state.dense.macs)
+                                                          state.compressed.macs, state.dense and state.dense.macs,
+                                                          inputs=bench_pool(state))
         if state.latency_target:
             report["target"]["latency"] = _latency_result(state.latency_target, report["latency"])
         if "ort-cpu" in recipe.bench.backends and state.dense_model is not None:  # it compares with dense.onnx
@@ -487,7 +489,8 @@ def check_gates(state: RunState) -> None:
 
 # every rank runs the stages up to measure_compressed (DDP training); the main process alone runs the rest
 TRAINING_STAGES = (load_inputs, measure_dense, prune_and_finetune, measure_compressed)
-MAIN_STAGES = (save_and_export, verify_exports, quantize_export, build_engine, measure_latency, check_gates)
+MAIN_STAGES = (save_and_export, verify_exports, nms_stage, quantize_export, build_engine, measure_latency,
+               check_gates)
 
 
 def compress(checkpoint: Optional[str | Path] = None, recipe: Recipe | dict | str | Path | None = None,
@@ -658,15 +661,20 @@ def _tensorrt_step(recipe: Recipe, out: Path, model, samples, train_set) -> dict
     return build_and_verify(model, onnx_path, samples, recipe, settings, calibration=calibration)
 
 
-def _bench(recipe: Recipe, out: Path, dense, model, macs: float, dense_macs: Optional[float]):
-    """Dense and compressed (and the quantized ONNX, on ONNX Runtime backends) timed round robin per backend and
-    batch size, so that machine noise hits all alike. `dense` None (deploy() without a dense model): the compressed
-    model (and its quantized file) alone, rows without dense timings or speedups."""
+def _bench(recipe: Recipe, out: Path, dense, model, macs: float, dense_macs: Optional[float], *,
+           inputs: Optional[torch.Tensor] = None):
+    """Dense and compressed (and the quantized ONNX, and with export.nms the .nms.onnx files, on ONNX Runtime
+    backends) timed round robin per backend and batch size, so that machine noise hits all alike. `dense` None
+    (deploy() without a dense model): the compressed model (and its quantized / NMS file) alone, rows without dense
+    timings or speedups. `inputs`: the samples batches are drawn from (a detector's validation images) instead of
+    seeded random inputs; every row says which (row["inputs"])."""
     from compressor.deploy.bench import environment
     from compressor.deploy.timing import Budget, Timed, time_models
 
     cfg = recipe.bench
     quant = recipe.export.quantize.mode if recipe.export.quantize.enabled else None
+    nms = recipe.export.nms.enabled and (out / "model.nms.onnx").is_file()
+    used = describe_inputs(inputs)
     rows = []
 
     first = 0 if dense is None else 1  # the compressed model's place: deploy() without a dense model times it alone
@@ -674,19 +682,29 @@ def _bench(recipe: Recipe, out: Path, dense, model, macs: float, dense_macs: Opt
     def row(backend: str, timed: Timed) -> None:
         stats = timed.stats
         rows.append({"backend": backend, "batch_size": timed.batch, "dense": None, "compressed": asdict(stats[first]),
-                     "speedup": None, "realised_ratio": None, "dense_ms": None, "compressed_ms": timed.ms(first)})
+                     "speedup": None, "realised_ratio": None, "dense_ms": None, "compressed_ms": timed.ms(first),
+                     "inputs": used})
         line = f"      {backend} batch {timed.batch}: {stats[first].p50:.3f} ms"
         if dense is not None:
             speedup = timed.speedup(1)
             rows[-1].update(dense=asdict(stats[0]), speedup=speedup, realised_ratio=speedup / (dense_macs / macs),
                             dense_ms=timed.ms(0))
             line = f"      {backend} batch {timed.batch}: {stats[0].p50:.3f} -> {stats[1].p50:.3f} ms (x{speedup:.2f})"
-        if len(stats) == first + 2:
-            q = first + 1
+        q = first + 1  # the quantized file's place, then the NMS files' (dense first)
+        if quant and backend != "torch":
             rows[-1].update(quantized=asdict(stats[q]), quantized_mode=quant, quantized_ms=timed.ms(q),
                             quantized_speedup=timed.speedup(q) if dense is not None else None)
             line += f", {quant} {stats[q].p50:.3f} ms" + (f" (x{rows[-1]['quantized_speedup']:.2f})"
                                                           if dense is not None else "")
+            q += 1
+        if nms and backend != "torch":  # the whole deployed detector: raw model + NMS in the graph
+            c = q + first
+            timed_nms = {"dense": None if dense is None else asdict(stats[q]), "compressed": asdict(stats[c]),
+                         "dense_ms": None if dense is None else timed.ms(q), "compressed_ms": timed.ms(c),
+                         "speedup": None if dense is None else timed.speedup(c, q)}
+            rows[-1]["nms"] = timed_nms
+            line += (f"; with NMS {stats[c].p50:.3f} ms" if dense is None else
+                     f"; with NMS {stats[q].p50:.3f} -> {stats[c].p50:.3f} ms (x{timed_nms['speedup']:.2f})")
         info(line)
 
     for backend in cfg.backends:
@@ -694,9 +712,11 @@ def _bench(recipe: Recipe, out: Path, dense, model, macs: float, dense_macs: Opt
         artifacts = artifacts[1 - first:]
         if quant and backend != "torch":
             artifacts.append(out / f"model.{quant}.onnx")
+        if nms and backend != "torch":
+            artifacts += [out / "dense.nms.onnx", out / "model.nms.onnx"][1 - first:]
         time_models(backend, artifacts, cfg.batch_sizes, Budget(cfg.warmup_ms, cfg.min_runs, cfg.min_seconds),
                     each=lambda timed: row(backend, timed), threads=cfg.threads,
-                    input_shape=list(recipe.model.input_shape), interleaved=True)
+                    input_shape=list(recipe.model.input_shape), interleaved=True, inputs=inputs)
     return rows, environment(threads=cfg.threads)
 
 

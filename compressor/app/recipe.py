@@ -86,6 +86,9 @@ class Recipe(Strict):
         if self.task == "classification" and self.data.kind in ("coco", "yolo", "masks"):
             raise ValueError(f"data.kind {self.data.kind} holds boxes or masks, not class labels; set task: "
                              f"{'segmentation' if self.data.kind == 'masks' else 'detection'}")
+        if self.export.nms.enabled and self.task != "detection":
+            raise ValueError(f"export.nms.enabled puts a detector's NMS into its ONNX file, but task is {self.task}; "
+                             "set export.nms.enabled: false (or task: detection for a detector)")
         if self.export.quantize.exclude == "auto" and self.gates.max_accuracy_drop is None:
             raise ValueError("export.quantize.exclude: auto keeps layers in float until gates.max_accuracy_drop holds; "
                              "set gates.max_accuracy_drop (percentage points of top-1 from the dense model)")

@@ -146,7 +146,8 @@ def _latency_section(r: dict[str, Any]) -> list[str]:
         lines = ["## Latency (no dense model given, so no speedup)", ""]
         return lines + table(["backend", "batch", "p50 ms", "p90 ms", "throughput /s"],
                              [[x["backend"], x["batch_size"], f"{x['compressed']['p50']:.3f}",
-                               f"{x['compressed']['p90']:.3f}", f"{x['compressed']['throughput']:.1f}"] for x in rows])
+                               f"{x['compressed']['p90']:.3f}", f"{x['compressed']['throughput']:.1f}"] for x in rows]
+                             ) + _bench_inputs(rows) + _nms_latency(rows)
     mac_red = r["dense"]["macs"] / r["compressed"]["macs"]
     lines = ["## Latency (dense and compressed measured interleaved)", ""]
     lines += table(["backend", "batch", "dense p50 ms", "compressed p50 ms", "compressed p90 ms", "throughput /s",
@@ -155,6 +156,7 @@ def _latency_section(r: dict[str, Any]) -> list[str]:
                       f"{x['compressed']['p90']:.3f}", f"{x['compressed']['throughput']:.1f}", f"x{x['speedup']:.2f}",
                       f"x{mac_red:.2f}", f"{x['realised_ratio']:.2f}"] for x in rows])
     lines += ["Realised ratio = latency speedup / MAC reduction (1.0 means every removed MAC became time saved).", ""]
+    lines += _bench_inputs(rows) + _nms_latency(rows)
     layout = r.get("ort_cpu_layout")
     if layout:
         def count(side: str) -> str:
@@ -164,6 +166,46 @@ def _latency_section(r: dict[str, Any]) -> list[str]:
                   f"layout (dense: {count('dense')}); `compressor profile model.onnx --baseline dense.onnx` shows "
                   "where the time goes."] + [f"- {f}" for f in layout["findings"]] + [""]
     return lines
+
+
+def _nms_parity(r: dict[str, Any]) -> list[str]:
+    """export.nms: how model.nms.onnx's detections matched compressor's postprocess, and their mAP."""
+    p = (r.get("parity") or {}).get("onnx_nms") or {}
+    if "matched" not in p:
+        return []
+    scored = r["compressed"].get("onnx_nms_map50_95")
+    return [f"model.nms.onnx (conf {p['conf']}, iou {p['iou']}, max_det {p['max_det']}): {p['file_detections']} "
+            f"detections on {p['samples']} samples vs {p['detections']} from compressor's postprocess of the PyTorch "
+            f"outputs; {p['matched']} matched (IoU > {p['match_iou']}), {p['edge_cases']} on a threshold's edge, "
+            f"boxes within {p['max_box_relative_diff']:.2e} of their size, scores within {p['max_score_diff']:.2e}"
+            + ("" if scored is None else f"; mAP50-95 of its own detections {scored:.2f} (mAP50 "
+                                         f"{r['compressed']['onnx_nms_map50']:.2f})") + ".", ""]
+
+
+def _bench_inputs(rows: list[dict[str, Any]]) -> list[str]:
+    """Which inputs the bench fed (a detector's validation images, else seeded random ones)."""
+    used = (rows[0].get("inputs") or {}).get("description") if rows else None
+    return [f"Inputs: {used}.", ""] if used else []
+
+
+def _nms_latency(rows: list[dict[str, Any]]) -> list[str]:
+    """export.nms: the raw model and the model with NMS in the graph (.nms.onnx), dense and compressed."""
+    timed = [x for x in rows if x.get("nms")]
+    if not timed:
+        return []
+
+    def cell(stats: Any) -> str:
+        return "-" if stats is None else f"{stats['p50']:.3f}"
+
+    def speedup(value: Any) -> str:
+        return "-" if value is None else f"x{value:.2f}"
+
+    lines = ["With NMS in the graph (model.nms.onnx, dense.nms.onnx: the detector as deployed):", ""]
+    return lines + table(["backend", "batch", "dense p50 ms", "dense + NMS p50 ms", "compressed p50 ms",
+                          "compressed + NMS p50 ms", "speedup", "speedup with NMS"],
+                         [[x["backend"], x["batch_size"], cell(x["dense"]), cell(x["nms"]["dense"]),
+                           cell(x["compressed"]), cell(x["nms"]["compressed"]), speedup(x["speedup"]),
+                           speedup(x["nms"]["speedup"])] for x in timed])
 
 
 def _latency_target_section(r: dict[str, Any]) -> list[str]:
@@ -291,6 +333,7 @@ def _parity_section(r: dict[str, Any]) -> list[str]:
                      "allowed diff (atol + rtol x max |output|)", "passed"], rows)
     if trt.get("status") in ("skipped", "disabled"):
         lines += [f"TensorRT engine: {trt['status']}{': ' + trt['reason'] if trt.get('reason') else ''}.", ""]
+    lines += _nms_parity(r)
     compat = (r.get("exports") or {}).get("tensorrt_compatibility")
     if compat:
         verdict = "compatible" if compat["compatible"] else "**not compatible**"

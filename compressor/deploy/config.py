@@ -73,10 +73,27 @@ class QuantizeConfig(Strict):
         return self.mode != "none"
 
 
+class NmsConfig(Strict):
+    """export.nms (task: detection): model.nms.onnx beside model.onnx, the raw model with its post-processing in the
+    graph (ONNX NonMaxSuppression; compressor/deploy/nms_graph.py), outputs num_dets (N, 1), det_boxes (N, max_det,
+    4) x0, y0, x1, y1 pixels, det_scores (N, max_det), det_classes (N, max_det) as TensorRT's EfficientNMS_TRT
+    writes them; checked against compressor's postprocess of the PyTorch outputs and benchmarked with dense.nms.onnx.
+    model.onnx keeps the raw head outputs either way (mAP is measured on those, at conf 0.001)."""
+
+    enabled: bool = Field(False, description="also write model.nms.onnx and dense.nms.onnx (detection runs only)")
+    conf: float = Field(0.25, ge=0.0, lt=1.0, description="an anchor is a candidate when its best class probability "
+                                                         "is above this")
+    iou: float = Field(0.45, gt=0.0, le=1.0, description="NMS within each class drops a box whose IoU with a kept, "
+                                                        "higher-scoring box is above this")
+    max_det: int = Field(100, gt=0, description="detections kept per image, highest scores first (the outputs' "
+                                                "fixed second dimension)")
+
+
 class ExportConfig(Strict):
     onnx: OnnxConfig = Field(default_factory=OnnxConfig)
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    nms: NmsConfig = Field(default_factory=NmsConfig)
 
 
 class VerifyConfig(Strict):

@@ -3,7 +3,7 @@ ONNX file checks that several backends share. No torch import (see compressor/de
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -54,6 +54,9 @@ class RunnerOptions:
     cache_dir: Optional[Path] = None  # ort-trt: engine cache folder (reused across runs)
     profile_prefix: Optional[str] = None  # ort-*: record per-node kernel times with onnxruntime's profiler
     spinning: bool = True  # ort-*: idle thread pools spin; False whenever several runners are timed in turn
+    # samples (P, *sample shape) every batch is drawn from instead of random_input (a detector's validation images:
+    # NMS in the graph costs what the content makes it); see bench_input
+    inputs: Optional[Any] = field(default=None, compare=False)
 
 
 BACKENDS: Registry[Callable[[Any, RunnerOptions], Runner]] = Registry("backend")
@@ -66,6 +69,20 @@ def random_input(shape: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
     if np.issubdtype(np.dtype(dtype), np.integer):
         return rng.integers(0, TOKEN_ID_RANGE, tuple(shape)).astype(dtype)
     return rng.standard_normal(tuple(shape)).astype(dtype)
+
+
+def bench_input(shape: Sequence[int], dtype: Any = np.float32, pool: Optional[Any] = None) -> np.ndarray:
+    """The input a runner times at `shape` (batch first): random_input, or with a `pool` of samples (P, *sample
+    shape: a numpy array or a CPU tensor) its first `shape[0]` samples, cycling when the batch is larger than the
+    pool, so every runner and batch size sees the same images. A pool of another sample shape is a UsageError."""
+    if pool is None:
+        return random_input(shape, dtype)
+    data = np.asarray(pool.detach().cpu().numpy() if hasattr(pool, "detach") else pool)
+    if data.ndim < 1 or len(data) == 0 or tuple(data.shape[1:]) != tuple(int(d) for d in shape[1:]):
+        raise UsageError(f"the bench inputs hold samples of shape {tuple(data.shape[1:])} (and {len(data)} of them), "
+                         f"but the model takes {tuple(int(d) for d in shape[1:])}; give samples of the model's "
+                         "input shape.")
+    return np.ascontiguousarray(data[np.arange(int(shape[0])) % len(data)].astype(dtype, copy=False))
 
 
 def _model_path(model: Any) -> Path:

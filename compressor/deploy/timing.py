@@ -32,12 +32,14 @@ class Budget:
 # ---------------------------------------------------------------------------------------------- runners
 def make_runner(backend: str, model: Any, threads: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
                 *, trust_checkpoint: bool = False, fp16: bool = False, cache_dir: Optional[Any] = None,
-                interleaved: bool = False) -> Runner:
+                interleaved: bool = False, inputs: Optional[Any] = None) -> Runner:
     """A runner for `model` (a path, or an nn.Module for the torch backend) on `backend`. `interleaved`: it will be
-    timed in turn with other runners, so its idle threads must not spin (see onnx_runtime.create_session)."""
+    timed in turn with other runners, so its idle threads must not spin (see onnx_runtime.create_session).
+    `inputs`: a pool of samples (P, *sample shape) every batch is drawn from (runners.bench_input) instead of the
+    seeded random input, e.g. real validation images for a detector whose NMS cost depends on the content."""
     shape = None if input_shape is None else tuple(int(d) for d in input_shape)
     return BACKENDS.get(backend)(model, RunnerOptions(threads, shape, trust_checkpoint, fp16, cache_dir,
-                                                      spinning=not interleaved))
+                                                      spinning=not interleaved, inputs=inputs))
 
 
 def close_all(runners: Sequence[Runner]) -> None:

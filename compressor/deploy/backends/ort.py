@@ -7,7 +7,7 @@ import numpy as np
 
 from compressor.deploy.onnx_runtime import model_input, require_provider
 from compressor.deploy.runners import (BACKENDS, ONNX_SUFFIXES, Runner, RunnerOptions, _model_path,
-                                       _onnx_input_shape, open_onnx_session, random_input)
+                                       _onnx_input_shape, bench_input, open_onnx_session)
 from compressor.errors import UsageError
 
 
@@ -32,12 +32,13 @@ class OrtRunner(Runner):
                                          spinning=options.spinning)
         self.input, self.dtype = model_input(self.session, repr(path.name))
         self.feed: dict[str, np.ndarray] = {}
+        self.pool = options.inputs
 
     def prepare(self, batch_size: int) -> None:
         tokens = np.issubdtype(self.dtype, np.integer)  # a text model: [batch, sequence] ids
         shape = _onnx_input_shape(self.input.shape, batch_size, self.input_shape,
                                   "128 (the sequence length of the token ids)" if tokens else "3,224,224")
-        self.feed = {self.input.name: random_input(shape, self.dtype)}
+        self.feed = {self.input.name: bench_input(shape, self.dtype, self.pool)}
 
     def run_once(self) -> None:
         self.session.run(None, self.feed)

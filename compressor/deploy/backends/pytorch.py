@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from compressor.deploy.runners import (BACKENDS, ENGINE_SUFFIXES, ONNX_SUFFIXES, Runner, RunnerOptions, _model_path,
-                                       random_input)
+                                       bench_input)
 from compressor.errors import UsageError
 
 
@@ -28,6 +28,7 @@ class TorchRunner(Runner):
         if options.threads:
             torch.set_num_threads(options.threads)
         self.example = None
+        self.pool = options.inputs
 
     def prepare(self, batch_size: int) -> None:
         import torch
@@ -35,7 +36,7 @@ class TorchRunner(Runner):
         from compressor.models.hf import HFText
 
         dtype = np.int64 if isinstance(self.module, HFText) else np.float32  # a text model takes token ids
-        self.example = torch.from_numpy(random_input([batch_size, *self.input_shape], dtype))
+        self.example = torch.from_numpy(bench_input([batch_size, *self.input_shape], dtype, self.pool))
 
     def run_once(self) -> None:
         import torch

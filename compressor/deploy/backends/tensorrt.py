@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compressor.deploy.runners import BACKENDS, ENGINE_SUFFIXES, Runner, RunnerOptions, _model_path, random_input
+from compressor.deploy.runners import BACKENDS, ENGINE_SUFFIXES, Runner, RunnerOptions, _model_path, bench_input
 from compressor.deploy.tensorrt_runtime import require_tensorrt
 from compressor.errors import UsageError
 
@@ -30,12 +30,13 @@ class TensorRTRunner(Runner):
         self.engine = TrtEngine(path)
         self.input_shape = options.input_shape
         self.gpu_ms = self.engine.gpu_ms
+        self.pool = options.inputs
 
     def prepare(self, batch_size: int) -> None:
         sample = self.input_shape or tuple(self.engine.input_shape()[1:])
         if any(int(d) <= 0 for d in sample):
             raise UsageError("the engine's input has dynamic dims besides the batch; give --input-shape C,H,W.")
-        self.engine.prepare(random_input([batch_size, *sample]))
+        self.engine.prepare(bench_input([batch_size, *sample], pool=self.pool))
 
     def run_once(self) -> None:
         self.engine.run()
