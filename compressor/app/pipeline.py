@@ -56,11 +56,14 @@ class Timer:
 
 # what a run writes beside recipe.yaml, as globs: the report (report.json last: the mark of a finished run), the
 # checkpoint, round_to / latency-target choices, the slim model, the ONNX files (with external data), the
-# quantized copies, TensorRT engines with their logs and calibration caches, a text model's tokenizer/ and hf/
+# quantized copies, TensorRT engines with their logs and calibration caches, a text model's tokenizer/ and hf/, a
+# model's own format (save_native: Ultralytics' checkpoint of a YOLO model)
+NATIVE_FILES = "ultralytics.pt"
 REPORT_FILES = ("report.json", "report.md", "plot_*.png")
 RUN_ARTIFACTS = (*REPORT_FILES, Path(rundir.CHECKPOINT).parts[0], ROUND_TO_FILE, LATENCY_TARGET_FILE, "model.pt",
                  "slim.json", "weights.safetensors", "model.onnx", "dense*.onnx", "model.*.onnx", "*.onnx.data",
-                 "model*.engine", "model*.build.log", "model*.layers.json", "model*.calib-*.cache", TOKENIZER_DIR, "hf")
+                 "model*.engine", "model*.build.log", "model*.layers.json", "model*.calib-*.cache", TOKENIZER_DIR, "hf",
+                 NATIVE_FILES)
 
 
 def remove_artifacts(out: Path, patterns: tuple[str, ...]) -> None:
@@ -264,6 +267,7 @@ def save_and_export(state: RunState) -> None:
     with state.timer("export"):
         artifacts = save_slim(state.model, out, _with_reference(recipe.model, state.checkpoint))
         artifacts.update(_save_text_artifacts(state))
+        artifacts.update(_save_native(state))
         onnx_info = export_onnx(state.model, example, out / "model.onnx", recipe.export.onnx, zipped=zipped)
         dense_onnx = None if state.dense_model is None else export_onnx(
             state.dense_model, example, out / "dense.onnx", recipe.export.onnx, zipped=zipped)
@@ -306,6 +310,23 @@ def save_and_export(state: RunState) -> None:
     if state.report["target"]["met"] is False:
         state.notes.append(_target_missed(recipe, state.report["target"]))
         info(f"      note: {state.notes[-1]}")
+    with state.timer("examples"):
+        _write_examples(state)
+
+
+def _write_examples(state: RunState) -> None:
+    """Detection and segmentation: a few validation images with the dense and the compressed model's predictions,
+    plot_examples.png and report["examples"] (app/examples.py); nothing for other tasks."""
+    from compressor.app.examples import collect_examples, write_figure
+
+    examples = collect_examples(state.task, state.val_set, state.model, state.dense_model)
+    if examples is None:
+        return
+    measured = {"dense": state.dense, "compressed": state.compressed}
+    captions = {name: _primary(state, m.metrics) for name, m in measured.items()
+                if m is not None and state.task.primary in m.metrics}
+    figure = write_figure(examples, state.out, metrics=captions)
+    state.report["examples"] = examples.summary(figure.name)
 
 
 def _inputs_summary(state: RunState) -> dict[str, Any]:
@@ -345,6 +366,21 @@ def _transformer_fusions(state: RunState) -> Optional[dict[str, Any]]:
                              getattr(state.model.model.config, "model_type", None))
     except Exception as exc:  # the optimizer raises whatever its pattern code hits on an unusual graph
         return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+
+
+def _save_native(state: RunState) -> dict[str, str]:
+    """The compressed model in its framework's own format too, when it has one: a model's `save_native(folder,
+    names, input_shape=..., data=...)` writes it into the run (a YOLODetector: ultralytics.pt, NATIVE_FILES) and
+    returns {artifact: path}. Class names from the validation set where it names them."""
+    save = getattr(state.model, "save_native", None)
+    if not callable(save):
+        return {}
+    from compressor.app.examples import class_names
+
+    data = state.recipe.data
+    yaml = data.yolo if data.kind == "yolo" and data.yolo is not None and Path(data.yolo).is_file() else None
+    names = class_names(state.val_set, int(getattr(state.model, "num_classes", state.task.num_classes)))
+    return save(state.out, names, input_shape=tuple(state.recipe.model.input_shape), data=yaml)
 
 
 def _save_text_artifacts(state: RunState) -> dict[str, Any]:

@@ -38,6 +38,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines = [f"# compressor report: {recipe['name']}", "", _summary_line(r), ""]
     lines += _accuracy_section(r)
     lines += [_target_line(r), ""]
+    lines += _examples_section(r) + _native_section(r)
     lines += method_class(r).report_section(r.get("method") or {})
     lines += _latency_target_section(r)
     lines += _latency_section(r) + _deployment_section(r) + _parity_section(r) + _fusion_section(r)
@@ -54,7 +55,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     if env:
         lines += ["## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()] + [""]
     for name, path in (r.get("plots") or {}).items():
-        lines += [f"![{name}]({Path(path).name})", ""]
+        if name != "examples":  # shown in its own section
+            lines += [f"![{name}]({Path(path).name})", ""]
     return "\n".join(lines)
 
 
@@ -87,6 +89,30 @@ def task_info(r: dict[str, Any]) -> dict[str, Any]:
     from compressor.tasks.classification import Classification
 
     return r.get("task") or Classification(0).describe()
+
+
+def _examples_section(r: dict[str, Any]) -> list[str]:
+    """The example predictions of a detection or segmentation run (plot_examples.png, drawn by app/examples.py)."""
+    examples, plots = r.get("examples") or {}, r.get("plots") or {}
+    if not examples or "examples" not in plots:
+        return []
+    models = " and ".join(f"the {m} model's" for m in examples["models"])
+    shown = (f"boxes scoring above {examples['score_threshold']:g}, with class and score" if examples["task"] ==
+             "detection" else "class masks, the background uncoloured; under each panel its pixel accuracy")
+    images = ", ".join(str(i) for i in examples["indices"])
+    return ["## Example predictions", "",
+            f"Validation images {images} (a seeded choice): the ground truth, then {models} predictions ({shown}). "
+            "report.json `examples` holds what the figure shows.", "",
+            f"![examples]({Path(plots['examples']).name})", ""]
+
+
+def _native_section(r: dict[str, Any]) -> list[str]:
+    """The compressed model in its framework's own format (a YOLO model: Ultralytics' checkpoint)."""
+    path = (r.get("artifacts") or {}).get("ultralytics")
+    if not path:
+        return []
+    return [f"The compressed model in Ultralytics' format: `{Path(path).name}` (`ultralytics.YOLO(path)` predicts, "
+            "validates, exports and trains it at its pruned widths; loading it needs compressor importable).", ""]
 
 
 def _accuracy_section(r: dict[str, Any]) -> list[str]:
@@ -442,6 +468,9 @@ def write_plots(r: dict[str, Any], out: Path) -> dict[str, str]:
         with rundir.atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         written[name] = str(path)
+    figure = (r.get("examples") or {}).get("figure")
+    if figure and (out / figure).is_file():  # drawn by the pipeline from the images (app/examples.py)
+        written["examples"] = str(out / figure)
     return written
 
 

@@ -165,6 +165,24 @@ class YOLODetector(nn.Module):
                 names += [f"{name}.{sub}" for sub, c in m.named_modules() if isinstance(c, nn.Conv2d)]
         return names
 
+    def save_native(self, folder: str | os.PathLike, names: list[str], *, input_shape: tuple[int, ...] | None = None,
+                    data: str | os.PathLike | None = None) -> dict[str, str]:
+        """This model in Ultralytics' own checkpoint format, `folder`/ultralytics.pt (compress writes it into the
+        run): `names` the classes, `input_shape` (C, H, W) the training size (Ultralytics' imgsz), `data` a dataset
+        YAML that YOLO(path).val() then reads by default. Returns {"ultralytics": path}."""
+        from pathlib import Path
+
+        from compressor.models.yolo_checkpoint import save_ultralytics
+
+        args: dict[str, Any] = {}
+        if input_shape is not None:
+            height, width = input_shape[-2:]
+            args["imgsz"] = int(height) if height == width else [int(height), int(width)]
+        if data is not None:
+            args["data"] = str(Path(data).resolve())
+        return {"ultralytics": str(save_ultralytics(self, Path(folder) / "ultralytics.pt", names=names,
+                                                    train_args=args))}
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_criterion"] = None  # rebuilt on first use; not part of a saved model
