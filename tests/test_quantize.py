@@ -294,7 +294,7 @@ def test_qat_in_compress_makes_the_int8_file_from_the_qat_weights(tmp_path, monk
     assert q["qat"]["epochs"] == 1 and q["qat"]["fake_quantized_layers"] == 22  # 21 convs + fc of ResNet-20
     assert q["path"].endswith("model.int8.onnx") and (tmp_path / "run" / "model.int8.onnx").is_file()
     assert report["parity"]["int8"]["passed"] and q["top1"] != 0.0  # the QAT model's own evaluation
-    assert "Quantization-aware fine-tuning: post-training int8 gave 0.00%" in (tmp_path / "run" / "report.md").read_text()
+    assert "Quantization-aware fine-tuning: post-training int8 gave top-1 0.00%" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_parity_says_when_every_sample_predicts_one_class():

@@ -460,24 +460,27 @@ def quantize_export(state: RunState) -> None:
     report, out = state.report, state.out
     calibration = sample_batch(state.train_set, cfg.calibration.samples)[0].numpy() if cfg.mode == "int8" else None
 
+    key = state.task.primary  # top1, map50_95, miou
+
     def evaluate(path: Path) -> float:
-        return evaluate_onnx(path, state.val_set, batch_size=state.eval_batch)["top1"]
+        return evaluate_onnx(path, state.val_set, batch_size=state.eval_batch, task=state.task,
+                             model=state.model)[key]
 
     # the accuracy the quantized file is held to: the dense model's, or under deploy() without one the slim model's
-    baseline = (state.dense or state.compressed).metrics["top1"]
+    baseline = (state.dense or state.compressed).metrics[key]
 
     try:
         with state.timer("quantize"):
             report["quantized"] = quantize_model(
                 out / "model.onnx", state.recipe, calibration=calibration,
                 reference=torch_outputs(state.model, state.samples), samples=state.samples.numpy(),
-                evaluate=evaluate, baseline_top1=baseline)
-        if needs_qat(state.recipe, report["quantized"], baseline):
+                evaluate=evaluate, baseline_top1=baseline, key=key)
+        if needs_qat(state.recipe, report["quantized"], baseline, key):
             with state.timer("qat"):
                 report["quantized"] = quantize_after_qat(
                     state.model, out / "model.int8.onnx", state.recipe, train_set=state.train_set,
                     val_set=state.val_set, samples=state.samples, ptq=report["quantized"], evaluate=evaluate,
-                    device=state.device)
+                    device=state.device, task=state.task, key=key)
     except ParityError as exc:
         report["status"] = "failed: parity"
         report["parity"][cfg.mode] = {"passed": False, "error": exc.render()}
@@ -486,9 +489,12 @@ def quantize_export(state: RunState) -> None:
     q = report["quantized"]
     report["parity"][cfg.mode] = q["parity"]
     report["artifacts"][cfg.mode] = q["path"]
-    info(f"      {cfg.mode} ONNX: top-1 {q['top1']:.2f}% (fp32 {report['compressed']['onnx_top1']:.2f}%), "
-         f"top-1 agreement {q['parity']['top1_agreement']:.4f}, {len(q.get('float_layers', []))} layers in float"
-         + (f", after {q['qat']['epochs']} QAT epoch(s) (post-training {q['qat']['post_training_top1']:.2f}%)"
+    agreement = q["parity"].get("top1_agreement")
+    info(f"      {cfg.mode} ONNX: {_primary(state, q)} (fp32 {report['compressed'][f'onnx_{key}']:.2f}), "
+         + (f"top-1 agreement {agreement:.4f}, " if agreement is not None else
+            f"max diff / max |output| {q['parity'].get('relative_diff') or 0.0:.2e}, ")
+         + f"{len(q.get('float_layers', []))} layers in float"
+         + (f", after {q['qat']['epochs']} QAT epoch(s) (post-training {q['qat'][f'post_training_{key}']:.2f})"
             if q.get("qat") else ""))
 
 
@@ -770,7 +776,7 @@ def evaluate_gates(recipe: Recipe, report: dict[str, Any]) -> list[dict[str, Any
                       "passed": drop <= g.max_metric_drop})
     quantized = report.get("quantized")
     if g.max_accuracy_drop is not None and quantized:
-        drop = report["dense"]["top1"] - quantized["top1"]
+        drop = report["dense"][key] - quantized[key]
         gates.append({"name": f"max_accuracy_drop ({quantized['mode']} ONNX)", "value": drop,
                       "limit": g.max_accuracy_drop, "passed": drop <= g.max_accuracy_drop})
     if g.min_speedup is not None and report.get("latency"):

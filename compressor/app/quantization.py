@@ -61,11 +61,13 @@ def verify_quantized(reference: np.ndarray, path: Path, samples: np.ndarray, rec
 
 def quantize_model(fp32_path: Path, recipe: "Recipe", *, calibration: np.ndarray, reference: np.ndarray,
                    samples: np.ndarray, evaluate: Callable[[Path], float], baseline_top1: Optional[float] = None,
-                   out: Optional[Path] = None, exclude: Optional[list[str]] = None) -> dict[str, Any]:
+                   out: Optional[Path] = None, exclude: Optional[list[str]] = None, key: str = "top1"
+                   ) -> dict[str, Any]:
     """Quantize `fp32_path` as export.quantize asks; returns the report section. `reference`: the fp32 PyTorch
     outputs on `samples` (parity); `evaluate(path)`: top-1 on the validation set; `baseline_top1`: the dense
     model's top-1, which gates.max_accuracy_drop is measured from (exclude: auto); `exclude`: ONNX node names kept
-    in float instead of export.quantize.exclude (the QAT model keeps what post-training int8 chose)."""
+    in float instead of export.quantize.exclude (the QAT model keeps what post-training int8 chose). `key`: the
+    name the evaluated metric is reported under (the task's primary metric: top1, map50_95, miou)."""
     cfg = recipe.export.quantize
     if exclude is not None:
         cfg = cfg.model_copy(update={"exclude": list(exclude)})
@@ -87,7 +89,8 @@ def quantize_model(fp32_path: Path, recipe: "Recipe", *, calibration: np.ndarray
                          "calibration_samples": int(len(calibration)), "why": settings.reason}
         quantizer = Int8Quantizer(Path(fp32_path), calibration, cfg.calibration.method, cfg.per_channel, settings)
         try:
-            result, tries, sensitivity = _int8(quantizer, cfg, recipe, out, run, samples, evaluate, baseline_top1)
+            result, tries, sensitivity = _int8(quantizer, cfg, recipe, out, run, samples, evaluate, baseline_top1,
+                                               key)
         finally:
             quantizer.close()
     try:
@@ -95,13 +98,13 @@ def quantize_model(fp32_path: Path, recipe: "Recipe", *, calibration: np.ndarray
     except ParityError:
         out.unlink(missing_ok=True)  # not left looking like a verified export
         raise
-    top1 = tries[-1]["top1"] if tries else evaluate(out)
-    return {**result, "settings": settings_info, "parity": parity, "top1": top1, "auto_tries": tries,
+    value = tries[-1][key] if tries else evaluate(out)
+    return {**result, "settings": settings_info, "parity": parity, key: value, "metric_key": key, "auto_tries": tries,
             "sensitivity": sensitivity[:10], "bytes": out.stat().st_size}
 
 
 def _int8(quantizer: Int8Quantizer, cfg, recipe: "Recipe", out: Path, run, samples: np.ndarray,
-          evaluate: Callable[[Path], float], baseline_top1: Optional[float]):
+          evaluate: Callable[[Path], float], baseline_top1: Optional[float], key: str = "top1"):
     if cfg.exclude != "auto":
         return quantizer.quantize(out, exclude=resolve_exclude(cfg.exclude, quantizer.nodes)), [], []
     limit = recipe.gates.max_accuracy_drop
@@ -113,8 +116,8 @@ def _int8(quantizer: Int8Quantizer, cfg, recipe: "Recipe", out: Path, run, sampl
         result = quantizer.quantize(out, exclude=excluded)
         top1 = evaluate(out)
         drop = None if baseline_top1 is None else baseline_top1 - top1
-        tries.append({"excluded": list(excluded), "top1": top1, "drop_pp": drop})
-        info(f"      int8 with {len(excluded)} float layers: top-1 {top1:.2f}%" +
+        tries.append({"excluded": list(excluded), key: top1, "drop_pp": drop})
+        info(f"      int8 with {len(excluded)} float layers: {key} {top1:.2f}" +
              (f" ({-drop:+.2f} pp from dense, gate {limit} pp)" if drop is not None else ""))
         if drop is None or limit is None or drop <= limit or count >= len(ranking):
             break
@@ -146,7 +149,7 @@ def quantize_for_export(model, fp32_path: Path, recipe: "Recipe", samples, *, mo
                           samples=samples.numpy(), evaluate=evaluate, baseline_top1=baseline)
 
 
-def needs_qat(recipe: "Recipe", ptq: dict[str, Any], dense_top1: float) -> bool:
+def needs_qat(recipe: "Recipe", ptq: dict[str, Any], dense_top1: float, key: str = "top1") -> bool:
     """export.quantize.qat: true, or auto when post-training int8 misses gates.max_accuracy_drop."""
     cfg = recipe.export.quantize
     if cfg.mode != "int8" or cfg.qat.enabled is False:
@@ -154,11 +157,12 @@ def needs_qat(recipe: "Recipe", ptq: dict[str, Any], dense_top1: float) -> bool:
     if cfg.qat.enabled is True:
         return True
     limit = recipe.gates.max_accuracy_drop
-    return limit is not None and dense_top1 - ptq["top1"] > limit
+    return limit is not None and dense_top1 - ptq[key] > limit
 
 
 def quantize_after_qat(model, out: Path, recipe: "Recipe", *, train_set, val_set, samples, ptq: dict[str, Any],
-                       evaluate: Callable[[Path], float], device: str = "cpu") -> dict[str, Any]:
+                       evaluate: Callable[[Path], float], device: str = "cpu", task: Any = None,
+                       key: str = "top1") -> dict[str, Any]:
     """QAT on a copy of the pruned model (the layers post-training int8 kept in float stay float), then the same
     static quantization of its export into model.int8.onnx. The fp32 model.onnx and the slim model stay as they
     were; the report's `qat` says that the int8 file comes from the QAT weights."""
@@ -181,9 +185,9 @@ def quantize_after_qat(model, out: Path, recipe: "Recipe", *, train_set, val_set
     finetune = recipe.finetune.model_copy(update={
         "epochs": cfg.qat.epochs, "optimizer": recipe.finetune.optimizer.model_copy(update={"lr": cfg.qat.lr}),
         "scheduler": recipe.finetune.scheduler.model_copy(update={"kind": "constant", "warmup_epochs": 0.0})})
-    info(f"      post-training int8 top-1 {ptq['top1']:.2f}%: quantization-aware fine-tuning for "
+    info(f"      post-training int8 {key} {ptq[key]:.2f}: quantization-aware fine-tuning for "
          f"{cfg.qat.epochs} epoch(s) at lr {cfg.qat.lr:g}, {len(state.modules)} layers fake-quantized")
-    history = fit(student, train_set, val_set, finetune, recipe.data, device=device, alone=True).history
+    history = fit(student, train_set, val_set, finetune, recipe.data, device=device, alone=True, task=task).history
     qat.detach(student, state)
     student = student.cpu().eval()
     with tempfile.TemporaryDirectory(prefix="compressor-qat-") as work:
@@ -191,8 +195,8 @@ def quantize_after_qat(model, out: Path, recipe: "Recipe", *, train_set, val_set
         export_onnx(student, example_inputs(recipe.model), fp32, recipe.export.onnx)
         calibration = sample_batch(train_set, cfg.calibration.samples)[0].numpy()
         result = quantize_model(fp32, recipe, calibration=calibration, reference=torch_outputs(student, samples),
-                                samples=samples.numpy(), evaluate=evaluate, out=out, exclude=float_nodes)
+                                samples=samples.numpy(), evaluate=evaluate, out=out, exclude=float_nodes, key=key)
     result["path"] = str(out)
-    result["qat"] = {"epochs": cfg.qat.epochs, "lr": cfg.qat.lr, "post_training_top1": ptq["top1"],
+    result["qat"] = {"epochs": cfg.qat.epochs, "lr": cfg.qat.lr, f"post_training_{key}": ptq[key],
                      "fake_quantized_layers": len(state.modules), "history": history}
     return result

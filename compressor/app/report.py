@@ -307,34 +307,40 @@ def _deployment_section(r: dict[str, Any]) -> list[str]:
     def cells(key: str) -> list[str]:
         return [f"{x[key]['p50']:.3f} (x{x['dense']['p50'] / x[key]['p50']:.2f})" for x in timed]
 
-    rows = [["dense fp32", f"{dense['top1']:.2f}", "", _kb(dense["onnx_bytes"]), *cells("dense")],
-            ["pruned fp32", f"{comp.get('onnx_top1', comp['top1']):.2f}",
-             f"{comp.get('onnx_top1', comp['top1']) - dense['top1']:+.2f}", _kb(comp["onnx_bytes"]),
+    task = task_info(r)
+    key, label = task["primary"], f"{task['label']} {task['unit']}".strip()
+    onnx = comp.get(f"onnx_{key}", comp[key])
+    rows = [["dense fp32", f"{dense[key]:.2f}", "", _kb(dense["onnx_bytes"]), *cells("dense")],
+            ["pruned fp32", f"{onnx:.2f}", f"{onnx - dense[key]:+.2f}", _kb(comp["onnx_bytes"]),
              *cells("compressed")],
-            [f"pruned {q['mode']}", f"{q['top1']:.2f}", f"{q['top1'] - dense['top1']:+.2f}", _kb(q["bytes"]),
+            [f"pruned {q['mode']}", f"{q[key]:.2f}", f"{q[key] - dense[key]:+.2f}", _kb(q["bytes"]),
              *cells("quantized")]]
     lines = [f"## Deployment: dense, pruned and pruned {q['mode']}", ""]
-    lines += table(["model", "top-1 % (ONNX Runtime, whole val set)", "vs dense pp", "file", *heads], rows)
+    lines += table(["model", f"{label} (ONNX Runtime, whole val set)", "vs dense points", "file", *heads], rows)
     settings = q.get("settings") or {}
     if settings:
         lines += [f"INT8: static QDQ, {settings['calibration']} calibration on {settings['calibration_samples']} "
                   f"training samples, per-channel weights {settings['per_channel']}, {settings['activations']} "
                   f"activations, reduce_range {settings['reduce_range']} ({settings['why']}).", ""]
     p = q["parity"]
-    lines += [f"Parity vs the fp32 PyTorch model on {p['samples']} validation samples: top-1 agreement "
-              f"{p['top1_agreement']:.4f} (required {p['min_top1_agreement']}), max abs diff {p['max_abs_diff']:.3g} "
+    agreement = ("" if p.get("top1_agreement") is None else
+                 f"top-1 agreement {p['top1_agreement']:.4f} (required {p['min_top1_agreement']}), ")
+    lines += [f"Parity vs the fp32 PyTorch model on {p['samples']} validation samples: {agreement}"
+              f"max abs diff {p['max_abs_diff']:.3g} "
               f"(allowed {p['rtol']:g} x max |output| = {p['allowed_abs_diff']:.3g}). Layers kept in float: "
               f"{', '.join(q.get('float_layers') or []) or 'none'}.", ""]
     if q.get("qat"):
         t = q["qat"]
-        lines += [f"Quantization-aware fine-tuning: post-training int8 gave {t['post_training_top1']:.2f}%; "
-                  f"{t['epochs']} epoch(s) with {t['fake_quantized_layers']} layers fake-quantized (lr {t['lr']:g}) "
-                  f"gave {q['top1']:.2f}%. The int8 file comes from the QAT weights; model.onnx and the slim model "
+        lines += [f"Quantization-aware fine-tuning: post-training int8 gave {task['label']} "
+                  f"{t[f'post_training_{key}']:.2f}{task['unit']}; {t['epochs']} epoch(s) with "
+                  f"{t['fake_quantized_layers']} layers fake-quantized (lr {t['lr']:g}) gave {q[key]:.2f}"
+                  f"{task['unit']}. The int8 file comes from the QAT weights; "
+                  "model.onnx and the slim model "
                   "are the fp32 pruned model.", ""]
     if q.get("auto_tries"):
         lines += ["`exclude: auto` (the most harmful layers first, by the sensitivity scan):", ""]
-        lines += table(["float layers", "top-1 %", "drop from dense pp"],
-                        [[len(t["excluded"]), f"{t['top1']:.2f}",
+        lines += table(["float layers", label, "drop from dense points"],
+                        [[len(t["excluded"]), f"{t[key]:.2f}",
                           "-" if t["drop_pp"] is None else f"{t['drop_pp']:+.2f}"] for t in q["auto_tries"]])
     if q.get("sensitivity"):
         lines += ["Most sensitive layers (each quantized alone; agreement with fp32):", ""]
