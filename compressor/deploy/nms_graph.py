@@ -90,18 +90,21 @@ def add_nms(source: str | Path, dest: str | Path, *, layout: str, conf: float, i
         raise ExportError(f"NMS settings out of range: conf {conf} (0 <= conf < 1), iou {iou} (0..1), max_det "
                           f"{max_det} (>= 1).", hint="Check export.nms in the recipe.")
     source, dest = Path(source), Path(dest)
+    if source.with_name(source.name + ".data").is_file():
+        raise ExportError(f"{source.name} keeps its tensors in an external data file (over 2 GB); NMS in the graph "
+                          "is written for detectors whose ONNX is one file.", hint="Set export.nms.enabled: false.")
     model = onnx.load(str(source))
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 11:
         raise ExportError(f"{source.name} has opset {opset}; NMS in the graph needs opset 11 or newer.",
                           hint="Export with export.onnx.opset 11 or newer (17 is the default).")
+    g = _Graph(graph, opset)  # refuses a graph that holds NMS already
     raw = [o.name for o in graph.output]
     want = 1 if layout == "yolo" else 2
     if len(graph.input) != 1 or len(raw) != want:
         raise ExportError(f"{source.name} has {len(graph.input)} inputs and {len(raw)} outputs; a {layout!r} detector "
                           f"has one image input and {want} raw output{'s' if want > 1 else ''}.")
-    g = _Graph(graph, opset)
     image = graph.input[0].name
 
     # raw head -> boxes (N, A, 4) x0, y0, x1, y1 and probabilities (N, C, A), the layouts NonMaxSuppression takes
@@ -177,7 +180,8 @@ def add_nms(source: str | Path, dest: str | Path, *, layout: str, conf: float, i
 
     batch_dim = _batch_dim(graph.input[0])
     final = [(num_dets, TensorProto.INT32, [batch_dim, 1]), (det_boxes, TensorProto.FLOAT, [batch_dim, max_det, 4]),
-             (det_scores, TensorProto.FLOAT, [batch_dim, max_det]), (det_classes, TensorProto.INT32, [batch_dim, max_det])]
+             (det_scores, TensorProto.FLOAT, [batch_dim, max_det]),
+             (det_classes, TensorProto.INT32, [batch_dim, max_det])]
     del graph.output[:]
     graph.output.extend(helper.make_tensor_value_info(name, dtype, dims) for name, dtype, dims in final)
     try:

@@ -12,7 +12,9 @@ last kept score of a full (max_det) list, when its IoU with a higher-scoring det
 two tied boxes NMS keeps depends on the sort's order; saturated probabilities of 1.0 tie often), when its anchor's
 two best class probabilities are within EDGE in PyTorch's outputs (its one label may differ), or when an excused
 detection of the other side overlaps it above `iou` (NMS cascades from a flipped box).
-Such detections are counted in the result ("edge_cases"); anything else is a ParityError.
+Such detections are counted in the result ("edge_cases"); anything else is a ParityError, and so is a file's
+detection that none of PyTorch's candidate anchors predicts (no box within MATCH_IOU with its score): an excuse
+explains a decision that flipped, never a box that moved.
 """
 from __future__ import annotations
 
@@ -40,30 +42,33 @@ Detections = list[dict[str, np.ndarray]]  # per image: boxes (K, 4), scores (K,)
 def reference_detections(model: nn.Module, inputs: torch.Tensor, *, layout: str, conf: float, iou: float,
                          max_det: int, batch_size: int = 64) -> Detections:
     """compressor's postprocess of the PyTorch model's raw eval outputs (boxes clipped to the input, as the graph
-    clips them), per image, as numpy; "ambiguous" holds the (clipped) boxes of the anchors whose label is on the
-    edge (ambiguous_boxes)."""
+    clips them), per image, as numpy, with "candidates": PyTorch's anchors before NMS (candidate_anchors)."""
     model = model.eval()
     size = tuple(int(s) for s in inputs.shape[-2:])
     found: Detections = []
     for i in range(0, len(inputs), batch_size):
         outputs = model(inputs[i:i + batch_size])
-        ambiguous = ambiguous_boxes(outputs, layout, conf=conf, size=size)
-        for d, edge in zip(postprocess(outputs, layout, conf=conf, iou=iou, max_det=max_det, size=size), ambiguous):
-            found.append({**{k: v.detach().cpu().numpy() for k, v in d.items()}, "ambiguous": edge})
+        candidates = candidate_anchors(outputs, layout, conf=conf, size=size)
+        for d, anchors in zip(postprocess(outputs, layout, conf=conf, iou=iou, max_det=max_det, size=size),
+                              candidates):
+            found.append({**{k: v.detach().cpu().numpy() for k, v in d.items()}, "candidates": anchors})
     return found
 
 
-def ambiguous_boxes(outputs: Any, layout: str, *, conf: float, size: tuple[int, int]) -> list[np.ndarray]:
-    """Per image, the clipped boxes of the candidate anchors whose best two class probabilities are within EDGE:
-    their one label (the first best class) can differ between runtimes, and with it the class NMS puts them in."""
+def candidate_anchors(outputs: Any, layout: str, *, conf: float, size: tuple[int, int]) -> list[dict[str, np.ndarray]]:
+    """Per image, every anchor that is a candidate (best class probability above conf - EDGE) before NMS: its
+    clipped box, best probability and label, and whether its label is ambiguous (its two best probabilities within
+    EDGE: the one label, the first best class, can differ between runtimes, and with it the class NMS puts it in).
+    What a file's detection must be one of; an ambiguous anchor's flip is an edge case."""
     boxes, scores = boxes_and_scores(outputs, layout)
-    if scores.shape[-1] < 2:
-        return [np.zeros((0, 4), np.float32) for _ in range(len(boxes))]
-    top = scores.topk(2, dim=-1).values
-    edge = (top[..., 0] - top[..., 1] <= EDGE) & (top[..., 0] > conf - EDGE)
+    best, labels = scores.max(-1)
+    second = scores.topk(2, dim=-1).values[..., 1] if scores.shape[-1] > 1 else torch.full_like(best, -1.0)
+    keep = best > conf - EDGE
     h, w = size
     limits = boxes.new_tensor([w, h, w, h])
-    return [torch.minimum(b[e].clamp(min=0), limits).cpu().numpy() for b, e in zip(boxes, edge)]
+    return [{"boxes": torch.minimum(b[k].clamp(min=0), limits).cpu().numpy(), "scores": s[k].cpu().numpy(),
+             "labels": c[k].cpu().numpy(), "ambiguous": (s[k] - t[k] <= EDGE).cpu().numpy()}
+            for b, s, c, t, k in zip(boxes, best, labels, second, keep)]
 
 
 def file_detections(session: Any, inputs: Any, *, batch_size: int = 64, source: str = "the NMS file") -> Detections:
@@ -120,13 +125,27 @@ def match_image(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarra
     unexplained: list[tuple[int, int]] = []
     lone = [(s, k) for _, s, k in unmatched]
     for score, s, k in unmatched:
-        if _on_edge(sides, excused, lone, s, k, conf=conf, iou=iou, max_det=max_det):
+        if s == 1 and not _is_candidate(reference.get("candidates"), candidate, k):
+            unexplained.append((s, k))  # no anchor of the PyTorch model predicts this box: not a flipped decision
+        elif _on_edge(sides, excused, lone, s, k, conf=conf, iou=iou, max_det=max_det):
             excused.append((s, k))
         else:
             unexplained.append((s, k))
     return {"pairs": pairs, "excused": excused, "unexplained": unexplained, "max_box_diff": box_diff,
             "max_box_relative_diff": box_rel, "max_score_diff": score_diff,
             "counts": (len(reference["scores"]), len(candidate["scores"]))}
+
+
+def _is_candidate(candidates: Optional[dict[str, np.ndarray]], side: dict[str, np.ndarray], k: int) -> bool:
+    """Whether detection k of the file is one of PyTorch's candidate anchors (same box within MATCH_IOU, score
+    within SCORE_ATOL, same class unless the anchor's label is ambiguous); True when the candidates are unknown."""
+    if candidates is None:
+        return True
+    close = np.abs(candidates["scores"].astype(np.float64) - float(side["scores"][k])) <= SCORE_ATOL
+    close &= (candidates["labels"] == side["labels"][k]) | candidates["ambiguous"]
+    if not close.any():
+        return False
+    return bool((box_iou(side["boxes"][k], candidates["boxes"][close])[0] > MATCH_IOU).any())
 
 
 def _on_edge(sides: Sequence[dict[str, np.ndarray]], excused: list[tuple[int, int]], lone: list[tuple[int, int]],
@@ -137,7 +156,8 @@ def _on_edge(sides: Sequence[dict[str, np.ndarray]], excused: list[tuple[int, in
     score, label, box = float(own["scores"][k]), int(own["labels"][k]), own["boxes"][k]
     if abs(score - conf) <= EDGE:
         return True
-    flips = sides[0].get("ambiguous")  # anchors whose label may differ between the runtimes (the reference's)
+    anchors = sides[0].get("candidates")  # PyTorch's anchors whose label may differ between the runtimes
+    flips = None if anchors is None else anchors["boxes"][anchors["ambiguous"]]
     if flips is not None and len(flips) and (box_iou(box, flips)[0] > MATCH_IOU).any():
         return True
     if len(other["scores"]) >= max_det and score <= float(other["scores"].min()) + EDGE:
