@@ -28,19 +28,34 @@ def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool 
         session = open_onnx_session(Path(model_ref), "ort-cpu")
         _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))
         require_labels(val_set, "compressor eval")
-        return evaluate_onnx(Path(model_ref), val_set, batch_size=batch, session=session, task=recipe.build_task())
+        task = recipe.build_task()
+        layout = onnx_detection_layout(session, Path(model_ref)) if task.name == "detection" else None
+        return evaluate_onnx(Path(model_ref), val_set, batch_size=batch, session=session, task=task, model=layout)
     model = load_model(model_ref, recipe.model, trust_checkpoint=trust_checkpoint)
     _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))
     require_labels(val_set, "compressor eval")
     return evaluate(model, val_set, batch_size=batch, device=device, task=recipe.build_task())
 
 
+def onnx_detection_layout(session, path: Path) -> str:
+    """A detector's output layout read off its exported file, where no PyTorch model tells it
+    (compressor/tasks/boxes.py): one output is the "yolo" tensor (N, 4 + C, A), two are the "boxes_scores" pair."""
+    from compressor.errors import UsageError
+
+    names = [o.name for o in session.get_outputs()]
+    if len(names) in (1, 2):
+        return "yolo" if len(names) == 1 else "boxes_scores"
+    raise UsageError(f"{path} has the outputs {', '.join(names)}; compressor evaluates a detector's raw export (one "
+                     "(N, 4 + C, A) tensor, or boxes and scores).",
+                     hint="Evaluate the run's model.onnx (compress reports the mAP of a model.nms.onnx itself).")
+
+
 def evaluate_onnx(path: Path, dataset, *, batch_size: int = 256, session: Optional[object] = None,
                   metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
-                  task: Optional["Task"] = None, model: Optional[torch.nn.Module] = None) -> dict[str, float]:
+                  task: Optional["Task"] = None, model: Optional[torch.nn.Module | str] = None) -> dict[str, float]:
     """The same metrics as train.evaluate (one accumulation per task, compressor/tasks; the Python API's `metric`
     too), computed with ONNX Runtime on the CPU. `model`: the PyTorch model the file was exported from, for what
-    the task reads off it (a detector's output layout)."""
+    the task reads off it (a detector's output layout), or that layout itself (onnx_detection_layout)."""
     from compressor.deploy.onnx_runtime import run_onnx_outputs
     from compressor.deploy.runners import open_onnx_session
     from compressor.train.loop import default_task

@@ -69,8 +69,11 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
     else:
         samples = example_inputs(model_cfg, min(verify_cfg.samples, 64))
         source = f"{len(samples)} random inputs (give --recipe to verify on real data)"
+    # the task's parity rule (compressor/tasks: every output of a detector, the task's least relative tolerance)
+    task = recipe.build_task() if recipe is not None else None
+    rule = {} if task is None else {"compare": task.compare, "rtol": task.rtol(verify_cfg.rtol)}
     try:
-        info["parity"] = {**verify_onnx(model, target, samples, verify_cfg), "source": source}
+        info["parity"] = {**verify_onnx(model, target, samples, verify_cfg, **rule), "source": source}
     except Exception:
         remove_onnx(target)  # an export that failed verification is not left looking complete
         raise
