@@ -152,6 +152,11 @@ def test_export_of_a_run_passes_the_tasks_parity_rule(key, runs, tmp_path):
     exported = invoke_cli("export", out, "--recipe", recipe, "--out", tmp_path / "again.onnx")
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "parity max abs diff" in exported.stdout and (tmp_path / "again.onnx").is_file()
+    # without a recipe the task comes from the model itself (a detector names its output layout, a segmenter
+    # exports at any size): the same rule on random inputs
+    bare = invoke_cli("export", out, "--out", tmp_path / "bare.onnx")
+    assert bare.returncode == 0, bare.stderr[-3000:]
+    assert "parity max abs diff" in bare.stdout and (tmp_path / "bare.onnx").is_file()
 
 
 def test_a_planted_bad_weight_in_the_exported_detector_fails_parity(runs, tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
     from compressor.models.config import ModelConfig
     from compressor.models.slim import read_model_config
     from compressor.deploy.verify import verify_onnx
+    from compressor.tasks import task_of_model
 
     if fmt not in ("onnx", "tensorrt"):
         raise UsageError(f"--format {fmt!r}: use onnx or tensorrt.")
@@ -66,12 +67,12 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
 
         samples, _ = sample_batch(build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))[1], verify_cfg.samples)
         source = f"{len(samples)} {recipe.data.kind} validation samples"
-    else:
-        samples = example_inputs(model_cfg, min(verify_cfg.samples, 64))
-        source = f"{len(samples)} random inputs (give --recipe to verify on real data)"
     # the task's parity rule (compressor/tasks: every output of a detector, the task's least relative tolerance)
-    task = recipe.build_task() if recipe is not None else None
-    rule = {} if task is None else {"compare": task.compare, "rtol": task.rtol(verify_cfg.rtol)}
+    task = recipe.build_task() if recipe is not None else task_of_model(model, model_cfg.num_classes)
+    if recipe is None:
+        samples = task.random_inputs(model_cfg, min(verify_cfg.samples, 64))
+        source = f"{len(samples)} random inputs (give --recipe to verify on real data)"
+    rule = {"compare": task.compare, "rtol": task.rtol(verify_cfg.rtol)}
     try:
         info["parity"] = {**verify_onnx(model, target, samples, verify_cfg, **rule), "source": source}
     except Exception:

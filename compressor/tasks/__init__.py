@@ -8,9 +8,20 @@ from compressor.tasks import classification  # noqa: F401  (registers)
 from compressor.tasks import segmentation  # noqa: F401  (registers)
 from compressor.tasks import detection  # noqa: F401  (registers)
 
-__all__ = ["TASKS", "Task", "Evaluator", "build_task"]
+__all__ = ["TASKS", "Task", "Evaluator", "build_task", "task_of_model"]
 
 
 def build_task(name: str, num_classes: int, **options) -> Task:
     """The recipe's task, built for the model's classes."""
     return TASKS.get(name)(num_classes, **options)
+
+
+def task_of_model(model, num_classes: int) -> Task:
+    """The task a model's own attributes say it serves, where no recipe names one (`compressor export MODEL`): a
+    detector wrapper names its output layout, a segmenter exports at any size; anything else classifies."""
+    bare = getattr(model, "module", model)
+    if getattr(bare, "output_layout", None) is not None:
+        return build_task("detection", getattr(bare, "num_classes", num_classes))
+    if getattr(bare, "dynamic_size", False):
+        return build_task("segmentation", num_classes)
+    return build_task("classification", num_classes)

@@ -55,6 +55,7 @@ class Task:
     # per-pixel logits and a detector's pixel boxes pass through many more float32 reductions and resamplings than
     # a classifier's logits, and ONNX Runtime's kernels round them differently in the last bits
     parity_rtol: ClassVar[float] = 0.0
+    unit_images: ClassVar[bool] = False  # the task's models take images scaled to [0, 1] (random_inputs)
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -102,6 +103,16 @@ class Task:
         return []
 
     # ------------------------------------------------------------------------------------------ export
+    def random_inputs(self, model_cfg: Any, count: int) -> torch.Tensor:
+        """Seeded random inputs where no data is given (`compressor export` without a recipe): a classifier's
+        standard normal (compressor.models.loading.example_inputs); tasks whose models take [0, 1] images draw
+        uniformly from that range, since their heads amplify out-of-range inputs into boxes of thousands of pixels."""
+        from compressor.models.loading import example_inputs
+
+        if self.unit_images:
+            return torch.rand((count, *model_cfg.input_shape), generator=torch.Generator().manual_seed(0))
+        return example_inputs(model_cfg, count)
+
     def rtol(self, recipe_rtol: float) -> float:
         """The relative parity tolerance: the recipe's verify.rtol, at least the task's parity_rtol."""
         return max(recipe_rtol, self.parity_rtol)

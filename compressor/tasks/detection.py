@@ -60,6 +60,7 @@ class Detection(Task):
     name = "detection"
     primary, primary_label, primary_unit = "map50_95", "mAP50-95", ""  # points on 0-100
     parity_rtol = 1e-4
+    unit_images = True  # its models take [0, 1] images (random_inputs)
     columns = (("map50_95", "mAP50-95", 2), ("map50", "mAP50", 2))  # the report's metric columns
 
     def __init__(self, num_classes: int, conf: float = 0.001, iou: float = 0.7, max_det: int = 300) -> None:

@@ -126,6 +126,7 @@ def _metric_value(metric: Callable[[torch.Tensor, torch.Tensor], Any], outputs: 
 class Segmentation(Task):
     primary, primary_label, primary_unit = "miou", "mIoU", "%"
     parity_rtol = 1e-4
+    unit_images = True  # its models take [0, 1] images (random_inputs)
     columns = (("miou", "mIoU %", 2), ("pixel_acc", "pixel acc. %", 2))  # the report's metric columns
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
