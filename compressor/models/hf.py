@@ -14,6 +14,9 @@ classification head with model.num_classes outputs (fine-tune it on labelled dat
 wrapped to take one int64 tensor of token
 ids (model.inputs: tokens); the attention mask is derived inside as `input_ids != pad_token_id`, so the exported
 ONNX has one input and right-padded batches give the same logits as unpadded text.
+A directory whose config.json names a *ForSemanticSegmentation class (SegFormer, ...) loads as a segmenter
+(models/hf_segmentation.py, task: segmentation); detection transformers (RT-DETR, DETR, ...) are refused
+(refuse_detector says why).
 """
 from __future__ import annotations
 
@@ -162,6 +165,7 @@ def model_section(directory: str) -> dict[str, Any]:
     (`compressor inspect hf:DIR`): its own labels, channels and image size (224 where config.json gives none), or
     for a text model token inputs of min(128, its positions)."""
     _, _, config = read_config(directory)
+    refuse_detector(config, directory)
     labels = int(config.num_labels)
     if model_kind(config, directory) == "text":
         limit = getattr(config, "max_position_embeddings", None)
@@ -172,10 +176,35 @@ def model_section(directory: str) -> dict[str, Any]:
     return {"num_classes": labels, "in_channels": channels, "input_shape": [channels, int(height), int(width)]}
 
 
+def refuse_detector(config, directory: str) -> None:
+    """ModelLoadError for a detection transformer (config.json names an object-detection class, or its model_type
+    has one and no image classifier): RT-DETR was tried and does not fit the detection contract yet."""
+    from transformers.models.auto import modeling_auto as auto
+
+    mapping = auto.MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
+    named = set(getattr(config, "architectures", None) or []) & _classifiers(mapping)
+    if not named and not (config.model_type in mapping and config.model_type not in _mappings()["image"]):
+        return
+    name = sorted(named)[0] if named else config.model_type
+    raise ModelLoadError(f"hf:{directory}: {name} is a detection transformer, which compressor does not compress yet: "
+                         "for RT-DETR (tried), its ONNX export (TorchScript and dynamo) does not reproduce its "
+                         "PyTorch boxes and scores, its backbone's frozen batch norms do not follow channel pruning, "
+                         "and its own loss needs scipy (not a compressor dependency) and, for its denoising queries, "
+                         "the targets inside the forward.",
+                         hint="Compress a YOLO model (ultralytics:yolo11n.yaml) or a torchvision detector "
+                              "(torchvision:ssdlite320_mobilenet_v3_large, retinanet_resnet50_fpn, fcos_resnet50_fpn) "
+                              "with task: detection.")
+
+
 def load_hf(directory: str, num_classes: int, in_channels: int) -> nn.Module:
     """The model in `directory` (config.json + weights), wrapped to return logits; ModelLoadError naming the file
     or recipe field that does not fit."""
     transformers, path, config = read_config(directory)
+    from compressor.models.hf_segmentation import load_hf_segmenter, names_segmenter
+
+    if names_segmenter(config):  # a *ForSemanticSegmentation class: task segmentation (models/hf_segmentation.py)
+        return load_hf_segmenter(transformers, path, directory, config, num_classes, in_channels)
+    refuse_detector(config, directory)
     if model_kind(config, directory) == "text":
         return _load_text(transformers, path, directory, config, num_classes)
     head = named_classifier(config, "image")
@@ -224,8 +253,9 @@ def check_image_forward(model: "HFLogits", reference: str, input_shape: list[int
                                   "tensor: set model.input_shape to a size it takes (config.json's image_size). A "
                                   "model that needs other inputs too (a text prompt, patch masks and spatial shapes) "
                                   "cannot be compressed as an image classifier.") from None
-    if tuple(out.shape) != (1, int(num_classes)):
-        raise ModelLoadError(f"{reference}: {name} returns {list(out.shape)} for one image, not [1, {num_classes}] "
+    want = (1, int(num_classes), *input_shape[1:]) if getattr(model, "dynamic_size", False) else (1, int(num_classes))
+    if tuple(out.shape) != want:  # a segmenter (dynamic_size): per-pixel class scores at the input's size
+        raise ModelLoadError(f"{reference}: {name} returns {list(out.shape)} for one image, not {list(want)} "
                              "class scores.")
 
 

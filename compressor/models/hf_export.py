@@ -10,7 +10,8 @@ reloaded with from_pretrained and its logits compared with the pruned model's be
 format (slim.json + weights.safetensors) reloads every shape regardless. Vision models (no token embedding:
 their get_input_embeddings raises NotImplementedError) go through the same checks: a pruned convolution's width
 is a tensor shape the config cannot describe, so their folder is written only when nothing but such an MLP width
-changed.
+changed. SegFormer's config has per-stage lists: a stage's MLP width is written as a whole mlp_ratio and one
+decode-head width as decoder_hidden_size where they are (hf_segmentation.describe_stage_widths).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 
 from compressor.models.attention import attention_modules, head_count
-from compressor.models.hf import HFLogits, HFText, quiet
+from compressor.models.hf import HFText, quiet
+from compressor.models.hf_segmentation import describe_stage_widths
 
 # config attribute -> the Linear whose out_features it sets, by module-name suffix (BERT/RoBERTa/ViT/DeiT, DistilBERT)
 MLP_FIELDS = {"intermediate_size": (".intermediate.dense",), "hidden_dim": (".ffn.lin1",)}
@@ -59,6 +61,7 @@ def config_for(model: nn.Module) -> tuple[Optional[Any], Optional[str]]:
                   if isinstance(m, nn.Linear) and name.endswith(suffixes)}
         if hasattr(config, attr) and len(widths) == 1:
             setattr(config, attr, widths.pop())
+    describe_stage_widths(model, config)  # SegFormer's per-stage MLP ratios and decoder width
     with torch.device("meta"):
         rebuilt_model = type(model)(config)
     heads, rebuilt_heads = _heads(model), _heads(rebuilt_model)
@@ -108,7 +111,7 @@ def save_pretrained_checked(wrapper: nn.Module, folder: Path, example: torch.Ten
             return {"written": False, "reason": f"from_pretrained cannot rebuild it ({type(exc).__name__}: "
                                                 f"{' '.join(str(exc).split())[:200]})"}
         rebuilt = (HFText(reloaded, wrapper.pad_token_id) if isinstance(wrapper, HFText)
-                   else HFLogits(reloaded, wrapper.argument))
+                   else type(wrapper)(reloaded, wrapper.argument))  # HFLogits, or HFSegmenter: same signature
         with torch.no_grad():
             diff = float((wrapper.eval()(example) - rebuilt(example)).abs().max())
         if diff > TOLERANCE:
