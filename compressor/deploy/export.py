@@ -247,7 +247,10 @@ def _eager_attention(model: nn.Module):
         yield
     finally:
         for module, current in reversed(switched):
-            module.set_attn_implementation(current)
+            try:
+                module.set_attn_implementation(current)
+            except (ValueError, ImportError, AttributeError):  # a family that refuses to switch back (RT-DETR's
+                module.config._attn_implementation = current  # "sdpa"): its recorded choice, as it was
 
 
 def zipped_size(path: str | Path) -> int:
