@@ -9,6 +9,8 @@ The outputs are the layout TensorRT's EfficientNMS_TRT plugin produces, so one c
 - det_classes (N, max_det) int32: 0-based class ids.
 Rows past num_dets are padding: boxes and scores 0, classes -1. The input is model.onnx's, unchanged (name, dtype,
 dynamic batch): the graph is model.onnx's with nodes appended, built with the `onnx` package (no torch here).
+The pieces before NonMaxSuppression (open_raw, decode, one_class_per_anchor, finish) also build the TensorRT file
+whose NMS is the EfficientNMS_TRT plugin (compressor/deploy/trt_nms.py).
 
 The decisions are compressor's own postprocess (compressor/tasks/boxes.py) at the given conf / iou / max_det:
 an anchor is a candidate when its best class probability is above `conf` (strictly, as ORT's NonMaxSuppression
@@ -77,19 +79,18 @@ class _Graph:
         return self.op("ReduceSum", [data, self.const("axes", [axis], np.int64)], out, out=out, keepdims=1)
 
 
-def add_nms(source: str | Path, dest: str | Path, *, layout: str, conf: float, iou: float,
-            max_det: int) -> dict[str, Any]:
-    """Write `dest`: the raw detector `source` (model.onnx) with NMS appended (see the module docstring), checked
-    with onnx.checker, written atomically. Returns what the report records of it."""
+def open_raw(source: str | Path, *, layout: str, conf: float, iou: float, max_det: int) -> tuple[Any, _Graph, str,
+                                                                                                   list[str]]:
+    """The raw detector `source` loaded for appending post-processing, after checking the settings, the opset (11 or
+    newer) and the layout's inputs and outputs: (model, its _Graph, the image input's name, the raw output names)."""
     import onnx
-    from onnx import TensorProto, helper
 
     if layout not in LAYOUTS:
         raise ExportError(f"unknown detection output layout {layout!r}; NMS in the graph knows {', '.join(LAYOUTS)}.")
     if not 0.0 <= conf < 1.0 or not 0.0 <= iou <= 1.0 or max_det < 1:
         raise ExportError(f"NMS settings out of range: conf {conf} (0 <= conf < 1), iou {iou} (0..1), max_det "
                           f"{max_det} (>= 1).", hint="Check export.nms in the recipe.")
-    source, dest = Path(source), Path(dest)
+    source = Path(source)
     if source.with_name(source.name + ".data").is_file():
         raise ExportError(f"{source.name} keeps its tensors in an external data file (over 2 GB); NMS in the graph "
                           "is written for detectors whose ONNX is one file.", hint="Set export.nms.enabled: false.")
@@ -105,9 +106,15 @@ def add_nms(source: str | Path, dest: str | Path, *, layout: str, conf: float, i
     if len(graph.input) != 1 or len(raw) != want:
         raise ExportError(f"{source.name} has {len(graph.input)} inputs and {len(raw)} outputs; a {layout!r} detector "
                           f"has one image input and {want} raw output{'s' if want > 1 else ''}.")
-    image = graph.input[0].name
+    return model, g, graph.input[0].name, raw
 
-    # raw head -> boxes (N, A, 4) x0, y0, x1, y1 and probabilities (N, C, A), the layouts NonMaxSuppression takes
+
+def decode(g: _Graph, layout: str, raw: list[str], image: str, *, classes_last: bool = False) -> tuple[str, str, str]:
+    """Nodes from the raw head to boxes (N, A, 4) x0, y0, x1, y1 clipped to the image (x to [0, W], y to [0, H], as
+    postprocess clips) and class probabilities (N, C, A), or (N, A, C) with `classes_last`; returns the names of
+    boxes, scores and the image's runtime shape (N, 3, H, W)."""
+    from onnx import TensorProto
+
     if layout == "yolo":
         head = raw[0]
         axis = g.const("axes", [1], np.int64)
@@ -122,24 +129,42 @@ def add_nms(source: str | Path, dest: str | Path, *, layout: str, conf: float, i
         corners = g.op("Concat", [g.op("Sub", [centre, half], "x0y0"), g.op("Add", [centre, half], "x1y1")],
                        "corners", axis=1)
         boxes = g.op("Transpose", [corners], "boxes", perm=[0, 2, 1])
+        if classes_last:
+            scores = g.op("Transpose", [scores], "scores_last", perm=[0, 2, 1])
     else:
         boxes = raw[0]
-        scores = g.op("Transpose", [raw[1]], "scores", perm=[0, 2, 1])
+        scores = raw[1] if classes_last else g.op("Transpose", [raw[1]], "scores", perm=[0, 2, 1])
 
-    # clipped to the image (postprocess clips too): x to [0, W], y to [0, H], from the input's runtime shape
     shape = g.op("Shape", [image], "image_shape")
     limits = g.op("Cast", [g.op("Gather", [shape, g.const("whwh", [3, 2, 3, 2], np.int64)], "whwh")], "limits",
                   to=TensorProto.FLOAT)
     boxes = g.op("Min", [g.op("Max", [boxes, g.const("zero", 0.0, np.float32)], "above_zero"), limits], "clipped")
+    return boxes, scores, shape
 
-    # one class per anchor: its best probability stays in its best class's row, every other row gets -1 (never
-    # above conf), so the class-wise NMS sees each anchor once, under the label postprocess gives it
-    best = g.op("TopK", [scores, g.const("one", [1], np.int64)], "best", outputs=2, axis=1, largest=1, sorted=1)[1]
-    classes = g.op("Gather", [g.op("Shape", [scores], "scores_shape"), g.const("i", 1, np.int64)], "classes")
+
+def one_class_per_anchor(g: _Graph, scores: str, axis: int) -> str:
+    """Scores with only each anchor's best class left: its best probability stays in its best class (the first of
+    equal ones, as postprocess's max), every other class gets -1 (never above conf), so a class-wise NMS sees each
+    anchor once, under the label postprocess gives it. `axis`: the class axis of `scores` (1: (N, C, A), 2: (N, A,
+    C))."""
+    best = g.op("TopK", [scores, g.const("one", [1], np.int64)], "best", outputs=2, axis=axis, largest=1, sorted=1)[1]
+    classes = g.op("Gather", [g.op("Shape", [scores], "scores_shape"), g.const("i", axis, np.int64)], "classes")
     class_ids = g.op("Range", [g.const("zero", 0, np.int64), classes, g.const("step", 1, np.int64)], "class_ids")
-    class_ids = g.op("Reshape", [class_ids, g.const("shape", [1, -1, 1], np.int64)], "class_column")
-    chosen = g.op("Equal", [best, class_ids], "chosen")  # (N, C, A): the anchor's first best class
-    masked = g.op("Where", [chosen, scores, g.const("none", -1.0, np.float32)], "masked")
+    column = [1, -1, 1] if axis == 1 else [1, 1, -1]
+    class_ids = g.op("Reshape", [class_ids, g.const("shape", column, np.int64)], "class_column")
+    chosen = g.op("Equal", [best, class_ids], "chosen")  # the anchor's first best class
+    return g.op("Where", [chosen, scores, g.const("none", -1.0, np.float32)], "masked")
+
+
+def add_nms(source: str | Path, dest: str | Path, *, layout: str, conf: float, iou: float,
+            max_det: int) -> dict[str, Any]:
+    """Write `dest`: the raw detector `source` (model.onnx) with NMS appended (see the module docstring), checked
+    with onnx.checker, written atomically. Returns what the report records of it."""
+    from onnx import TensorProto
+
+    model, g, image, raw = open_raw(source, layout=layout, conf=conf, iou=iou, max_det=max_det)
+    boxes, scores, shape = decode(g, layout, raw, image)  # scores (N, C, A), the layout NonMaxSuppression takes
+    masked = one_class_per_anchor(g, scores, axis=1)
 
     selected = g.op("NonMaxSuppression", [boxes, masked, g.const("per_class", max_det, np.int64),
                                           g.const("iou", iou, np.float32), g.const("conf", conf, np.float32)],
@@ -170,29 +195,41 @@ def add_nms(source: str | Path, dest: str | Path, *, layout: str, conf: float, i
     class_rows = g.op("Concat", [class_of, g.const("pad_classes", np.full(max_det, PAD_CLASS), np.int64)],
                       "class_rows", axis=0)
     valid_3d = g.op("Reshape", [valid, g.const("shape", [0, 0, 1], np.int64)], "valid_3d")
-    det_boxes = g.op("Where", [valid_3d, g.op("Gather", [box_rows, index], "gathered_boxes", axis=0),
-                               g.const("zero", 0.0, np.float32)], "det_boxes", out="det_boxes")
-    det_scores = g.op("Where", [valid, top, g.const("zero", 0.0, np.float32)], "det_scores", out="det_scores")
-    det_classes = g.op("Cast", [g.op("Where", [valid, g.op("Gather", [class_rows, index], "gathered_classes", axis=0),
-                                               g.const("pad", PAD_CLASS, np.int64)], "classes64")],
-                       "det_classes", out="det_classes", to=TensorProto.INT32)
-    num_dets = g.reduce_sum(g.op("Cast", [valid], "valid_int", to=TensorProto.INT32), 1, "num_dets")
+    g.op("Where", [valid_3d, g.op("Gather", [box_rows, index], "gathered_boxes", axis=0),
+                   g.const("zero", 0.0, np.float32)], "det_boxes", out="det_boxes")
+    g.op("Where", [valid, top, g.const("zero", 0.0, np.float32)], "det_scores", out="det_scores")
+    g.op("Cast", [g.op("Where", [valid, g.op("Gather", [class_rows, index], "gathered_classes", axis=0),
+                                 g.const("pad", PAD_CLASS, np.int64)], "classes64")],
+         "det_classes", out="det_classes", to=TensorProto.INT32)
+    g.reduce_sum(g.op("Cast", [valid], "valid_int", to=TensorProto.INT32), 1, "num_dets")
 
+    finish(model, source, dest, max_det, full_check=True)
+    return {"path": str(dest), "source": Path(source).name, "layout": layout, "conf": conf, "iou": iou,
+            "max_det": max_det, "outputs": list(OUTPUTS), "input": image, "opset": g.opset,
+            "nodes": len(model.graph.node), "bytes": Path(dest).stat().st_size}
+
+
+def finish(model: Any, source: str | Path, dest: str | Path, max_det: int, *, full_check: bool) -> None:
+    """Make the four OUTPUTS (already computed in the graph) the graph's outputs, typed and shaped as EfficientNMS_TRT
+    writes them with the input's batch dimension; check the model with onnx.checker (`full_check`: with strict
+    shape inference too) and write `dest` atomically."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = model.graph
     batch_dim = _batch_dim(graph.input[0])
-    final = [(num_dets, TensorProto.INT32, [batch_dim, 1]), (det_boxes, TensorProto.FLOAT, [batch_dim, max_det, 4]),
-             (det_scores, TensorProto.FLOAT, [batch_dim, max_det]),
-             (det_classes, TensorProto.INT32, [batch_dim, max_det])]
+    types = [(TensorProto.INT32, [batch_dim, 1]), (TensorProto.FLOAT, [batch_dim, max_det, 4]),
+             (TensorProto.FLOAT, [batch_dim, max_det]), (TensorProto.INT32, [batch_dim, max_det])]
     del graph.output[:]
-    graph.output.extend(helper.make_tensor_value_info(name, dtype, dims) for name, dtype, dims in final)
+    graph.output.extend(helper.make_tensor_value_info(name, dtype, dims)
+                        for name, (dtype, dims) in zip(OUTPUTS, types))
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(model, full_check=full_check)
     except Exception as exc:  # the checker raises ValidationError / InferenceError; both mean a malformed graph
-        raise ExportError(f"the NMS graph built on {source.name} fails onnx.checker: {' '.join(str(exc).split())}",
+        raise ExportError(f"the NMS graph built on {Path(source).name} fails onnx.checker: "
+                          f"{' '.join(str(exc).split())}",
                           hint="Report this with the recipe; export.nms.enabled: false keeps the raw model.") from exc
-    _save(model, dest)
-    return {"path": str(dest), "source": source.name, "layout": layout, "conf": conf, "iou": iou, "max_det": max_det,
-            "outputs": list(OUTPUTS), "input": image, "opset": opset, "nodes": len(graph.node),
-            "bytes": dest.stat().st_size}
+    _save(model, Path(dest))
 
 
 def _batch_dim(value_info: Any) -> Any:
