@@ -49,6 +49,23 @@ def require_tensorrt(what: str = "backend tensorrt") -> None:
                                  hint="Install the [gpu] extra (pip install -e '.[gpu]') on a machine with an NVIDIA GPU.")
 
 
+_PLUGIN_LOGGER: list[Any] = []  # the logger TensorRT's plugin library was initialised with (it keeps the pointer)
+
+
+def register_plugins(trt) -> None:
+    """Register TensorRT's own plugins (EfficientNMS_TRT among them) in its plugin registry, once per process: the
+    ONNX parser looks a plugin node's creator up there, and deserializing an engine with a plugin layer needs it.
+    tensorrt.init_libnvinfer_plugins(logger, namespace) per TensorRT's Python API ("should be called once before
+    accessing the Plugin Registry"), with the default namespace ""; the logger stays referenced for the process."""
+    if _PLUGIN_LOGGER:
+        return
+    logger = trt.Logger(trt.Logger.WARNING)
+    if not trt.init_libnvinfer_plugins(logger, ""):
+        raise BackendUnavailable("TensorRT's plugin library (libnvinfer_plugin) could not be initialised.",
+                                 hint="Check the TensorRT installation: the tensorrt package ships libnvinfer_plugin.")
+    _PLUGIN_LOGGER.append(logger)
+
+
 def _cudart():
     try:
         from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
@@ -74,6 +91,7 @@ class TrtEngine:
 
         self.trt, self.cudart = trt, _cudart()
         self.logger = trt.Logger(trt.Logger.WARNING)
+        register_plugins(trt)  # an engine holding a plugin layer (EfficientNMS_TRT) deserializes only after this
         data = Path(engine_path).read_bytes()
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(data)
         if self.engine is None:
