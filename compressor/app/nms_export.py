@@ -1,7 +1,9 @@
 """export.nms in compress and deploy: model.nms.onnx and dense.nms.onnx (a detector's raw ONNX with NMS in the graph,
 compressor/deploy/nms_graph.py), their parity with compressor's postprocess of the PyTorch outputs
-(compressor/tasks/nms_parity.py), the mAP of the file's own detections, and the real images a detector is benchmarked
-on (NMS costs what the content makes it: random noise gives a different number of candidates than photographs).
+(compressor/tasks/nms_parity.py), the mAP of the file's own detections, model.nms.engine where TensorRT builds
+engines (NMS by its EfficientNMS_TRT plugin, compressor/deploy/trt_nms.py; same parity rule), and the real images a
+detector is benchmarked on (NMS costs what the content makes it: random noise gives a different number of candidates
+than photographs).
 """
 from __future__ import annotations
 
@@ -17,10 +19,9 @@ if TYPE_CHECKING:
 
 MODEL_FILE, DENSE_FILE = "model.nms.onnx", "dense.nms.onnx"
 BENCH_POOL = 64  # at most this many distinct validation images are timed; larger batches cycle through them
-TENSORRT_NOTE = ("export.nms: the TensorRT engine is built from model.onnx and keeps its raw head outputs; "
-                 "compressor does not put NMS into engines (TensorRT's EfficientNMS_TRT plugin writes the same "
-                 "num_dets / det_boxes / det_scores / det_classes layout as model.nms.onnx, so code reading one "
-                 "reads the other)")
+TENSORRT_NOTE = ("export.nms: model.nms.engine (NMS by TensorRT's EfficientNMS_TRT plugin, outputs num_dets / "
+                 "det_boxes / det_scores / det_classes as model.nms.onnx writes them) was not built: {reason}; "
+                 "model.engine keeps the raw head outputs")
 
 
 def nms_stage(state: "RunState") -> None:
@@ -69,9 +70,55 @@ def nms_stage(state: "RunState") -> None:
         line += (f", mAP50-95 {report['compressed']['onnx_nms_map50_95']:.2f} of its own detections (conf "
                  f"{cfg.conf}, at most {cfg.max_det} per image)")
     info(line)
-    report["exports"]["onnx_nms"]["tensorrt"] = TENSORRT_NOTE
-    if state.recipe.export.tensorrt.enabled is True:
-        state.notes.append(TENSORRT_NOTE)
+
+
+def nms_engine_stage(state: "RunState") -> None:
+    """After model.engine: with export.nms.enabled and a built engine, model.nms.trt.onnx and model.nms.engine
+    (NMS by EfficientNMS_TRT, compressor/deploy/trt_nms.py) beside it, the engine's detections checked against
+    compressor's postprocess of the PyTorch model on the parity samples like model.nms.onnx's (ParityError after
+    writing the report). Without a built engine the report says why this one was not built either (a note when
+    export.tensorrt.enabled is true)."""
+    cfg = state.recipe.export.nms
+    report = state.report
+    if not cfg.enabled or "onnx_nms" not in report["exports"]:
+        return
+    from compressor.deploy.trt_nms import DENSE_CONF, ENGINE_FILE, build_and_verify_nms
+
+    raw = report["exports"].get("tensorrt") or {}
+    status, reason = raw.get("status", "skipped"), raw.get("reason")
+    if status == "built" and cfg.conf < DENSE_CONF:
+        status, reason = "skipped", (f"export.nms.conf {cfg.conf} is below {DENSE_CONF}, where EfficientNMS_TRT "
+                                     "switches to a dense kernel that can return boxes under the score threshold")
+    if status != "built":
+        reason = reason or f"export.tensorrt is {status}"
+        report["exports"]["tensorrt_nms"] = {"status": status, "reason": reason}
+        report["exports"]["onnx_nms"]["tensorrt"] = TENSORRT_NOTE.format(reason=reason)
+        if state.recipe.export.tensorrt.enabled is True:
+            state.notes.append(report["exports"]["onnx_nms"]["tensorrt"])
+        return
+
+    info(f"      NMS in the engine: {ENGINE_FILE} (EfficientNMS_TRT, conf {cfg.conf}, iou {cfg.iou}, max_det "
+         f"{cfg.max_det}, fp32)")
+    try:
+        with state.timer("tensorrt_nms"):
+            built = build_and_verify_nms(state.model, state.out / "model.onnx", state.samples, state.recipe,
+                                         layout=detector_layout(state.model))
+    except ParityError as exc:
+        from compressor.app.pipeline import _finish
+
+        report["status"] = "failed: parity"
+        report["parity"]["tensorrt_nms"] = {"passed": False, "error": exc.render()}
+        _finish(report, state.out, state.timer)
+        raise
+    report["exports"]["tensorrt_nms"] = built
+    report["parity"]["tensorrt_nms"] = parity = built["parity"]
+    report["artifacts"]["tensorrt_nms"] = built["path"]
+    report["exports"]["onnx_nms"]["tensorrt"] = (f"export.nms: {ENGINE_FILE} built from {built['onnx']['path']} "
+                                                 "(NMS by TensorRT's EfficientNMS_TRT plugin) and verified")
+    if parity.get("note"):
+        state.notes.append(parity["note"])
+    info(f"      {ENGINE_FILE}: {parity['file_detections']} detections on {parity['samples']} samples, "
+         f"{parity['matched']} matched to the PyTorch postprocess ({parity['edge_cases']} on a threshold's edge)")
 
 
 def detector_layout(model: Any) -> str:

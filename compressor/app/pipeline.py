@@ -14,7 +14,7 @@ from torch import nn
 
 from compressor.app.recipe import Recipe, dump_recipe, load_recipe
 from compressor.app.evaluation import evaluate_onnx
-from compressor.app.nms_export import bench_pool, describe_inputs, nms_stage
+from compressor.app.nms_export import bench_pool, describe_inputs, nms_engine_stage, nms_stage
 from compressor.deploy.export import export_onnx
 from compressor.deploy.trt_compat import check_onnx
 from compressor.deploy.verify import verify_onnx
@@ -531,8 +531,8 @@ def check_gates(state: RunState) -> None:
 
 # every rank runs the stages up to measure_compressed (DDP training); the main process alone runs the rest
 TRAINING_STAGES = (load_inputs, measure_dense, prune_and_finetune, measure_compressed)
-MAIN_STAGES = (save_and_export, verify_exports, nms_stage, quantize_export, build_engine, measure_latency,
-               check_gates)
+MAIN_STAGES = (save_and_export, verify_exports, nms_stage, quantize_export, build_engine, nms_engine_stage,
+               measure_latency, check_gates)
 
 
 def compress(checkpoint: Optional[str | Path] = None, recipe: Recipe | dict | str | Path | None = None,

@@ -205,7 +205,18 @@ def _nms_parity(r: dict[str, Any]) -> list[str]:
             f"outputs; {p['matched']} matched (IoU > {p['match_iou']}), {p['edge_cases']} on a threshold's edge, "
             f"boxes within {p['max_box_relative_diff']:.2e} of their size, scores within {p['max_score_diff']:.2e}"
             + ("" if scored is None else f"; mAP50-95 of its own detections {scored:.2f} (mAP50 "
-                                         f"{r['compressed']['onnx_nms_map50']:.2f})") + ".", ""]
+                                         f"{r['compressed']['onnx_nms_map50']:.2f})") + ".", ""] + _nms_engine_parity(r)
+
+
+def _nms_engine_parity(r: dict[str, Any]) -> list[str]:
+    """export.nms with a TensorRT engine: how model.nms.engine's (EfficientNMS_TRT) detections matched."""
+    p = (r.get("parity") or {}).get("tensorrt_nms") or {}
+    if "matched" not in p:
+        return []
+    return [f"model.nms.engine (TensorRT EfficientNMS_TRT, fp32): {p['file_detections']} detections on "
+            f"{p['samples']} samples vs {p['detections']} from the PyTorch postprocess; {p['matched']} matched, "
+            f"{p['edge_cases']} on a threshold's edge, boxes within {p['max_box_relative_diff']:.2e} of their size, "
+            f"scores within {p['max_score_diff']:.2e}.", ""]
 
 
 def _bench_inputs(rows: list[dict[str, Any]]) -> list[str]:
