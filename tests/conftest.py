@@ -110,3 +110,7 @@ def ddp_launch(request, tmp_path_factory) -> DDPLaunch:
 def ddp(request, ddp_launch) -> tuple[Path, list[dict]]:
     """This test's two-rank case (its `ddp` mark) from the session's launch: (its directory, the ranks' facts)."""
     return ddp_launch.ranks(tuple(request.node.get_closest_marker("ddp").args))
+
+
+# ---------------------------------------------------------------------------------------------- shared task runs
+from tests.task_runs import task_run, task_scenes  # noqa: E402,F401  (one compress per detector / segmenter)

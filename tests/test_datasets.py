@@ -428,7 +428,9 @@ def test_a_mask_with_values_outside_the_classes(copy):
     values[0, :3], values[1, 0] = 42, 255
     Image.fromarray(values).save(mask)
     message = error("masks", copy)
-    assert mask.name in message and "42" in message and "255" not in message.split("ignore_index")[0]
+    assert mask.name in message and "42" in message
+    # 255 (the ignore index) is not named as a bad value; the path is left out (/tmp/pytest-of-root/pytest-255/...)
+    assert "255" not in message.replace(str(mask), "").split("ignore_index")[0]
     assert "model.num_classes 11" in message
     values[0, :3] = 0
     Image.fromarray(values).save(mask)

@@ -1,7 +1,9 @@
 """torchvision detectors as compressor models (compressor/models/detectors*.py): the eval outputs are torchvision's
 own detections before NMS, the loss is torchvision's, the anchors follow the input size, the predictors are
-protected, and a pruned detector still trains, reloads and exports with ONNX Runtime parity. SSDlite, RetinaNet
-(v1, v2) and FCOS are checked in full, SSD300-VGG16 (24M parameters, at least 268 pixels) for its size limit."""
+protected, and a pruned detector still trains, reloads and exports with ONNX Runtime parity. SSDlite is checked in
+full; RetinaNet (v1, v2) and FCOS (ResNet-50 FPN, expensive on a CPU) at 64x64, the least their five levels take,
+for torchvision's outputs and loss, and FCOS pruned and exported; SSD300-VGG16 (24M parameters, at least 268
+pixels) for its size limit."""
 from __future__ import annotations
 
 import re
@@ -203,7 +205,8 @@ def test_protected_modules_are_the_predictors():
     assert len(names) == 12  # 6 levels, class and box predictors
     modules = dict(model.named_modules())
     assert [modules[n].out_channels for n in names] == [6 * (CLASSES + 1)] * 6 + [6 * 4] * 6  # classes, boxes
-    outputs = [n for n, m in model.named_modules() if m in dg.output_layers(model, images(1))]
+    layers = dg.output_layers(model, images(1))  # once: a forward each
+    outputs = [n for n, m in model.named_modules() if m in layers]
     assert sorted(outputs) == sorted(names)
 
 
@@ -264,18 +267,20 @@ def test_pruned_detector_trains_reloads_and_exports_with_parity(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- RetinaNet, FCOS
 
-FPN_SIZE = 96  # P3-P7: 12, 6, 3, 2, 1 cells a side
+FPN_SIZE = 64  # the least their P3-P7 levels take: 8, 4, 2, 1, 1 cells a side
+FPN_CELLS = 64 + 16 + 4 + 1 + 1
 
 
 def fpn_targets() -> BoxTargets:
-    boxes = [torch.tensor([[10.0, 20.0, 60.0, 70.0]]), torch.tensor([[30.0, 30.0, 90.0, 90.0], [0.0, 0.0, 24.0, 20.0]])]
+    boxes = [torch.tensor([[10.0, 20.0, 60.0, 58.0]]), torch.tensor([[30.0, 30.0, 62.0, 60.0], [0.0, 0.0, 24.0, 20.0]])]
     return BoxTargets(boxes, [torch.tensor([1]), torch.tensor([0, 2])], (FPN_SIZE, FPN_SIZE))
 
 
 @pytest.mark.parametrize("name, per_cell", [("retinanet_resnet50_fpn", 9), ("retinanet_resnet50_fpn_v2", 9),
                                             ("fcos_resnet50_fpn", 1)])
 def test_fpn_detectors_are_torchvision_own_outputs_and_loss(name, per_cell):
-    """Sigmoid classifiers without a background column: built with C classes, 0-based labels as they are."""
+    """Sigmoid classifiers without a background column: built with C classes, 0-based labels as they are. (A loss
+    that decreases in training is SSDlite's test: the wrapper's loss is torchvision's own, checked here.)"""
     model = build_arch(f"torchvision:{name}", CLASSES, 3)
     calibrate(model, 3, FPN_SIZE)
     x, targets = images(size=FPN_SIZE), fpn_targets()
@@ -285,7 +290,7 @@ def test_fpn_detectors_are_torchvision_own_outputs_and_loss(name, per_cell):
     with torch.no_grad():
         boxes, scores = model(x)
         reference = detector(list(x))
-    count = per_cell * (144 + 36 + 9 + 4 + 1)
+    count = per_cell * FPN_CELLS
     assert boxes.shape == (2, count, 4) and scores.shape == (2, count, CLASSES)
     assert 0 <= float(scores.min()) and float(scores.max()) <= 1 and float(boxes.max()) <= FPN_SIZE
     for i, detections in enumerate(reference):
@@ -298,22 +303,20 @@ def test_fpn_detectors_are_torchvision_own_outputs_and_loss(name, per_cell):
     loss = model.detection_loss(model(x), targets)
     expected = detector(list(x), [{"boxes": b, "labels": c} for b, c in zip(targets.boxes, targets.labels)])
     assert loss.item() == pytest.approx(sum(expected.values()).item(), rel=1e-5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
-    losses = []
-    for _ in range(6):
-        loss = model.detection_loss(model(x), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.98 * losses[0]
+    loss.backward()
+    modules = dict(model.named_modules())
+    for layer in model.protected_modules():  # every predictor (classes, boxes, centre-ness) gets a gradient
+        grad = modules[layer].weight.grad
+        assert grad is not None and bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0, layer
 
 
-@pytest.mark.parametrize("name", ["retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"])
+@pytest.mark.parametrize("name", ["fcos_resnet50_fpn"])
 def test_pruned_fpn_detector_trains_and_exports_with_parity(name, tmp_path):
-    """The class/box (/centre-ness) predictors are shared by the five levels; pruning narrows the towers, the FPN and
-    the backbone around them. ONNX Runtime is held to PyTorch's own float32 rounding (measured against float64):
-    boxes are decoded against anchors up to 400 pixels, so a random network's rounding reaches 1e-2 pixels."""
+    """The class/box/centre-ness predictors are shared by the five levels; pruning narrows the towers (group-normed,
+    as RetinaNet v2's), the FPN and the backbone around them. (FCOS only: each ResNet-50 FPN detector costs some
+    8 s here, and RetinaNet's heads are the same towers without the centre-ness output.) ONNX Runtime is held to
+    PyTorch's own float32 rounding (measured against float64): boxes are decoded against anchors up to 400 pixels,
+    so a random network's rounding reaches 1e-2 pixels."""
     import copy
 
     import onnxruntime as ort
@@ -339,7 +342,7 @@ def test_pruned_fpn_detector_trains_and_exports_with_parity(name, tmp_path):
 
     model.train()
     outputs = model(images(size=FPN_SIZE))
-    assert [tuple(o.shape[:2]) for o in outputs] == [(2, predictors[names[0]] // CLASSES * 194)] * len(outputs)
+    assert [tuple(o.shape[:2]) for o in outputs] == [(2, predictors[names[0]] // CLASSES * FPN_CELLS)] * len(outputs)
     loss = model.detection_loss(outputs, fpn_targets())
     loss.backward()
     assert torch.isfinite(loss)

@@ -1,8 +1,8 @@
 """A detector's ONNX with NMS in the graph (export.nms; compressor/deploy/nms_graph.py): exact detections of a
 hand-made raw head at batch 1 and 3 in both raw layouts, YOLO11n's file against compressor's postprocess of the
-PyTorch outputs (tasks/nms_parity.py, which also catches a wrong file), one tiny compress run (64x64 scenes, 16
-training and 8 validation images, one epoch) that writes, verifies, scores and benchmarks the files on validation
-images, and the recipe check that refuses export.nms outside detection."""
+PyTorch outputs (tasks/nms_parity.py, which also catches a wrong file), the session's tiny YOLO11n compress run
+(64x64 scenes, 16 training and 8 validation images, one epoch; tests/task_runs.py) that writes, verifies, scores
+and benchmarks the files on validation images, and the recipe check that refuses export.nms outside detection."""
 from __future__ import annotations
 
 import copy
@@ -23,7 +23,7 @@ from compressor.deploy.onnx_runtime import create_session  # noqa: E402
 from compressor.deploy.runners import bench_input, random_input  # noqa: E402
 from compressor.errors import ExportError, ParityError, RecipeError, UsageError  # noqa: E402
 from compressor.tasks.nms_parity import compare_detections, reference_detections, verify_nms_onnx  # noqa: E402
-from tests.conftest import FMNIST_DIR, invoke_cli  # noqa: E402
+from tests.conftest import invoke_cli  # noqa: E402
 
 SIZE, CLASSES, ANCHORS = 64, 3, 6
 SETTINGS = {"conf": 0.25, "iou": 0.45, "max_det": 3}
@@ -283,27 +283,15 @@ def test_recipe_error_exits_2_naming_the_field(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-@pytest.fixture(scope="module")
-def nms_run(tmp_path_factory):
-    pytest.importorskip("ultralytics")
-    if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    from compressor.app.pipeline import compress
-    from compressor.datasets.scenes import write_scenes
-
-    scenes = tmp_path_factory.mktemp("scenes")
-    write_scenes(scenes, train=16, val=8, size=SIZE, fmnist_root=FMNIST_DIR)
-    recipe = {"name": "det-nms", "task": "detection",
-              "model": {"arch": "ultralytics:yolo11n.yaml", "num_classes": 10, "input_shape": [3, SIZE, SIZE]},
-              "data": {"kind": "yolo", "yolo": str(scenes / "data.yaml"), "batch_size": 8},
-              "prune": {"method": "oneshot", "target": {"macs": 0.6}},
-              "finetune": {"epochs": 1, "optimizer": {"kind": "adamw", "lr": 0.001}},
-              "export": {"nms": {"enabled": True, "conf": 0.001, "iou": 0.5, "max_det": 30}},
-              "verify": {"samples": 8},
-              "bench": {"backends": ["ort-cpu"], "batch_sizes": [1, 2], "min_runs": 3, "min_seconds": 0.05,
-                        "warmup_ms": 10}}
-    out = tmp_path_factory.mktemp("det") / "run"
-    return out, compress(recipe["model"]["arch"], recipe=recipe, out_dir=out)
+@pytest.fixture
+def nms_run(task_run):
+    """The session's YOLO11n compress run (tests/task_runs.py), with export.nms conf 0.001, iou 0.5, max_det 30
+    and bench batch sizes 1 and 2."""
+    run = task_run("yolo11n")
+    assert run.recipe["export"]["nms"] == {"enabled": True, "conf": 0.001, "iou": 0.5, "max_det": 30}
+    assert run.recipe["bench"]["batch_sizes"] == [1, 2] and run.recipe["verify"]["samples"] == 8
+    assert run.result.returncode == 0 and run.report is not None, run.result.stderr[-3000:]
+    return run.out, run.report
 
 
 def test_compress_writes_verifies_and_scores_the_nms_files(nms_run):

@@ -3,13 +3,12 @@ task, its metrics and the exported file's metrics beside PyTorch's; `compressor 
 the report's numbers; `compressor export` of a run passes the task's parity rule, and an export with a planted bad
 weight fails it with exit 1; every kind of bad dataset stops `compressor eval` and `compressor compress` with exit 2
 naming the file (and line), before anything of a run is written. Tiny 64x64 scenes (16 training, 8 validation
-images), one fine-tuning epoch."""
+images), one fine-tuning epoch; the compress runs are the session's shared ones (tests/task_runs.py)."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,49 +17,19 @@ import yaml
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # before Ultralytics is first imported: no connectivity probe
 
-from tests.conftest import FMNIST_DIR, invoke_cli, requires_fmnist  # noqa: E402
+from tests.conftest import invoke_cli, requires_fmnist  # noqa: E402
+from tests.task_runs import TASK_MODELS as RUNS, task_recipe  # noqa: E402
 
 pytestmark = requires_fmnist
 pytest.importorskip("ultralytics")
 pytest.importorskip("torchmetrics")
 
-SIZE = 64
 ONNX_POINTS = 0.3  # the exported file's primary metric within this many points of PyTorch's
-
-
-@dataclass(frozen=True)
-class Run:
-    reference: str
-    task: str
-    num_classes: int
-    kind: str
-    primary: str
-    label: str
-
-
-RUNS = {
-    "yolo11n": Run("ultralytics:yolo11n.yaml", "detection", 10, "yolo", "map50_95", "mAP50-95"),
-    "ssdlite": Run("torchvision:ssdlite320_mobilenet_v3_large", "detection", 10, "coco", "map50_95", "mAP50-95"),
-    "lraspp": Run("torchvision:lraspp_mobilenet_v3_large", "segmentation", 11, "masks", "miou", "mIoU"),
-}
 SECOND = {"map50_95": "map50", "miou": "pixel_acc"}  # each task's other metric column
 
 
-def recipe_dict(run: Run, scenes: Path, **prune) -> dict:
-    data = {"kind": run.kind, "root": str(scenes), "batch_size": 8}
-    if run.kind == "yolo":
-        data["yolo"] = str(scenes / "data.yaml")
-    return {"name": f"{run.task}-smoke", "task": run.task,
-            "model": {"num_classes": run.num_classes, "input_shape": [3, SIZE, SIZE]}, "data": data,
-            "prune": prune or {"method": "oneshot", "target": {"macs": 0.6}},
-            "finetune": {"epochs": 1, "optimizer": {"kind": "adamw", "lr": 0.001}},
-            "verify": {"samples": 8},
-            "bench": {"backends": ["ort-cpu"], "batch_sizes": [1], "min_runs": 3, "min_seconds": 0.2,
-                      "warmup_ms": 50}}
-
-
-def write_recipe(path: Path, run: Run, scenes: Path) -> Path:
-    path.write_text(yaml.safe_dump(recipe_dict(run, scenes)))
+def write_recipe(path: Path, run, scenes: Path) -> Path:
+    path.write_text(yaml.safe_dump(task_recipe(run, scenes)))
     return path
 
 
@@ -69,37 +38,22 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    from compressor.datasets.scenes import write_scenes
-
-    out = tmp_path_factory.mktemp("scenes")
-    write_scenes(out, train=16, val=8, size=SIZE, fmnist_root=FMNIST_DIR)
+@pytest.fixture
+def broken(task_scenes, tmp_path) -> Path:
+    """A private copy of the scenes to break; its data.yaml's path points at the copy."""
+    out = tmp_path / "scenes"
+    shutil.copytree(task_scenes, out)
+    (out / "data.yaml").write_text((task_scenes / "data.yaml").read_text().replace(str(task_scenes.resolve()),
+                                                                                   str(out.resolve())))
     return out
 
 
 @pytest.fixture
-def broken(scenes, tmp_path) -> Path:
-    """A private copy of the scenes to break; its data.yaml's path points at the copy."""
-    out = tmp_path / "scenes"
-    shutil.copytree(scenes, out)
-    (out / "data.yaml").write_text((scenes / "data.yaml").read_text().replace(str(scenes.resolve()),
-                                                                              str(out.resolve())))
-    return out
-
-
-@pytest.fixture(scope="module")
-def runs(scenes, tmp_path_factory):
-    """One compress run per model, on first use: (run directory, recipe file, CLI result)."""
-    done = {}
-
+def runs(task_run):
+    """The session's compress run of a model (tests/task_runs.py): (run directory, recipe file, CLI result)."""
     def get(key: str):
-        if key not in done:
-            root = tmp_path_factory.mktemp(key)
-            recipe = write_recipe(root / "recipe.yaml", RUNS[key], scenes)
-            result = invoke_cli("compress", RUNS[key].reference, "--recipe", recipe, "--out", root / "run")
-            done[key] = (root / "run", recipe, result)
-        return done[key]
+        run = task_run(key)
+        return run.out, run.recipe_file, run.result
 
     return get
 

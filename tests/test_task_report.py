@@ -1,8 +1,9 @@
 """What a person reads in a detection or segmentation run: plot_examples.png (a few validation images with the
 ground truth, the dense and the compressed model's predictions side by side) with report.json `examples` and its
 report.md section, and for a YOLO model the compressed model in Ultralytics' format (ultralytics.pt) that
-ultralytics.YOLO loads, predicts and validates with. One tiny compress run per task (64x64 scenes, 16 training and
-8 validation images, one epoch), shared by the tests of that task; stand-in models give known predictions."""
+ultralytics.YOLO loads, predicts and validates with. The session's tiny compress runs of YOLO11n and LRASPP (64x64
+scenes, 16 training and 8 validation images, one epoch; tests/task_runs.py); stand-in models give known
+predictions."""
 from __future__ import annotations
 
 import json
@@ -20,58 +21,34 @@ from torch.utils.data import Dataset, Subset
 os.environ.setdefault("YOLO_OFFLINE", "1")  # before Ultralytics is first imported: no connectivity probe
 
 from compressor.app.examples import FIGURE, class_names, collect_examples, write_figure  # noqa: E402
-from compressor.app.pipeline import RUN_ARTIFACTS, compress, prepare_run_dir  # noqa: E402
+from compressor.app.pipeline import RUN_ARTIFACTS, prepare_run_dir  # noqa: E402
 from compressor.app.recipe import recipe_from_dict  # noqa: E402
 from compressor.datasets.scenes import CLASSES  # noqa: E402
 from compressor.tasks import build_task  # noqa: E402
 from compressor.tasks.boxes import postprocess  # noqa: E402
 from compressor.train.data import SUBSET_SEED, build_datasets, subset_indices  # noqa: E402
-from tests.conftest import FMNIST_DIR, requires_fmnist  # noqa: E402
-
-SIZE, VAL = 64, 8
-BENCH = {"backends": ["ort-cpu"], "batch_sizes": [1], "min_runs": 3, "min_seconds": 0.1, "warmup_ms": 20}
+from tests.conftest import requires_fmnist  # noqa: E402
+from tests.task_runs import SIZE, VAL  # noqa: E402
 
 
-def run_recipe(task: str, scenes: Path) -> dict:
-    if task == "detection":
-        model = {"arch": "ultralytics:yolo11n.yaml", "num_classes": 10}
-        data = {"kind": "yolo", "yolo": str(scenes / "data.yaml")}
-    else:
-        model = {"arch": "torchvision:lraspp_mobilenet_v3_large", "num_classes": 11}
-        data = {"kind": "masks", "root": str(scenes)}
-    return {"name": f"{task}-report", "task": task, "model": {**model, "input_shape": [3, SIZE, SIZE]},
-            "data": {**data, "batch_size": 8}, "prune": {"method": "oneshot", "target": {"macs": 0.6}},
-            "finetune": {"epochs": 1, "optimizer": {"kind": "adamw", "lr": 0.001}}, "verify": {"samples": 4},
-            "bench": BENCH}
+def _run(task_run, key: str) -> tuple[Path, dict, dict]:
+    """The session's compress run of `key` (tests/task_runs.py): its directory, the report compress returned and
+    the recipe."""
+    run = task_run(key)
+    assert run.result.returncode == 0 and run.report is not None, run.result.stderr[-3000:]
+    return run.out, run.report, run.recipe
 
 
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    from compressor.datasets.scenes import write_scenes
-
-    out = tmp_path_factory.mktemp("scenes")
-    write_scenes(out, train=16, val=VAL, size=SIZE, fmnist_root=FMNIST_DIR)
-    return out
-
-
-def _run(task: str, scenes: Path, out: Path) -> tuple[Path, dict, dict]:
-    recipe = run_recipe(task, scenes)
-    report = compress(recipe["model"]["arch"], recipe=recipe, out_dir=out)
-    return out, report, recipe
-
-
-@pytest.fixture(scope="module")
-def det_run(scenes, tmp_path_factory):
+@pytest.fixture
+def det_run(task_run):
     pytest.importorskip("ultralytics")
-    return _run("detection", scenes, tmp_path_factory.mktemp("det") / "run")
+    return _run(task_run, "yolo11n")
 
 
-@pytest.fixture(scope="module")
-def seg_run(scenes, tmp_path_factory):
+@pytest.fixture
+def seg_run(task_run):
     pytest.importorskip("torchmetrics")
-    return _run("segmentation", scenes, tmp_path_factory.mktemp("seg") / "run")
+    return _run(task_run, "lraspp")
 
 
 def val_set(recipe: dict):
@@ -159,6 +136,8 @@ def test_yolo_run_writes_an_ultralytics_checkpoint(det_run, monkeypatch):
     monkeypatch.setattr("ultralytics.data.utils.check_font", lambda *a, **k: None)  # no font download
     metrics = yolo.val(batch=4, device="cpu", workers=0, plots=False, verbose=False, project=str(out.parent / "val"),
                        name="val")  # data and imgsz: the checkpoint's (the run's dataset YAML, 64)
+    for cache in Path(recipe["data"]["yolo"]).parent.rglob("*.cache"):  # Ultralytics' label cache, written
+        cache.unlink()  # beside the labels: the session's shared scenes stay as the other tests expect them
     assert 0.0 <= float(metrics.box.map) <= 1.0 and metrics.box.nc == len(CLASSES)
 
 

@@ -228,8 +228,9 @@ class DPM(EventMethod):
         if s.target <= 0:
             return False
         escape = now - s.target
-        others = [i for i in range(len(norms)) if i not in decaying and i < len(s.ref_norms)]
-        moved = torch.tensor([abs(float(norms[i]) - s.ref_norms[i]) for i in others]).mean().item() if others else 0.0
+        values = norms.tolist()  # one conversion: indexing the tensor per channel cost ~1 s per DPM run on YOLO11n
+        others = [i for i in range(len(values)) if i not in decaying and i < len(s.ref_norms)]
+        moved = torch.tensor([abs(values[i] - s.ref_norms[i]) for i in others]).mean().item() if others else 0.0
         c_rate = escape / s.target
         c_len = escape / moved if moved > 0 else float("inf")
         escaped = escape > 0 and c_rate > self.dpm.t_rate and c_len > self.dpm.t_len
