@@ -220,13 +220,8 @@ def load_hf(directory: str, num_classes: int, in_channels: int) -> nn.Module:
                              hint="Set model.num_classes / model.in_channels in the recipe to the model's values.")
     if not head:
         config.num_labels = int(num_classes)
-    try:
-        with quiet(transformers):
-            model = transformers.AutoModelForImageClassification.from_pretrained(str(path), config=config,
-                                                                                 local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
-        raise ModelLoadError(f"hf:{directory}: the weights do not load as an image classifier "
-                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}).") from None
+    model = from_pretrained_checked(transformers, transformers.AutoModelForImageClassification, path, config,
+                                    directory, "an image classifier")
     takes = list(inspect.signature(model.forward).parameters)
     if "pixel_values" not in takes:
         raise ModelLoadError(f"hf:{directory}: {type(model).__name__} takes {', '.join(takes[:3])}, not pixel_values; "
@@ -279,3 +274,13 @@ def _load_text(transformers, path: Path, directory: str, config, num_classes: in
                                   "(BERT, RoBERTa, DistilBERT, ...).") from None
     pad = getattr(config, "pad_token_id", None)
     return HFText(model.eval(), None if pad is None else int(pad))
+
+
+def from_pretrained_checked(transformers, auto_class, path, config, directory: str, what: str):
+    """`auto_class.from_pretrained` of a local folder, or ModelLoadError saying the weights do not load as `what`."""
+    try:
+        with quiet(transformers):
+            return auto_class.from_pretrained(str(path), config=config, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        raise ModelLoadError(f"hf:{directory}: the weights do not load as {what} "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}).") from None

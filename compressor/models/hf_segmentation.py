@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.errors import ModelLoadError
-from compressor.models.hf import HFLogits, quiet
+from compressor.models.hf import HFLogits, from_pretrained_checked
 from compressor.models.segmenters import final_convs
 
 
@@ -94,13 +94,8 @@ def load_hf_segmenter(transformers, path: Path, directory: str, config, num_clas
         raise ModelLoadError(f"hf:{directory}: " + "; ".join(problems) + ".",
                              hint="Set model.num_classes (the mask classes, background included) and "
                                   "model.in_channels in the recipe to the model's values.")
-    try:
-        with quiet(transformers):
-            model = transformers.AutoModelForSemanticSegmentation.from_pretrained(str(path), config=config,
-                                                                                  local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
-        raise ModelLoadError(f"hf:{directory}: the weights do not load as a semantic segmenter "
-                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}).") from None
+    model = from_pretrained_checked(transformers, transformers.AutoModelForSemanticSegmentation, path, config,
+                                    directory, "a semantic segmenter")
     return HFSegmenter(model.eval(), "pixel_values")
 
 
