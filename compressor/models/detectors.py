@@ -17,6 +17,7 @@ supported ones.
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import Any, Callable
 
 import torch
@@ -53,7 +54,7 @@ def build_torchvision_detector(name: str, num_classes: int, in_channels: int) ->
     return builders[name](name, num_classes, in_channels)
 
 
-class DenseDetector(nn.Module):
+class DenseDetector(nn.Module, metaclass=ABCMeta):
     """The part every wrapped one-stage detector shares: input normalisation, the anchors per input size, the
     eval outputs' contract, on torchvision's backbone (feature maps) and head (a dict of (N, A, k) tensors).
     Subclasses give `head_keys`, `_decode(outputs, anchors, size)`, `detection_loss` and `predictor_names`."""
@@ -75,17 +76,20 @@ class DenseDetector(nn.Module):
         self.loss_items: dict[str, torch.Tensor] = {}  # the last detection_loss's components, detached
 
     # ------------------------------------------------------------------------------------------ subclass parts
+    @abstractmethod
     def _decode(self, outputs: dict[str, torch.Tensor], anchors: torch.Tensor,
                 size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval outputs from the head's (at least float32): boxes (N, A, 4) xyxy pixels (not yet clipped), scores
         (N, A, C)."""
-        raise NotImplementedError
+        ...  # each subclass implements it
 
+    @abstractmethod
     def predictor_names(self) -> list[str]:
-        raise NotImplementedError
+        ...  # each subclass implements it
 
+    @abstractmethod
     def detection_loss(self, outputs: tuple[torch.Tensor, ...], targets: Any) -> torch.Tensor:
-        raise NotImplementedError
+        ...  # each subclass implements it
 
     # ------------------------------------------------------------------------------------------ shared
     def forward(self, x: torch.Tensor):

@@ -18,6 +18,7 @@ Conventions every task keeps, so the rest of compressor stays task-free:
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
@@ -32,18 +33,20 @@ def alone(obj: Any) -> list[Any]:
     return [obj]
 
 
-class Evaluator:
+class Evaluator(ABC):
     """Accumulates one evaluation: `update(outputs, targets)` per batch, then `compute(gather)` once."""
 
+    @abstractmethod
     def update(self, outputs: Any, targets: Any) -> None:
-        raise NotImplementedError
+        ...  # each subclass implements it
 
+    @abstractmethod
     def compute(self, gather: Gather = alone) -> dict[str, float]:
         """The metrics (floats; "count": the images seen) over everything every process saw."""
-        raise NotImplementedError
+        ...  # each subclass implements it
 
 
-class Task:
+class Task(ABC):
     """The base of every task; subclasses register in compressor.tasks.TASKS."""
 
     name: ClassVar[str] = "task"
@@ -61,10 +64,11 @@ class Task:
         self.num_classes = num_classes
 
     # ------------------------------------------------------------------------------------------ training
+    @abstractmethod
     def criterion(self, outputs: Any, targets: Any, model: nn.Module) -> torch.Tensor:
         """The training loss of one batch from the train-mode outputs (`model`: the bare model, for models that
         own their loss): a scalar tensor."""
-        raise NotImplementedError
+        ...  # each subclass implements it
 
     def loss(self, module: nn.Module, inputs: torch.Tensor, targets: Any) -> torch.Tensor:
         """The training loss of one batch: forward through `module` (the model, or its DDP wrapper, so gradients
@@ -77,15 +81,17 @@ class Task:
         with torch.no_grad():
             return teacher(inputs)
 
+    @abstractmethod
     def distill(self, student: Any, teacher: Any, temperature: float) -> torch.Tensor:
         """A distillation term between the student's train-mode outputs and `teacher_outputs`; scalar."""
-        raise NotImplementedError
+        ...  # each subclass implements it
 
     # ------------------------------------------------------------------------------------------ evaluation
+    @abstractmethod
     def evaluator(self, model: Optional[nn.Module] = None, metric: Optional[Callable[..., float]] = None) -> Evaluator:
         """A fresh evaluation. `model`: the model evaluated (a detector's output layout); `metric`: the Python
         API's metric(outputs, targets) -> float (classification)."""
-        raise NotImplementedError
+        ...  # each subclass implements it
 
     def describe(self) -> dict[str, Any]:
         """What the report records of the task (report.json "task"; compressor/app/report.py reads it)."""
