@@ -7,6 +7,7 @@ batches 1 and 2; all: 8 verification samples). A test that needs another setting
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -115,3 +116,11 @@ def task_run(task_scenes, tmp_path_factory) -> Callable[[str], TaskRun]:
         return done[key]
 
     return get
+
+
+def copy_scenes(scenes: Path, out: Path) -> Path:
+    """A private copy of a scenes set (to break in a test); its data.yaml's path points at the copy."""
+    shutil.copytree(scenes, out)
+    (out / "data.yaml").write_text((scenes / "data.yaml").read_text().replace(str(scenes.resolve()),
+                                                                              str(out.resolve())))
+    return out

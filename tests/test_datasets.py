@@ -37,11 +37,9 @@ def scenes(tmp_path_factory) -> Path:
 @pytest.fixture
 def copy(scenes, tmp_path) -> Path:
     """A private copy of the scenes to break; its data.yaml's path points at the copy."""
-    out = tmp_path / "scenes"
-    shutil.copytree(scenes, out)
-    (out / "data.yaml").write_text((scenes / "data.yaml").read_text().replace(str(scenes.resolve()),
-                                                                              str(out.resolve())))
-    return out
+    from tests.task_runs import copy_scenes
+
+    return copy_scenes(scenes, tmp_path / "scenes")
 
 
 def recipe(kind: str, root: Path, *, shape=(3, SIZE, SIZE), num_classes=None, augment=False, **data):

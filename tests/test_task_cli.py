@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +40,9 @@ def flat(text: str) -> str:
 @pytest.fixture
 def broken(task_scenes, tmp_path) -> Path:
     """A private copy of the scenes to break; its data.yaml's path points at the copy."""
-    out = tmp_path / "scenes"
-    shutil.copytree(task_scenes, out)
-    (out / "data.yaml").write_text((task_scenes / "data.yaml").read_text().replace(str(task_scenes.resolve()),
-                                                                                   str(out.resolve())))
-    return out
+    from tests.task_runs import copy_scenes
+
+    return copy_scenes(task_scenes, tmp_path / "scenes")
 
 
 @pytest.fixture
