@@ -192,6 +192,30 @@ def trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
 
 
 @contextlib.contextmanager
+def mapped_once(graph: tp.DependencyGraph):
+    """Group lookups on an unchanged graph without recomputing its index mappings each time.
+
+    torch-pruning's get_pruning_group recomputes every concat / split / reshape / slice index mapping of the whole
+    graph before each lookup (index_mapping.update_index_mapping): on YOLO11n's graph that is about 8 ms of a 8.5 ms
+    lookup, and a snapshot makes hundreds of lookups (every group, the coupling probes, the channel slices). The
+    mappings only change when a layer's width does, so inside this block, where nothing is removed, they are
+    computed once; lookups on any other graph recompute as before. Nothing may be pruned inside the block."""
+    module = tp.dependency.index_mapping
+    original = module.update_index_mapping
+    original(graph)
+
+    def update(other: tp.DependencyGraph) -> None:
+        if other is not graph:
+            original(other)
+
+    module.update_index_mapping = update
+    try:
+        yield graph
+    finally:
+        module.update_index_mapping = original
+
+
+@contextlib.contextmanager
 def quiet_eval(model: nn.Module):
     """Eval mode (BatchNorm statistics do not move) with warnings silenced, for tracing and counting; the model's
     mode is restored afterwards."""
@@ -302,7 +326,8 @@ def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> list:
     try:
         with warnings.catch_warnings(), limited(GROUPING_TIMEOUT_S, default_memory_growth()):
             warnings.simplefilter("ignore")
-            return list(graph.get_all_groups(ignored_layers=list(ignored), root_module_types=ROOT_TYPES))
+            with mapped_once(graph):
+                return list(graph.get_all_groups(ignored_layers=list(ignored), root_module_types=ROOT_TYPES))
     except LimitExceeded as exc:
         raise NotPrunableError(
             f"torch-pruning did not finish grouping the coupled channels of {type(graph.model).__name__} {exc}: "

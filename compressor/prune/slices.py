@@ -24,13 +24,15 @@ def structure_slices(model: nn.Module, example: torch.Tensor, roots: list[str], 
         return result
     with dg.quiet_eval(model):
         graph = dg.trace(model, example)
-    for root in roots:
-        module = model.get_submodule(root)
-        pruner = graph.get_pruner_of_module(module)
-        group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
-        result[root] = [pair for item in group for pair in
-                        channel_slices(item.dep.target.module, item.dep.handler, list(item.idxs), item.root_idxs,
-                                       out_only=out_only)]
+    with dg.mapped_once(graph):  # lookups only: nothing is removed here
+        for root in roots:
+            module = model.get_submodule(root)
+            pruner = graph.get_pruner_of_module(module)
+            group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                            list(range(pruner.get_out_channels(module))))
+            result[root] = [pair for item in group for pair in
+                            channel_slices(item.dep.target.module, item.dep.handler, list(item.idxs), item.root_idxs,
+                                           out_only=out_only)]
     return result
 
 

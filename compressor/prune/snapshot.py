@@ -106,32 +106,8 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
     groups = dg.prunable_groups(graph, ignored, embed=embed)
     dg.require_prunable(groups)
     names = dg.module_names(model)
-    candidates = []
-    for group in groups:
-        scores = scorer(group)
-        if scores is None:
-            continue
-        scores = scores.detach().float().cpu()
-        if normalize:
-            scores = scores / scores.mean().clamp_min(1e-12)
-        members = []
-        for item in group:
-            name = names.get(item.dep.target.module)
-            if name is None:
-                continue
-            roots = None if item.root_idxs is None or any(r is None for r in item.root_idxs) else list(item.root_idxs)
-            side = "out" if dg.is_out_handler(item.dep.handler) else "in"
-            members += [(layer, own, roots, len(item.idxs))  # an attention layer on the residual stream is
-                        for layer, own in _mac_layers(item.dep.target.module, name, side)  # reached from both sides
-                        if not any(m[0] == layer and m[1] == own for m in members)]
-        root_module = group[0].dep.target.module
-        classes = merge_classes(coupled_classes(graph, root_module, group[0].dep.handler, len(group[0].idxs)),
-                                norm_group_classes(group))
-        if classes:
-            for cls in classes:
-                scores[cls] = scores[cls].mean()
-        candidates.append(Candidate(root=names[root_module], width=len(group[0].idxs), scores=scores, members=members,
-                                    classes=classes))
+    with dg.mapped_once(graph):  # nothing is removed while the groups are scored and their couplings probed
+        candidates = [c for c in (_candidate(graph, group, names, scorer, normalize) for group in groups) if c is not None]
     layer_macs, layer_dims = {}, {}
     for module, name in names.items():
         # an attention layer only when the op counter counts it as one (else its children's MACs are counted)
@@ -142,6 +118,35 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
         candidates += _head_candidates(model, tuple(ignored), scorer, layer_macs, normalize)
     fixed = float(macs) - sum(layer_macs.values())
     return Snapshot(candidates, layer_macs, layer_dims, fixed, float(macs), int(params))
+
+
+def _candidate(graph: tp.DependencyGraph, group, names: dict[nn.Module, str], scorer: Scorer,
+               normalize: bool) -> Optional[Candidate]:
+    """One torch-pruning group as a Candidate (None when the scorer has no scores for it)."""
+    scores = scorer(group)
+    if scores is None:
+        return None
+    scores = scores.detach().float().cpu()
+    if normalize:
+        scores = scores / scores.mean().clamp_min(1e-12)
+    members = []
+    for item in group:
+        name = names.get(item.dep.target.module)
+        if name is None:
+            continue
+        roots = None if item.root_idxs is None or any(r is None for r in item.root_idxs) else list(item.root_idxs)
+        side = "out" if dg.is_out_handler(item.dep.handler) else "in"
+        members += [(layer, own, roots, len(item.idxs))  # an attention layer on the residual stream is
+                    for layer, own in _mac_layers(item.dep.target.module, name, side)  # reached from both sides
+                    if not any(m[0] == layer and m[1] == own for m in members)]
+    root_module = group[0].dep.target.module
+    classes = merge_classes(coupled_classes(graph, root_module, group[0].dep.handler, len(group[0].idxs)),
+                            norm_group_classes(group))
+    if classes:
+        for cls in classes:
+            scores[cls] = scores[cls].mean()
+    return Candidate(root=names[root_module], width=len(group[0].idxs), scores=scores, members=members,
+                     classes=classes)
 
 
 def recipe_snapshot(model: nn.Module, example: torch.Tensor, recipe, scorer: Scorer, **kwargs) -> Snapshot:
