@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from safetensors.torch import save_file
+from torch import nn
 
 from compressor.app.recipe import recipe_from_dict
 from compressor.models.loading import build_arch
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bn-momentum", type=float, default=0.1,
+                        help="batch-norm momentum while training from scratch (see below; 0 keeps the model's own)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     detection = args.task == "detection"
@@ -47,6 +50,14 @@ def main() -> None:
                      "scheduler": {"kind": "cosine", "warmup_epochs": 1.0, "min_lr_ratio": 0.01}},
     })
     model = build_arch(args.arch, recipe.model.num_classes, recipe.model.in_channels)
+    if args.bn_momentum:
+        # torchvision's MobileNetV3 batch norms use momentum 0.01, made for long ImageNet schedules. From scratch,
+        # in a few thousand steps, the running statistics lag the fast-moving weights: LRASPP trained with them
+        # scored like an all-background predictor in eval mode (val mIoU 8.32% for 4 epochs) while its train-mode
+        # outputs already found the objects. PyTorch's default 0.1 keeps the statistics up with the weights.
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = args.bn_momentum
     train_set, val_set = build_datasets(recipe.data, recipe.model)
     checkpoint = args.out.with_suffix(".train-state.pt")
     result = fit(model, train_set, val_set, recipe.finetune, recipe.data, checkpoint=checkpoint, resume=True,
