@@ -180,7 +180,8 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="Checkpoint (.pt/.safeten
         out.print(f"{model}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
                   f"({metrics['count']} samples of {r.data.kind})")
     else:
-        out.print(f"{model}: {r.build_task().summary(metrics)}  ({int(metrics['count'])} images of {r.data.kind})")
+        task = r.build_task()
+        out.print(f"{model}: {task.summary(metrics)}  ({int(metrics['count'])} {task.count_label} of {r.data.kind})")
     if json_out is not None:
         from compressor.rundir import write_json
 

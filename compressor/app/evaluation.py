@@ -26,13 +26,13 @@ def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool 
         from compressor.deploy.runners import open_onnx_session
 
         session = open_onnx_session(Path(model_ref), "ort-cpu")
-        _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))
+        _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref), task=recipe.task)
         require_labels(val_set, "compressor eval")
         task = recipe.build_task()
         layout = onnx_detection_layout(session, Path(model_ref)) if task.name == "detection" else None
         return evaluate_onnx(Path(model_ref), val_set, batch_size=batch, session=session, task=task, model=layout)
     model = load_model(model_ref, recipe.model, trust_checkpoint=trust_checkpoint)
-    _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))
+    _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref), task=recipe.task)
     require_labels(val_set, "compressor eval")
     return evaluate(model, val_set, batch_size=batch, device=device, task=recipe.build_task())
 

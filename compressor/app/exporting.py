@@ -65,7 +65,8 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
     if recipe is not None:
         from compressor.train.data import build_datasets, sample_batch
 
-        samples, _ = sample_batch(build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))[1], verify_cfg.samples)
+        val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref), task=recipe.task)[1]
+        samples, _ = sample_batch(val_set, verify_cfg.samples)
         source = f"{len(samples)} {recipe.data.kind} validation samples"
     # the task's parity rule (compressor/tasks: every output of a detector, the task's least relative tolerance)
     task = recipe.build_task() if recipe is not None else task_of_model(model, model_cfg.num_classes)
@@ -92,6 +93,7 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
         settings = settings_from_recipe(recipe, **(trt_options or {}), quantized=quantized)
         calibration = None
         if settings.calib_samples:
-            calibration = sample_batch(build_datasets(recipe.data, recipe.model, model_ref=str(model_ref))[0], settings.calib_samples)[0]
+            train_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref), task=recipe.task)[0]
+            calibration = sample_batch(train_set, settings.calib_samples)[0]
         info["tensorrt"] = build_and_verify(model, engine_source, samples, recipe, settings, calibration=calibration)
     return info

@@ -194,7 +194,7 @@ def load_inputs(state: RunState) -> None:
             check_embed(state.model)
         if state.train_set is None:
             state.train_set, state.val_set = build_datasets(state.recipe.data, state.recipe.model,
-                                                          model_ref=state.checkpoint)
+                                                          model_ref=state.checkpoint, task=state.recipe.task)
         _label_unlabelled_text(state)
     with state.timer("round_to"):  # recipe.yaml in the run keeps `auto` as written; the choice is in round_to.json
         state.recipe, state.round_note = resolve_round_to(state.recipe, state.model, out=state.out)

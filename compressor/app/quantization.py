@@ -136,7 +136,7 @@ def quantize_for_export(model, fp32_path: Path, recipe: "Recipe", samples, *, mo
     from compressor.train.text import pseudo_label
 
     cfg = recipe.export.quantize
-    train_set, val_set = build_datasets(recipe.data, recipe.model, model_ref=model_ref)
+    train_set, val_set = build_datasets(recipe.data, recipe.model, model_ref=model_ref, task=recipe.task)
     pseudo_label(val_set, model)  # unlabelled text: the fp32 model's predictions, so top-1 is agreement with it
     batch = recipe.data.eval_batch_size or max(recipe.data.batch_size, 256)
     calibration = sample_batch(train_set, cfg.calibration.samples)[0].numpy() if cfg.mode == "int8" else None

@@ -39,13 +39,14 @@ class GatesConfig(Strict):
 
 
 # the data kinds each non-classification task reads (python: the user's own datasets of the task's samples)
-TASK_DATA = {"detection": ("coco", "yolo", "python"), "segmentation": ("masks", "python")}
+TASK_DATA = {"detection": ("coco", "yolo", "python"), "segmentation": ("masks", "python"),
+             "language-modeling": ("text", "python")}
 
 
 class Recipe(Strict):
     name: str = Field(..., description="run name; the default output folder is runs/<name>")
     description: str = ""
-    task: Literal["classification", "detection", "segmentation"] = Field(
+    task: Literal["classification", "detection", "segmentation", "language-modeling"] = Field(
         "classification", description="what the model predicts: its loss, metrics, protected layers and parity rule "
         "(compressor/tasks)")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -83,6 +84,8 @@ class Recipe(Strict):
         if kinds is not None and self.data.kind not in kinds:
             raise ValueError(f"task: {self.task} reads its data from data.kind {' or '.join(kinds)}, not "
                              f"{self.data.kind!r}; set data.kind (and its section) to the dataset's format")
+        if self.task == "language-modeling":
+            self._language_modeling()
         if self.task == "classification" and self.data.kind in ("coco", "yolo", "masks"):
             raise ValueError(f"data.kind {self.data.kind} holds boxes or masks, not class labels; set task: "
                              f"{'segmentation' if self.data.kind == 'masks' else 'detection'}")
@@ -95,6 +98,17 @@ class Recipe(Strict):
         if self.export.quantize.exclude == "auto" and self.export.quantize.mode != "int8":
             raise ValueError("export.quantize.exclude: auto measures int8 sensitivity; use it with mode: int8")
         return self
+
+    def _language_modeling(self) -> None:
+        """A causal LM takes token ids; packed text blocks are model.input_shape long."""
+        if self.model.inputs != "tokens":
+            raise ValueError("task: language-modeling feeds token ids, but model.inputs is image; set model.inputs: "
+                             "tokens and model.input_shape: [block size] (data.text.block_size)")
+        block = self.data.text.block_size
+        if self.data.kind == "text" and list(self.model.input_shape) != [block]:
+            raise ValueError(f"model.input_shape {list(self.model.input_shape)} differs from data.text.block_size "
+                             f"{block} (the length of the token blocks the corpus is packed into); set "
+                             f"model.input_shape: [{block}] or data.text.block_size: {self.model.input_shape[0]}")
 
     def build_task(self):
         """The recipe's task (compressor/tasks) for the model's classes."""

@@ -15,8 +15,9 @@ wrapped to take one int64 tensor of token
 ids (model.inputs: tokens); the attention mask is derived inside as `input_ids != pad_token_id`, so the exported
 ONNX has one input and right-padded batches give the same logits as unpadded text.
 A directory whose config.json names a *ForSemanticSegmentation class (SegFormer, ...) loads as a segmenter
-(models/hf_segmentation.py, task: segmentation); detection transformers (RT-DETR, DETR, ...) are refused
-(refuse_detector says why).
+(models/hf_segmentation.py, task: segmentation); one that names a decoder-only causal-LM class (Llama, Qwen, GPT-2,
+...) loads as a language model (models/hf_causal_lm.py, task: language-modeling), encoder-decoder LMs (T5, BART) are
+refused; detection transformers (RT-DETR, DETR, ...) are refused (refuse_detector says why).
 """
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ class HFText(nn.Module):
 def check_inputs(model: nn.Module, reference: str, inputs: str, input_shape: list[int], num_classes: int) -> None:
     """RecipeError naming model.inputs / model.input_shape when they do not fit the Hugging Face model; for an image
     model, ModelLoadError when one forward pass on model.input_shape fails (check_image_forward)."""
+    from compressor.models.hf_causal_lm import HFCausalLM, check_lm_inputs
+
+    if isinstance(model, HFCausalLM):
+        return check_lm_inputs(model, reference, inputs, input_shape)
     if not isinstance(model, (HFText, HFLogits)):
         return
     text = isinstance(model, HFText)
@@ -166,8 +171,10 @@ def model_section(directory: str) -> dict[str, Any]:
     for a text model token inputs of min(128, its positions)."""
     _, _, config = read_config(directory)
     refuse_detector(config, directory)
+    from compressor.models.hf_causal_lm import names_causal_lm
+
     labels = int(config.num_labels)
-    if model_kind(config, directory) == "text":
+    if names_causal_lm(config) or model_kind(config, directory) == "text":
         limit = getattr(config, "max_position_embeddings", None)
         return {"num_classes": labels, "inputs": "tokens", "input_shape": [min(128, int(limit)) if limit else 128]}
     channels = int(vision_field(config, "num_channels") or 3)
@@ -205,6 +212,11 @@ def load_hf(directory: str, num_classes: int, in_channels: int) -> nn.Module:
     if names_segmenter(config):  # a *ForSemanticSegmentation class: task segmentation (models/hf_segmentation.py)
         return load_hf_segmenter(transformers, path, directory, config, num_classes, in_channels)
     refuse_detector(config, directory)
+    from compressor.models.hf_causal_lm import load_hf_causal_lm, names_causal_lm, refuse_encoder_decoder
+
+    if names_causal_lm(config):  # a decoder-only LM: task language-modeling (models/hf_causal_lm.py)
+        return load_hf_causal_lm(transformers, path, directory, config)
+    refuse_encoder_decoder(config, directory)
     if model_kind(config, directory) == "text":
         return _load_text(transformers, path, directory, config, num_classes)
     head = named_classifier(config, "image")

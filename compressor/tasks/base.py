@@ -53,6 +53,10 @@ class Task(ABC):
     primary: ClassVar[str] = "top1"  # the metrics key gates and reports use
     primary_label: ClassVar[str] = "top-1"  # how reports name it
     primary_unit: ClassVar[str] = "%"  # its unit; drops are in points of it
+    # whether a larger primary metric is better (top-1, mAP, mIoU); False for a loss-like metric (perplexity), whose
+    # "drop" from the dense model is compressed minus dense
+    higher_is_better: ClassVar[bool] = True
+    count_label: ClassVar[str] = "images"  # what the metrics' "count" counts (logs: "64 images of coco")
     columns: ClassVar[tuple[tuple[str, str, int], ...]] = ()  # the report's metric columns: (key, label, digits)
     # the least relative tolerance of export parity (times max |output|, added to verify.atol): a segmenter's
     # per-pixel logits and a detector's pixel boxes pass through many more float32 reductions and resamplings than
@@ -96,7 +100,7 @@ class Task(ABC):
     def describe(self) -> dict[str, Any]:
         """What the report records of the task (report.json "task"; compressor/app/report.py reads it)."""
         return {"name": self.name, "primary": self.primary, "label": self.primary_label, "unit": self.primary_unit,
-                "columns": [list(c) for c in self.columns]}
+                "higher_is_better": self.higher_is_better, "columns": [list(c) for c in self.columns]}
 
     def summary(self, metrics: dict[str, float]) -> str:
         """One line of the primary metric (and what goes with it) for logs."""

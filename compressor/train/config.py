@@ -16,14 +16,39 @@ class SyntheticConfig(Strict):
     seed: int = 0
 
 
+DEFAULT_TEXT_EXTENSIONS = [".txt", ".md", ".py", ".rst"]
+
+
 class TextDataConfig(Strict):
-    train: Optional[Path] = Field(None, description="CSV, JSONL or parquet file of training text")
-    val: Optional[Path] = Field(None, description="CSV, JSONL or parquet file of validation text")
+    train: Optional[Path] = Field(None, description="CSV, JSONL or parquet file of training text (task "
+                                  "language-modeling: a plain-text file, or a folder of them)")
+    val: Optional[Path] = Field(None, description="CSV, JSONL or parquet file of validation text (task "
+                                "language-modeling: a plain-text file, or a folder of them)")
     text_column: str = "text"
     label_column: Optional[str] = Field("label", description="null: unlabelled text (the dense model's predictions "
                                         "become the labels; use finetune.distill)")
     labels: Optional[list[str]] = Field(None, description="class names in index order, for string labels")
     tokenizer: Optional[Path] = Field(None, description="tokenizer directory; default: the hf:DIR model's own")
+    block_size: int = Field(256, gt=1, description="task language-modeling: tokens per training block (the corpus "
+                            "is packed into non-overlapping blocks of this many tokens; model.input_shape: "
+                            "[block_size])")
+    extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_TEXT_EXTENSIONS),
+                                  description="task language-modeling: the file suffixes read from a folder "
+                                  "corpus (a file given by name is read whatever its suffix)")
+
+    @field_validator("extensions")
+    @classmethod
+    def _extensions(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("list at least one file suffix, e.g. ['.txt']")
+        suffixes = []
+        for item in v:
+            suffix = item.strip().lower()
+            suffix = suffix if suffix.startswith(".") else "." + suffix
+            if suffix == "." or "/" in suffix or "\\" in suffix:
+                raise ValueError(f"{item!r} is not a file suffix (e.g. '.txt')")
+            suffixes.append(suffix)
+        return suffixes
 
 
 class CocoDataConfig(Strict):
@@ -74,7 +99,8 @@ class DataConfig(Strict):
     @model_validator(mode="after")
     def _factory(self) -> "DataConfig":
         if self.kind == "text" and (self.text.train is None or self.text.val is None):
-            raise ValueError("kind: text needs data.text.train and data.text.val (CSV, JSONL or parquet files)")
+            raise ValueError("kind: text needs data.text.train and data.text.val (CSV, JSONL or parquet files; for "
+                             "task language-modeling, text files or folders)")
         if self.kind == "python" and not self.factory:
             raise ValueError("kind: python needs data.factory: 'pkg.module:build'")
         if self.factory and not re.fullmatch(r"[\w.]+:[\w]+", self.factory):

@@ -238,11 +238,17 @@ def _python_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
 
 
 def build_datasets(cfg: DataConfig, model_cfg: ModelConfig, *, seed: int = SUBSET_SEED,
-                   model_ref: Optional[str] = None) -> tuple[Dataset, Dataset]:
+                   model_ref: Optional[str] = None, task: str = "classification") -> tuple[Dataset, Dataset]:
     """(train, val) datasets for the recipe; `data.train_subset` / `data.val_subset` keep a seeded random N samples
     (`subset_indices` with `seed`, SUBSET_SEED by default: the same samples on every machine, rank and resume).
-    `model_ref`: the model reference, whose hf:DIR directory holds the tokenizer of the text kind."""
-    if cfg.kind == "text":
+    `model_ref`: the model reference, whose hf:DIR directory holds the tokenizer of the text kind. `task`: the
+    recipe's task; with language-modeling the text kind reads unlabelled corpora (compressor/train/text_corpus.py)
+    instead of labelled rows."""
+    if cfg.kind == "text" and task == "language-modeling":
+        from compressor.train.text_corpus import corpus_datasets
+
+        train, val = corpus_datasets(cfg, model_ref)
+    elif cfg.kind == "text":
         from compressor.train.text import text_datasets
 
         train, val = text_datasets(cfg, model_cfg, model_ref)
