@@ -305,10 +305,12 @@ def export_cmd(model: Annotated[str, typer.Argument(help="Checkpoint, slim model
     if parity.get("note"):
         out.print(f"note: {parity['note']}")
     if "quantized" in result:
-        q = result["quantized"]
-        out.print(f"wrote {q['path']} ({q['mode']}, {q['bytes'] / 1024:.1f} KiB): top-1 {q['top1']:.2f}%, top-1 "
-                  f"agreement {q['parity']['top1_agreement']:.4f} with PyTorch, layers in float: "
-                  f"{', '.join(q.get('float_layers') or []) or 'none'}")
+        q, task = result["quantized"], r.build_task()  # quantizing needs a recipe
+        agreement = q["parity"].get("top1_agreement")
+        out.print(f"wrote {q['path']} ({q['mode']}, {q['bytes'] / 1024:.1f} KiB): {task.primary_label} "
+                  f"{q[q.get('metric_key', task.primary)]:.2f}{task.primary_unit}, "
+                  + ("" if agreement is None else f"top-1 agreement {agreement:.4f} with PyTorch, ")
+                  + f"layers in float: {', '.join(q.get('float_layers') or []) or 'none'}")
     if "tensorrt" in result:
         engine = result["tensorrt"]
         out.print(f"wrote {engine['path']} ({engine['settings']['precision']}); parity max abs diff "

@@ -454,7 +454,7 @@ def quantize_export(state: RunState) -> None:
     if not cfg.enabled:
         return
     from compressor.app.quantization import needs_qat, quantize_after_qat, quantize_model
-    from compressor.deploy.verify import torch_outputs
+    from compressor.deploy.verify import torch_outputs_all
 
     info(f"      quantizing model.onnx to {cfg.mode}")
     report, out = state.report, state.out
@@ -473,8 +473,8 @@ def quantize_export(state: RunState) -> None:
         with state.timer("quantize"):
             report["quantized"] = quantize_model(
                 out / "model.onnx", state.recipe, calibration=calibration,
-                reference=torch_outputs(state.model, state.samples), samples=state.samples.numpy(),
-                evaluate=evaluate, baseline_top1=baseline, key=key)
+                reference=torch_outputs_all(state.model, state.samples), samples=state.samples.numpy(),
+                evaluate=evaluate, baseline_top1=baseline, key=key, compare=state.task.reduced_compare)
         if needs_qat(state.recipe, report["quantized"], baseline, key):
             with state.timer("qat"):
                 report["quantized"] = quantize_after_qat(

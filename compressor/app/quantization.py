@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 
 from compressor.deploy.quantize import Int8Quantizer, convert_fp16, int8_settings, rank_sensitivity, resolve_exclude
-from compressor.deploy.verify import check, compare_outputs
+from compressor.deploy.verify import check, compare_all
 from compressor.errors import ParityError
 from compressor.progress import info
 
@@ -47,24 +47,30 @@ def target_is_gpu(recipe: "Recipe") -> bool:
     return bool(recipe.bench.backends) and recipe.bench.backends[0] in gpu_backends()
 
 
-def verify_quantized(reference: np.ndarray, path: Path, samples: np.ndarray, recipe: "Recipe", precision: str,
-                     run: Optional[Callable] = None) -> dict[str, Any]:
-    """The quantized file vs the fp32 PyTorch outputs: top-1 agreement and max abs diff within the precision's
-    relative tolerance (verify.int8_rtol / fp16_rtol x max |output|). ParityError (exit 1) beyond them."""
-    run = run or onnx_runner()
+def verify_quantized(reference: np.ndarray | list[np.ndarray], path: Path, samples: np.ndarray, recipe: "Recipe",
+                     precision: str, compare: Optional[Callable] = None) -> dict[str, Any]:
+    """The quantized file vs the fp32 PyTorch outputs (`reference`: every output on `samples`, or the only one):
+    `compare` is the task's reduced-precision rule (Task.reduced_compare; compare_all by default), judged with the
+    precision's relative tolerance (verify.int8_rtol / fp16_rtol x max |output|) and top-1 agreement. ParityError
+    (exit 1) beyond them."""
+    from compressor.deploy.onnx_runtime import create_session, run_onnx_outputs
+
+    references = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+    candidate = run_onnx_outputs(create_session(path, "ort-cpu"), samples, batch_size=64, source=repr(Path(path).name))
     cfg = recipe.verify
     rtol = {"int8": cfg.int8_rtol, "fp16": cfg.fp16_rtol}[precision]
     agreement = {"int8": cfg.int8_min_top1_agreement, "fp16": cfg.reduced_min_top1_agreement}[precision]
-    return check(compare_outputs(reference, run(path, samples)), cfg, f"{precision.upper()} ONNX {Path(path).name}",
+    return check((compare or compare_all)(references, candidate), cfg, f"{precision.upper()} ONNX {Path(path).name}",
                  precision=precision, atol=0.0, rtol=rtol, min_agreement=agreement)
 
 
-def quantize_model(fp32_path: Path, recipe: "Recipe", *, calibration: np.ndarray, reference: np.ndarray,
-                   samples: np.ndarray, evaluate: Callable[[Path], float], baseline_top1: Optional[float] = None,
-                   out: Optional[Path] = None, exclude: Optional[list[str]] = None, key: str = "top1"
+def quantize_model(fp32_path: Path, recipe: "Recipe", *, calibration: np.ndarray,
+                   reference: np.ndarray | list[np.ndarray], samples: np.ndarray, evaluate: Callable[[Path], float],
+                   baseline_top1: Optional[float] = None, out: Optional[Path] = None,
+                   exclude: Optional[list[str]] = None, key: str = "top1", compare: Optional[Callable] = None
                    ) -> dict[str, Any]:
     """Quantize `fp32_path` as export.quantize asks; returns the report section. `reference`: the fp32 PyTorch
-    outputs on `samples` (parity); `evaluate(path)`: top-1 on the validation set; `baseline_top1`: the dense
+    outputs on `samples` (every output; parity by `compare`, the task's reduced_compare); `evaluate(path)`: top-1 on the validation set; `baseline_top1`: the dense
     model's top-1, which gates.max_accuracy_drop is measured from (exclude: auto); `exclude`: ONNX node names kept
     in float instead of export.quantize.exclude (the QAT model keeps what post-training int8 chose). `key`: the
     name the evaluated metric is reported under (the task's primary metric: top1, map50_95, miou)."""
@@ -94,7 +100,7 @@ def quantize_model(fp32_path: Path, recipe: "Recipe", *, calibration: np.ndarray
         finally:
             quantizer.close()
     try:
-        parity = verify_quantized(reference, out, samples, recipe, cfg.mode, run)
+        parity = verify_quantized(reference, out, samples, recipe, cfg.mode, compare)
     except ParityError:
         out.unlink(missing_ok=True)  # not left looking like a verified export
         raise
@@ -129,9 +135,10 @@ def _int8(quantizer: Int8Quantizer, cfg, recipe: "Recipe", out: Path, run, sampl
 def quantize_for_export(model, fp32_path: Path, recipe: "Recipe", samples, *, model_ref: Optional[str] = None
                         ) -> dict[str, Any]:
     """`compressor export` with export.quantize: calibration on the recipe's training data, evaluation on its
-    validation set; `exclude: auto` measures its gate from this model's own top-1 (there is no dense model)."""
+    validation set (the task's primary metric); `exclude: auto` measures its gate from this model's own metric
+    (there is no dense model)."""
     from compressor.app.evaluation import evaluate_onnx
-    from compressor.deploy.verify import torch_outputs
+    from compressor.deploy.verify import torch_outputs_all
     from compressor.train.data import build_datasets, sample_batch
     from compressor.train.text import pseudo_label
 
@@ -141,12 +148,15 @@ def quantize_for_export(model, fp32_path: Path, recipe: "Recipe", samples, *, mo
     batch = recipe.data.eval_batch_size or max(recipe.data.batch_size, 256)
     calibration = sample_batch(train_set, cfg.calibration.samples)[0].numpy() if cfg.mode == "int8" else None
 
+    task = recipe.build_task()  # its primary metric (top-1, mAP50-95, mIoU) and its reduced-precision parity rule
+
     def evaluate(path: Path) -> float:
-        return evaluate_onnx(path, val_set, batch_size=batch)["top1"]
+        return evaluate_onnx(path, val_set, batch_size=batch, task=task, model=model)[task.primary]
 
     baseline = evaluate(fp32_path) if cfg.exclude == "auto" else None
-    return quantize_model(fp32_path, recipe, calibration=calibration, reference=torch_outputs(model, samples),
-                          samples=samples.numpy(), evaluate=evaluate, baseline_top1=baseline)
+    return quantize_model(fp32_path, recipe, calibration=calibration, reference=torch_outputs_all(model, samples),
+                          samples=samples.numpy(), evaluate=evaluate, baseline_top1=baseline, key=task.primary,
+                          compare=task.reduced_compare)
 
 
 def needs_qat(recipe: "Recipe", ptq: dict[str, Any], dense_top1: float, key: str = "top1") -> bool:
@@ -170,7 +180,7 @@ def quantize_after_qat(model, out: Path, recipe: "Recipe", *, train_set, val_set
 
     from compressor.deploy.export import export_onnx
     from compressor.deploy.quantize import module_name
-    from compressor.deploy.verify import torch_outputs
+    from compressor.deploy.verify import torch_outputs_all
     from compressor.models.loading import example_inputs
     from compressor.train import qat
     from compressor.train.data import sample_batch
@@ -194,8 +204,9 @@ def quantize_after_qat(model, out: Path, recipe: "Recipe", *, train_set, val_set
         fp32 = Path(work) / "model.qat.onnx"
         export_onnx(student, example_inputs(recipe.model), fp32, recipe.export.onnx)
         calibration = sample_batch(train_set, cfg.calibration.samples)[0].numpy()
-        result = quantize_model(fp32, recipe, calibration=calibration, reference=torch_outputs(student, samples),
-                                samples=samples.numpy(), evaluate=evaluate, out=out, exclude=float_nodes, key=key)
+        result = quantize_model(fp32, recipe, calibration=calibration, reference=torch_outputs_all(student, samples),
+                                samples=samples.numpy(), evaluate=evaluate, out=out, exclude=float_nodes, key=key,
+                                compare=task.reduced_compare if task is not None else None)
     result["path"] = str(out)
     result["qat"] = {"epochs": cfg.qat.epochs, "lr": cfg.qat.lr, f"post_training_{key}": ptq[key],
                      "fake_quantized_layers": len(state.modules), "history": history}

@@ -134,6 +134,11 @@ class Task(ABC):
 
         return compare_all(reference, candidate)
 
+    def reduced_compare(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, Any]:
+        """The parity rule for a reduced-precision (int8 / fp16) file against the fp32 PyTorch outputs, judged with
+        the precision's relative tolerance and top-1 agreement: the fp32 rule unless the task has a better one."""
+        return self.compare(reference, candidate)
+
 
 def as_tensors(outputs: Any) -> tuple[torch.Tensor, ...]:
     """A model's eval outputs as a tuple of tensors (one tensor -> a 1-tuple)."""
