@@ -15,6 +15,9 @@ class TargetConfig(Strict):
     latency: Optional[float] = Field(None, gt=0.0, lt=1.0, description="measured latency as a fraction of the dense "
                                                                        "model's, on `backend` at `batch`")
     latency_speedup: Optional[float] = Field(None, gt=1.0, description="measured dense latency / pruned latency")
+    tokens_per_second_speedup: Optional[float] = Field(
+        None, gt=1.0, description="language models: measured decode tokens/s of the pruned model / the dense model's "
+                                  "(KV-cache ONNX, bench.prompt_tokens and bench.new_tokens)")
     backend: Optional[str] = Field(None, description="latency targets: the bench backend measured (default: the "
                                                      "first of bench.backends)")
     batch: Optional[int] = Field(None, gt=0, description="latency targets: the batch size measured (default: the "
@@ -24,22 +27,27 @@ class TargetConfig(Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "TargetConfig":
-        given = [k for k in ("macs", "speedup", "channels", "latency", "latency_speedup") if getattr(self, k) is not None]
+        given = [k for k in ("macs", "speedup", "channels", "latency", "latency_speedup", "tokens_per_second_speedup")
+                 if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of macs, speedup, channels, latency, latency_speedup "
+            raise ValueError("give exactly one of macs, speedup, channels, latency, latency_speedup, "
+                             "tokens_per_second_speedup "
                              f"(got {', '.join(given) or 'none'})")
         if not self.is_latency and (self.backend is not None or self.batch is not None or self.table is not None):
-            raise ValueError("backend, batch and table belong to a latency target (latency or latency_speedup)")
+            raise ValueError("backend, batch and table belong to a latency target (latency, latency_speedup or "
+                             "tokens_per_second_speedup)")
         return self
 
     @property
     def is_latency(self) -> bool:
-        return self.latency is not None or self.latency_speedup is not None
+        return any(v is not None for v in (self.latency, self.latency_speedup, self.tokens_per_second_speedup))
 
     def asked_latency_speedup(self) -> Optional[float]:
         """Dense latency / pruned latency asked by a latency target (None for other targets)."""
         if self.latency_speedup is not None:
             return self.latency_speedup
+        if self.tokens_per_second_speedup is not None:  # decode time per token: tokens/s speedup = time speedup
+            return self.tokens_per_second_speedup
         return 1.0 / self.latency if self.latency is not None else None
 
     def remaining_macs(self) -> Optional[float]:
