@@ -12,6 +12,30 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+# rich sizes a console it creates from COLUMNS: wide enough that table cells the tests read are never truncated,
+# whichever test first creates one in this process
+os.environ["COLUMNS"] = "200"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # tests/run.sh runs one worker per core: one thread each, not oversubscribed
+    os.environ["OMP_NUM_THREADS"] = "1"  # the CLI subprocesses and torchrun ranks the tests start inherit it
+    import torch
+
+    torch.set_num_threads(1)
+
+# files whose tests share a session fixture's expensive run go to one xdist worker together (else each worker that
+# gets one of them would run it again)
+SHARED_GROUPS = {"tests.test_nms_export": "task_runs", "tests.test_task_cli": "task_runs",
+                 "tests.test_task_report": "task_runs"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's --dist loadgroup (tests/run.sh), every test file is one group, so its module-scoped
+    fixtures are built once, and the files in SHARED_GROUPS share one. Without xdist the marks do nothing."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m compressor ARGS` (the same entry point as the console script) and capture its output."""
