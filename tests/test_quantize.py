@@ -212,8 +212,10 @@ def test_export_cli_quantize_needs_a_recipe_and_writes_the_int8_file(tmp_path):
     bad = invoke_cli("export", tmp_path / "slim", "--quantize", "int8")
     assert bad.returncode == 2 and "--quantize needs --recipe" in bad.stdout + bad.stderr
     (tmp_path / "r.yaml").write_text(json.dumps(tiny_recipe()))
-    typo = invoke_cli("export", tmp_path / "slim", "--recipe", tmp_path / "r.yaml", "--quantize", "int4")
-    assert typo.returncode == 2 and "--quantize 'int4'" in typo.stdout + typo.stderr
+    typo = invoke_cli("export", tmp_path / "slim", "--recipe", tmp_path / "r.yaml", "--quantize", "int3")
+    assert typo.returncode == 2 and "--quantize 'int3'" in typo.stdout + typo.stderr
+    lm_only = invoke_cli("export", tmp_path / "slim", "--recipe", tmp_path / "r.yaml", "--quantize", "int4")
+    assert lm_only.returncode == 2 and "int4 is weight-only 4-bit" in " ".join(lm_only.stderr.split())
     ok = invoke_cli("export", tmp_path / "slim", "--recipe", tmp_path / "r.yaml", "--quantize", "int8",
                     "--set", "export.quantize.calibration.samples=32", "--out", tmp_path / "m.onnx")
     assert ok.returncode == 0, ok.stdout + ok.stderr

@@ -66,7 +66,8 @@ def test_out_of_range_number_names_bound():
 
 def test_target_needs_exactly_one_kind():
     message = error_of(tiny_recipe(prune={"method": "oneshot", "target": {"macs": 0.5, "speedup": 2.0}}))
-    assert "prune.target: give exactly one of macs, speedup, channels, latency, latency_speedup (got macs, speedup)" in message
+    assert ("prune.target: give exactly one of macs, speedup, channels, latency, latency_speedup, "
+            "tokens_per_second_speedup (got macs, speedup)") in message
 
 
 def test_schedule_end_after_training_is_rejected():

@@ -255,14 +255,18 @@ def compress_cmd(checkpoint: Annotated[str, typer.Argument(help="Checkpoint file
                       trust_checkpoint=trust_checkpoint)
     if not is_main_process():
         return
+    from compressor.app.metric_change import arrow_text
+
     d, c = report["dense"], report["compressed"]
     speed = ""
     if report.get("latency"):
         first = report["latency"][0]
-        speed = f", {first['backend']} batch {first['batch_size']} latency speedup x{first['speedup']:.2f}"
+        speed = (f", {first['backend']} decode tokens/s x{first['speedup']:.2f}, prefill "
+                 f"x{first['prefill_speedup']:.2f}" if first.get("kind") == "language-model" else
+                 f", {first['backend']} batch {first['batch_size']} latency speedup x{first['speedup']:.2f}")
     task = r.build_task()
-    key, unit = task.primary, task.primary_unit
-    out.print(f"{r.name}: {task.primary_label} {d[key]:.2f}{unit} -> {c[key]:.2f}{unit}, MACs x{c['macs'] / d['macs']:.3f}, "
+    key = task.primary
+    out.print(f"{r.name}: {arrow_text(task, d[key], c[key])}, MACs x{c['macs'] / d['macs']:.3f}, "
               f"params x{c['params'] / d['params']:.3f}{speed}; report: {report['run_dir']}/report.md")
 
 
@@ -278,7 +282,7 @@ def export_cmd(model: Annotated[str, typer.Argument(help="Checkpoint, slim model
                int8_calib: Annotated[Optional[int], typer.Option("--int8-calib", min=0, help="TensorRT: INT8 with an entropy calibrator over N training samples.")] = None,
                sparse: Annotated[Optional[bool], typer.Option("--sparse/--no-sparse", help="TensorRT: SPARSE_WEIGHTS for 2:4-sparse models.")] = None,
                batch: Annotated[Optional[str], typer.Option("--batch", help="TensorRT: batch sizes the optimisation profile covers, e.g. 1,8,32.")] = None,
-               quantize: Annotated[Optional[str], typer.Option("--quantize", help="none|int8|fp16|auto: also write MODEL.int8.onnx / .fp16.onnx (needs --recipe; sets export.quantize.mode).")] = None,
+               quantize: Annotated[Optional[str], typer.Option("--quantize", help="none|int8|fp16|auto (language models: int8|int4, weight-only): also write MODEL.int8.onnx / .fp16.onnx / .int4.onnx (needs --recipe; sets export.quantize.mode).")] = None,
                trust_checkpoint: TrustOpt = False) -> None:
     """Export to ONNX (verified against PyTorch on the recipe's validation samples) or a TensorRT engine."""
     from compressor.deploy.bench import parse_ints
@@ -298,6 +302,12 @@ def export_cmd(model: Annotated[str, typer.Argument(help="Checkpoint, slim model
                    "batch_sizes": parse_ints(batch, "--batch") if batch else None}
     result = export_model(model, r, fmt=fmt, out=out_file, opset=opset, trust_checkpoint=trust_checkpoint,
                           trt_options=trt_options)
+    if result.get("kv_cache"):  # a language model (app/lm_deploy.py)
+        from compressor.app.lm_deploy import summary_lines
+
+        for line in summary_lines(result):
+            out.print(line)
+        return
     parity = result.get("parity", {})
     out.print(f"wrote {result['path']} ({result['bytes'] / 1024:.1f} KiB, opset {result['opset']}); parity max abs diff "
               f"{parity.get('max_abs_diff', float('nan')):.2e} on {parity.get('samples', 0)} samples "
@@ -319,8 +329,8 @@ def export_cmd(model: Annotated[str, typer.Argument(help="Checkpoint, slim model
 
 def _quantize_override(mode: str) -> str:
     """--quantize as a --set value (validated with the recipe like any other)."""
-    if mode not in ("none", "int8", "fp16", "auto"):
-        raise UsageError(f"--quantize {mode!r}: use none, int8, fp16 or auto.")
+    if mode not in ("none", "int8", "int4", "fp16", "auto"):
+        raise UsageError(f"--quantize {mode!r}: use none, int8, fp16 or auto (int4: language models).")
     return "export.quantize=auto" if mode == "auto" else f"export.quantize.mode={mode}"
 
 
@@ -330,7 +340,7 @@ def _quantize_override(mode: str) -> str:
 def bench_cmd(model: Annotated[str, typer.Argument(help="model.onnx (ort-*), .engine/.plan (tensorrt), .pt/.safetensors/slim folder (torch).")],
               baseline: Annotated[Optional[str], typer.Option("--baseline", help="Dense model timed interleaved with MODEL, for the speedup.")] = None,
               backend: Annotated[Optional[list[str]], typer.Option("--backend", help="ort-cpu|ort-cuda|ort-trt|tensorrt|torch; repeatable or a,b (default: from MODEL's suffix).")] = None,
-              batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma separated.")] = "1,8",
+              batch: Annotated[Optional[str], typer.Option("--batch", help="Batch sizes, comma separated (default 1,8; a language model: 1).")] = None,
               warmup_ms: Annotated[float, typer.Option("--warmup-ms", min=0, help="Warm-up time per model and batch size.")] = 500.0,
               min_runs: Annotated[int, typer.Option("--min-runs", min=1, help="Timed runs at least.")] = 50,
               min_seconds: Annotated[float, typer.Option("--min-seconds", min=0, help="Timed seconds at least (per model).")] = 2.0,
@@ -339,13 +349,24 @@ def bench_cmd(model: Annotated[str, typer.Argument(help="model.onnx (ort-*), .en
               trust_checkpoint: TrustOpt = False,
               fp16: Annotated[bool, typer.Option("--fp16", help="ort-trt: allow FP16 kernels in the TensorRT provider.")] = False,
               trt_cache: Annotated[Optional[Path], typer.Option("--trt-cache", help="ort-trt: engine cache folder.")] = None,
+              prompt_tokens: Annotated[Optional[int], typer.Option("--prompt-tokens", min=1, help="Language models (ONNX with a key/value cache): the prompt's length for the prefill (default 128).")] = None,
+              new_tokens: Annotated[Optional[int], typer.Option("--new-tokens", min=1, help="Language models: tokens decoded with the cache after the prompt (default 32).")] = None,
               json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report (raw timings, environment) as JSON.")] = None) -> None:
-    """Latency percentiles and throughput per backend and batch size; with --baseline, an interleaved A/B speedup."""
-    from compressor.deploy.bench import default_backend, parse_ints, render_report, run_benchmark
+    """Latency percentiles and throughput per backend and batch size; with --baseline, an interleaved A/B speedup.
+    A language model exported with its key/value cache: prefill ms and decode tokens/s (batch 1)."""
+    from compressor.deploy.bench import default_backend, is_language_model_file, parse_ints, render_report, run_benchmark
 
     _check_json_out(json_out)
     backends = [name.strip() for item in backend or [default_backend(model)] for name in item.split(",") if name.strip()]
-    report = run_benchmark(model, baseline=baseline, backends=backends, batch_sizes=parse_ints(batch, "--batch"),
+    if is_language_model_file(model):
+        _bench_language_model(model, baseline, backends, batch, warmup_ms=warmup_ms, min_runs=min_runs,
+                              min_seconds=min_seconds, threads=threads, prompt_tokens=prompt_tokens,
+                              new_tokens=new_tokens, json_out=json_out)
+        return
+    if prompt_tokens is not None or new_tokens is not None:
+        raise UsageError(f"--prompt-tokens / --new-tokens time a language model exported with its key/value cache; "
+                         f"{model} is not one.", hint="Leave them out for this model.")
+    report = run_benchmark(model, baseline=baseline, backends=backends, batch_sizes=parse_ints(batch or "1,8", "--batch"),
                            warmup_ms=warmup_ms, min_runs=min_runs, min_seconds=min_seconds, threads=threads,
                            input_shape=parse_ints(input_shape, "--input-shape") if input_shape else None,
                            trust_checkpoint=trust_checkpoint, fp16=fp16, cache_dir=trt_cache)
@@ -354,6 +375,36 @@ def bench_cmd(model: Annotated[str, typer.Argument(help="model.onnx (ort-*), .en
         from compressor.rundir import write_json
 
         write_json(json_out, report)
+
+
+def _bench_language_model(model: str, baseline: Optional[str], backends: list[str], batch: Optional[str], *,
+                          warmup_ms: float, min_runs: int, min_seconds: float, threads: Optional[int],
+                          prompt_tokens: Optional[int], new_tokens: Optional[int], json_out: Optional[Path]) -> None:
+    """`compressor bench` of an ONNX causal LM with its key/value cache (deploy/lm_bench.py, torch-free): prefill
+    ms and decode tokens/s, the baseline timed in turn with it, on each ONNX Runtime backend."""
+    from compressor.deploy.bench import parse_ints, render_lm_report
+    from compressor.deploy.config import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT_TOKENS
+    from compressor.deploy.lm_bench import bench_lms
+
+    if batch is not None and parse_ints(batch, "--batch") != [1]:
+        raise UsageError(f"--batch {batch}: {model} is a language model with a key/value cache, timed on one sequence "
+                         "(batch 1).", hint="Leave --batch out (or give --batch 1).")
+    others = [b for b in backends if not b.startswith("ort-")]
+    if others:
+        raise UsageError(f"--backend {others[0]}: {model} is a language model with a key/value cache, timed on ONNX "
+                         "Runtime.", hint="Use --backend ort-cpu (or ort-cuda).")
+    reports = []
+    for name in backends:
+        report = bench_lms([*([baseline] if baseline else []), model], backend=name,
+                           prompt_tokens=prompt_tokens or DEFAULT_PROMPT_TOKENS,
+                           new_tokens=new_tokens or DEFAULT_NEW_TOKENS, threads=threads, warmup_ms=warmup_ms,
+                           min_runs=min_runs, min_seconds=min_seconds)
+        render_lm_report(report, out)
+        reports.append(report)
+    if json_out is not None:
+        from compressor.rundir import write_json
+
+        write_json(json_out, reports[0] if len(reports) == 1 else {"backends": reports})
 
 
 @app.command("profile")

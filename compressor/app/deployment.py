@@ -98,10 +98,12 @@ def _prune_section(pruner: Any) -> Any:
 def _check_needs(recipe: Any, *, dense_model: Any, val_set: Any, train_set: Any, metric: Any) -> None:
     """UsageError when the recipe asks for something the given objects cannot give, before any work."""
     gates, export = recipe.gates, recipe.export
+    label = recipe.build_task().primary_label  # top-1, mAP50-95, mIoU, perplexity
     needs = []
-    if gates.max_accuracy_drop is not None:
-        needs += [(dense_model, "dense_model", "gates.max_accuracy_drop compares with the dense model's top-1"),
-                  (val_set, "val_set", "gates.max_accuracy_drop measures top-1 on a validation set")]
+    for gate in ("max_accuracy_drop", "max_metric_increase"):  # the primary metric's gate (app/metric_change.py)
+        if getattr(gates, gate) is not None:
+            needs += [(dense_model, "dense_model", f"gates.{gate} compares with the dense model's {label}"),
+                      (val_set, "val_set", f"gates.{gate} measures {label} on a validation set")]
     if gates.max_metric_drop is not None:
         needs += [(metric, "metric", "gates.max_metric_drop holds a metric"),
                   (dense_model, "dense_model", "gates.max_metric_drop compares with the dense model's metric"),
@@ -110,8 +112,10 @@ def _check_needs(recipe: Any, *, dense_model: Any, val_set: Any, train_set: Any,
         needs.append((dense_model, "dense_model", "gates.min_speedup times the dense model beside the slim one"))
     if export.quantize.enabled:
         needs.append((val_set, "val_set", f"export.quantize {export.quantize.mode} measures the quantized file's "
-                                          "top-1 on a validation set"))
-    if export.quantize.mode == "int8" or (export.tensorrt.enabled is not False and export.tensorrt.int8):
+                                          f"{label} on a validation set"))
+    static_int8 = export.quantize.mode == "int8" and recipe.task != "language-modeling"  # LMs: weight-only
+    if static_int8 or (export.tensorrt.enabled is not False and export.tensorrt.int8 and
+                       recipe.task != "language-modeling"):
         needs.append((train_set, "train_set", "int8 (export.quantize or export.tensorrt.int8) calibrates on "
                                               "training samples"))
     missing = [f"{why}: pass {name}=" for value, name, why in needs if value is None]
@@ -126,6 +130,7 @@ def _random_samples(state: Any) -> torch.Tensor:
 
     samples = example_inputs(state.recipe.model, min(state.recipe.verify.samples, 64))
     state.notes.append(f"parity on {len(samples)} seeded random inputs of shape {list(samples.shape[1:])} (deploy() "
-                       "got no val_set; give one to check parity on real data and measure top-1)")
+                       f"got no val_set; give one to check parity on real data and measure "
+                       f"{state.task.primary_label})")
     info(f"      note: {state.notes[-1]}")
     return samples

@@ -25,10 +25,17 @@ def evaluate_artifact(model_ref: str, recipe: Recipe, *, trust_checkpoint: bool 
     if str(model_ref).endswith(".onnx"):
         from compressor.deploy.runners import open_onnx_session
 
+        task = recipe.build_task()
+        if task.name == "language-modeling":  # a causal LM with its key/value cache (app/lm_deploy.py)
+            from compressor.app.lm_deploy import evaluate_lm_onnx
+            from compressor.deploy.lm_session import LMSession
+
+            LMSession.open(Path(model_ref)).close()  # a file that is not one is named before the data is read
+            _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref), task=recipe.task)
+            return evaluate_lm_onnx(Path(model_ref), val_set, task)
         session = open_onnx_session(Path(model_ref), "ort-cpu")
         _, val_set = build_datasets(recipe.data, recipe.model, model_ref=str(model_ref), task=recipe.task)
         require_labels(val_set, "compressor eval")
-        task = recipe.build_task()
         layout = onnx_detection_layout(session, Path(model_ref)) if task.name == "detection" else None
         return evaluate_onnx(Path(model_ref), val_set, batch_size=batch, session=session, task=task, model=layout)
     model = load_model(model_ref, recipe.model, trust_checkpoint=trust_checkpoint)

@@ -49,8 +49,11 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
                                      hint="Export to ONNX here and build the engine on the target device.")
         if recipe is None:
             raise UsageError("--format tensorrt needs --recipe (input shape, batch sizes and calibration data).")
-    model_cfg = recipe.model if recipe is not None else read_model_config(model_ref) or ModelConfig()
+    model_cfg = recipe.model if recipe is not None else (read_model_config(model_ref) or _causal_lm_config(model_ref)
+                                                         or ModelConfig())
     model = load_model(model_ref, model_cfg, trust_checkpoint=trust_checkpoint).cpu().eval()
+    if getattr(model, "causal_lm", False):  # with its key/value cache (app/lm_deploy.py)
+        return _export_language_model(model, model_ref, recipe, fmt=fmt, out=out, opset=opset)
     onnx_cfg = recipe.export.onnx if recipe is not None else OnnxConfig()
     if opset is not None:
         onnx_cfg = _with_opset(onnx_cfg, opset)
@@ -97,3 +100,45 @@ def export_model(model_ref: str, recipe, *, fmt: str = "onnx", out: Path | None 
             calibration = sample_batch(train_set, settings.calib_samples)[0]
         info["tensorrt"] = build_and_verify(model, engine_source, samples, recipe, settings, calibration=calibration)
     return info
+
+
+def _causal_lm_config(model_ref: str):
+    """The model section of an hf:DIR causal LM exported without a recipe (token ids; the length only bounds the
+    recipe checks: the export takes any), or None for other references."""
+    from compressor.models.config import ModelConfig
+
+    ref = str(model_ref)
+    folder = Path(ref[3:]).expanduser() if ref.startswith("hf:") else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        from transformers import AutoConfig
+
+        from compressor.models.hf_causal_lm import names_causal_lm
+
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (ImportError, OSError, ValueError, KeyError):
+        return None  # load_model names what is wrong with the folder
+    if not names_causal_lm(config):
+        return None
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 32
+    return ModelConfig(inputs="tokens", input_shape=[min(32, int(limit))])
+
+
+def _export_language_model(model, model_ref: str, recipe, *, fmt: str, out: Path | None,
+                           opset: int | None) -> dict[str, Any]:
+    """`compressor export` of a causal LM: MODEL's folder/model.onnx (an hf:DIR folder, a run or slim folder) or
+    --out, with its key/value cache, verified at two prompt lengths (app/lm_deploy.export_language_model)."""
+    from compressor.app.lm_deploy import export_language_model
+    from compressor.errors import UsageError
+    from compressor.rundir import check_output_file
+
+    if fmt != "onnx":
+        raise UsageError(f"--format {fmt}: a language model is exported to ONNX with its key/value cache and run on "
+                         "ONNX Runtime; compressor builds no TensorRT engine for it.", hint="Use --format onnx.")
+    ref = str(model_ref)
+    base = Path(ref[3:]).expanduser() if ref.startswith("hf:") else Path(ref)
+    target = out or (base / "model.onnx" if base.is_dir() else base.with_suffix(".onnx"))
+    check_output_file(target, "--out" if out is not None else "the output (next to MODEL; choose one with --out)",
+                      "model.onnx")
+    return export_language_model(model, Path(target), recipe, ref, opset=opset)

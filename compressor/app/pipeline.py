@@ -12,6 +12,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from compressor.app import lm_deploy
+from compressor.app.lm_deploy import check_lengths, is_language_model
+from compressor.app.metric_change import arrow_text, gate_limit, gate_name, worsening
 from compressor.app.recipe import Recipe, dump_recipe, load_recipe
 from compressor.app.evaluation import evaluate_onnx
 from compressor.app.nms_export import bench_pool, describe_inputs, nms_engine_stage, nms_stage
@@ -113,7 +116,7 @@ def preflight(recipe: Recipe, device: str) -> list[str]:
     for backend in recipe.bench.backends:
         check_backend(backend)
     trt = recipe.export.tensorrt.enabled
-    if trt is not False:
+    if trt is not False and recipe.task != "language-modeling":  # a language model gets no engine (lm_deploy)
         from compressor.deploy.tensorrt_engine import tensorrt_available
 
         ok, why = tensorrt_available()
@@ -160,6 +163,7 @@ class RunState:
     compressed: Optional[Measured] = None
     samples: Any = None
     hf_pretrained: Optional[dict[str, Any]] = None  # a Hugging Face model's save_pretrained folder, or why not
+    lm_tokenizer: Any = None  # a causal LM's tokenizer (app/lm_deploy.py: tokenizer/, hf/ and the model builder)
     report: dict[str, Any] = field(default_factory=dict)
     # the Python API's in-memory inputs (app/in_memory.py): a model and datasets given here are not loaded
     loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None  # None: cross-entropy
@@ -196,6 +200,8 @@ def load_inputs(state: RunState) -> None:
             state.train_set, state.val_set = build_datasets(state.recipe.data, state.recipe.model,
                                                           model_ref=state.checkpoint, task=state.recipe.task)
         _label_unlabelled_text(state)
+    if is_language_model(state):  # the bench's prompt + generated tokens fit the model's positions
+        check_lengths(state.recipe, state.model)
     with state.timer("round_to"):  # recipe.yaml in the run keeps `auto` as written; the choice is in round_to.json
         state.recipe, state.round_note = resolve_round_to(state.recipe, state.model, out=state.out)
     if state.round_note:
@@ -253,7 +259,7 @@ def measure_compressed(state: RunState) -> None:
     with state.timer("eval"):
         state.compressed = _measure(state, state.model, device=state.device)
     c, d, key = state.compressed, state.dense, state.task.primary
-    info(f"      {_primary(state, c.metrics)} ({c.metrics[key] - d.metrics[key]:+.2f} points), "
+    info(f"      {arrow_text(state.task, d.metrics[key], c.metrics[key])}, "
          f"MACs {c.macs / d.macs:.3f} of dense, params {c.params / d.params:.3f}")
 
 
@@ -268,9 +274,12 @@ def save_and_export(state: RunState) -> None:
         artifacts = save_slim(state.model, out, _with_reference(recipe.model, state.checkpoint))
         artifacts.update(_save_text_artifacts(state))
         artifacts.update(_save_native(state))
-        onnx_info = export_onnx(state.model, example, out / "model.onnx", recipe.export.onnx, zipped=zipped)
-        dense_onnx = None if state.dense_model is None else export_onnx(
-            state.dense_model, example, out / "dense.onnx", recipe.export.onnx, zipped=zipped)
+        if is_language_model(state):  # with the key/value cache, both files by the same exporter
+            onnx_info, dense_onnx = lm_deploy.export_stage(state)
+        else:
+            onnx_info = export_onnx(state.model, example, out / "model.onnx", recipe.export.onnx, zipped=zipped)
+            dense_onnx = None if state.dense_model is None else export_onnx(
+                state.dense_model, example, out / "dense.onnx", recipe.export.onnx, zipped=zipped)
         fusion = _transformer_fusions(state)
     if onnx_info.get("fallback"):
         state.notes.append(f"model.onnx{' and dense.onnx' if dense_onnx else ''}: {onnx_info['fallback']}")
@@ -387,8 +396,11 @@ def _save_text_artifacts(state: RunState) -> dict[str, Any]:
     """A text model's tokenizer (tokenizer/, what the ONNX needs beside it) and, for a Hugging Face model, the
     save_pretrained folder (hf/) where from_pretrained can rebuild the pruned shapes (models/hf_export.py)."""
     from compressor.models.hf import HFLogits, HFText
+    from compressor.models.hf_causal_lm import HFCausalLM
     from compressor.train.text import TOKENIZER_DIR, root_dataset
 
+    if isinstance(state.model, HFCausalLM):  # hf/ through the decoder's config (app/lm_deploy.py)
+        return lm_deploy.save_lm_folders(state)
     if not isinstance(state.model, (HFText, HFLogits)):
         return {}
     from compressor.models.hf_export import save_pretrained_checked
@@ -411,6 +423,8 @@ def _save_text_artifacts(state: RunState) -> dict[str, Any]:
 def verify_exports(state: RunState) -> None:
     """ONNX parity on real samples (ParityError after writing the report), then the TensorRT engine if any."""
     info("[5/6] verifying the export against PyTorch")
+    if is_language_model(state):  # prefill and cached decode at two prompt lengths, then the ONNX perplexity
+        return lm_deploy.verify_stage(state)
     report, out = state.report, state.out
     try:
         with state.timer("verify"):
@@ -440,6 +454,11 @@ def build_engine(state: RunState) -> None:
     """The TensorRT engine (where TensorRT and a GPU are): from the quantized ONNX when export.quantize made one
     (strongly typed), else from model.onnx with the recipe's precision flags."""
     report = state.report
+    if is_language_model(state):
+        report["exports"]["tensorrt"] = {"status": "skipped", "reason": "language models are deployed with their "
+                                         "key/value cache on ONNX Runtime; compressor builds no TensorRT engine for "
+                                         "them"}
+        return
     report["exports"]["tensorrt"] = _tensorrt_step(state.recipe, state.out, state.model, state.samples,
                                                    state.train_set)
     if report["exports"]["tensorrt"].get("parity"):
@@ -453,6 +472,8 @@ def quantize_export(state: RunState) -> None:
     cfg = state.recipe.export.quantize
     if not cfg.enabled:
         return
+    if is_language_model(state):  # weight-only MatMulNBits, no calibration or QAT
+        return lm_deploy.quantize_stage(state)
     from compressor.app.quantization import needs_qat, quantize_after_qat, quantize_model
     from compressor.deploy.verify import torch_outputs_all
 
@@ -500,6 +521,8 @@ def quantize_export(state: RunState) -> None:
 
 def measure_latency(state: RunState) -> None:
     recipe, report = state.recipe, state.report
+    if is_language_model(state):  # prefill ms and decode tokens/s of the ONNX files with their caches
+        return lm_deploy.bench_stage(state)
     if recipe.bench.backends:
         info(f"[6/6] measuring latency ({', '.join(recipe.bench.backends)}; batch {recipe.bench.batch_sizes}), "
              + ("dense and compressed interleaved" if state.dense_model is not None else "the given model alone"))
@@ -763,25 +786,30 @@ def _bench(recipe: Recipe, out: Path, dense, model, macs: float, dense_macs: Opt
 
 
 def evaluate_gates(recipe: Recipe, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recipe's gates on the report: the primary metric's worsening from the dense model (points lost by a
+    higher-is-better metric under max_accuracy_drop, the relative increase of a lower-is-better one under
+    max_metric_increase; the quantized file's too), the Python API's metric, and the first bench row's speedup."""
     gates = []
     g = recipe.gates
-    key = (report.get("task") or {}).get("primary", "top1")
-    if g.max_accuracy_drop is not None:
-        drop = report["dense"][key] - report["compressed"][key]
-        gates.append({"name": "max_accuracy_drop", "value": drop, "limit": g.max_accuracy_drop,
-                      "passed": drop <= g.max_accuracy_drop})
+    task = report.get("task") or {"primary": "top1", "higher_is_better": True}
+    key, name = task["primary"], gate_name(task)
+    limit = gate_limit(task, g)
+    if limit is not None:
+        worse = worsening(task, report["dense"][key], report["compressed"][key])
+        gates.append({"name": name, "value": worse, "limit": limit, "passed": worse <= limit})
     if g.max_metric_drop is not None:  # compress() refuses the gate without a metric
         drop = report["dense"]["metric"] - report["compressed"]["metric"]
         gates.append({"name": "max_metric_drop", "value": drop, "limit": g.max_metric_drop,
                       "passed": drop <= g.max_metric_drop})
     quantized = report.get("quantized")
-    if g.max_accuracy_drop is not None and quantized:
-        drop = report["dense"][key] - quantized[key]
-        gates.append({"name": f"max_accuracy_drop ({quantized['mode']} ONNX)", "value": drop,
-                      "limit": g.max_accuracy_drop, "passed": drop <= g.max_accuracy_drop})
+    if limit is not None and quantized and key in quantized:
+        worse = worsening(task, report["dense"][key], quantized[key])
+        gates.append({"name": f"{name} ({quantized['mode']} ONNX)", "value": worse, "limit": limit,
+                      "passed": worse <= limit})
     if g.min_speedup is not None and report.get("latency"):
         first = report["latency"][0]
-        gates.append({"name": f"min_speedup ({first['backend']}, batch {first['batch_size']})",
+        where = first.get("measure") or f"batch {first['batch_size']}"  # a language model's: decode tokens/s
+        gates.append({"name": f"min_speedup ({first['backend']}, {where})",
                       "value": first["speedup"], "limit": g.min_speedup, "passed": first["speedup"] >= g.min_speedup})
     return gates
 

@@ -28,7 +28,10 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 class GatesConfig(Strict):
     max_accuracy_drop: Optional[float] = Field(None, ge=0.0, description="points of the task's primary metric: "
                                                "top-1 % (classification), mAP50-95 (detection), mIoU % "
-                                               "(segmentation)")
+                                               "(segmentation); tasks whose metric is higher-is-better")
+    max_metric_increase: Optional[float] = Field(None, ge=0.0, description="a lower-is-better primary metric "
+                                                 "(language-modeling: perplexity): the compressed model's relative "
+                                                 "increase over the dense model's, e.g. 0.05 = within 5%")
     max_metric_drop: Optional[float] = Field(None, ge=0.0, description="the Python API's metric (compress(metric="
                                              "...), higher is better): dense minus compressed, in the metric's own "
                                              "units; needs a metric")
@@ -92,6 +95,11 @@ class Recipe(Strict):
         if self.export.nms.enabled and self.task != "detection":
             raise ValueError(f"export.nms.enabled puts a detector's NMS into its ONNX file, but task is {self.task}; "
                              "set export.nms.enabled: false (or task: detection for a detector)")
+        self._metric_direction()
+        if self.task == "language-modeling":
+            self._lm_deployment()
+        else:
+            self._image_deployment()
         if self.export.quantize.exclude == "auto" and self.gates.max_accuracy_drop is None:
             raise ValueError("export.quantize.exclude: auto keeps layers in float until gates.max_accuracy_drop holds; "
                              "set gates.max_accuracy_drop (percentage points of top-1 from the dense model)")
@@ -109,6 +117,65 @@ class Recipe(Strict):
             raise ValueError(f"model.input_shape {list(self.model.input_shape)} differs from data.text.block_size "
                              f"{block} (the length of the token blocks the corpus is packed into); set "
                              f"model.input_shape: [{block}] or data.text.block_size: {self.model.input_shape[0]}")
+
+    def _metric_direction(self) -> None:
+        """gates.max_accuracy_drop holds a higher-is-better primary metric, gates.max_metric_increase a
+        lower-is-better one (perplexity)."""
+        from compressor.tasks import TASKS
+
+        task = TASKS.get(self.task)
+        label = task.primary_label
+        if not task.higher_is_better and self.gates.max_accuracy_drop is not None:
+            raise ValueError(f"gates.max_accuracy_drop holds a metric that drops when the model gets worse, but "
+                             f"task {self.task}'s {label} is lower-is-better; set gates.max_metric_increase instead "
+                             f"(the relative increase of the {label} over the dense model's, e.g. 0.05 = within 5%)")
+        if task.higher_is_better and self.gates.max_metric_increase is not None:
+            raise ValueError(f"gates.max_metric_increase holds a lower-is-better metric (perplexity), but task "
+                             f"{self.task}'s {label} is higher-is-better; set gates.max_accuracy_drop instead (points "
+                             f"of {label} the compressed model may lose)")
+
+    def _lm_deployment(self) -> None:
+        """What a language model's deployment takes: weight-only int8 / int4, no calibration-based choices, ONNX
+        Runtime (no TensorRT engine), a decode tokens/s latency target."""
+        q, target = self.export.quantize, self.prune.target
+        if q.mode == "fp16":
+            raise ValueError("export.quantize.mode fp16 is not available for language models; use int8 or int4 "
+                             "(weight-only MatMulNBits: 8- or 4-bit weights, activations in float)")
+        if q.exclude == "auto":
+            raise ValueError("export.quantize.exclude: auto measures static int8 sensitivity layer by layer, which "
+                             "language models do not use (their int8 / int4 is weight-only MatMulNBits); leave "
+                             "export.quantize.exclude empty")
+        if q.qat.enabled is True:
+            raise ValueError("export.quantize.qat is quantization-aware fine-tuning for static int8; a language "
+                             "model's int8 / int4 is weight-only MatMulNBits without it; set "
+                             "export.quantize.qat.enabled: auto or false")
+        if self.export.tensorrt.enabled is True:
+            raise ValueError("export.tensorrt.enabled: language models are deployed with their key/value cache on "
+                             "ONNX Runtime; compressor builds no TensorRT engine for them; set "
+                             "export.tensorrt.enabled: auto or false")
+        if target.latency is not None or target.latency_speedup is not None:
+            raise ValueError("prune.target latency / latency_speedup time one forward of an image model; a language "
+                             "model's latency target is prune.target.tokens_per_second_speedup (decode tokens/s with "
+                             "the key/value cache over the dense model's)")
+        if target.tokens_per_second_speedup is not None and target.batch not in (None, 1):
+            raise ValueError(f"prune.target.batch {target.batch}: a language model's decode is timed on one "
+                             "sequence (batch 1); remove prune.target.batch")
+        if target.tokens_per_second_speedup is not None and target.table is not None:
+            raise ValueError("prune.target.table holds convolution and linear layer latencies of an image model; a "
+                             "tokens_per_second_speedup target is measured end to end; remove prune.target.table")
+
+    def _image_deployment(self) -> None:
+        """Settings that only language models take."""
+        for key in ("prompt_tokens", "new_tokens"):
+            if getattr(self.bench, key) is not None:
+                raise ValueError(f"bench.{key} sets the prompt / generated length of a language model's bench, but "
+                                 f"task is {self.task}; remove bench.{key}")
+        if self.export.quantize.mode == "int4":
+            raise ValueError(f"export.quantize.mode int4 is weight-only 4-bit quantization of a language model's "
+                             f"MatMuls; task {self.task} takes int8 (static QDQ) or fp16")
+        if self.prune.target.tokens_per_second_speedup is not None:
+            raise ValueError(f"prune.target.tokens_per_second_speedup is a language model's decode speed, but task "
+                             f"is {self.task}; use prune.target.latency_speedup")
 
     def build_task(self):
         """The recipe's task (compressor/tasks) for the model's classes."""

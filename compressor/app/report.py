@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from compressor.app import lm_report
+from compressor.app.metric_change import change_text
 from compressor.markdown import number, speedup_label, table
 from compressor import rundir
 
@@ -38,7 +40,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines = [f"# compressor report: {recipe['name']}", "", _summary_line(r), ""]
     lines += _accuracy_section(r)
     lines += [_target_line(r), ""]
-    lines += _examples_section(r) + _native_section(r)
+    lines += _examples_section(r) + _native_section(r) + lm_report.hf_line(r)
     lines += method_class(r).report_section(r.get("method") or {})
     lines += _latency_target_section(r)
     lines += _latency_section(r) + _deployment_section(r) + _parity_section(r) + _fusion_section(r)
@@ -130,8 +132,11 @@ def _accuracy_section(r: dict[str, Any]) -> list[str]:
     def change(key: str, digits: int, unit: str) -> str:
         if dense.get(key) is None or comp.get(key) is None:
             return "-"
+        if key == info["primary"] and not info.get("higher_is_better", True):  # perplexity: relative (+4.9%)
+            return change_text(info, dense[key], comp[key])
         return f"{comp[key] - dense[key]:+.{digits}f}{unit}"
 
+    info = task_info(r)
     rows = [row("dense", dense)] if dense else []
     rows.append(row("compressed", comp))
     if dense:
@@ -168,6 +173,8 @@ def _latency_section(r: dict[str, Any]) -> list[str]:
     rows = r.get("latency") or []
     if not rows:
         return []
+    if lm_report.is_lm_rows(rows):  # prefill ms and decode tokens/s with the key/value cache
+        return lm_report.latency_section(r)
     if not r.get("dense"):  # deploy() without a dense model: the slim model alone
         lines = ["## Latency (no dense model given, so no speedup)", ""]
         return lines + table(["backend", "batch", "p50 ms", "p90 ms", "throughput /s"],
@@ -311,6 +318,8 @@ def _deployment_section(r: dict[str, Any]) -> list[str]:
     q = r.get("quantized")
     if not q or not r.get("dense"):  # deploy() without a dense model: the parity and notes sections say the rest
         return []
+    if q.get("weight_only"):  # a language model's MatMulNBits file
+        return lm_report.deployment_section(r)
     dense, comp = r["dense"], r["compressed"]
     timed = [x for x in r.get("latency") or [] if "quantized" in x]
     heads = [f"{x['backend']} b{x['batch_size']} ms (speedup)" for x in timed]
@@ -371,7 +380,7 @@ def _parity_section(r: dict[str, Any]) -> list[str]:
     trt = (r.get("exports") or {}).get("tensorrt") or {}
     real = r["compressed"].get(task_info(r)["primary"]) is not None  # deploy() without a validation set: random inputs
     lines = [f"## Export parity ({'real validation samples' if real else 'seeded random inputs: no validation set'})",
-             ""]
+             ""] if not r.get("task", {}).get("name") == "language-modeling" else [lm_report.parity_title(r), ""]
     lines += table(["artifact", "precision", "samples", "max abs diff", "mean abs diff", "top-1 agreement",
                      "allowed diff (atol + rtol x max |output|)", "passed"], rows)
     if trt.get("status") in ("skipped", "disabled"):
@@ -528,6 +537,8 @@ def _plot_latency(plt, r):
     rows = r.get("latency") or []
     if not rows:
         return None
+    if lm_report.is_lm_rows(rows):
+        return _plot_lm_latency(plt, rows)
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.6), squeeze=False)
     for ax, row in zip(axes[0], rows):
         named = [("dense", row.get("dense_ms")), ("compressed", row["compressed_ms"]),
@@ -538,5 +549,21 @@ def _plot_latency(plt, r):
         ax.set_title(f"{row['backend']} batch {row['batch_size']}\n{speedup_label(row.get('speedup'))}", fontsize=9)
         ax.set_ylabel("ms")
     fig.suptitle("Latency distributions (dense and compressed interleaved)", y=1.03)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_lm_latency(plt, rows):
+    """A language model's decode time per token (each timed run's steps together / new tokens), per backend."""
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.6), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        named = [(name, row.get(side)) for name, side in (("dense", "dense"), ("compressed", "compressed"),
+                                                          (row.get("quantized_mode", ""), "quantized"))]
+        named = [(name, side) for name, side in named if side]
+        ax.boxplot([[v / row["new_tokens"] for v in side["decode"]["values"]] for _, side in named], showfliers=False)
+        ax.set_xticks(range(1, len(named) + 1), [name for name, _ in named])
+        ax.set_title(f"{row['backend']} decode\n{speedup_label(row.get('speedup'))} tokens/s", fontsize=9)
+        ax.set_ylabel("ms per token")
+    fig.suptitle("Decode time per token (key/value cache; models timed in turn)", y=1.03)
     fig.tight_layout()
     return fig

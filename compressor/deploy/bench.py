@@ -127,6 +127,45 @@ def run_benchmark(model_path: str | Path, *, baseline: str | Path | None = None,
     return {"environment": environment(threads), "config": settings, "results": results}
 
 
+def is_language_model_file(model: str | Path) -> bool:
+    """Whether `model` is an ONNX causal LM with a key/value cache as compressor exports one (input_ids and
+    past_key_values.N.key / .value inputs; deploy/lm_session.py): `compressor bench` times its prefill and decode
+    (deploy/lm_bench.py) instead of one forward. Reads the graph's inputs only (onnx, no weights, no torch)."""
+    path = Path(model)
+    if path.suffix not in ONNX_SUFFIXES or not path.is_file():
+        return False
+    import onnx
+
+    try:
+        names = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+    except Exception:  # not an ONNX file: the runner that opens it names the problem
+        return False
+    return "input_ids" in names and any(name.startswith("past_key_values.") for name in names)
+
+
+def render_lm_report(report: dict[str, Any], console: "Console") -> None:
+    """bench_lms's report as a table: prefill ms and decode tokens/s of each model, the speedups over the first
+    (the baseline) when there are two."""
+    from rich.table import Table
+
+    cfg = report["config"]
+    baseline = len(report["results"]) > 1
+    console.print(f"{cfg['backend']}, batch 1: prefill of a {cfg['prompt_tokens']}-token prompt, then "
+                  f"{cfg['new_tokens']} greedy tokens decoded with the key/value cache"
+                  + (" (timed in turn with the baseline)" if baseline else ""))
+    table = Table("model", "prefill ms", "decode tokens/s", "ms / token", *(["prefill speedup", "decode speedup"]
+                                                                          if baseline else []))
+    for i, r in enumerate(report["results"]):
+        row = [("baseline " if baseline and i == 0 else "") + Path(r["model"]).name, f"{r['prefill_ms']:.3f}",
+               f"{r['decode_tokens_per_second']:.1f}", f"{r['decode_ms_per_token']:.3f}"]
+        if baseline:
+            row += [f"{r['prefill_speedup']:.2f}x", f"{r['decode_speedup']:.2f}x"]
+        table.add_row(*row)
+    console.print(table)
+    if report.get("note"):
+        console.print(f"note: {report['note']}")
+
+
 def render_report(report: dict[str, Any], console: "Console") -> None:
     """The report's results as a table: percentiles, mean±std, throughput and, with a baseline, the speedup."""
     from rich.table import Table

@@ -42,9 +42,11 @@ class QATConfig(Strict):
 
 class QuantizeConfig(Strict):
     """export.quantize: a quantized copy of model.onnx (model.int8.onnx, static QDQ; or model.fp16.onnx). The
-    shorthands `quantize: int8`, `quantize: fp16` and `quantize: auto` (int8, exclude: auto) are accepted."""
+    shorthands `quantize: int8`, `quantize: fp16` and `quantize: auto` (int8, exclude: auto) are accepted.
+    Language models (task: language-modeling) quantize their MatMul weights only (onnxruntime's MatMulNBits,
+    activations in float, no calibration): int8 is 8-bit weights, int4 (language models only) 4-bit."""
 
-    mode: Literal["none", "int8", "fp16"] = "none"
+    mode: Literal["none", "int8", "int4", "fp16"] = "none"
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     per_channel: bool = Field(True, description="int8: one weight scale per output channel")
     exclude: Union[Literal["auto"], list[str]] = Field(
@@ -111,6 +113,7 @@ class VerifyConfig(Strict):
     min_top1_agreement: float = Field(0.999, ge=0.0, le=1.0)
 
 
+DEFAULT_PROMPT_TOKENS, DEFAULT_NEW_TOKENS = 128, 32  # a language model's bench (bench.prompt_tokens / new_tokens)
 BackendName = Literal[tuple(BACKENDS.names())]  # type: ignore[valid-type]  (the registered runtimes)
 
 
@@ -121,6 +124,15 @@ class BenchConfig(Strict):
     min_runs: int = Field(50, gt=0)
     min_seconds: float = Field(2.0, ge=0.0)
     threads: Optional[int] = Field(None, gt=0)
+    prompt_tokens: Optional[int] = Field(None, gt=0, description="language models: the prompt's length in tokens "
+                                         "(prefill ms; decode starts after it); default 128")
+    new_tokens: Optional[int] = Field(None, gt=0, description="language models: greedy tokens generated with the "
+                                      "key/value cache (decode tokens/s); default 32")
+
+    @property
+    def lm_lengths(self) -> tuple[int, int]:
+        """(prompt tokens, new tokens) of a language model's bench, the defaults filled in."""
+        return (self.prompt_tokens or DEFAULT_PROMPT_TOKENS, self.new_tokens or DEFAULT_NEW_TOKENS)
 
     @field_validator("batch_sizes")
     @classmethod

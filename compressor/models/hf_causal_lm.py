@@ -112,13 +112,21 @@ def check_lm_inputs(model: HFCausalLM, reference: str, inputs: str, input_shape:
 def save_pretrained_checked(wrapper: HFCausalLM, folder: Path, example: torch.Tensor,
                             tokenizer: Any = None) -> dict[str, Any]:
     """Write `wrapper.hf` (and `tokenizer`) to `folder` with save_pretrained when from_pretrained rebuilds it with
-    the same logits on `example` (checked); otherwise write nothing. The config must describe every tensor's shape
-    (models/hf_export.config_for compares them with a model built from it). Returns {written, path | reason,
-    max_abs_diff}."""
+    the same logits on `example` (checked); otherwise write nothing. The config must describe every tensor's shape:
+    models/decoder.config_after makes a pruned decoder's config do so (per-layer widths cannot: the reason is
+    returned); a family decoder surgery does not know keeps its config when models/hf_export.config_for finds it
+    describes the model. Returns {written, path | reason, max_abs_diff}."""
+    from compressor.errors import NotPrunableError
+    from compressor.models.decoder import config_after
     from compressor.models.hf_export import config_for
 
     model = wrapper.hf
-    config, reason = config_for(model)
+    try:
+        config, reason = config_after(model), None
+    except RecipeError as exc:
+        config, reason = None, exc.message
+    except NotPrunableError:
+        config, reason = config_for(model)
     if folder.exists():
         shutil.rmtree(folder)
     if config is None:

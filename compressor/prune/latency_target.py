@@ -24,6 +24,10 @@ the planner's floor (its fewest MACs) has been measured: a planner's loop ends a
 and a loop whose tries are all short without having tried the floor measures it once more. A fastest try within
 TOLERANCE meets the target.
 
+A language model's `{tokens_per_second_speedup: S}` runs the same loop on its decode: each try and the dense model
+exported with their key/value caches and their greedy decode at bench.prompt_tokens / new_tokens timed in turn
+(deploy/lm_timing.py); the decode time ratio is the tokens/s speedup.
+
 The loop is saved in the run directory (latency_target.json): --resume and every DDP rank use the same m.
 """
 from __future__ import annotations
@@ -178,6 +182,7 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     from compressor.prune.removal import remove
     from compressor.prune.config import TargetConfig
     from compressor.prune.latency_cost import predicted_speedup
+    from compressor.deploy.lm_timing import decode_timer
     from compressor.prune.round_to import magnitude_snapshot, timing_runner
     from compressor.progress import info
 
@@ -238,13 +243,18 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     best: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compressor-latency-") as tmp:
-        dense = timing_runner(base, recipe, backend, Path(tmp) / "dense.onnx")
+        # tokens_per_second_speedup: each try's decode with its key/value cache against the dense model's
+        decoder = decode_timer(base, recipe, backend, Path(tmp)) if tokens_target(recipe) else None
+        dense = None if decoder else timing_runner(base, recipe, backend, Path(tmp) / "dense.onnx")
 
         def measure_at(macs: float, planner: str, name: str) -> dict[str, Any]:
             work, row = plan_at(macs, planner)
-            pruned = timing_runner(work, recipe, backend, Path(tmp) / f"{planner}-{name}.onnx")
+            if decoder is not None:
+                dense_now, pruned = decoder.pair(work, f"{planner}-{name}")
+            else:
+                dense_now, pruned = dense, timing_runner(work, recipe, backend, Path(tmp) / f"{planner}-{name}.onnx")
             try:
-                timed = time_in_turn([dense, pruned], batch, Budget(300.0, MIN_RUNS, MEASURE_SECONDS))
+                timed = time_in_turn([dense_now, pruned], batch, Budget(300.0, MIN_RUNS, MEASURE_SECONDS))
             finally:
                 pruned.close()
             (dense_ms, pruned_ms), speedup = timed.p50_ms, timed.speedup(1)
@@ -277,7 +287,7 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
                 tries += own
                 best[planner] = pick(own, asked)
         finally:
-            dense.close()
+            (decoder or dense).close()
         planner, why = choose_planner(best, asked)
         if cost is not None and len(best) == 1:
             why = (f"the MAC ranking's plan reached x{best['macs']['speedup']:.2f}, within {TOLERANCE:.0%}, with "
@@ -297,6 +307,11 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
         record["unreachable"] = out_of_reach(recipe, snap, cons, tries, fastest,
                                              plan_for_target(snap, TargetConfig(macs=fastest["asked_macs"]), cons))
     return record
+
+
+def tokens_target(recipe: "Recipe") -> bool:
+    """Whether the target is a language model's decode tokens/s speedup (timed by deploy/lm_timing.py)."""
+    return recipe.prune.target.tokens_per_second_speedup is not None
 
 
 def aimed(measured: dict[str, Any], asked: float) -> bool:
