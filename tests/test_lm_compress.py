@@ -331,3 +331,18 @@ def test_per_layer_widths_skip_hf_and_export_both_files_with_torch_onnx(lm, tmp_
     assert report["exports"]["onnx"]["method"] == report["exports"]["dense_onnx"]["method"] == "torch"
     assert report["parity"]["onnx"]["passed"] and report["latency"][0]["decode_speedup"] > 0
     assert "No Hugging Face folder (hf/)" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_an_unreachable_tokens_per_second_target_names_its_field():
+    from compressor.prune.latency_target import unreachable_error
+
+    reach = {"speedup": 1.06, "macs": 0.469, "planner": "macs", "at_floor": True, "widths": [[1, 2], [20, 96]],
+             "floor_speedup": 1.06, "floor_macs": 0.469, "floor_without_round_to": 0.469,
+             "floor_without_limits": 0.38, "round_to": None, "max_layer_ratio": 0.8, "ignore": []}
+    record = {"asked_speedup": 1.3, "backend": "ort-cpu", "batch": 1, "tries": [{}, {}], "tolerance": 0.05,
+              "measure": "decode tokens/s", "unreachable": reach}
+    error = unreachable_error(record)
+    assert "asks for a decode tokens/s speedup of x1.30" in error.message
+    assert "Lower prune.target.tokens_per_second_speedup to at most 1.06" in error.hint
+    del record["measure"]
+    assert "Lower prune.target.latency_speedup" in unreachable_error(record).hint

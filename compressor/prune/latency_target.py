@@ -299,6 +299,7 @@ def measure_latency_target(model: "nn.Module", recipe: "Recipe", cost: Optional[
     record = {"asked_speedup": asked, "backend": backend, "batch": batch, "macs": chosen["asked_macs"],
               "achieved_macs": chosen["macs"], "measured_speedup": chosen["speedup"],
               "met": within(chosen, asked), "tolerance": TOLERANCE, "tries": tries,
+              **({"measure": "decode tokens/s"} if decoder is not None else {}),
               **({"layers": layers} if layers is not None else {}), "planner": planner,
               **({"choice": why} if why else {}), **source}
     fastest = max(tries, key=lambda t: (t["speedup"], -t["macs"]))  # of equally fast tries the fewest MACs
@@ -383,7 +384,8 @@ def unreachable_error(record: dict[str, Any], saved: Optional[Path] = None):
 
     u, asked = record["unreachable"], record["asked_speedup"]
     shown = ", ".join(f"{k} of {d}" for k, d in u["widths"][:8]) + (", ..." if len(u["widths"]) > 8 else "")
-    message = (f"prune.target asks for a latency speedup of x{asked:.2f} on {record['backend']} batch "
+    what = "a decode tokens/s" if record.get("measure") == "decode tokens/s" else "a latency"
+    message = (f"prune.target asks for {what} speedup of x{asked:.2f} on {record['backend']} batch "
                f"{record['batch']}, but the fastest plan the measure-prune loop timed ran x{u['speedup']:.2f} "
                f"({u['macs']:.3f} of the dense MACs, group widths {shown}; {len(record['tries'])} "
                f"{'try' if len(record['tries']) == 1 else 'tries'}), short of "
@@ -414,7 +416,8 @@ def unreachable_error(record: dict[str, Any], saved: Optional[Path] = None):
                     f"would give x{1 / u['macs']:.1f}: most of its time there is not in the pruned layers.")
     if saved is not None:
         message += f" The tries are in {saved}."
-    hint = f"Lower prune.target.latency_speedup to at most {u['speedup']:.2f} (the fastest measured)"
+    field = "tokens_per_second_speedup" if record.get("measure") == "decode tokens/s" else "latency_speedup"
+    hint = f"Lower prune.target.{field} to at most {u['speedup']:.2f} (the fastest measured)"
     if names:
         hint += f", or relax {' / '.join(names)} so the planner can keep fewer MACs"
     return RecipeError(message, hint=hint + ".")
