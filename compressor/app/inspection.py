@@ -10,6 +10,7 @@ from torch import nn
 from compressor.app.recipe import Recipe
 from compressor.models.config import ModelConfig
 from compressor.models.loading import example_inputs, load_model
+from compressor.prune.decoder_snapshot import is_decoder_model
 from compressor.prune.op_count import count_ops
 from compressor.prune import graph as dg
 
@@ -31,6 +32,8 @@ class Inspection:
     notes: list[str] = field(default_factory=list)
     heads: dict[str, dict[str, Any]] = field(default_factory=dict)  # attention layer -> heads, head_dim or reason
     num_classes: Optional[int] = None  # the model section's (without a recipe: an hf:DIR model's own num_labels)
+    # a decoder LM (prune.decoder): its structures by kind, and every layer's widths (groups lists its sites)
+    decoder: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,10 +52,13 @@ def layer_table(model: nn.Module, example: torch.Tensor) -> tuple[int, int, list
 
 
 def inspect_model(model: nn.Module, model_cfg: ModelConfig, label: str = "model") -> Inspection:
-    """Per-layer costs, prunable groups, ignored and unprunable layers of a model."""
+    """Per-layer costs, prunable groups, ignored and unprunable layers of a model (of a decoder LM: its decoder
+    structures, without tracing it: decoder_inspection)."""
     model = model.cpu().eval()
     example = example_inputs(model_cfg)
     macs, params, rows = layer_table(model, example)
+    if is_decoder_model(model):
+        return decoder_inspection(model, model_cfg, example, params, rows, label)
     ignored = dg.resolve_ignored(model, model_cfg.ignore, example)
     graph = dg.build_graph(model, example, ignored)
     groups = dg.prunable_groups(graph, ignored)
@@ -65,6 +71,27 @@ def inspect_model(model: nn.Module, model_cfg: ModelConfig, label: str = "model"
     return Inspection(model=label, input_shape=list(model_cfg.input_shape), macs=macs, params=params, layers=rows,
                       groups=infos, ignored=[names[m] for m in ignored], unprunable=unprunable, notes=notes,
                       heads=attention_heads(model, tuple(ignored)), num_classes=model_cfg.num_classes)
+
+
+def decoder_inspection(model: nn.Module, model_cfg: ModelConfig, example: torch.Tensor, params: int,
+                       rows: list[dict[str, Any]], label: str) -> Inspection:
+    """A decoder LM's structures (models/decoder sites of every kind: root, width, MACs of one structure at
+    model.input_shape's sequence length) and per-layer widths; MACs are the analytic count the planner uses."""
+    from compressor.models.decoder import KINDS, decoder_sites, layer_widths
+    from compressor.prune.decoder_snapshot import KIND_NAMES, decoder_model_macs
+
+    seq_len = int(example.shape[-1])
+    sites = decoder_sites(model, KINDS, prunable=False)
+    groups = [dg.GroupInfo(root=s.root, width=s.width, coupled=[f"{KIND_NAMES[s.kind]}, {_fmt(s.macs(seq_len)[0])} "
+                                                                 "MACs each"]) for s in sites]
+    macs = decoder_model_macs(model, example)[0]
+    widths = layer_widths(model)
+    hidden = next(s.width for s in sites if s.kind == "hidden")
+    notes = [f"decoder language model: prune.decoder.kinds picks among layers ({len(widths)}), kv_groups, mlp and "
+             f"hidden ({hidden}); MACs are the analytic count of {seq_len} tokens (models/decoder.decoder_macs)"]
+    return Inspection(model=label, input_shape=list(model_cfg.input_shape), macs=int(macs), params=params, layers=rows,
+                      groups=groups, ignored=[], unprunable={}, notes=notes, num_classes=model_cfg.num_classes,
+                      decoder={"layers": len(widths), "hidden": hidden, "per_layer": widths})
 
 
 def attention_heads(model: nn.Module, ignored: tuple[nn.Module, ...]) -> dict[str, dict[str, Any]]:
@@ -124,7 +151,16 @@ def render_inspection(report: Inspection, console: Console, *, show_layers: bool
             table.add_row(row["name"], row["type"], _fmt(row["macs"]), f"{100 * row['macs'] / max(report.macs, 1):.1f}",
                           _fmt(row["params"]))
         console.print(table)
-    groups = Table("root layer", "width", "coupled layers", title=f"{len(report.groups)} prunable dependency groups")
+    if report.decoder:
+        groups = Table("root", "width", "structures", title=f"{len(report.groups)} decoder structure sites "
+                                                            "(prune.decoder)")
+        widths = Table("layer", "query heads", "key/value groups", "head dim", "MLP width",
+                       title=f"{report.decoder['layers']} decoder layers, hidden size {report.decoder['hidden']}")
+        for i, w in enumerate(report.decoder["per_layer"]):
+            widths.add_row(str(i), str(w["heads"]), str(w["kv_heads"]), str(w["head_dim"]), str(w["intermediate"]))
+        console.print(widths)
+    else:
+        groups = Table("root layer", "width", "coupled layers", title=f"{len(report.groups)} prunable dependency groups")
     for g in report.groups:
         groups.add_row(g.root, str(g.width), ", ".join(g.coupled))
     console.print(groups)
@@ -147,6 +183,11 @@ def render_inspection(report: Inspection, console: Console, *, show_layers: bool
         p = report.prediction
         console.print(f"recipe target: {p.get('asked')} -> achieved MACs {p.get('macs_ratio', 0):.3f} of dense, "
                       f"params {p.get('params_ratio', 0):.3f}")
+        after = p.get("decoder_widths")
+        if after:
+            kept = sorted({(w["heads"], w["kv_heads"], w["intermediate"]) for w in after["per_layer"]})
+            console.print(f"  decoder after pruning: {after['layers']} layers, hidden {after['hidden']}, per layer "
+                          + "; ".join(f"{q} query heads in {kv} key/value groups, MLP {i}" for q, kv, i in kept))
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
 

@@ -54,15 +54,19 @@ def fix_attributes(module: nn.Module) -> None:
 def conform_to_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
     """Resize `model`'s layers in place so `state` (from a pruned copy of the same arch) loads strictly.
 
-    Returns the names of the modules that changed width (attention layers that kept fewer heads included).
+    Returns the names of the modules that changed width (attention layers that kept fewer heads included). A decoder
+    LM (models/decoder) first loses the layers the state lacks, and its head counts, widths and config follow after.
     """
+    from compressor.models.decoder.conform import start_conform
+
+    decoder = start_conform(model, state)
     changed = conform_heads(model, {k: tuple(v.shape) for k, v in state.items()})
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if _resize_tensors(module, prefix, state):
             fix_attributes(module)
             changed.append(name)
-    return changed
+    return changed + (decoder.finish() if decoder is not None else [])
 
 
 # ---------------------------------------------------------------------------------------------- save / load

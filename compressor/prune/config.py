@@ -73,6 +73,44 @@ class AttentionConfig(Strict):
                                            "Face layers with separate q/k/v projections only")
 
 
+DecoderKind = Literal["layers", "kv_groups", "mlp", "hidden"]
+
+
+class DecoderConfig(Strict):
+    """prune.decoder: the structures of a decoder language model (hf:DIR Llama, Mistral, Qwen2/3, Phi-3, GPT-2) the
+    planner removes, in place of torch-pruning's channel groups (prune/decoder_snapshot.py, docs/planning.md).
+
+    The target applies per kind: `target.channels: F` removes F of each kind (of each layer's key/value groups and
+    MLP channels, of the layers, of the hidden size); a MAC target (macs, speedup, or the MAC fraction a latency
+    target resolves to) is met by one common fraction over the kinds not named in `ratios`, found by bisection on
+    the analytic cost (models/decoder.decoder_macs at the recipe's sequence length)."""
+
+    kinds: list[DecoderKind] = Field(
+        default_factory=lambda: ["mlp", "kv_groups"], min_length=1,
+        description="what is removed: layers (whole decoder layers, depth), kv_groups (a key/value head with its "
+                    "query heads), mlp (MLP intermediate channels), hidden (the residual stream's channels)")
+    ratios: dict[DecoderKind, float] = Field(
+        default_factory=dict, description="fraction removed per kind, overriding the target's fraction for that kind "
+                                          "(e.g. {mlp: 0.5, kv_groups: 0.25})")
+    uniform: bool = Field(True, description="every layer keeps the same widths, so the pruned model is an ordinary "
+                                            "config that from_pretrained (and vLLM, TensorRT-LLM) loads; false: "
+                                            "widths ranked across layers, per-layer widths that do NOT reload with "
+                                            "from_pretrained")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DecoderConfig":
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"kinds {self.kinds} lists a kind twice")
+        stray = [k for k in self.ratios if k not in self.kinds]
+        if stray:
+            raise ValueError(f"ratios names {stray}, which kinds {self.kinds} does not prune; add them to kinds or "
+                             "drop their ratios")
+        bad = {k: v for k, v in self.ratios.items() if not 0.0 < v < 1.0}
+        if bad:
+            raise ValueError(f"ratios {bad}: each is the fraction of that kind removed, above 0 and below 1")
+        return self
+
+
 class ScheduleConfig(Strict):
     events: int = Field(4, gt=0, description="number of host selection events")
     start_epoch: int = Field(0, ge=0)

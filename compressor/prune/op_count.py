@@ -68,7 +68,13 @@ def _rnn_macs(module: nn.RNNBase, inputs, output) -> None:
 
 
 def snapshot_macs(model: nn.Module, example: torch.Tensor) -> tuple[float, int]:
-    """(MACs, params) of the model as it is now, counted by torch-pruning (see count_ops)."""
+    """(MACs, params) of the model as it is now, counted by torch-pruning (see count_ops); of a decoder LM, its
+    analytic MACs (models/decoder.decoder_macs, what its planner counts: torch-pruning's counter sees no attention
+    matmul) and its parameters."""
+    from compressor.prune.decoder_snapshot import decoder_model_macs, is_decoder_model
+
+    if is_decoder_model(model):
+        return decoder_model_macs(model, example)
     with dg.quiet_eval(model):
         macs, params = count_ops(model, example)
     return float(macs), int(params)

@@ -35,9 +35,14 @@ class Constraints:
 
 
 def remember_widths(store: dict[str, int], snap: Snapshot) -> None:
-    """Record each group's width the first time it is seen (the dense width, before any removal)."""
+    """Record each group's width the first time it is seen (the dense width, before any removal); a decoder LM's
+    dense width of each kind (prune/decoder_plan.py)."""
     for cand in snap.candidates:
         store.setdefault(cand.root, cand.width)
+    if snap.decoder is not None:
+        from compressor.prune.decoder_plan import remember_dense
+
+        remember_dense(store, snap)
 
 
 def constraints_from(recipe, **extra) -> Constraints:
@@ -200,7 +205,12 @@ def plan_uniform(snap: Snapshot, ratio: float, cons: Constraints) -> Plan:
 def plan_for_macs(snap: Snapshot, target_macs: float, cons: Constraints) -> Plan:
     """The plan whose MACs are closest to target_macs, from either side, as the granularity allows (bisection on
     the removal amount, then the nearer of the two plans around the target). With a latency table (cons.cost) the
-    target is read as that fraction of the dense model's predicted latency and planned by importance per ms."""
+    target is read as that fraction of the dense model's predicted latency and planned by importance per ms. A
+    decoder LM's snapshot is planned by prune/decoder_plan.py."""
+    if snap.decoder is not None:
+        from compressor.prune import decoder_plan
+
+        return decoder_plan.plan_for_macs(snap, target_macs, cons)
     if cons.cost is not None:
         budget = cons.cost.budget(target_macs / cons.cost.dense_macs)
         return plan_for_cost(cons.cost.weighted(snap), budget, cons, lambda p: cons.cost.predict(snap, p))
@@ -240,6 +250,10 @@ def plan_for_cost(snap: Snapshot, target: float, cons: Constraints, cost: Callab
 
 def plan_for_target(snap: Snapshot, target, cons: Constraints) -> Plan:
     """The plan for the recipe's final target (prune.target: remaining MACs, MAC speedup or channel ratio)."""
+    if snap.decoder is not None:
+        from compressor.prune import decoder_plan
+
+        return decoder_plan.plan_for_target(snap, target, cons)
     remaining = target.remaining_macs()
     if remaining is not None:
         return plan_for_macs(snap, remaining * snap.total_macs, cons)
@@ -247,7 +261,12 @@ def plan_for_target(snap: Snapshot, target, cons: Constraints) -> Plan:
 
 
 def plan_for_channels(snap: Snapshot, ratio: float, cons: Constraints) -> Plan:
-    """Remove `ratio` of all prunable channels (globally ranked or uniformly per group)."""
+    """Remove `ratio` of all prunable channels (globally ranked or uniformly per group); of a decoder LM, `ratio` of
+    each kind's dense width."""
+    if snap.decoder is not None:
+        from compressor.prune import decoder_plan
+
+        return decoder_plan.plan_for_fractions(snap, {kind: ratio for kind in snap.decoder.kinds}, cons)
     if cons.global_ranking:  # frozen (decaying) channels are still in the model and count towards the ratio
         total = sum(c.width for c in snap.candidates)
         frozen = sum(len(f) for f in cons.frozen.values())

@@ -1,10 +1,14 @@
-"""Physical removal of a plan's channels and heads (through torch-pruning), checked by one forward pass."""
+"""Physical removal of a plan's channels and heads (through torch-pruning) and of a decoder LM's structures
+(models/decoder), checked by one forward pass."""
 from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from compressor.errors import NotPrunableError
+from compressor.models.decoder import is_decoder_root, remove_plan, site_of
 from compressor.prune import graph as dg
 from compressor.prune import heads as heads_mod
 from compressor.prune.snapshot import Plan
@@ -20,6 +24,9 @@ def remove(model: nn.Module, example: torch.Tensor, plan: Plan) -> int:
         for root in [r for r in plan if heads_mod.is_head_root(r)]:  # local to their layer: no graph needed
             heads_mod.remove_heads(model, root, list(plan[root]))
             removed += len(plan.pop(root))
+        decoder = {root: list(plan.pop(root)) for root in [r for r in plan if is_decoder_root(r)]}
+        if decoder:  # a decoder LM's layers, key/value groups, MLP and hidden channels (models/decoder)
+            removed += remove_plan(model, decoder)
         graph = dg.trace(model, example) if plan else None
         for root, idxs in plan.items():
             module = model.get_submodule(root)
@@ -36,8 +43,26 @@ def remove(model: nn.Module, example: torch.Tensor, plan: Plan) -> int:
                     hint=f"Add {root!r} to model.ignore to keep that group whole (`compressor inspect` lists the "
                          "coupled layers), or use FGGP unstructured / 2:4, which does not change shapes.") from exc
             removed += len(idxs)
-        check_forward(model, example, list(plan) or ["attention heads"])
+        check_forward(model, example, list(plan) or list(decoder) or ["attention heads"])
     return removed
+
+
+def follow_roots(model: nn.Module, roots: Iterable[str]) -> Callable[[], dict[str, Optional[str]]]:
+    """A decoder LM's roots name their layer by index, which removing layers changes. Call before a removal; the
+    function returned gives, after it, each of `roots`' new name (None: its layer was removed). Other roots are
+    left out (their names do not change)."""
+    sites = {root: site_of(model, root) for root in roots if is_decoder_root(root)}
+
+    def after() -> dict[str, Optional[str]]:
+        names: dict[str, Optional[str]] = {}
+        for root, site in sites.items():
+            try:
+                names[root] = site.root
+            except NotPrunableError:  # the layer is gone
+                names[root] = None
+        return names
+
+    return after
 
 
 def check_forward(model: nn.Module, example: torch.Tensor, roots: list[str]) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, PrivateAttr, create_model, field_validator
 
 from compressor.config import Strict
-from compressor.prune.config import AttentionConfig, ScheduleConfig, TargetConfig
+from compressor.prune.config import AttentionConfig, DecoderConfig, ScheduleConfig, TargetConfig
 from compressor.prune.importance import ImportanceConfig
 from compressor.prune.methods import HOSTS, METHODS
 from compressor.registry import Registry
@@ -28,6 +28,7 @@ class PruneBase(Strict):
                           "fastest on (8 on AVX2 CPUs and GPUs, 16 with AVX-512, 32 for TensorRT INT8)")
     max_layer_ratio: float = Field(0.8, gt=0.0, le=1.0)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)  # decoder LMs only (prune/decoder_snapshot.py)
     # set by round_to.resolve_round_to when round_to was `auto` (narrow groups may keep a smaller power of two)
     _round_to_auto: bool = PrivateAttr(False)
     # set by latency_target.resolve_latency_target: the latency target the measured MAC target came from

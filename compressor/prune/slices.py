@@ -14,11 +14,14 @@ def structure_slices(model: nn.Module, example: torch.Tensor, roots: list[str], 
 
     out_only=True keeps the output-defining slices (producer rows and bias, norm affine); False adds the
     consumers' input columns. A channel c of the root is x_s = concatenation over slices of the rows whose
-    root index is c.
+    root index is c. Attention-head roots (prune/heads.py) and decoder LM roots (models/decoder: a layer's out_only
+    slices are its o_proj / down_proj rows, scaled to zero the layer is the identity) give their sites' slices.
     """
+    from compressor.models.decoder import is_decoder_root, site_of
     from compressor.prune.importance import channel_slices
 
     result = {root: heads_mod.site_of(model, root).slices(out_only) for root in roots if heads_mod.is_head_root(root)}
+    result.update({root: site_of(model, root).slices(out_only) for root in roots if is_decoder_root(root)})
     roots = [root for root in roots if root not in result]
     if not roots:
         return result

@@ -7,7 +7,7 @@ prune).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch_pruning as tp
@@ -39,6 +39,7 @@ class Candidate:
     # conv's channel i through a depthwise "cheap" conv into channel i + width/2 of the same concatenation, so
     # removing one of them removes both; planning counts and chooses such classes whole.
     classes: Optional[list[list[int]]] = None
+    kind: Optional[str] = None  # a decoder LM's structure kind (prune/decoder_snapshot.py); None for channel groups
 
     def partners(self) -> dict[int, list[int]]:
         return {i: cls for cls in self.classes for i in cls} if self.classes else {}
@@ -62,6 +63,9 @@ class Snapshot:
     fixed_macs: float
     total_macs: float
     params: int
+    # the cost of a plan where the per-layer model does not apply: a decoder LM's analytic MACs (decoder_macs)
+    cost: Optional[Callable[[Plan], float]] = None
+    decoder: Optional[Any] = None  # a decoder LM's DecoderLayout: planning goes to prune/decoder_plan.py
 
     def removed_after(self, plan: Plan) -> dict[tuple[str, str], float]:
         """Channels each layer loses on each side ("out" / "in") when `plan` is removed."""
@@ -79,7 +83,10 @@ class Snapshot:
         return removed
 
     def macs_after(self, plan: Plan) -> float:
-        """MACs of the model after removing `plan`: exact for conv/linear/norm layers, an upper bound overall."""
+        """MACs of the model after removing `plan`: exact for conv/linear/norm layers, an upper bound overall (a
+        decoder LM: its analytic MACs, exact)."""
+        if self.cost is not None:
+            return self.cost(plan)
         removed = self.removed_after(plan)
         return self.fixed_macs + sum(
             macs * layer_cost.kept_fraction(self.layer_dims[name], removed.get((name, "out"), 0),
@@ -87,7 +94,7 @@ class Snapshot:
             for name, macs in self.layer_macs.items())
 
 def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str], scorer: Scorer, *,
-             normalize: bool = True, heads: bool = False, embed: bool = False) -> Snapshot:
+             normalize: bool = True, heads: bool = False, embed: bool = False, decoder: Any = None) -> Snapshot:
     """Trace the current model, score every prunable group and record per-layer MAC costs.
 
     With normalize (the default) each group's scores are divided by their mean, so global ranking compares
@@ -96,7 +103,14 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
     heads (prune/heads.py; root `<layer>:heads`). With embed, the residual stream's group, which runs through
     every attention layer's input and output, is a candidate too (graph.attention_layers); attention layers whose
     q/k/v width follows the embedding width refuse it (RecipeError naming the layer).
+    A decoder language model (prune/decoder_snapshot.py) is not traced: its candidates are the decoder structures
+    of `decoder` (a DecoderConfig; the default one when None), scored from their slices.
     """
+    from compressor.prune.decoder_snapshot import decoder_arch, decoder_snapshot
+
+    if decoder_arch(model) is not None:
+        return decoder_snapshot(model, example, decoder, scorer, ignore=ignored_patterns, normalize=normalize,
+                                heads=heads, embed=embed)
     with dg.quiet_eval(model):
         macs, params, per_layer, _ = count_ops(model, example, layer_wise=True)
     ignored = dg.resolve_ignored(model, ignored_patterns, example)
@@ -150,9 +164,9 @@ def _candidate(graph: tp.DependencyGraph, group, names: dict[nn.Module, str], sc
 
 
 def recipe_snapshot(model: nn.Module, example: torch.Tensor, recipe, scorer: Scorer, **kwargs) -> Snapshot:
-    """snapshot() with the recipe's ignored layers and prune.attention.heads / embed."""
+    """snapshot() with the recipe's ignored layers, prune.attention.heads / embed and prune.decoder."""
     return snapshot(model, example, recipe.model.ignore, scorer, heads=recipe.prune.attention.heads,
-                    embed=recipe.prune.attention.embed, **kwargs)
+                    embed=recipe.prune.attention.embed, decoder=recipe.prune, **kwargs)
 
 
 def check_embed(model: nn.Module) -> None:

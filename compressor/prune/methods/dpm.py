@@ -17,16 +17,18 @@ With N = 1 and rectify off, a structure is zeroed and removed at its event: the 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TYPE_CHECKING
+from typing import Any, Literal, Optional, TYPE_CHECKING
 
 from pydantic import Field
 import torch
 
 from compressor.config import Strict
 from compressor.progress import info
+from compressor.prune import decoder_plan
 from compressor.prune.methods.hosts import EventMethod, broadcast_plan, remove_planned
 from compressor.prune.methods.registry import METHODS
 from compressor.prune.planning import allowed_count, plan_counts
+from compressor.prune.removal import follow_roots
 from compressor.prune.slices import channel_norms, scale_channels, structure_slices
 from compressor.prune.snapshot import Plan
 
@@ -260,6 +262,10 @@ class DPM(EventMethod):
         frozen = self._decaying_plan()
         snap = self.host.snapshot(ctx)
         cons = self.host.constraints(frozen=frozen, excluded=self._cooling_plan(index))
+        if snap.decoder is not None:  # a decoder LM: uniform widths stay uniform (prune/decoder_plan.py)
+            self.records[-1]["backfilled"] += self.enter(ctx, broadcast_plan(decoder_plan.realign(snap, roots, cons)),
+                                                         index)
+            return
         counts = {c.root: allowed_count(c, len(frozen.get(c.root, ())), cons)
                   for c in snap.candidates if c.root in roots}
         plan = {root: idxs for root, idxs in plan_counts(snap, counts, cons).items() if root in counts}
@@ -276,9 +282,11 @@ class DPM(EventMethod):
             self._finish_trace(s, "removed")
         record = self.records[-1]
         planned = record["planned_macs"] if not self.decaying else None  # the event's plan is complete now
+        renamed = follow_roots(ctx.model, {s.root for s in self.decaying} | {root for root, _ in self.cooling})
         done = remove_planned(ctx, self.host.example(ctx), plan, planned, self.dense_macs)
         self.host.structure_changed()
         self._remap(plan)
+        self._rename(renamed())
         self._slices = {}
         record["removed"] += done["removed"]
         record.update({k: v for k, v in done.items() if k not in ("removed", "planned_macs")})
@@ -294,6 +302,20 @@ class DPM(EventMethod):
             s.idx = shift(s.root, s.idx)
         self.cooling = {(root, shift(root, idx)): ev for (root, idx), ev in self.cooling.items()
                         if idx not in set(removed.get(root, ()))}
+
+    def _rename(self, names: dict[str, Optional[str]]) -> None:
+        """A decoder LM lost layers: the structures of later layers go by their layer's new index; those of a
+        removed layer went with it (their trace ends as removed)."""
+        if not any(old != new for old, new in names.items()):
+            return
+        for s in list(self.decaying):
+            if s.root in names and names[s.root] is None:
+                self.decaying.remove(s)
+                self._finish_trace(s, "removed")
+            elif s.root in names:
+                s.root = names[s.root]
+        self.cooling = {(names.get(root, root), idx): ev for (root, idx), ev in self.cooling.items()
+                        if names.get(root, root) is not None}
 
     # ------------------------------------------------------------------------------------------ tensors
     def _ensure_slices(self, ctx, roots: list[str]) -> None:

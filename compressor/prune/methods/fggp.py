@@ -31,6 +31,7 @@ from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.hosts import broadcast_plan, remove_planned
 from compressor.prune.methods.registry import METHODS
 from compressor.prune import graph as dg
+from compressor.prune.decoder_snapshot import check_decoder_spec
 from compressor.prune.op_count import snapshot_macs
 from compressor.prune.planning import constraints_from, plan_for_macs, remember_widths
 from compressor.prune.slices import channel_norms, structure_slices
@@ -187,6 +188,8 @@ class FGGP(PruningMethod):
                 raise RecipeError(f"prune.fggp: no layer of the model can be pruned with granularity {self.cfg.granularity}.")
             self.masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
         if self.dense_macs is None:
+            if self.structured:  # a decoder LM's recipe against the still dense model
+                check_decoder_spec(ctx.model, self.spec)
             self.dense_macs = snapshot_macs(ctx.model, self._example(ctx))[0]
 
     def _example(self, ctx) -> torch.Tensor:

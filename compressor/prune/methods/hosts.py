@@ -25,7 +25,9 @@ from compressor.prune.importance import build_scorer
 from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.registry import HOSTS, METHODS
 from compressor.prune.round_to import resolve_round_to
+from compressor.prune import decoder_plan
 from compressor.prune import graph as dg
+from compressor.prune.decoder_snapshot import check_decoder_spec
 from compressor.prune.op_count import snapshot_macs
 from compressor.prune.planning import (MISS_TOLERANCE, Constraints, constraints_from, plan_for_channels, plan_for_macs,
                                        plan_for_target, plan_mismatch, plan_size, remember_widths)
@@ -259,6 +261,8 @@ class EventMethod(PruningMethod, abc.ABC):
         return warnings
 
     def on_train_start(self, ctx) -> None:
+        if self.done == 0 and self.dense_macs is None:  # not resumed after an event: the model is still dense
+            check_decoder_spec(ctx.model, self.spec)
         self.steps = [round(e * ctx.steps_per_epoch) for e in self.epochs]
         self.host.on_train_start(ctx)
         self._run_due(ctx)
@@ -285,6 +289,9 @@ class EventMethod(PruningMethod, abc.ABC):
         share = fraction_at((index + 1) / self.events, self.spec.prune.schedule.shape)
         target = self.spec.prune.target
         cons = self.host.constraints(**constraints)
+        if snap.decoder is not None:  # a decoder LM: per-kind fractions of the dense widths (prune/decoder_plan.py)
+            plan, asked = decoder_plan.event_plan(snap, target, share, self.dense_macs, cons)
+            return broadcast_plan(plan), snap, asked
         remaining = target.remaining_macs()
         if remaining is not None:
             asked = 1 - (1 - remaining) * share
@@ -380,6 +387,7 @@ def broadcast_plan(plan: Plan) -> Plan:
 def predict_pruning(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
     """What the recipe's final target gives on this model (computed on a copy, magnitude scores)."""
     recipe = resolve_round_to(recipe)[0]
+    check_decoder_spec(model, recipe)
     work = copy.deepcopy(model).cpu().eval()
     example = example_inputs(recipe.model)
     scorer = build_scorer(ImportanceConfig(kind="magnitude"))
@@ -393,5 +401,12 @@ def predict_pruning(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
                  "measures which MAC fraction gives it)")
     remove(work, example, plan)
     macs, params = snapshot_macs(work, example)
-    return {"asked": asked, "macs_ratio": macs / snap.total_macs, "params_ratio": params / snap.params,
-            "channels_removed": plan_size(plan)}
+    result = {"asked": asked, "macs_ratio": macs / snap.total_macs, "params_ratio": params / snap.params,
+              "channels_removed": plan_size(plan)}
+    if snap.decoder is not None:  # what each layer keeps (decoder LMs: layers, heads, MLP width, hidden size)
+        from compressor.models.decoder import decoder_sites, layer_widths
+
+        result["decoder_widths"] = {"layers": len(layer_widths(work)), "hidden": decoder_sites(work, ["hidden"],
+                                                                                                prunable=False)[0].width,
+                                    "per_layer": layer_widths(work)}
+    return result

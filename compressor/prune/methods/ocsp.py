@@ -23,6 +23,7 @@ from compressor.markdown import number, table
 from compressor.progress import info
 from compressor.prune.importance import ImportanceConfig
 from compressor.prune.importance import build_scorer
+from compressor.prune.decoder_snapshot import check_decoder_spec
 from compressor.prune.methods.base import PruningMethod
 from compressor.prune.methods.hosts import broadcast_plan, remove_planned
 from compressor.prune.methods.registry import METHODS
@@ -169,6 +170,8 @@ class OCSP(PruningMethod):
 
     # ------------------------------------------------------------------------------------------ hooks
     def on_train_start(self, ctx) -> None:
+        if self.pruned_at is None and not self.history:  # a decoder LM's recipe against the still dense model
+            check_decoder_spec(ctx.model, self.spec)
         if self.pruned_at is None and self.plan is None and self.history:
             self.plan, _ = self.candidate(ctx)  # resumed mid-search: the selection of the last epoch again
 
