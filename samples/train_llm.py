@@ -12,8 +12,11 @@ Resumable: the state (model, optimizer, step, data order) is saved beside --out 
 held-out perplexity over the whole val/ split is printed (token-weighted: exp of the mean NLL of every predicted token
 of every val block).
 
-Model (defaults): 8 layers, hidden 512, 8 query heads of 64 and 4 key/value heads (GQA, 2 query heads per KV head),
-SwiGLU MLP of 1408, RoPE, tied embeddings, vocabulary 8192: about 28 M parameters. Training: blocks of 256 tokens
+Model (defaults): 8 layers, hidden 480, 8 query heads of 64 and 4 key/value heads (GQA, 2 query heads per KV head),
+SwiGLU MLP of 1408, RoPE, tied embeddings, vocabulary 8192: about 26 M parameters. Why 480 with heads of 64 (an
+explicit head_dim): transformers' LlamaConfig requires hidden_size to be a multiple of the query heads, so with 512
+a model keeping 3 of its 4 key/value groups (6 query heads) would not reload with from_pretrained, and ONNX Runtime's
+GroupQueryAttention kernel needs heads in multiples of 16; 480 is a multiple of 8 and of 6. Training: blocks of 256 tokens
 packed from the train files joined with the end-of-text token, batch 16, AdamW (lr 1e-3, wd 0.1, betas 0.9/0.95),
 linear warm-up over 200 steps, cosine to 10% of the peak, gradient clipping at 1.0, a fixed seed.
 """
@@ -100,7 +103,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=480)
+    parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
@@ -124,7 +128,7 @@ def main() -> None:
           f"({len(val)} blocks)", flush=True)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                         num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
                          max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)

@@ -246,7 +246,7 @@ def test_sites_plans_and_macs():
 def test_per_layer_widths_do_not_reload_and_say_so():
     model = tiny("llama")
     D.remove_mlp_channels(model, 0, [1, 2])
-    with pytest.raises(RecipeError, match=r"MLP width per layer \[126, 128, 128\].*prune.uniform: true"):
+    with pytest.raises(RecipeError, match=r"MLP width per layer \[126, 128, 128\].*prune.decoder.uniform: true"):
         D.config_after(model)
     assert model.config.intermediate_size == 128  # the config keeps what the other layers have
     gpt2 = tiny("gpt2")

@@ -221,3 +221,19 @@ def test_a_graph_without_a_cache_is_rejected(tmp_path, depth_export):
             shutil.copy(depth_export.path.parent / name, tmp_path / name)
     with pytest.raises(ModelLoadError, match="compressor.kv_shapes"):
         LMSession.open(plain)
+
+
+def test_a_head_width_the_gqa_kernel_refuses_exports_through_torch(tmp_path):
+    """ONNX Runtime's GroupQueryAttention (the model builder's attention) needs head widths in multiples of 16: a
+    head of 8 would build and then fail at its first run, so auto takes torch.onnx and says why, and parity holds."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    method, note = choose_method(model, "auto", tokenizer=True)
+    assert method == "torch" and "head width 8 is not a multiple of 16" in note
+    with pytest.raises(RecipeError, match="multiple of 16"):
+        choose_method(model, "genai", tokenizer=True)
+    exported = export_causal_lm(model, tmp_path, tokenizer=_tokenizer())
+    assert exported.method == "torch"
+    assert verify_kv_parity(model, exported.path, prompt_lengths=LENGTHS)["passed"]

@@ -32,6 +32,7 @@ from compressor.prune.round_to import STATE_FILE as ROUND_TO_FILE
 from compressor.prune.round_to import resolve_round_to
 from compressor.prune.op_count import snapshot_macs
 from compressor.prune.planning import MISS_TOLERANCE, relative_miss
+from compressor.prune.decoder_snapshot import check_decoder_recipe
 from compressor.prune.snapshot import check_embed
 from compressor.train.data import build_datasets, sample_batch
 from compressor.train.loop import check_method_schedule, dense_teacher, evaluate, fit
@@ -196,6 +197,9 @@ def load_inputs(state: RunState) -> None:
             state.model = load_model(state.checkpoint, state.recipe.model, trust_checkpoint=state.trust_checkpoint)
         if state.recipe.prune.attention.embed:  # before any training: layers that cannot take it name themselves
             check_embed(state.model)
+        # prune.decoder against the model (a decoder LM, allowed key/value group counts and hidden sizes) before the
+        # dense evaluation, not at the first training step
+        check_decoder_recipe(state.model, state.recipe.prune)
         if state.train_set is None:
             state.train_set, state.val_set = build_datasets(state.recipe.data, state.recipe.model,
                                                           model_ref=state.checkpoint, task=state.recipe.task)

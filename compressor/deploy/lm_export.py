@@ -164,6 +164,18 @@ def has_tokenizer(folder: Optional[Path]) -> bool:
     return folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
+GQA_HEAD_MULTIPLE = 16  # ONNX Runtime 1.32's CPU GroupQueryAttention: "head_size shall be a multiple of 16"
+
+
+def _head_width(model: nn.Module) -> Optional[int]:
+    """The attention head width of the model's config (head_dim, else hidden_size / num_attention_heads)."""
+    config = getattr(getattr(model, "hf", model), "config", None)
+    width = getattr(config, "head_dim", None)
+    if not width and getattr(config, "hidden_size", None) and getattr(config, "num_attention_heads", None):
+        width = config.hidden_size // config.num_attention_heads
+    return int(width) if width else None
+
+
 def choose_method(model: nn.Module, method: str = "auto", *, tokenizer: bool = True) -> tuple[str, Optional[str]]:
     """("genai" or "torch", why not genai) for `model` (see the module docstring); `tokenizer`: whether one comes
     with the model (the model builder needs it). RecipeError for a method that can not take the model."""
@@ -180,6 +192,10 @@ def choose_method(model: nn.Module, method: str = "auto", *, tokenizer: bool = T
                        "from the config")
     elif (name := _vocab_wide_mlp(model)) is not None:
         reasons.append(f"{name} is exactly as wide as the vocabulary, and the builder would take it for the LM head")
+    elif (width := _head_width(model)) is not None and width % GQA_HEAD_MULTIPLE:
+        reasons.append(f"its head width {width} is not a multiple of {GQA_HEAD_MULTIPLE}, which ONNX Runtime's "
+                       "GroupQueryAttention kernel (the builder's attention) requires: the file would build and then "
+                       "fail at its first run")
     elif not tokenizer:
         reasons.append("no tokenizer comes with the model (pass tokenizer=, or a folder that holds one); the "
                        "builder loads it")

@@ -2,7 +2,7 @@
 one (allowed_head_counts, check_head_ratio).
 
 `save_pretrained` writes one config for all layers, and `AutoModelForCausalLM.from_pretrained` builds every layer
-from it, so only a model whose layers share their widths (prune.uniform: true) reloads there, in vLLM or TensorRT-LLM.
+from it, so only a model whose layers share their widths (prune.decoder.uniform: true) reloads there, in vLLM or TensorRT-LLM.
 A model with per-layer widths runs in memory; saving it needs a per-layer format of its own (not written yet).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def config_after(model: nn.Module):
     never imports compressor, gives the same logits.
 
     RecipeError when it cannot: layers with different widths (per-layer widths do not reload with from_pretrained;
-    prune.uniform: true keeps them equal), a config the family's own validation refuses (Llama: hidden_size must be a
+    prune.decoder.uniform: true keeps them equal), a config the family's own validation refuses (Llama: hidden_size must be a
     multiple of num_attention_heads), or a family whose config cannot express the widths (GPT-2 derives the head width
     as n_embd / n_head, so heads or hidden channels removed alone do not reload)."""
     arch = arch_of(model)
@@ -54,7 +54,7 @@ def _check_uniform(arch: Arch) -> None:
             f"the pruned {type(arch.lm).__name__} has layers of different widths ({listed}). A Hugging Face config "
             "holds one width per kind for every layer, so save_pretrained + from_pretrained (and vLLM, TensorRT-LLM) "
             "cannot rebuild it.",
-            hint="Set prune.uniform: true (the default) to remove the same number of heads and channels from every "
+            hint="Set prune.decoder.uniform: true (the default) to remove the same number of heads and channels from every "
                  "layer; per-layer widths stay usable in memory and in compressor's own checkpoints.")
 
 
@@ -105,7 +105,7 @@ def _hint(arch: Arch) -> str:
                 "scale_attn_by_inverse_layer_idx) and MLP width when it must reload; heads or hidden size only where "
                 "n_embd / n_head stays the head width.")
     return ("Choose head and hidden counts the config accepts (reload.allowed_head_counts lists the head counts) and "
-            "keep prune.uniform: true.")
+            "keep prune.decoder.uniform: true.")
 
 
 # ---------------------------------------------------------------------------------------------- head counts
