@@ -31,10 +31,15 @@ SHARED_GROUPS = {"tests.test_nms_export": "task_runs", "tests.test_task_cli": "t
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist's --dist loadgroup (tests/run.sh), every test file is one group, so its module-scoped
     fixtures are built once, and the files in SHARED_GROUPS share one. Without xdist the marks do nothing."""
+    def module(item) -> str:
+        return item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
+
+    # the session's one torchrun launch runs every `ddp` case of the session in the worker that first asks for it:
+    # the files holding such cases share a worker, or each worker would launch all of them again
+    groups = {**SHARED_GROUPS, **{module(i): "ddp" for i in items if i.get_closest_marker("ddp") is not None}}
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
-            module = item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+            item.add_marker(pytest.mark.xdist_group(groups.get(module(item), module(item))))
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

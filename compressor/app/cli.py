@@ -366,7 +366,7 @@ def bench_cmd(model: Annotated[str, typer.Argument(help="model.onnx (ort-*), .en
     if prompt_tokens is not None or new_tokens is not None:
         raise UsageError(f"--prompt-tokens / --new-tokens time a language model exported with its key/value cache; "
                          f"{model} is not one.", hint="Leave them out for this model.")
-    report = run_benchmark(model, baseline=baseline, backends=backends, batch_sizes=parse_ints(batch or "1,8", "--batch"),
+    report = run_benchmark(model, baseline=baseline, backends=backends, batch_sizes=parse_ints("1,8" if batch is None else batch, "--batch"),
                            warmup_ms=warmup_ms, min_runs=min_runs, min_seconds=min_seconds, threads=threads,
                            input_shape=parse_ints(input_shape, "--input-shape") if input_shape else None,
                            trust_checkpoint=trust_checkpoint, fp16=fp16, cache_dir=trt_cache)

@@ -22,6 +22,7 @@ from compressor.models.attention import embed_tensors
 from compressor.models.layers import is_depthwise
 from compressor.prune.graph import is_out_handler
 from compressor.registry import Registry
+from compressor.structure_slice import Slice  # noqa: F401  (re-exported: scorers and slices take it from here)
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -254,15 +255,6 @@ def build_scorer(cfg: ImportanceConfig) -> Scorer:
 
 
 # ---------------------------------------------------------------------------------------------- slices
-class Slice:
-    """Rows (`dim`, `idxs`) of one parameter that belong to a structure."""
-
-    __slots__ = ("param", "dim", "idxs", "output")
-
-    def __init__(self, param: torch.Tensor, dim: int, idxs: list[int], output: bool) -> None:
-        self.param, self.dim, self.idxs, self.output = param, dim, idxs, output
-
-
 def channel_slices(module: nn.Module, handler, idxs: list[int], root_idxs: list[int], *, out_only: bool):
     """(Slice, root_idxs) pairs of a group member: producer rows and bias, norm affine, and (unless out_only)
     consumer input columns. Members whose root_idxs are unknown (None) are skipped."""

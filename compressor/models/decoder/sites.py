@@ -41,7 +41,7 @@ from torch import nn
 from compressor.errors import NotPrunableError
 from compressor.models.decoder import surgery
 from compressor.models.decoder.arch import Arch, arch_of
-from compressor.prune.importance import Slice
+from compressor.structure_slice import Slice
 
 KINDS = ("layers", "kv_groups", "mlp", "hidden")
 SUFFIX = {"layers": ":layers", "kv_groups": ":kv_groups", "mlp": ":channels", "hidden": ":hidden"}
