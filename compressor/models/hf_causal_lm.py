@@ -12,8 +12,6 @@ export parity are float32 work. Encoder-decoder LMs (T5, BART's ForConditionalGe
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,6 @@ from compressor.models.hf import quiet
 from compressor.models.hf_segmentation import without_capture_hooks
 
 SUPPORTED = "Llama, Qwen2, Qwen3, Mistral, Phi-3 and GPT-2 (decoder-only *ForCausalLM / GPT2LMHeadModel classes)"
-TOLERANCE = 1e-4  # max abs logit difference of a save_pretrained folder reloaded with from_pretrained
 
 
 def _names(mapping: dict[str, Any]) -> set[str]:
@@ -118,7 +115,7 @@ def save_pretrained_checked(wrapper: HFCausalLM, folder: Path, example: torch.Te
     describes the model. Returns {written, path | reason, max_abs_diff}."""
     from compressor.errors import NotPrunableError
     from compressor.models.decoder import config_after
-    from compressor.models.hf_export import config_for
+    from compressor.models.hf_export import config_for, write_checked
 
     model = wrapper.hf
     try:
@@ -127,41 +124,16 @@ def save_pretrained_checked(wrapper: HFCausalLM, folder: Path, example: torch.Te
         config, reason = None, exc.message
     except NotPrunableError:
         config, reason = config_for(model)
-    if folder.exists():
-        shutil.rmtree(folder)
-    if config is None:
-        return {"written": False, "reason": reason}
-    import transformers
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".hf.", dir=folder.parent) as tmp:
-        staged = Path(tmp) / folder.name
-        original = model.config
-        model.config = config
-        try:
-            with quiet(transformers):
-                model.save_pretrained(str(staged))
-        finally:
-            model.config = original
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staged))
-        try:
-            with quiet(transformers):
-                reloaded = type(model).from_pretrained(str(staged), local_files_only=True, dtype=torch.float32)
-        except (OSError, ValueError, RuntimeError) as exc:
-            return {"written": False, "reason": f"from_pretrained cannot rebuild it ({type(exc).__name__}: "
-                                                f"{' '.join(str(exc).split())[:200]})"}
+    def logits_diff(reloaded: nn.Module) -> float:
         was_training = wrapper.training
         try:
             with torch.no_grad():
                 device = next(wrapper.parameters()).device
                 ours = wrapper.eval()(example.to(device)).float().cpu()
-                theirs = HFCausalLM(reloaded.eval())(example.cpu()).float()
+                theirs = HFCausalLM(reloaded)(example.cpu()).float()
         finally:
             wrapper.train(was_training)
-        diff = float((ours - theirs).abs().max())
-        if diff > TOLERANCE:
-            return {"written": False, "reason": f"from_pretrained rebuilds it with different logits (max abs diff "
-                                                f"{diff:.3g})"}
-        staged.rename(folder)
-    return {"written": True, "path": str(folder), "max_abs_diff": diff}
+        return float((ours - theirs).abs().max())
+
+    return write_checked(model, config, reason, folder, tokenizer, logits_diff, dtype=torch.float32)

@@ -87,12 +87,29 @@ def save_pretrained_checked(wrapper: nn.Module, folder: Path, example: torch.Ten
     with the same logits (checked); otherwise write nothing. Returns {written, path | reason, max_abs_diff}."""
     model = wrapper.model
     config, reason = config_for(model)
+
+    def logits_diff(reloaded: nn.Module) -> float:
+        rebuilt = (HFText(reloaded, wrapper.pad_token_id) if isinstance(wrapper, HFText)
+                   else type(wrapper)(reloaded, wrapper.argument))  # HFLogits, or HFSegmenter: same signature
+        with torch.no_grad():
+            return float((wrapper.eval()(example) - rebuilt(example)).abs().max())
+
+    return write_checked(model, config, reason, folder, tokenizer, logits_diff)
+
+
+def write_checked(model: nn.Module, config: Any, reason: Optional[str], folder: Path, tokenizer: Any,
+                  logits_diff: Any, **load: Any) -> dict[str, Any]:
+    """save_pretrained of `model` with `config` (and `tokenizer`) into a staged folder, reloaded with
+    from_pretrained (`load`: its extra arguments); the folder becomes `folder` only when `logits_diff(reloaded)` is
+    within TOLERANCE. A `config` of None writes nothing and returns `reason`; an existing `folder` goes first (a
+    stale one must not look like this run's). Returns {written, path | reason, max_abs_diff}."""
     if folder.exists():
         shutil.rmtree(folder)
     if config is None:
         return {"written": False, "reason": reason}
     import transformers
 
+    folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".hf.", dir=folder.parent) as tmp:
         staged = Path(tmp) / folder.name
         original = model.config
@@ -106,14 +123,11 @@ def save_pretrained_checked(wrapper: nn.Module, folder: Path, example: torch.Ten
             tokenizer.save_pretrained(str(staged))
         try:
             with quiet(transformers):
-                reloaded = type(model).from_pretrained(str(staged), local_files_only=True).eval()
+                reloaded = type(model).from_pretrained(str(staged), local_files_only=True, **load).eval()
         except (OSError, ValueError, RuntimeError) as exc:
             return {"written": False, "reason": f"from_pretrained cannot rebuild it ({type(exc).__name__}: "
                                                 f"{' '.join(str(exc).split())[:200]})"}
-        rebuilt = (HFText(reloaded, wrapper.pad_token_id) if isinstance(wrapper, HFText)
-                   else type(wrapper)(reloaded, wrapper.argument))  # HFLogits, or HFSegmenter: same signature
-        with torch.no_grad():
-            diff = float((wrapper.eval()(example) - rebuilt(example)).abs().max())
+        diff = logits_diff(reloaded)
         if diff > TOLERANCE:
             return {"written": False, "reason": f"from_pretrained rebuilds it with different logits (max abs diff "
                                                 f"{diff:.3g})"}

@@ -102,7 +102,7 @@ class DecoderSite:
         return [total - _widths(self.arch, {self.root: [0]}).macs(seq_len)] * self.width
 
     def remove(self, idxs: Iterable[int]) -> None:
-        a, lm = self.arch, self.arch.lm
+        lm = self.arch.lm
         if self.kind == "layers":
             surgery.remove_layers(lm, idxs)
         elif self.kind == "hidden":
