@@ -56,9 +56,10 @@ def inspect_model(model: nn.Module, model_cfg: ModelConfig, label: str = "model"
     structures, without tracing it: decoder_inspection)."""
     model = model.cpu().eval()
     example = example_inputs(model_cfg)
+    if is_decoder_model(model):  # no op counter: it works on a deep copy (twice the weights' memory), and the
+        # planner's MACs of a decoder LM are the analytic count anyway
+        return decoder_inspection(model, model_cfg, example, parameter_rows(model), label)
     macs, params, rows = layer_table(model, example)
-    if is_decoder_model(model):
-        return decoder_inspection(model, model_cfg, example, params, rows, label)
     ignored = dg.resolve_ignored(model, model_cfg.ignore, example)
     graph = dg.build_graph(model, example, ignored)
     groups = dg.prunable_groups(graph, ignored)
@@ -73,7 +74,15 @@ def inspect_model(model: nn.Module, model_cfg: ModelConfig, label: str = "model"
                       heads=attention_heads(model, tuple(ignored)), num_classes=model_cfg.num_classes)
 
 
-def decoder_inspection(model: nn.Module, model_cfg: ModelConfig, example: torch.Tensor, params: int,
+def parameter_rows(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per parametrised leaf layer with its parameters, MACs left at 0 (not counted)."""
+    return [{"name": name, "type": type(module).__name__, "macs": 0,
+             "params": sum(p.numel() for p in module.parameters(recurse=False))}
+            for name, module in model.named_modules()
+            if name and not list(module.children()) and any(True for _ in module.parameters(recurse=False))]
+
+
+def decoder_inspection(model: nn.Module, model_cfg: ModelConfig, example: torch.Tensor,
                        rows: list[dict[str, Any]], label: str) -> Inspection:
     """A decoder LM's structures (models/decoder sites of every kind: root, width, MACs of one structure at
     model.input_shape's sequence length) and per-layer widths; MACs are the analytic count the planner uses."""
@@ -89,6 +98,7 @@ def decoder_inspection(model: nn.Module, model_cfg: ModelConfig, example: torch.
     hidden = next(s.width for s in sites if s.kind == "hidden")
     notes = [f"decoder language model: prune.decoder.kinds picks among layers ({len(widths)}), kv_groups, mlp and "
              f"hidden ({hidden}); MACs are the analytic count of {seq_len} tokens (models/decoder.decoder_macs)"]
+    params = sum(p.numel() for p in model.parameters())
     return Inspection(model=label, input_shape=list(model_cfg.input_shape), macs=int(macs), params=params, layers=rows,
                       groups=groups, ignored=[], unprunable={}, notes=notes, num_classes=model_cfg.num_classes,
                       decoder={"layers": len(widths), "hidden": hidden, "per_layer": widths})
@@ -147,9 +157,10 @@ def render_inspection(report: Inspection, console: Console, *, show_layers: bool
                   f"MACs {_fmt(report.macs)}  params {_fmt(report.params)}")
     if show_layers:
         table = Table("layer", "type", "MACs", "% MACs", "params", title="layers")
-        for row in report.layers:
-            table.add_row(row["name"], row["type"], _fmt(row["macs"]), f"{100 * row['macs'] / max(report.macs, 1):.1f}",
-                          _fmt(row["params"]))
+        for row in report.layers:  # a decoder LM's layers are not op-counted: its structures' MACs are below
+            counted = not report.decoder
+            table.add_row(row["name"], row["type"], _fmt(row["macs"]) if counted else "-",
+                          f"{100 * row['macs'] / max(report.macs, 1):.1f}" if counted else "-", _fmt(row["params"]))
         console.print(table)
     if report.decoder:
         groups = Table("root", "width", "structures", title=f"{len(report.groups)} decoder structure sites "
