@@ -346,6 +346,7 @@ def bench_cmd(model: Annotated[str, typer.Argument(help="model.onnx (ort-*), .en
               min_seconds: Annotated[float, typer.Option("--min-seconds", min=0, help="Timed seconds at least (per model).")] = 2.0,
               threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Intra-op CPU threads (default: the runtime's).")] = None,
               input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="One sample's shape, e.g. 3,224,224 (torch; ONNX with dynamic sizes).")] = None,
+              images: Annotated[Optional[Path], typer.Option("--images", help="Time on a folder's images (resized to the input, [0, 1]) instead of random inputs: a detector's NMS cost depends on what it sees.")] = None,
               trust_checkpoint: TrustOpt = False,
               fp16: Annotated[bool, typer.Option("--fp16", help="ort-trt: allow FP16 kernels in the TensorRT provider.")] = False,
               trt_cache: Annotated[Optional[Path], typer.Option("--trt-cache", help="ort-trt: engine cache folder.")] = None,
@@ -369,7 +370,7 @@ def bench_cmd(model: Annotated[str, typer.Argument(help="model.onnx (ort-*), .en
     report = run_benchmark(model, baseline=baseline, backends=backends, batch_sizes=parse_ints("1,8" if batch is None else batch, "--batch"),
                            warmup_ms=warmup_ms, min_runs=min_runs, min_seconds=min_seconds, threads=threads,
                            input_shape=parse_ints(input_shape, "--input-shape") if input_shape else None,
-                           trust_checkpoint=trust_checkpoint, fp16=fp16, cache_dir=trt_cache)
+                           trust_checkpoint=trust_checkpoint, fp16=fp16, cache_dir=trt_cache, images=images)
     render_report(report, out)
     if json_out is not None:
         from compressor.rundir import write_json

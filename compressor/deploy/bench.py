@@ -97,6 +97,7 @@ def _bench_backend(backend: str, model: Any, baseline: Any, settings: dict[str, 
     budget = Budget(settings["warmup_ms"], settings["min_runs"], settings["min_seconds"])
     artifacts = [model] if baseline is None else [baseline, model]
     options = {k: settings[k] for k in ("threads", "input_shape", "trust_checkpoint", "fp16", "cache_dir")}
+    options["inputs"] = settings.get("pool")
     results, last = [], len(artifacts) - 1
     for timed in time_models(backend, artifacts, settings["batch_sizes"], budget, each=lambda _: tracker.advance(),
                              **options):
@@ -111,19 +112,27 @@ def _bench_backend(backend: str, model: Any, baseline: Any, settings: dict[str, 
 def run_benchmark(model_path: str | Path, *, baseline: str | Path | None = None, backends: list[str],
                   batch_sizes: list[int], warmup_ms: float, min_runs: int, min_seconds: float, threads: Optional[int],
                   input_shape: Optional[list[int]] = None, trust_checkpoint: bool = False, fp16: bool = False,
-                  cache_dir: Optional[Path] = None) -> dict[str, Any]:
-    """Latency of a model (and of its baseline, interleaved) per backend and batch size, as a JSON-able report."""
+                  cache_dir: Optional[Path] = None, images: Optional[Path] = None) -> dict[str, Any]:
+    """Latency of a model (and of its baseline, interleaved) per backend and batch size, as a JSON-able report.
+    `images`: a folder whose images are the inputs (deploy/bench_images.py) instead of a seeded random tensor."""
     _check_settings(backends, batch_sizes, warmup_ms, min_runs, min_seconds)
     settings = {"model": str(model_path), "baseline": None if baseline is None else str(baseline),
                 "backends": list(backends), "batch_sizes": list(batch_sizes), "warmup_ms": warmup_ms,
                 "min_runs": min_runs, "min_seconds": min_seconds, "threads": threads,
                 "input_shape": None if input_shape is None else list(input_shape), "seed": SEED,
                 "interleaved": baseline is not None, "trust_checkpoint": trust_checkpoint, "fp16": fp16,
-                "cache_dir": None if cache_dir is None else str(cache_dir)}
+                "cache_dir": None if cache_dir is None else str(cache_dir), "images": None}
+    if images is not None:
+        from compressor.deploy.bench_images import image_pool, sample_shape
+
+        shape = sample_shape(model_path, input_shape)
+        settings["pool"] = image_pool(images, shape)
+        settings["images"] = f"{len(settings['pool'])} images from {images}, resized to {shape[1]}x{shape[2]}"
     results: list[dict] = []
     with track("benchmark", total=len(backends) * len(batch_sizes)) as tracker:
         for backend in backends:
             results += _bench_backend(backend, model_path, baseline, settings, tracker)
+    settings.pop("pool", None)  # the report keeps what the inputs were, not the pixels
     return {"environment": environment(threads), "config": settings, "results": results}
 
 
@@ -181,3 +190,5 @@ def render_report(report: dict[str, Any], console: "Console") -> None:
             row += [f"{r['baseline']['latency']['p50']:.3f}", f"{r['speedup']:.2f}x"]
         table.add_row(*row)
     console.print(table)
+    if report["config"].get("images"):
+        console.print(f"inputs: {report['config']['images']}")
