@@ -456,3 +456,16 @@ def cpu_label() -> str:
 def cpu_folder(label: str) -> str:
     """A results subfolder name for a CPU label: 'Intel(R) Xeon(R) Processor (AVX-512 VNNI)' -> 'intel-xeon-...'."""
     return "-".join("".join(c if c.isalnum() else " " for c in label.replace("(R)", "")).lower().split())
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the vector extensions ONNX Runtime's kernels use, from /proc/cpuinfo."""
+    import platform
+
+    from compressor.deploy.bench import environment
+    from compressor.deploy.hardware import cpu_flags
+
+    flags = cpu_flags()
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "asimd")
+    have = [f for f in wanted if f in flags]
+    return f"{environment()['cpu'] or platform.machine()} ({', '.join(have) or 'no AVX2'})"

@@ -56,7 +56,7 @@ from typing import Any, Optional
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.append(sys.path.pop(0))
 
-from common import RESULTS, table  # noqa: E402
+from common import RESULTS, cpu_description, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEEDUP_TOLERANCE = 0.05  # the issue's "within 5%" (compressor's latency-target tolerance is the same)
@@ -365,19 +365,6 @@ def render(rows: list[dict[str, Any]], *, command: str, cpu: str, date: str) -> 
         for speedup in sorted({r["asked_speedup"] for r in own}):
             text += versus(model, speedup, {r["method"]: r for r in own if r["asked_speedup"] == speedup}) + "\n"
     return text
-
-
-def cpu_description() -> str:
-    """The CPU's model name and the vector extensions ONNX Runtime's kernels use, from /proc/cpuinfo."""
-    import platform
-
-    from compressor.deploy.bench import environment
-    from compressor.deploy.hardware import cpu_flags
-
-    flags = cpu_flags()
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "asimd")
-    have = [f for f in wanted if f in flags]
-    return f"{environment()['cpu'] or platform.machine()} ({', '.join(have) or 'no AVX2'})"
 
 
 # ---------------------------------------------------------------------------------------------- the driver

@@ -48,7 +48,7 @@ from typing import Any, Optional
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.append(sys.path.pop(0))  # benchmarks/transformers.py must not shadow the transformers package
 
-from common import RESULTS, table  # noqa: E402
+from common import RESULTS, cpu_description, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = ROOT / "samples" / "llama-pystdlib"
@@ -232,18 +232,6 @@ def render(rows: list[dict[str, Any]], *, command: str, cpu: str, date: str) -> 
         if own:
             text += versus(run, own) + "\n"
     return text
-
-
-def cpu_description() -> str:
-    import platform
-
-    from compressor.deploy.bench import environment
-    from compressor.deploy.hardware import cpu_flags
-
-    flags = cpu_flags()
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "asimd")
-    have = [f for f in wanted if f in flags]
-    return f"{environment()['cpu'] or platform.machine()} ({', '.join(have) or 'no AVX2'})"
 
 
 # ---------------------------------------------------------------------------------------------- the driver

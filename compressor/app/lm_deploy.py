@@ -98,19 +98,14 @@ def save_lm_folders(state: "RunState") -> dict[str, Any]:
     describe its widths (models/decoder.config_after), checked to reload with from_pretrained and give the same
     logits. Per-layer widths (or a config that cannot hold them) write no hf/; the reason goes to the notes and
     report.exports.hf_pretrained."""
+    from compressor.app.pipeline import save_hf_folder
     from compressor.models.hf_causal_lm import save_pretrained_checked
-    from compressor.train.text import TOKENIZER_DIR
 
-    saved: dict[str, Any] = {}
     tokenizer = run_tokenizer(state.train_set, state.checkpoint)
     state.lm_tokenizer = tokenizer
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(state.out / TOKENIZER_DIR))
-        saved["tokenizer"] = str(state.out / TOKENIZER_DIR)
-    pretrained = save_pretrained_checked(state.model, state.out / "hf", state.example, tokenizer)
-    state.hf_pretrained = pretrained
+    saved = save_hf_folder(state, tokenizer, save_pretrained_checked)
+    pretrained = state.hf_pretrained
     if pretrained["written"]:
-        saved["hf_pretrained"] = pretrained["path"]
         info(f"      hf/: save_pretrained folder, reloaded with from_pretrained (max logit diff "
              f"{pretrained['max_abs_diff']:.1e})")
     else:

@@ -401,7 +401,7 @@ def _save_text_artifacts(state: RunState) -> dict[str, Any]:
     save_pretrained folder (hf/) where from_pretrained can rebuild the pruned shapes (models/hf_export.py)."""
     from compressor.models.hf import HFLogits, HFText
     from compressor.models.hf_causal_lm import HFCausalLM
-    from compressor.train.text import TOKENIZER_DIR, root_dataset
+    from compressor.train.text import root_dataset
 
     if isinstance(state.model, HFCausalLM):  # hf/ through the decoder's config (app/lm_deploy.py)
         return lm_deploy.save_lm_folders(state)
@@ -409,20 +409,27 @@ def _save_text_artifacts(state: RunState) -> dict[str, Any]:
         return {}
     from compressor.models.hf_export import save_pretrained_checked
 
-    saved: dict[str, Any] = {}
     tokenizer = getattr(root_dataset(state.train_set), "tokenizer", None)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(state.out / TOKENIZER_DIR))
-        saved["tokenizer"] = str(state.out / TOKENIZER_DIR)
-    pretrained = save_pretrained_checked(state.model, state.out / "hf", state.example, tokenizer)
-    state.hf_pretrained = pretrained
-    if pretrained["written"]:
-        saved["hf_pretrained"] = pretrained["path"]
-    else:
+    saved = save_hf_folder(state, tokenizer, save_pretrained_checked)
+    pretrained = state.hf_pretrained
+    if not pretrained["written"]:
         state.notes.append(f"no save_pretrained folder: {pretrained['reason']}")
         info(f"      note: {state.notes[-1]}")
     return saved
 
+
+def save_hf_folder(state: RunState, tokenizer: Any, save_checked) -> dict[str, Any]:
+    """The run's tokenizer/ (when there is one) and its checked save_pretrained folder hf/ (`save_checked`: the
+    model family's models/hf_export or hf_causal_lm function); sets state.hf_pretrained and returns the artifacts
+    written ({tokenizer, hf_pretrained})."""
+    saved: dict[str, Any] = {}
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(state.out / TOKENIZER_DIR))
+        saved["tokenizer"] = str(state.out / TOKENIZER_DIR)
+    state.hf_pretrained = save_checked(state.model, state.out / "hf", state.example, tokenizer)
+    if state.hf_pretrained["written"]:
+        saved["hf_pretrained"] = state.hf_pretrained["path"]
+    return saved
 
 def verify_exports(state: RunState) -> None:
     """ONNX parity on real samples (ParityError after writing the report), then the TensorRT engine if any."""
