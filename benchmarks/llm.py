@@ -10,7 +10,9 @@ of 64 in 4 key/value groups (GQA), MLP 1408, byte-level BPE vocabulary 8192, abo
 (samples/make_corpus.py: the stdlib's .py files without the test suites, split by file hash).
 
 Runs (each one `compress` library call; recipe.yaml in each run folder):
-  depth  prune.decoder.kinds [layers], target channels 0.25: 2 of the 8 decoder layers removed;
+  depth  prune.decoder.kinds [layers], target channels 0.25: 2 of the 8 decoder layers removed, ranked by block
+         influence (layer_importance: block_influence: the layers that change the hidden state least on 8 training
+         batches go, for both methods);
   width  prune.decoder.kinds [mlp, kv_groups], target channels 0.3 with ratios {kv_groups: 0.25}: 30% of every
          layer's MLP channels and 1 of its 4 key/value groups with their 2 query heads (0.3 of 4 groups is not a
          whole group: the recipe names 0.25 or 0.5 as the allowed fractions);
@@ -58,7 +60,8 @@ SPEED_GOALS = {"depth": 1.3, "width": 1.25}  # decode tokens/s speedup at least
 METHODS = ("dpm", "oneshot")
 METHOD_LABELS = {"dpm": "DPM-SP+SR (magnitude host)", "oneshot": "oneshot (magnitude host)"}
 RUNS = {
-    "depth": {"label": "25% of the layers", "decoder": {"kinds": ["layers"]}, "channels": 0.25},
+    "depth": {"label": "25% of the layers, by block influence",
+              "decoder": {"kinds": ["layers"], "layer_importance": "block_influence"}, "channels": 0.25},
     "width": {"label": "30% of the MLP width + 1 of 4 KV groups per layer",
               "decoder": {"kinds": ["mlp", "kv_groups"], "ratios": {"kv_groups": 0.25}}, "channels": 0.3},
 }

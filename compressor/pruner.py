@@ -353,14 +353,23 @@ def _calibration(calibration: Calibration) -> Optional[Callable[[int], Iterable[
 
 def _check_needs(method: PruningMethod, ctx: PruneContext) -> None:
     prune = method.spec.prune
-    if method.needs_calibration() and (ctx.calibration is None or ctx.loss_fn is None):
-        missing = " and ".join(n for n, v in (("calibration", ctx.calibration), ("loss_fn", ctx.loss_fn)) if v is None)
+    gradients = method.needs_calibration() and method.host.scorer.needs_gradients
+    needed = (("calibration", ctx.calibration), ("loss_fn", ctx.loss_fn)) if gradients else (
+        ("calibration", ctx.calibration),)
+    missing = " and ".join(n for n, v in needed if v is None)
+    if method.needs_calibration() and missing and gradients:
         raise UsageError(
             f"Pruner: host {prune.host} (importance {method.host.scorer.__class__.__name__}) scores channels with "
             f"gradients, and an event with no batch observed since the last one (the first, at step 0) runs a few "
             f"batches itself: give {missing}.",
             hint="calibration: a DataLoader of (inputs, targets) or a callable n -> n batches; loss_fn(model, "
                  "inputs, targets) -> loss. Or use a magnitude host (host: depgraph with importance magnitude).")
+    if method.needs_calibration() and missing:
+        raise UsageError(
+            "Pruner: prune.decoder.layer_importance block_influence measures the decoder layers on a few batches "
+            "at each selection event: give calibration.",
+            hint="calibration: a DataLoader of (inputs, targets) or of token ids, or a callable n -> n batches. Or "
+                 "use layer_importance: host.")
     if method.needs_optimizer() and ctx.optimizer is None:
         raise UsageError(f"Pruner: method {prune.method} reads the optimizer (its learning rate); give optimizer=.")
 

@@ -123,6 +123,73 @@ def test_a_quarter_of_the_layers_goes_and_the_rest_keep_consecutive_indices(dirs
         assert trace[0]["norms"][0] > 0.1
 
 
+# ---------------------------------------------------------------------------------------------- block influence
+def _quiet_layer_model(folder):
+    """The Llama of `dirs` with layer 1 made nearly the identity on data while its output projections are the
+    largest: its two norms scaled by 1e-3 (its branches write almost nothing), its o_proj / down_proj by 3 (the
+    magnitude host ranks it first to keep)."""
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(folder))
+    layer = hf.model.layers[1]
+    with torch.no_grad():
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.mul_(1e-3)
+        for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            proj.weight.mul_(3.0)
+    return hf
+
+
+def test_block_influence_is_one_minus_the_cosine_between_a_layers_input_and_output(dirs):
+    from compressor.models.hf_causal_lm import HFCausalLM
+    from compressor.prune.block_influence import block_influence
+
+    hf = _quiet_layer_model(dirs["llama"]).eval()
+    ids = token_blocks()[0].tensors[0]
+    scores = block_influence(HFCausalLM(hf), [(ids[:4], ids[:4]), (ids[4:], ids[4:])])
+    with torch.no_grad():  # hidden_states[i] enters layer i; the last one is after the final norm, so layers 0..2
+        states = hf(ids, output_hidden_states=True, use_cache=False).hidden_states
+    for i in range(3):
+        cos = torch.nn.functional.cosine_similarity(states[i].flatten(0, 1), states[i + 1].flatten(0, 1), dim=-1)
+        assert scores[i].item() == pytest.approx(float((1 - cos).mean()), rel=1e-4, abs=1e-6)
+    assert scores.shape == (4,) and scores[1] < 1e-3 < scores[[0, 2, 3]].min()
+    with pytest.raises(ValueError, match="at least one batch"):
+        block_influence(HFCausalLM(hf), [])
+
+
+@pytest.mark.parametrize("layer_importance,gone", [("block_influence", 1), ("host", None)])
+def test_depth_pruning_by_block_influence_drops_the_layer_that_changes_the_hidden_state_least(
+        dirs, tmp_path, layer_importance, gone):
+    _quiet_layer_model(dirs["llama"]).save_pretrained(str(tmp_path / "quiet"))
+    dirs = {**dirs, "quiet": tmp_path / "quiet"}
+    from compressor.models.loading import load_model
+
+    dense = load_model(f"hf:{dirs['quiet']}", recipe_from_dict(_recipe({})).model)
+    q_weights = [layer.self_attn.q_proj.weight.detach().clone() for layer in dense.hf.model.layers]
+    model, _, _ = _run(dirs, "quiet", {"method": "oneshot", "target": {"channels": 0.25},
+                                       "decoder": {"kinds": ["layers"], "layer_importance": layer_importance}},
+                       epochs=0)
+    kept = [next(i for i, w in enumerate(q_weights) if torch.equal(w, layer.self_attn.q_proj.weight))
+            for layer in model.hf.model.layers]
+    assert len(kept) == 3
+    if gone is not None:
+        assert kept == [i for i in range(4) if i != gone]
+    else:  # the magnitude of its enlarged output projections keeps it
+        assert 1 in kept
+
+
+def test_the_pruner_asks_for_calibration_batches_to_measure_block_influence(dirs):
+    from compressor.errors import UsageError
+    from compressor.models.loading import load_model
+
+    model = load_model(f"hf:{dirs['llama']}", recipe_from_dict(_recipe({})).model)
+    prune = {"method": "oneshot", "target": {"channels": 0.25},
+             "decoder": {"kinds": ["layers"], "layer_importance": "block_influence"}}
+    example = token_blocks()[0].tensors[0][:1]
+    with pytest.raises(UsageError, match="block_influence measures the decoder layers .* give calibration"):
+        Pruner(model, example, epochs=1, steps_per_epoch=2, prune=prune)
+    ids = token_blocks()[0].tensors[0]
+    Pruner(model, example, epochs=1, steps_per_epoch=2, prune=prune, calibration=[ids[:4]])  # no loss_fn needed
+
+
 # ---------------------------------------------------------------------------------------------- (b) widths
 WIDTH_METHODS = [
     ("oneshot", {}),
@@ -253,7 +320,11 @@ def test_every_kind_at_once_meets_a_mac_target_and_reloads(dirs, family, tmp_pat
     ("llama", {"host": "gate-decorator"}, r"ranks by 'gate', which scores batch-norm scales"),
     ("llama", {"host": "depgraph-sl"}, r"depgraph-sl regularises torch-pruning's channel groups"),
     ("llama", {"attention": {"heads": True}}, r"prune.attention.heads / embed .* decoder language model"),
-], ids=["kv-0.3", "heads-hidden-64", "no-layer", "hidden-84", "gate-decorator", "depgraph-sl", "attention-heads"])
+    ("llama", {"method": "ocsp", "target": {"macs": 0.8},
+               "decoder": {"kinds": ["layers"], "layer_importance": "block_influence"}},
+     r"layer_importance: block_influence ranks the layers at a host method's selection events; method ocsp"),
+], ids=["kv-0.3", "heads-hidden-64", "no-layer", "hidden-84", "gate-decorator", "depgraph-sl", "attention-heads",
+        "influence-ocsp"])
 def test_what_cannot_be_met_is_a_recipe_error_before_training(dirs, family, prune, message):
     from compressor.models.loading import load_model
     from compressor.train.loop import fit
@@ -278,6 +349,8 @@ def test_prune_decoder_on_a_model_that_is_no_decoder_is_a_recipe_error():
                              PruneConfig.model_validate({"decoder": {"kinds": ["mlp"]}}))
     with pytest.raises(RecipeError, match="ratios names \\['hidden'\\], which kinds"):
         recipe_from_dict(_recipe({"decoder": {"kinds": ["mlp"], "ratios": {"hidden": 0.2}}}))
+    with pytest.raises(RecipeError, match="layer_importance block_influence ranks whole layers, which kinds"):
+        recipe_from_dict(_recipe({"decoder": {"kinds": ["mlp"], "layer_importance": "block_influence"}}))
 
 
 # ---------------------------------------------------------------------------------------------- optimizer

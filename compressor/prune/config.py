@@ -96,6 +96,11 @@ class DecoderConfig(Strict):
                                             "config that from_pretrained (and vLLM, TensorRT-LLM) loads; false: "
                                             "widths ranked across layers, per-layer widths that do NOT reload with "
                                             "from_pretrained")
+    layer_importance: Literal["host", "block_influence"] = Field(
+        "host", description="how whole layers are ranked: host (the host's importance of each layer's o_proj / "
+                            "down_proj rows) or block_influence (1 - the mean cosine between the hidden state "
+                            "entering and leaving the layer on calibration batches, ShortGPT's measure; host "
+                            "methods only)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "DecoderConfig":
@@ -108,6 +113,9 @@ class DecoderConfig(Strict):
         bad = {k: v for k, v in self.ratios.items() if not 0.0 < v < 1.0}
         if bad:
             raise ValueError(f"ratios {bad}: each is the fraction of that kind removed, above 0 and below 1")
+        if self.layer_importance == "block_influence" and "layers" not in self.kinds:
+            raise ValueError(f"layer_importance block_influence ranks whole layers, which kinds {self.kinds} does "
+                             "not prune; add layers to kinds or remove layer_importance")
         return self
 
 

@@ -113,10 +113,11 @@ class DecoderLayout:
 # ---------------------------------------------------------------------------------------------- snapshot
 def decoder_snapshot(model: nn.Module, example: torch.Tensor, prune: Any, scorer: Scorer, *,
                      ignore: Iterable[str] = (), normalize: bool = True, heads: bool = False,
-                     embed: bool = False) -> Snapshot:
+                     embed: bool = False, layer_scores: Optional[torch.Tensor] = None) -> Snapshot:
     """The decoder structures of prune.decoder.kinds as Candidates (module docstring). `prune`: the prune section, a
     DecoderConfig, or None for the default. The fractions are checked once, on the dense model (check_decoder_recipe),
-    not here: a model pruned part of the way holds other counts."""
+    not here: a model pruned part of the way holds other counts. `layer_scores` (one per layer, e.g. block influence)
+    rank the layers in place of the scorer's."""
     arch = arch_of(model)
     if heads or embed:
         _refuse_attention_settings(arch)
@@ -126,7 +127,12 @@ def decoder_snapshot(model: nn.Module, example: torch.Tensor, prune: Any, scorer
              if s.kind in ("layers", "hidden") or s.index not in held_layers]
     found: list[Candidate] = []
     for site in sites:
-        scores = scorer.slices(site.slices(out_only=site.kind == "layers"), site.width)
+        if site.kind == "layers" and layer_scores is not None:
+            if len(layer_scores) != site.width:
+                raise ValueError(f"{len(layer_scores)} layer scores for {site.width} decoder layers")
+            scores = layer_scores
+        else:
+            scores = scorer.slices(site.slices(out_only=site.kind == "layers"), site.width)
         if scores is None:
             raise RecipeError(
                 f"the importance {type(scorer).__name__} cannot score the {KIND_NAMES[site.kind]} of a decoder "
@@ -233,6 +239,12 @@ def check_decoder_recipe(model: nn.Module, prune: Any) -> None:
         _refuse_attention_settings(arch)
     _check_scorer(prune, method)
     cfg = prune.decoder
+    from compressor.prune.methods.hosts import EventMethod
+
+    if cfg.layer_importance == "block_influence" and not issubclass(method, EventMethod):
+        raise RecipeError(f"prune.decoder.layer_importance: block_influence ranks the layers at a host method's "
+                          f"selection events; method {prune.method} ranks every structure by its own scores.",
+                          hint="Use method dpm, oneshot or iterative, or remove layer_importance.")
     target = prune.target
     if target.channels is None:
         return

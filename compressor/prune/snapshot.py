@@ -94,7 +94,8 @@ class Snapshot:
             for name, macs in self.layer_macs.items())
 
 def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str], scorer: Scorer, *,
-             normalize: bool = True, heads: bool = False, embed: bool = False, decoder: Any = None) -> Snapshot:
+             normalize: bool = True, heads: bool = False, embed: bool = False, decoder: Any = None,
+             layer_scores: Optional[torch.Tensor] = None) -> Snapshot:
     """Trace the current model, score every prunable group and record per-layer MAC costs.
 
     With normalize (the default) each group's scores are divided by their mean, so global ranking compares
@@ -104,13 +105,14 @@ def snapshot(model: nn.Module, example: torch.Tensor, ignored_patterns: list[str
     every attention layer's input and output, is a candidate too (graph.attention_layers); attention layers whose
     q/k/v width follows the embedding width refuse it (RecipeError naming the layer).
     A decoder language model (prune/decoder_snapshot.py) is not traced: its candidates are the decoder structures
-    of `decoder` (a DecoderConfig; the default one when None), scored from their slices.
+    of `decoder` (a DecoderConfig; the default one when None), scored from their slices (its layers from
+    `layer_scores` when given: prune/block_influence.py).
     """
     from compressor.prune.decoder_snapshot import decoder_arch, decoder_snapshot
 
     if decoder_arch(model) is not None:
         return decoder_snapshot(model, example, decoder, scorer, ignore=ignored_patterns, normalize=normalize,
-                                heads=heads, embed=embed)
+                                heads=heads, embed=embed, layer_scores=layer_scores)
     with dg.quiet_eval(model):
         macs, params, per_layer, _ = count_ops(model, example, layer_wise=True)
     ignored = dg.resolve_ignored(model, ignored_patterns, example)

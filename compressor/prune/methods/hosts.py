@@ -27,7 +27,8 @@ from compressor.prune.methods.registry import HOSTS, METHODS
 from compressor.prune.round_to import resolve_round_to
 from compressor.prune import decoder_plan
 from compressor.prune import graph as dg
-from compressor.prune.decoder_snapshot import check_decoder_spec
+from compressor.prune.block_influence import block_influence
+from compressor.prune.decoder_snapshot import check_decoder_spec, is_decoder_model
 from compressor.prune.op_count import snapshot_macs
 from compressor.prune.planning import (MISS_TOLERANCE, Constraints, constraints_from, plan_for_channels, plan_for_macs,
                                        plan_for_target, plan_mismatch, plan_size, remember_widths)
@@ -129,9 +130,25 @@ class Host:
         ctx.model.zero_grad(set_to_none=True)
         ctx.model.train(was_training)
 
+    @property
+    def ranks_layers_by_influence(self) -> bool:
+        """prune.decoder.layer_importance: block_influence on a decoder LM (the layers are ranked on batches)."""
+        return self.cfg.decoder.layer_importance == "block_influence"
+
+    def layer_scores(self, ctx) -> Optional[torch.Tensor]:
+        """The block influence of each decoder layer on calibration batches when the recipe asks for it (None
+        otherwise, and for a model that is not a decoder LM: the recipe check refused that already)."""
+        if not self.ranks_layers_by_influence or not is_decoder_model(ctx.model):
+            return None
+        if ctx.calibration is None:
+            raise RecipeError("prune.decoder.layer_importance: block_influence measures the layers on batches: a "
+                              "data section in compress, or calibration= of compressor.Pruner.")
+        return block_influence(ctx.model, ctx.calibration(CALIBRATION_BATCHES), ctx.device)
+
     def snapshot(self, ctx) -> Snapshot:
         self.ensure_scores(ctx)
-        snap = recipe_snapshot(ctx.model, self.example(ctx), self.spec, self.scorer)
+        snap = recipe_snapshot(ctx.model, self.example(ctx), self.spec, self.scorer,
+                               layer_scores=self.layer_scores(ctx))
         remember_widths(self.dense_widths, snap)
         return snap
 
@@ -230,7 +247,7 @@ class EventMethod(PruningMethod, abc.ABC):
     def needs_calibration(self) -> bool:
         """Gradient scorers (taylor, gate-decorator's gates, a gradient prune.importance) score an event without
         observed batches (the first one at step 0, several on one step) on calibration batches."""
-        return self.host.scorer.needs_gradients
+        return self.host.scorer.needs_gradients or self.host.ranks_layers_by_influence
 
     def check_schedule(self, total_steps: int, steps_per_epoch: int) -> list[str]:
         """Events with no fine-tuning after them (at or after the last optimizer step), and events that fall on
