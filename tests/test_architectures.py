@@ -145,7 +145,10 @@ def test_grouping_that_eats_memory_is_stopped(monkeypatch):
     monkeypatch.setattr(dg, "default_memory_growth", lambda: 256 << 20)
     with pytest.raises(NotPrunableError, match=r"of ResNet within 256 MiB of added memory"):
         dg.prunable_groups(graph, [])
-    assert 256 / 8 <= len(hoard) < 4096 / 8  # stopped soon after the limit, far below the machine's memory
+    # stopped near the limit, far below the machine's memory; the guard reads the process's resident memory, in
+    # which other allocations of the block count too (a CI run stopped at 31 chunks = 248 MiB of hoard), so not
+    # before three quarters of it
+    assert 256 / 8 * 3 / 4 <= len(hoard) < 4096 / 8
 
 
 def test_recurrent_layers_are_counted_per_token_and_kept(tmp_path):
