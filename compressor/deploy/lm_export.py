@@ -234,8 +234,8 @@ def _export_genai(model: nn.Module, source: Optional[Path], out_dir: Path, token
         try:
             options = builder.parse_extra_options(*args, [])
             builder.create_model(*args, **options)
-        except Exception as exc:  # noqa: BLE001  the builder signals an unsupported model with bare Exception or
-            # NotImplementedError; any failure becomes an ExportError naming its log, the cause chained
+        except Exception as exc:  # noqa: BLE001  the builder refuses a model it does not support with a bare
+            # Exception (or its not-implemented error): every failure becomes an ExportError naming its log
             raise ExportError(f"onnxruntime-genai's model builder failed on {_architecture(model)} "
                               f"({type(exc).__name__}: {exc}).",
                               hint=f'Export with method="torch"; the builder\'s log is {out_dir / "builder.log"}.') \
