@@ -372,7 +372,7 @@ class RemovingMethod(EventMethod):
                   "asked_macs": asked if self.spec.prune.target.channels is None else None,
                   "regularised_steps": self.host.regularised_steps}
         self.records.append(record)
-        info(f"pruning event {index + 1}/{self.events}: removed {done['removed']} channels, MACs "
+        info(f"pruning event {index + 1}/{self.events}: removed {done['removed']} structures, MACs "
              f"{record['achieved_macs']:.3f} of dense")
 
 
